@@ -1,0 +1,89 @@
+"""Functional bit-flip API: ``bitflip(x, p_exp, p_frac, zero_out_threshold, seed=, ...)``."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import Tensor
+
+from .kernels.op import bitflip_op
+from .kernels.sampling import flip_table
+from .spec import FlipSpec, check_dtype
+
+__all__ = ["bitflip", "apply_flip_spec", "stream_key"]
+
+_MAX_CALL = (1 << 32) - 1
+
+
+@torch.compiler.assume_constant_result
+def stream_key(seed: int, *parts: int | str) -> tuple[int, int]:
+    """Philox key (two uint32 words) of the stream named by ``seed`` and ``parts``.
+
+    Parts are e.g. a module name, ``"x"``/``"w"`` and a data-parallel rank.  The key is a
+    BLAKE2b hash of their text, stable across processes and machines, so different names give
+    independent streams and equal names give equal streams.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    text = "\x1f".join([str(seed)] + [f"{type(p).__name__}:{p}" for p in parts])
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
+
+
+def _call_tensor(call, device: torch.device) -> Tensor:
+    if isinstance(call, Tensor):
+        if call.numel() != 1 or call.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"call must be an int or a one-element integer tensor, got {call!r}")
+        return call.reshape(())
+    if isinstance(call, bool) or not isinstance(call, int) or not 0 <= call <= _MAX_CALL:
+        raise ValueError(f"call must be an int in [0, 2**32), got {call!r}")
+    return torch.tensor(call, dtype=torch.int64, device=device)
+
+
+def apply_flip_spec(
+    x: Tensor, spec: FlipSpec, key: tuple[int, int], call: int | Tensor = 0
+) -> Tensor:
+    """Apply ``spec`` to ``x`` with the stream ``key`` (see :func:`stream_key`) at ``call``.
+
+    Differentiable (straight-through, zero where zeroed).  Returns ``x`` itself when the spec
+    changes nothing (no flips, no threshold).
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    check_dtype(x.dtype)
+    call = _call_tensor(call, x.device)
+    if spec.is_identity:
+        return x
+    table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
+    return bitflip_op(x, table, call, key[0], key[1], spec.zero_out_threshold, spec.flips)
+
+
+def bitflip(
+    x: Tensor,
+    p_exp: float = 0.0,
+    p_frac: float = 0.0,
+    zero_out_threshold: float | None = None,
+    *,
+    seed: int = 0,
+    stream: int | str = 0,
+    call: int | Tensor = 0,
+    compat_snap: bool = False,
+) -> Tensor:
+    """Randomly flip bits of a float tensor and zero out large values.
+
+    Each sign/exponent bit flips with probability ``p_exp`` and each mantissa bit with
+    ``p_frac``, independently (exact for any p in [0, 1]).  Then every element with
+    ``|y| >= zero_out_threshold`` (inclusive), NaN or +-Inf becomes 0 (``None``: no zero-out).
+    The result is a pure function of (x's values, settings, ``seed``, ``stream``, ``call``) and
+    does not depend on x's strides or device.  The gradient is straight-through, and zero where
+    the forward zeroed.
+
+    Args:
+        x: float32, bfloat16 or float16 tensor of any shape.
+        seed, stream: name the random stream (see :func:`stream_key`).
+        call: call index within the stream (an int in [0, 2**32) or an integer tensor).
+        compat_snap: snap p to the original's ``0.5**ceil(log2(1/p))``, n in [1, 24].
+    """
+    spec = FlipSpec(p_exp, p_frac, zero_out_threshold, compat_snap)
+    return apply_flip_spec(x, spec, stream_key(seed, stream), call)

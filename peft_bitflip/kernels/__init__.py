@@ -1,0 +1,1 @@
+"""Bit-flip kernels: a Triton kernel, a bit-exact PyTorch reference and the ``torch.library`` op."""

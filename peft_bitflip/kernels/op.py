@@ -1,0 +1,134 @@
+"""The ``torch.library`` ops ``peft_bitflip::bitflip`` / ``peft_bitflip::bitflip_backward``.
+
+They take the flip table (see :mod:`.sampling`) and the call index as tensors, so a changing
+call index or probability never recompiles a ``torch.compile`` graph, and they dispatch to:
+
+* CUDA: the Triton kernel;
+* CPU: the same Triton kernel when ``TRITON_INTERPRET=1`` was set before import, else the
+  vectorised PyTorch reference (bit-exact with the kernel).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+_TRITON = None
+
+
+def triton_available() -> bool:
+    global _TRITON
+    if _TRITON is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON = True
+        except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+            _TRITON = False
+    return _TRITON
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def backend_for(device: torch.device) -> str:
+    """``"triton"`` or ``"reference"``: which implementation runs on ``device``.
+
+    CUDA runs the Triton kernel.  On the CPU the environment variable
+    ``PEFT_BITFLIP_CPU_BACKEND`` chooses: ``reference`` (the vectorised PyTorch reference),
+    ``triton`` (the kernel through Triton's interpreter, slow: needs ``TRITON_INTERPRET=1`` at
+    import) or ``auto`` (default: ``triton`` when ``TRITON_INTERPRET=1``, else ``reference``).
+    Both give bit-identical results.
+    """
+    if device.type == "cuda" and triton_available():
+        return "triton"
+    if device.type == "cpu":
+        choice = os.environ.get("PEFT_BITFLIP_CPU_BACKEND", "auto")
+        if choice not in ("auto", "reference", "triton"):
+            raise ValueError(
+                f"PEFT_BITFLIP_CPU_BACKEND must be auto, reference or triton, got {choice!r}"
+            )
+        if choice == "triton" or (choice == "auto" and interpreter_enabled()):
+            if not (triton_available() and interpreter_enabled()):
+                raise RuntimeError("the Triton CPU backend needs triton and TRITON_INTERPRET=1")
+            return "triton"
+    return "reference"
+
+
+def _launch(x, table, call, key0, key1, threshold, has_flips, grad=None):
+    from . import triton_bitflip
+
+    return triton_bitflip.launch(x, table, call, key0, key1, threshold, has_flips, grad)
+
+
+@torch.library.custom_op("peft_bitflip::bitflip", mutates_args=())
+def bitflip_op(
+    x: Tensor,
+    table: Tensor,
+    call: Tensor,
+    key0: int,
+    key1: int,
+    threshold: float | None,
+    has_flips: bool,
+) -> Tensor:
+    """Flip bits of ``x`` (any shape/strides) and zero out; returns a new contiguous tensor."""
+    xc = x.contiguous()
+    if backend_for(x.device) == "triton":
+        return _launch(xc, table, call.to(x.device), key0, key1, threshold, has_flips)
+    return reference.bitflip_reference(xc, table, int(call), key0, key1, threshold, has_flips)
+
+
+@bitflip_op.register_fake
+def _bitflip_fake(x, table, call, key0, key1, threshold, has_flips):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("peft_bitflip::bitflip_backward", mutates_args=())
+def bitflip_backward_op(
+    grad: Tensor,
+    x: Tensor,
+    table: Tensor,
+    call: Tensor,
+    key0: int,
+    key1: int,
+    threshold: float,
+    has_flips: bool,
+) -> Tensor:
+    """``grad`` where the forward kept the element, 0 where it zeroed it (recomputed from x)."""
+    xc, gc = x.contiguous(), grad.contiguous()
+    if backend_for(x.device) == "triton":
+        return _launch(xc, table, call.to(x.device), key0, key1, threshold, has_flips, gc)
+    return reference.bitflip_backward_reference(
+        gc, xc, table, int(call), key0, key1, threshold, has_flips
+    )
+
+
+@bitflip_backward_op.register_fake
+def _bitflip_backward_fake(grad, x, table, call, key0, key1, threshold, has_flips):
+    return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+
+
+def _setup_context(ctx, inputs, output):
+    x, table, call, key0, key1, threshold, has_flips = inputs
+    ctx.args = (key0, key1, threshold, has_flips)
+    if threshold is not None:
+        ctx.save_for_backward(x, table, call)
+
+
+def _backward(ctx, grad):
+    key0, key1, threshold, has_flips = ctx.args
+    if threshold is None:
+        grad_x = grad  # straight through: no element was zeroed
+    else:
+        x, table, call = ctx.saved_tensors
+        grad_x = bitflip_backward_op(grad, x, table, call, key0, key1, threshold, has_flips)
+    return grad_x, None, None, None, None, None, None
+
+
+bitflip_op.register_autograd(_backward, setup_context=_setup_context)

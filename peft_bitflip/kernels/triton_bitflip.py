@@ -1,0 +1,227 @@
+"""Triton kernel for random bit flips with zero-out (forward) and its masked gradient (backward).
+
+The sampling scheme is described in :mod:`peft_bitflip.kernels.sampling`; the PyTorch
+reference in :mod:`peft_bitflip.kernels.reference` follows it bit for bit.  Each program
+handles ``ROWS`` groups of ``G`` elements.  At realistic error rates a group is settled by a
+single Philox draw and two 64-bit comparisons; only programs that hold a flip enter the
+gap-sampling loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..spec import check_dtype
+from .sampling import (
+    PHILOX_M0,
+    PHILOX_M1,
+    PHILOX_ROUNDS,
+    PHILOX_W0,
+    PHILOX_W1,
+    field_sizes,
+    group_size,
+    search_steps,
+)
+
+_M0 = tl.constexpr(PHILOX_M0)
+_M1 = tl.constexpr(PHILOX_M1)
+_W0 = tl.constexpr(PHILOX_W0)
+_W1 = tl.constexpr(PHILOX_W1)
+
+
+@triton.jit
+def _philox4x32(c0, c1, c2, c3, k0, k1, N_ROUNDS: tl.constexpr):
+    """Philox4x32-N_ROUNDS on uint32 tensors (counter c0..c3, key k0, k1)."""
+    for _ in tl.static_range(N_ROUNDS):
+        m0 = tl.full(c0.shape, _M0, tl.uint32)
+        m1 = tl.full(c0.shape, _M1, tl.uint32)
+        hi0 = tl.umulhi(m0, c0)
+        lo0 = m0 * c0
+        hi1 = tl.umulhi(m1, c2)
+        lo1 = m1 * c2
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = k0 + _W0
+        k1 = k1 + _W1
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _u63(hi, lo):
+    """A uniform integer in [0, 2^63) from two uint32 words."""
+    return ((hi >> 1).to(tl.int64) << 32) | lo.to(tl.int64)
+
+
+@triton.jit
+def _gap(table_ptr, u, active, N: tl.constexpr, STEPS: tl.constexpr):
+    """Number of j in [0, N) with table[j] < u (the gap to the next flip), for active lanes."""
+    lo = tl.zeros(u.shape, tl.int32)
+    for s in tl.static_range(STEPS):
+        cand = lo + (1 << (STEPS - 1 - s))
+        ok = active & (cand <= N)
+        t = tl.load(table_ptr + (cand - 1), mask=ok, other=0)
+        lo = tl.where(ok & (t < u), cand, lo)
+    return lo
+
+
+@triton.jit
+def _flip_field_bits(
+    pos,
+    gap,
+    active,
+    cols,
+    N: tl.constexpr,
+    N_PER_ELEM: tl.constexpr,
+    SHIFT: tl.constexpr,
+    UINT: tl.constexpr,
+):
+    """XOR mask for one flip per active lane at field bit pos+gap; returns (mask, new pos, take)."""
+    q = pos + gap
+    take = active & (q < N)
+    elem = q // N_PER_ELEM
+    bit = (q % N_PER_ELEM + SHIFT).to(UINT)
+    one = tl.full(bit.shape, 1, UINT)
+    m = tl.where(take[:, None] & (cols[None, :] == elem[:, None]), (one << bit)[:, None], 0)
+    return m.to(UINT), q + 1, take
+
+
+@triton.jit
+def _bitflip_kernel(
+    x_ptr,
+    out_ptr,
+    grad_ptr,
+    n_elements,
+    table_ptr,
+    call_ptr,
+    k0,
+    k1,
+    threshold,
+    BACKWARD: tl.constexpr,
+    HAS_FLIPS: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    ELEM_BITS: tl.constexpr,
+    N_EXP: tl.constexpr,
+    N_FRAC: tl.constexpr,
+    G: tl.constexpr,
+    ROWS: tl.constexpr,
+    N_E: tl.constexpr,
+    N_F: tl.constexpr,
+    STEPS_E: tl.constexpr,
+    STEPS_F: tl.constexpr,
+    N_ROUNDS: tl.constexpr,
+):
+    UINT: tl.constexpr = tl.uint16 if ELEM_BITS == 16 else tl.uint32
+    SINT: tl.constexpr = tl.int16 if ELEM_BITS == 16 else tl.int32
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)  # group indices
+    cols = tl.arange(0, G)
+    offs = rows[:, None] * G + cols[None, :]
+    inb = offs < n_elements
+    x = tl.load(x_ptr + offs, mask=inb, other=0)
+    bits = x.to(SINT, bitcast=True).to(UINT, bitcast=True)
+    if HAS_FLIPS:
+        call = tl.load(call_ptr).to(tl.uint32)
+        c0 = rows.to(tl.uint32)
+        c1 = (rows >> 32).to(tl.uint32)
+        zero = c0 * 0
+        key0 = (zero + k0).to(tl.uint32)
+        key1 = (zero + k1).to(tl.uint32)
+        w0, w1, w2, w3 = _philox4x32(c0, c1, zero, zero + call, key0, key1, N_ROUNDS)
+        u_e = _u63(w0, w1)
+        u_f = _u63(w2, w3)
+        last_e = tl.load(table_ptr + (N_E - 1))
+        last_f = tl.load(table_ptr + (N_E + N_F - 1))
+        active_e = u_e <= last_e
+        active_f = u_f <= last_f
+        any_hit = tl.max((active_e | active_f).to(tl.int32), axis=0)
+        if any_hit > 0:
+            flips = tl.zeros((ROWS, G), UINT)
+            pos_e = tl.zeros((ROWS,), tl.int32)
+            pos_f = tl.zeros((ROWS,), tl.int32)
+            it = pos_e * 0
+            while tl.max((active_e | active_f).to(tl.int32), axis=0) > 0:
+                if tl.max(it, axis=0) > 0:  # iteration 0 reuses the draw made above
+                    w0, w1, w2, w3 = _philox4x32(
+                        c0, c1, it.to(tl.uint32), zero + call, key0, key1, N_ROUNDS
+                    )
+                    u_e = _u63(w0, w1)
+                    u_f = _u63(w2, w3)
+                gap_e = _gap(table_ptr, u_e, active_e, N_E, STEPS_E)
+                m_e, pos_e, active_e = _flip_field_bits(
+                    pos_e, gap_e, active_e, cols, N_E, N_EXP, ELEM_BITS - N_EXP, UINT
+                )
+                gap_f = _gap(table_ptr + N_E, u_f, active_f, N_F, STEPS_F)
+                m_f, pos_f, active_f = _flip_field_bits(
+                    pos_f, gap_f, active_f, cols, N_F, N_FRAC, 0, UINT
+                )
+                flips = flips ^ m_e ^ m_f
+                active_e = active_e & (pos_e < N_E)
+                active_f = active_f & (pos_f < N_F)
+                it += 1
+            bits = bits ^ flips
+    y = bits.to(SINT, bitcast=True).to(x.dtype, bitcast=True)
+    if HAS_ZERO:
+        keep = tl.abs(y.to(tl.float32)) < threshold  # NaN and Inf compare false -> zeroed
+        if BACKWARD:
+            g = tl.load(grad_ptr + offs, mask=inb, other=0)
+            tl.store(out_ptr + offs, tl.where(keep, g, 0), mask=inb)
+        else:
+            tl.store(out_ptr + offs, tl.where(keep, y, 0), mask=inb)
+    else:
+        tl.store(out_ptr + offs, y, mask=inb)
+
+
+ROWS_PER_PROGRAM = 64  # tuned on H100 (benchmarks/tune_kernel.py): best at p <= 2^-16
+NUM_WARPS = 2
+
+
+def launch(
+    x: torch.Tensor,
+    table: torch.Tensor,
+    call: torch.Tensor,
+    k0: int,
+    k1: int,
+    threshold: float | None,
+    has_flips: bool,
+    grad: torch.Tensor | None = None,
+    rows: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """Run the kernel on contiguous ``x``; returns y (forward) or the masked ``grad`` (backward)."""
+    layout = check_dtype(x.dtype)
+    n = x.numel()
+    backward = grad is not None
+    out = torch.empty_like(grad if backward else x)
+    if n == 0:
+        return out
+    g = group_size(x.dtype)
+    n_e, n_f = field_sizes(x.dtype)
+    rows = rows or ROWS_PER_PROGRAM
+    grid = (triton.cdiv(n, rows * g),)
+    _bitflip_kernel[grid](
+        x,
+        out,
+        grad if backward else x,
+        n,
+        table,
+        call,
+        k0,
+        k1,
+        float(threshold) if threshold is not None else 0.0,
+        BACKWARD=backward,
+        HAS_FLIPS=has_flips,
+        HAS_ZERO=threshold is not None,
+        ELEM_BITS=layout.n_bits,
+        N_EXP=layout.n_exp,
+        N_FRAC=layout.n_frac,
+        G=g,
+        ROWS=rows,
+        N_E=n_e,
+        N_F=n_f,
+        STEPS_E=search_steps(n_e),
+        STEPS_F=search_steps(n_f),
+        N_ROUNDS=PHILOX_ROUNDS,
+        num_warps=num_warps or NUM_WARPS,
+    )
+    return out

@@ -1,0 +1,157 @@
+"""The fault model for one tensor: which bits flip with which probability, and what is zeroed.
+
+Bit groups (IEEE layout, most significant bit first):
+
+========  ====================  ==================
+dtype     "exp" group           "frac" group
+========  ====================  ==================
+float32   sign + 8 exponent     23 mantissa bits
+bfloat16  sign + 8 exponent     7 mantissa bits
+float16   sign + 5 exponent     10 mantissa bits
+========  ====================  ==================
+
+The sign bit belongs to the "exp" group, as in the original mase-triton kernel.  Every bit
+of a group flips independently with that group's probability.  After flipping, an element
+is set to 0 when ``|y| >= zero_out_threshold`` (inclusive) or when it is NaN or +-Inf; this
+applies to every element, flipped or not.  ``zero_out_threshold=None`` disables it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = [
+    "FlipSpec",
+    "BIT_LAYOUTS",
+    "BitLayout",
+    "SUPPORTED_DTYPES",
+    "snap_probability",
+    "validate_probability",
+    "validate_threshold",
+    "check_dtype",
+]
+
+COMPAT_MIN_HALVES = 1
+COMPAT_MAX_HALVES = 24  # the original kernel asserts n <= 24, i.e. p >= 2**-24
+
+
+@dataclass(frozen=True)
+class BitLayout:
+    """Bit layout of a float dtype: total bits, exp-group bits (incl. sign), mantissa bits."""
+
+    n_bits: int
+    n_exp: int  # sign + exponent bits (the "exp" group), the top bits of the word
+    n_frac: int  # mantissa bits, the low bits of the word
+
+
+BIT_LAYOUTS: dict[torch.dtype, BitLayout] = {
+    torch.float32: BitLayout(32, 9, 23),
+    torch.bfloat16: BitLayout(16, 9, 7),
+    torch.float16: BitLayout(16, 6, 10),
+}
+SUPPORTED_DTYPES = tuple(BIT_LAYOUTS)
+
+
+def check_dtype(dtype: torch.dtype, name: str = "x") -> BitLayout:
+    """Return the bit layout of ``dtype`` or raise ``TypeError`` naming it."""
+    try:
+        return BIT_LAYOUTS[dtype]
+    except KeyError:
+        raise TypeError(
+            f"{name} has dtype {dtype}; bit flips support only float32, bfloat16 and float16"
+        ) from None
+
+
+def validate_probability(name: str, p) -> float:
+    """Return ``p`` as a float in [0, 1]; raise ``TypeError``/``ValueError`` naming ``name``."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1], got {p!r} ({type(p).__name__})")
+    p = float(p)
+    if math.isnan(p) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+    return p
+
+
+def validate_threshold(name: str, t) -> float | None:
+    """Return ``t`` as a float >= 0 (``inf`` allowed) or ``None``; raise naming ``name``."""
+    if t is None:
+        return None
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        raise TypeError(f"{name} must be None or a float >= 0, got {t!r} ({type(t).__name__})")
+    t = float(t)
+    if math.isnan(t) or t < 0:
+        raise ValueError(f"{name} must be None or a float >= 0, got {t!r}")
+    return t
+
+
+def snap_probability(p: float) -> float:
+    """The probability the original kernel really uses for a requested ``p``.
+
+    mase-triton turns p into ``n = ceil(log2(1/p))`` and flips with ``0.5**n`` (it rounds p
+    *down* to a power of two), and only allows ``1 <= n <= 24``.  ``p = 0`` stays 0 (the
+    original's "disabled"); n is clamped to [1, 24], so p = 1 snaps to 0.5 and p < 2**-24
+    snaps to 2**-24.
+    """
+    p = validate_probability("p", p)
+    if p == 0.0:
+        return 0.0
+    n = math.ceil(-math.log2(p))
+    # guard against log2 rounding for exact powers of two
+    if 0.5 ** (n - 1) <= p:
+        n -= 1
+    n = min(max(n, COMPAT_MIN_HALVES), COMPAT_MAX_HALVES)
+    return 0.5**n
+
+
+@dataclass(frozen=True)
+class FlipSpec:
+    """Fault settings for one tensor.
+
+    Args:
+        p_exp: probability that each sign/exponent bit flips, any value in [0, 1].
+        p_frac: probability that each mantissa bit flips, any value in [0, 1].
+        zero_out_threshold: after flipping, elements with ``|y| >= t`` (inclusive), NaN or
+            +-Inf become 0.  ``None`` disables zero-out.
+        compat_snap: use the original's probabilities (``snap_probability``) instead of the
+            exact ``p``, to reproduce its numbers.
+    """
+
+    p_exp: float = 0.0
+    p_frac: float = 0.0
+    zero_out_threshold: float | None = None
+    compat_snap: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "p_exp", validate_probability("p_exp", self.p_exp))
+        object.__setattr__(self, "p_frac", validate_probability("p_frac", self.p_frac))
+        object.__setattr__(
+            self,
+            "zero_out_threshold",
+            validate_threshold("zero_out_threshold", self.zero_out_threshold),
+        )
+        if not isinstance(self.compat_snap, bool):
+            raise TypeError(f"compat_snap must be a bool, got {self.compat_snap!r}")
+
+    @property
+    def effective_p_exp(self) -> float:
+        return snap_probability(self.p_exp) if self.compat_snap else self.p_exp
+
+    @property
+    def effective_p_frac(self) -> float:
+        return snap_probability(self.p_frac) if self.compat_snap else self.p_frac
+
+    @property
+    def flips(self) -> bool:
+        """True if any bit can flip."""
+        return self.effective_p_exp > 0 or self.effective_p_frac > 0
+
+    @property
+    def is_identity(self) -> bool:
+        """True if the transform returns its input unchanged."""
+        return not self.flips and self.zero_out_threshold is None
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,91 @@
+"""The Triton kernel on a CUDA GPU agrees bit for bit with the CPU reference (needs CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from bitstats import INT_VIEW, assert_binomial, group_counts
+
+import peft_bitflip as pb
+from peft_bitflip.kernels import reference
+from peft_bitflip.kernels.sampling import flip_table, group_size
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+P_PAIRS = [(0.5, 0.5), (2**-6, 2**-10), (1e-3, 1e-3), (2**-16, 2**-16), (1e-9, 1e-12), (0.0, 0.3)]
+
+
+def _bits(t):
+    return t.contiguous().view(INT_VIEW[t.element_size() * 8])
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p_exp,p_frac", P_PAIRS)
+def test_cuda_kernel_matches_cpu_reference(dtype, p_exp, p_frac):
+    torch.manual_seed(0)
+    n = (1 << 20) + 123
+    x = torch.randn(n, dtype=dtype) * 3
+    for t, call in [(None, 0), (2.0, 17)]:
+        y_gpu = pb.bitflip(x.cuda(), p_exp, p_frac, t, seed=5, stream="s", call=call).cpu()
+        y_cpu = pb.bitflip(x, p_exp, p_frac, t, seed=5, stream="s", call=call)
+        assert torch.equal(_bits(y_gpu), _bits(y_cpu)), (dtype, p_exp, p_frac, t)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_backward_matches_cpu(dtype):
+    x = torch.randn(1 << 18, dtype=dtype) * 2
+    g = torch.randn(1 << 18, dtype=dtype)
+    xs = [x.clone().requires_grad_(), x.cuda().requires_grad_()]
+    for xi in xs:
+        (pb.bitflip(xi, 0.01, 0.01, 1.5, seed=2) * g.to(xi.device)).sum().backward()
+    assert torch.equal(_bits(xs[0].grad), _bits(xs[1].grad.cpu()))
+
+
+@cuda
+def test_cuda_flip_rates_large_tensor():
+    n = 1 << 26
+    x = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    y = pb.bitflip(x, 2**-16, 2**-20, seed=3)
+    n_exp, n_frac = group_counts(x.cpu(), y.cpu())
+    assert_binomial(n_exp, n * 9, 2**-16, what="exp")
+    assert_binomial(n_frac, n * 7, 2**-20, what="frac")
+
+
+@cuda
+def test_cuda_torch_compile_inductor():
+    x = torch.randn(4096, 512, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(512, 512, device="cuda", dtype=torch.bfloat16)
+
+    def f(x, w, call):
+        return pb.bitflip(x, 1e-3, 1e-3, 30.0, seed=1, stream="x", call=call) @ w.t()
+
+    cf = torch.compile(f, fullgraph=True)
+    for c in range(2):
+        call = torch.tensor(c, device="cuda")
+        assert torch.equal(cf(x, w, call), f(x, w, call))
+
+
+@cuda
+def test_more_than_2_31_elements():
+    """64-bit offsets and group counters: the tail of a 2^31 + 4096 element tensor."""
+    free, _ = torch.cuda.mem_get_info()
+    n = (1 << 31) + 4096
+    if free < 3 * n * 2:
+        pytest.skip("not enough GPU memory")
+    x = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+    y = pb.bitflip(x, 1e-3, 1e-3, seed=8, stream="big")
+    del x
+    tail = 1 << 16
+    start = n - tail
+    assert start % group_size(torch.bfloat16) == 0
+    table = flip_table(1e-3, 1e-3, torch.bfloat16, "cpu")
+    key = pb.stream_key(8, "big")
+    masks = reference.flip_masks(tail, torch.bfloat16, table, 0, *key, start=start)
+    expected = (
+        torch.ones(tail, dtype=torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+    ) ^ masks
+    got = y[start:].cpu().view(torch.int16).to(torch.int64) & 0xFFFF
+    assert torch.equal(got, expected)
+    assert (masks != 0).sum() > 100
