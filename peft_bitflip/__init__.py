@@ -2,15 +2,29 @@
 
 from .config import BitflipConfig
 from .functional import apply_flip_spec, bitflip, stream_key
+from .layers import BitflipConv1D, BitflipLinear, disable_bitflips
+from .peft_registry import register as _register_peft
 from .spec import FlipSpec, snap_probability
+from .transform import BitflipSummary, apply_bitflip, remove_bitflip
+from .tuner import BitflipLoraConfig, BitflipLoraModel
+
+_register_peft()
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BitflipConfig",
+    "BitflipConv1D",
+    "BitflipLinear",
+    "BitflipLoraConfig",
+    "BitflipLoraModel",
+    "BitflipSummary",
     "FlipSpec",
+    "apply_bitflip",
     "apply_flip_spec",
     "bitflip",
+    "disable_bitflips",
+    "remove_bitflip",
     "snap_probability",
     "stream_key",
 ]

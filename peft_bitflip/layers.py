@@ -1,0 +1,203 @@
+"""Linear layers whose input and weight pass through the bit-flip fault model every forward.
+
+``BitflipLinear`` (an ``nn.Linear``) and ``BitflipConv1D`` (transformers' GPT-2 ``Conv1D``) keep
+the module's parameters and add:
+
+* ``x_spec`` / ``w_spec``: :class:`~peft_bitflip.spec.FlipSpec` for the input and the weight;
+* ``bitflip_name`` / ``bitflip_seed``: name the random streams; the Philox keys are
+  ``stream_key(seed, name, "x" | "w", data-parallel rank)``, so layers, tensors and ranks draw
+  independent flips;
+* ``bitflip_calls``: an int64 buffer counting forward calls.  It is the call index of the
+  streams, lives in ``state_dict`` (checkpoints restore it) and advances by one per forward;
+* ``bitflip_enabled``: switch flips off without removing the layer (see ``disable_bitflips``).
+
+Activation checkpointing (non-reentrant, the transformers default): a forward that runs again
+during backward to recompute activations reuses the call index of the original forward, so the
+recomputed activations see the same flips.  Forwards in training mode with gradients enabled
+queue their call index for that; the recompute takes them in order.
+
+The forward itself is :func:`flipped_linear` — one place that a fused version can replace.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import apply_flip_spec, stream_key
+from .spec import FlipSpec
+
+try:  # GPT-2 style layers; transformers is a dependency, but keep the layer importable without it
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = None
+
+__all__ = [
+    "BitflipLinear",
+    "BitflipConv1D",
+    "BitflipLayerMixin",
+    "disable_bitflips",
+    "flipped_linear",
+]
+
+_PENDING_MAX = 1024
+
+
+def data_parallel_rank() -> int:
+    """Rank of this process: torch.distributed's if initialised, else ``$RANK``, else 0."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def _checkpoint_phase() -> str | None:
+    """ "forward" inside a checkpointed forward, "recompute" inside its recomputation, else None.
+
+    Read off the saved-tensor hooks that ``torch.utils.checkpoint`` (non-reentrant) installs.
+    """
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    if hooks is None:
+        return None
+    name = getattr(hooks[0], "__qualname__", "")
+    if name.startswith("_checkpoint_hook"):
+        return "forward"
+    if name.startswith("_recomputation_hook"):
+        return "recompute"
+    return None
+
+
+def flipped_linear(x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d=False):
+    """``flip(x) @ flip(weight)^T + bias`` (``flip(x) @ flip(weight) + bias`` for Conv1D layout)."""
+    xf = apply_flip_spec(x, x_spec, x_key, call)
+    wf = apply_flip_spec(weight, w_spec, w_key, call)
+    if conv1d:
+        out = torch.addmm(bias, xf.reshape(-1, xf.size(-1)), wf) if bias is not None else xf @ wf
+        return out.view(*x.shape[:-1], wf.size(-1))
+    return F.linear(xf, wf, bias)
+
+
+class BitflipLayerMixin:
+    """Fault-model state and bookkeeping shared by the bit-flip layers."""
+
+    _is_conv1d = False
+
+    def init_bitflip(self, name: str, x_spec: FlipSpec, w_spec: FlipSpec, seed: int = 0) -> None:
+        self.bitflip_name = name
+        self.bitflip_seed = seed
+        self.x_spec = x_spec
+        self.w_spec = w_spec
+        self.bitflip_enabled = True
+        self._bitflip_keys = None
+        self._pending_calls = collections.deque(maxlen=_PENDING_MAX)
+        device = self.weight.device if self.weight.device.type != "meta" else "cpu"
+        self.register_buffer("bitflip_calls", torch.zeros((), dtype=torch.int64, device=device))
+
+    def set_bitflip(self, x_spec: FlipSpec | None = None, w_spec: FlipSpec | None = None) -> None:
+        """Change the fault settings in place (e.g. a probability schedule); streams continue."""
+        if x_spec is not None:
+            self.x_spec = x_spec
+        if w_spec is not None:
+            self.w_spec = w_spec
+
+    def stream_keys(self):
+        """((x key), (w key)) for this layer on this rank (computed once)."""
+        if self._bitflip_keys is None:
+            rank = data_parallel_rank()
+            self._bitflip_keys = (
+                stream_key(self.bitflip_seed, self.bitflip_name, "x", rank),
+                stream_key(self.bitflip_seed, self.bitflip_name, "w", rank),
+            )
+        return self._bitflip_keys
+
+    def next_call(self) -> torch.Tensor:
+        """The call index for this forward (a tensor), advancing the counter.
+
+        Inside the original forward of a (non-reentrant) checkpointed region the index is
+        queued; the recomputation of that region during backward takes it back, so both see
+        the same flips.
+        """
+        if torch.compiler.is_compiling():
+            call = self.bitflip_calls.clone()
+            self.bitflip_calls.add_(1)
+            return call
+        phase = _checkpoint_phase()
+        if phase == "recompute" and self._pending_calls:
+            return self._pending_calls.popleft()
+        call = self.bitflip_calls.clone()
+        self.bitflip_calls.add_(1)
+        if phase == "forward":
+            self._pending_calls.append(call)
+        return call
+
+    def flipped_forward(self, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        if not self.bitflip_enabled:
+            return self.plain_forward(x, weight, bias)
+        x_key, w_key = self.stream_keys()
+        return flipped_linear(
+            x,
+            weight,
+            bias,
+            self.x_spec,
+            self.w_spec,
+            x_key,
+            w_key,
+            self.next_call(),
+            self._is_conv1d,
+        )
+
+    def plain_forward(self, x, weight, bias):
+        if self._is_conv1d:
+            out = torch.addmm(bias, x.reshape(-1, x.size(-1)), weight)
+            return out.view(*x.shape[:-1], weight.size(-1))
+        return F.linear(x, weight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.flipped_forward(x, self.weight, self.bias)
+
+    def bitflip_repr(self) -> str:
+        def fmt(s: FlipSpec):
+            return f"p_exp={s.p_exp:g}, p_frac={s.p_frac:g}, t={s.zero_out_threshold}"
+
+        return f"x: {fmt(self.x_spec)}; w: {fmt(self.w_spec)}; seed={self.bitflip_seed}"
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", bitflip(" + self.bitflip_repr() + ")"
+
+
+class BitflipLinear(BitflipLayerMixin, nn.Linear):
+    """``nn.Linear`` computing ``flip(x) @ flip(W)^T + b``."""
+
+
+if Conv1D is not None:
+
+    class BitflipConv1D(BitflipLayerMixin, Conv1D):
+        """transformers ``Conv1D`` (weight ``(in, out)``) computing ``flip(x) @ flip(W) + b``."""
+
+        _is_conv1d = True
+
+else:  # pragma: no cover
+    BitflipConv1D = None
+
+
+def bitflip_layers(model: nn.Module):
+    """(name, layer) for every bit-flip layer in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BitflipLayerMixin)]
+
+
+@contextlib.contextmanager
+def disable_bitflips(model: nn.Module):
+    """Context manager: run ``model`` without flips (layers stay in place; counters pause)."""
+    layers = [m for _, m in bitflip_layers(model)]
+    before = [m.bitflip_enabled for m in layers]
+    for m in layers:
+        m.bitflip_enabled = False
+    try:
+        yield model
+    finally:
+        for m, b in zip(layers, before):
+            m.bitflip_enabled = b

@@ -1,0 +1,161 @@
+"""PEFT tuner: ``BitflipLoraConfig`` / ``BitflipLoraModel`` (bit-flip-aware LoRA).
+
+``get_peft_model(model, BitflipLoraConfig(r=32, x_p_exp=2**-16, ...))`` makes every linear layer
+that the bit-flip settings select a bit-flip layer, and adds LoRA adapters to the
+``target_modules``.  An adapted layer computes, as the original system does,
+
+    y = flip(x) @ flip(W + s * B @ A)^T + b,      s = lora_alpha / r
+
+so the adapter is trained through the fault model, and after ``merge_and_unload()`` the merged
+layer (still a bit-flip layer, holding ``W + s * B @ A``) gives the same output for the same seed.
+``W + s * B @ A`` is formed exactly as PEFT's (non-safe) merge forms it, so the two agree bit
+for bit.  LoRA dropout does not fit this formulation (there is no separate LoRA input path), so
+``lora_dropout`` must be 0; DoRA and other LoRA variants are not supported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft import LoraConfig, LoraModel
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from .config import BitflipConfig
+from .layers import BitflipLayerMixin
+from .transform import apply_bitflip
+
+PEFT_TYPE = "BITFLIP_LORA"
+BITFLIP_FIELDS = (
+    "x_p_exp",
+    "x_p_frac",
+    "x_zero_out_t",
+    "w_p_exp",
+    "w_p_frac",
+    "w_zero_out_t",
+)
+
+
+@dataclass
+class BitflipLoraConfig(LoraConfig):
+    """``LoraConfig`` plus the fault model (same meaning as in :class:`BitflipConfig`).
+
+    ``x_*`` act on each layer's input, ``w_*`` on its (LoRA-merged) weight; ``p_exp`` is the flip
+    probability of each sign/exponent bit, ``p_frac`` of each mantissa bit; ``*_zero_out_t``
+    zeroes ``|y| >= t``, NaN and Inf (None: off).  ``bitflip_seed`` names the random streams;
+    ``layer_name_to_config`` / ``skip_modules`` are per-module rules (regex full match).  Flips act
+    on every linear layer the rules select, not only on ``target_modules``.
+    """
+
+    x_p_exp: float = field(default=0.0, metadata={"help": "flip prob. of input sign/exp bits"})
+    x_p_frac: float = field(default=0.0, metadata={"help": "flip prob. of input mantissa bits"})
+    x_zero_out_t: float | None = field(default=None, metadata={"help": "input zero-out |x|>=t"})
+    w_p_exp: float = field(default=0.0, metadata={"help": "flip prob. of weight sign/exp bits"})
+    w_p_frac: float = field(default=0.0, metadata={"help": "flip prob. of weight mantissa bits"})
+    w_zero_out_t: float | None = field(default=None, metadata={"help": "weight zero-out |w|>=t"})
+    bitflip_seed: int = field(default=0, metadata={"help": "seed of the flip streams"})
+    compat_snap: bool = field(default=False, metadata={"help": "snap p like the original"})
+    layer_name_to_config: Any | None = field(
+        default=None, metadata={"help": "per-module rules {regex: {x_p_exp: ...} | None}"}
+    )
+    skip_modules: list | None = field(
+        default_factory=lambda: ["lm_head"], metadata={"help": "modules never flipped (regex)"}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        if self.lora_dropout:
+            raise ValueError(
+                f"lora_dropout must be 0 for bit-flip LoRA (y = flip(x) @ flip(W + s*B@A)^T has "
+                f"no separate LoRA input to drop out), got {self.lora_dropout!r}"
+            )
+        if self.use_dora:
+            raise ValueError("use_dora=True is not supported by BitflipLoraConfig")
+        cfg = self.bitflip_config()  # validates every bit-flip field
+        self.layer_name_to_config = cfg.to_dict()["layer_name_to_config"]  # ordered list form
+
+    def bitflip_config(self) -> BitflipConfig:
+        """The model-level :class:`BitflipConfig` these fields describe."""
+        return BitflipConfig(
+            **{k: getattr(self, k) for k in BITFLIP_FIELDS},
+            seed=self.bitflip_seed,
+            compat_snap=self.compat_snap,
+            layer_name_to_config=self.layer_name_to_config,
+            skip_modules=list(self.skip_modules or []),
+        )
+
+    @classmethod
+    def from_bitflip_config(cls, bitflip: BitflipConfig, **lora_kwargs) -> BitflipLoraConfig:
+        """A ``BitflipLoraConfig`` with ``bitflip``'s fault model and the given LoRA fields."""
+        d = bitflip.to_dict()
+        return cls(
+            **{k: d[k] for k in BITFLIP_FIELDS},
+            bitflip_seed=d["seed"],
+            compat_snap=d["compat_snap"],
+            layer_name_to_config=d["layer_name_to_config"],
+            skip_modules=d["skip_modules"],
+            **lora_kwargs,
+        )
+
+
+class BitflipLoraLinear(LoraLinear):
+    """LoRA layer over a bit-flip layer: ``flip(x) @ flip(W + sum_a s_a B_a @ A_a)^T + b``."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        if kwargs.pop("adapter_names", None) is not None:
+            raise ValueError("mixed-adapter batches (adapter_names=...) are not supported")
+        base = self.get_base_layer()
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return base(x, *args, **kwargs)
+        if self.merged:
+            return base(x, *args, **kwargs)
+        weight = base.weight
+        for adapter in self.active_adapters:
+            if adapter in self.lora_A.keys():
+                # the same arithmetic as LoraLinear.merge(safe_merge=False): W += delta
+                weight = (weight + self.get_delta_weight(adapter)).to(base.weight.dtype)
+        return base.flipped_forward(x, weight, base.bias)
+
+    def __repr__(self) -> str:
+        return "bitflip_" + super().__repr__()
+
+
+class BitflipLoraModel(LoraModel):
+    """``LoraModel`` that first applies the fault model, then adds :class:`BitflipLoraLinear`."""
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage=False, state_dict=None):
+        cfg = config[adapter_name] if isinstance(config, dict) else config
+        self.bitflip_summary = apply_bitflip(model, cfg.bitflip_config())
+        super().__init__(
+            model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict
+        )
+
+    def _check_new_adapter_config(self, config) -> None:
+        super()._check_new_adapter_config(config)
+        for name, existing in self.peft_config.items():
+            if existing is not config and isinstance(existing, BitflipLoraConfig):
+                if existing.bitflip_config() != config.bitflip_config():
+                    raise ValueError(
+                        f"adapter settings of the fault model differ from adapter {name!r}: "
+                        "the flips belong to the model, so every adapter must use the same ones"
+                    )
+
+    @staticmethod
+    def _create_new_module(lora_config, adapter_name, target, **kwargs):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, BitflipLayerMixin) and kwargs.get("parameter_name") is None:
+            lora_config.fan_in_fan_out = base._is_conv1d
+            return BitflipLoraLinear(
+                target,
+                adapter_name,
+                config=lora_config,
+                is_target_conv_1d_layer=base._is_conv1d,
+                **kwargs,
+            )
+        return LoraModel._create_new_module(lora_config, adapter_name, target, **kwargs)
