@@ -23,19 +23,12 @@ from peft import LoraConfig, LoraModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from .config import BitflipConfig
+from .config import RULE_KEYS, BitflipConfig
 from .layers import BitflipLayerMixin
 from .transform import apply_bitflip
 
 PEFT_TYPE = "BITFLIP_LORA"
-BITFLIP_FIELDS = (
-    "x_p_exp",
-    "x_p_frac",
-    "x_zero_out_t",
-    "w_p_exp",
-    "w_p_frac",
-    "w_zero_out_t",
-)
+BITFLIP_FIELDS = RULE_KEYS  # x_p_exp, x_p_frac, x_zero_out_t, w_p_exp, w_p_frac, w_zero_out_t
 
 
 @dataclass

@@ -25,7 +25,7 @@ def test_binomial_z():
 
 
 def test_demo_command_reports_rates(reference_backend, capsys):
-    assert main(["demo", "--n", "65536", "--p", "0.01", "0.001"]) == 0
+    assert main(["demo", "--n", "65536", "--device", "cpu", "--p", "0.01", "0.001"]) == 0
     out = capsys.readouterr().out
     assert "backend: reference" in out
     assert "OK" in out and out.count("\n") >= 4
@@ -36,6 +36,6 @@ def test_demo_command_fails_on_wrong_rates(reference_backend, monkeypatch, capsy
     import peft_bitflip
 
     monkeypatch.setattr(peft_bitflip, "bitflip", lambda x, *a, **k: x.clone())
-    assert main(["demo", "--n", "65536", "--p", "0.01"]) == 1
+    assert main(["demo", "--n", "65536", "--device", "cpu", "--p", "0.01"]) == 1
     assert "FAIL" in capsys.readouterr().out
     assert pb.bitflip is not None
