@@ -7,18 +7,35 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import peft_bitflip as pb
 from peft_bitflip.layers import bitflip_layers
 
-cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                  num_attention_heads=8, num_key_value_heads=4)
+cfg = LlamaConfig(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+)
 ids = torch.randint(0, 512, (4, 128), device="cuda")
-flips = dict(x_p_exp=2**-10, x_p_frac=2**-10, w_p_exp=2**-10, w_p_frac=2**-10, x_zero_out_t=30.0,
-             w_zero_out_t=1.25)
+flips = dict(
+    x_p_exp=2**-10,
+    x_p_frac=2**-10,
+    w_p_exp=2**-10,
+    w_p_frac=2**-10,
+    x_zero_out_t=30.0,
+    w_zero_out_t=1.25,
+)
 
 
 def build():
     torch.manual_seed(0)
     m = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
-    lc = pb.BitflipLoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                              init_lora_weights=False, **flips)
+    lc = pb.BitflipLoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
+        **flips,
+    )
     return get_peft_model(m, lc)
 
 

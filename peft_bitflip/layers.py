@@ -13,8 +13,9 @@ the module's parameters and add:
 
 Activation checkpointing (non-reentrant, the transformers default): a forward that runs again
 during backward to recompute activations reuses the call index of the original forward, so the
-recomputed activations see the same flips.  Forwards in training mode with gradients enabled
-queue their call index for that; the recompute takes them in order.
+recomputed activations see the same flips.  Forwards inside a checkpointed region queue their
+call index for that (read off torch.utils.checkpoint's saved-tensor hooks); the recompute takes
+them back in order.
 
 The forward itself is :func:`flipped_linear` — one place that a fused version can replace.
 """
@@ -71,14 +72,19 @@ def _checkpoint_phase() -> str | None:
     return None
 
 
+def linear(x, weight, bias, conv1d=False):
+    """``x @ weight^T + bias``, or ``x @ weight + bias`` for Conv1D's (in, out) weight layout."""
+    if conv1d:
+        out = x @ weight if bias is None else torch.addmm(bias, x.reshape(-1, x.size(-1)), weight)
+        return out.view(*x.shape[:-1], weight.size(-1))
+    return F.linear(x, weight, bias)
+
+
 def flipped_linear(x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d=False):
     """``flip(x) @ flip(weight)^T + bias`` (``flip(x) @ flip(weight) + bias`` for Conv1D layout)."""
     xf = apply_flip_spec(x, x_spec, x_key, call)
     wf = apply_flip_spec(weight, w_spec, w_key, call)
-    if conv1d:
-        out = torch.addmm(bias, xf.reshape(-1, xf.size(-1)), wf) if bias is not None else xf @ wf
-        return out.view(*x.shape[:-1], wf.size(-1))
-    return F.linear(xf, wf, bias)
+    return linear(xf, wf, bias, conv1d)
 
 
 class BitflipLayerMixin:
@@ -136,7 +142,7 @@ class BitflipLayerMixin:
 
     def flipped_forward(self, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
         if not self.bitflip_enabled:
-            return self.plain_forward(x, weight, bias)
+            return linear(x, weight, bias, self._is_conv1d)
         x_key, w_key = self.stream_keys()
         return flipped_linear(
             x,
@@ -149,12 +155,6 @@ class BitflipLayerMixin:
             self.next_call(),
             self._is_conv1d,
         )
-
-    def plain_forward(self, x, weight, bias):
-        if self._is_conv1d:
-            out = torch.addmm(bias, x.reshape(-1, x.size(-1)), weight)
-            return out.view(*x.shape[:-1], weight.size(-1))
-        return F.linear(x, weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.flipped_forward(x, self.weight, self.bias)

@@ -37,11 +37,3 @@ def register() -> None:
     PEFT_TYPE_TO_CONFIG_MAPPING[tuner.PEFT_TYPE] = tuner.BitflipLoraConfig
     PEFT_TYPE_TO_TUNER_MAPPING[tuner.PEFT_TYPE] = tuner.BitflipLoraModel
     PEFT_TYPE_TO_PREFIX_MAPPING[tuner.PEFT_TYPE] = "lora_"
-
-
-def is_registered() -> bool:
-    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-
-    from .tuner import PEFT_TYPE, BitflipLoraModel
-
-    return PEFT_TYPE_TO_TUNER_MAPPING.get(PEFT_TYPE) is BitflipLoraModel

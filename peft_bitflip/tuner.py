@@ -131,8 +131,9 @@ class BitflipLoraModel(LoraModel):
 
     def _check_new_adapter_config(self, config) -> None:
         super()._check_new_adapter_config(config)
+        # PeftModel.add_adapter already rejects adapters of another peft_type
         for name, existing in self.peft_config.items():
-            if existing is not config and isinstance(existing, BitflipLoraConfig):
+            if existing is not config:
                 if existing.bitflip_config() != config.bitflip_config():
                     raise ValueError(
                         f"adapter settings of the fault model differ from adapter {name!r}: "

@@ -219,3 +219,33 @@ def test_original_toml_drives_the_tuner(tmp_path):
     assert cfg.bitflip_config() == pb.BitflipConfig.original_default()
     model = get_peft_model(tiny_llama(), cfg)
     assert model.peft_config["default"].w_zero_out_t == 1.25
+
+
+def test_gpt2_conv1d_lora_merges_bit_identically():
+    """Conv1D targets (weight (in, out), fan_in_fan_out) follow the same formulation."""
+    from tiny_models import tiny_gpt2
+
+    ids = token_ids()
+    cfg = _config(target_modules=["c_attn", "c_fc"])
+    model = get_peft_model(tiny_gpt2(), cfg)
+    layer = model.base_model.model.transformer.h[0].attn.c_attn
+    assert type(layer).__name__ == "BitflipLoraLinear"
+    assert isinstance(layer.get_base_layer(), pb.BitflipConv1D)
+    _reset_counters(model)
+    adapted = _logits(model, ids)
+    _reset_counters(model)
+    merged = model.merge_and_unload()
+    assert torch.equal(_logits(merged, ids), adapted)
+    with pb.disable_bitflips(merged):
+        assert not torch.equal(_logits(merged, ids), adapted)
+
+
+def test_second_adapter_must_share_the_fault_model():
+    from peft import LoraConfig
+
+    model = get_peft_model(tiny_llama(), _config())
+    model.add_adapter("same", _config())  # same fault model: fine
+    with pytest.raises(ValueError, match="fault model differ"):
+        model.add_adapter("other", _config(w_p_exp=0.5))
+    with pytest.raises(ValueError, match="different peft types"):  # PEFT's own check
+        model.add_adapter("plain", LoraConfig(r=4, target_modules=["q_proj"]))
