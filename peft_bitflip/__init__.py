@@ -2,6 +2,8 @@
 
 from .config import BitflipConfig
 from .functional import apply_flip_spec, bitflip, stream_key
+from .hf_quantizer import BitflipHfQuantizer, load_config_with
+from .hf_quantizer import register as _register_transformers
 from .layers import BitflipConv1D, BitflipLinear, disable_bitflips
 from .peft_registry import register as _register_peft
 from .spec import FlipSpec, snap_probability
@@ -9,12 +11,14 @@ from .transform import BitflipSummary, apply_bitflip, remove_bitflip
 from .tuner import BitflipLoraConfig, BitflipLoraModel
 
 _register_peft()
+_register_transformers()
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BitflipConfig",
     "BitflipConv1D",
+    "BitflipHfQuantizer",
     "BitflipLinear",
     "BitflipLoraConfig",
     "BitflipLoraModel",
@@ -24,6 +28,7 @@ __all__ = [
     "apply_flip_spec",
     "bitflip",
     "disable_bitflips",
+    "load_config_with",
     "remove_bitflip",
     "snap_probability",
     "stream_key",

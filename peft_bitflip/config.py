@@ -17,9 +17,9 @@ module's qualified name and tried in dict order (the first match wins); the key
 ``from_original_yaml`` / ``from_original_toml`` / ``read_original_toml`` load the original
 system's pretraining meta YAML and LoRA ``transform_cfg.toml`` files.
 
-This module does not import transformers.  The config is stored by transformers as
-``config.json["quantization_config"]`` (``quant_method == "bitflip"``), which transformers
-writes with ``sort_keys=True``; ``to_dict`` therefore stores the rules as an ordered list of
+The config is stored by transformers as ``config.json["quantization_config"]``
+(``quant_method == "bitflip"``, see ``hf_quantizer.py``), which transformers writes with
+``sort_keys=True``; ``to_dict`` therefore stores the rules as an ordered list of
 ``[pattern, rule]`` pairs so that their order survives the round trip.
 """
 
@@ -34,6 +34,8 @@ import re
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .spec import FlipSpec, validate_probability, validate_threshold
 
@@ -105,7 +107,7 @@ def _rule_items(rules) -> list[tuple]:
 
 
 @dataclass(eq=False)
-class BitflipConfig:
+class BitflipConfig(QuantizationConfigMixin):
     """Random bit-flip fault model for the linear layers of a model.
 
     Args:
@@ -324,6 +326,11 @@ class BitflipConfig:
             ),
             "skip_modules": list(self.skip_modules),
         }
+
+    def get(self, key: str, default=None):
+        """``to_dict().get(key, default)``: transformers reads model configs' quantization
+        configs as dicts."""
+        return self.to_dict().get(key, default)
 
     def to_diff_dict(self) -> dict:
         """Same as ``to_dict`` (for transformers' ``QuantizationConfigMixin`` interface)."""

@@ -5,6 +5,10 @@ whose name the config does not skip into a bit-flip layer, in place: the module 
 parameters, hooks and device; only its class changes.  ``remove_bitflip(model)`` turns them back.
 Subclasses of ``nn.Linear`` (quantised or adapter layers) are left alone: flipping them would
 not mean what the fault model says.
+
+On a transformers ``PreTrainedModel`` the config is also recorded as
+``model.config.quantization_config``, so ``save_pretrained`` writes it to ``config.json`` and
+``from_pretrained`` rebuilds the flips (see ``hf_quantizer.py``); ``remove_bitflip`` removes it.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ def apply_bitflip(
     Module names are relative to ``model`` and are what ``config``'s regex rules match and what
     the random streams are named by.  Applying again updates settings in place and keeps the
     call counters.  With ``check_rules`` a rule that matches no module raises ``ValueError``.
+    A transformers model records ``config`` in ``model.config.quantization_config``.
     """
     if not isinstance(config, BitflipConfig):
         raise TypeError(f"config must be a BitflipConfig, got {type(config).__name__}")
@@ -98,6 +103,9 @@ def apply_bitflip(
             module._bitflip_original_class = original
             module.init_bitflip(name, x_spec, w_spec, config.seed)
         summary.flipped[name] = (x_spec, w_spec)
+    from .hf_quantizer import attach_bitflip_config  # imports this module
+
+    attach_bitflip_config(model, config)
     return summary
 
 
@@ -122,7 +130,10 @@ def _restore(module: BitflipLayerMixin) -> None:
 
 def remove_bitflip(model: nn.Module) -> int:
     """Turn every bit-flip layer of ``model`` back into its original class; returns how many."""
+    from .hf_quantizer import detach_bitflip_config  # imports this module
+
     layers = bitflip_layers(model)
     for _, m in layers:
         _restore(m)
+    detach_bitflip_config(model)
     return len(layers)

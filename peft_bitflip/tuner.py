@@ -119,11 +119,27 @@ class BitflipLoraLinear(LoraLinear):
         return "bitflip_" + super().__repr__()
 
 
+def _check_model_fault_model(model, wanted: BitflipConfig) -> None:
+    """Refuse to silently replace the fault model a loaded checkpoint carries in config.json."""
+    existing = getattr(getattr(model, "config", None), "quantization_config", None)
+    if isinstance(existing, dict) and existing.get("quant_method") == wanted.quant_method:
+        existing = BitflipConfig.from_dict(existing)
+    if isinstance(existing, BitflipConfig) and existing != wanted:
+        raise ValueError(
+            "the model already carries a BitflipConfig (from config.json or apply_bitflip) that "
+            f"differs from the BitflipLoraConfig's fault model:\n  model: {existing}\n  "
+            f"adapter: {wanted}\nUse BitflipLoraConfig.from_bitflip_config("
+            "model.config.quantization_config, r=..., ...) to keep the model's, or call "
+            "peft_bitflip.apply_bitflip(model, new_config) first to change it."
+        )
+
+
 class BitflipLoraModel(LoraModel):
     """``LoraModel`` that first applies the fault model, then adds :class:`BitflipLoraLinear`."""
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage=False, state_dict=None):
         cfg = config[adapter_name] if isinstance(config, dict) else config
+        _check_model_fault_model(model, cfg.bitflip_config())
         self.bitflip_summary = apply_bitflip(model, cfg.bitflip_config())
         super().__init__(
             model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict

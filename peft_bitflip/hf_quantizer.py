@@ -1,0 +1,149 @@
+"""transformers integration: ``config.json["quantization_config"]`` holds the BitflipConfig.
+
+``import peft_bitflip`` registers ``quant_method: "bitflip"`` with transformers' public extension
+point (``register_quantization_config`` / ``register_quantizer``).  Then:
+
+* ``AutoModelForCausalLM.from_pretrained(path)`` of a checkpoint whose ``config.json`` carries a
+  BitflipConfig rebuilds the bit-flip layers with the saved settings (and the saved call counters);
+* ``from_pretrained(clean_path, quantization_config=BitflipConfig(...))`` turns a clean checkpoint
+  into a flipped model;
+* ``save_pretrained`` / ``push_to_hub`` of a flipped model write the config (and counters) back;
+* ``model.dequantize()`` gives the clean model back (layers restored, config entry removed).
+
+Nothing is quantised: weights stay in their float dtype and are loaded unchanged.  The model is
+therefore *not* marked ``is_quantized`` after loading, so ``.half()``, ``.to(dtype)``, full
+fine-tuning with Trainer and LoRA all work as on a clean model.
+
+transformers lets ``config.json`` win over a ``quantization_config=`` keyword (it only warns).
+To load a saved flipped checkpoint with other settings, use :func:`load_config_with`, or call
+:func:`~peft_bitflip.apply_bitflip` with the new config on the loaded model (counters continue).
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+from .config import QUANT_METHOD, BitflipConfig
+from .layers import bitflip_layers
+from .transform import apply_bitflip, remove_bitflip
+
+__all__ = [
+    "BitflipHfQuantizer",
+    "attach_bitflip_config",
+    "detach_bitflip_config",
+    "load_config_with",
+    "register",
+]
+
+
+class BitflipHfQuantizer(HfQuantizer):
+    """Applies a :class:`BitflipConfig` while transformers builds a model (weights untouched)."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: BitflipConfig, **kwargs):
+        if not isinstance(quantization_config, BitflipConfig):
+            raise TypeError(
+                "BitflipHfQuantizer needs a BitflipConfig, got "
+                f"{type(quantization_config).__name__}"
+            )
+        super().__init__(quantization_config, **kwargs)
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        # the model is still on the meta device: only the module classes change
+        apply_bitflip(model, self.quantization_config)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for _, layer in bitflip_layers(model):
+            calls = layer.bitflip_calls
+            if calls.device != layer.weight.device:
+                layer.bitflip_calls = calls = calls.to(layer.weight.device)
+            # transformers flags every tensor it loaded; a counter missing from the checkpoint (a
+            # clean checkpoint) was left as uninitialised memory: such streams start at call 0
+            if not getattr(calls, "_is_hf_initialized", False):
+                calls.zero_()
+        model.is_quantized = False  # plain float weights: allow .half(), full training, ...
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        remove_bitflip(model)
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def register() -> None:
+    """Register ``quant_method="bitflip"`` with transformers (idempotent)."""
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not BitflipConfig:
+        AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+        register_quantization_config(QUANT_METHOD)(BitflipConfig)
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not BitflipHfQuantizer:
+        AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+        register_quantizer(QUANT_METHOD)(BitflipHfQuantizer)
+
+
+def attach_bitflip_config(model: nn.Module, config: BitflipConfig) -> None:
+    """Record ``config`` on a transformers model so ``save_pretrained`` writes it to config.json.
+
+    Called by :func:`~peft_bitflip.apply_bitflip` and the PEFT tuner; a no-op for modules that
+    are not ``PreTrainedModel``.  The model is marked the way ``from_pretrained`` marks it
+    (``hf_quantizer``, ``quantization_method``) but not ``is_quantized`` (weights stay float).
+    """
+    if not isinstance(model, PreTrainedModel):
+        return
+    model.config.quantization_config = config
+    model.hf_quantizer = BitflipHfQuantizer(config, pre_quantized=True)
+    model.quantization_method = QUANT_METHOD
+
+
+def detach_bitflip_config(model: nn.Module) -> None:
+    """Undo :func:`attach_bitflip_config` (the model saves as a clean model again)."""
+    if not isinstance(model, PreTrainedModel):
+        return
+    quantizer = getattr(model, "hf_quantizer", None)
+    if isinstance(quantizer, BitflipHfQuantizer):
+        quantizer.remove_quantization_config(model)
+
+
+def load_config_with(
+    pretrained_model_name_or_path: str | os.PathLike,
+    bitflip_config: BitflipConfig | None,
+    **kwargs,
+) -> PretrainedConfig:
+    """The model config of a checkpoint with its bit-flip settings replaced.
+
+    Pass the result as ``from_pretrained(path, config=...)``: transformers otherwise keeps the
+    ``quantization_config`` of config.json and ignores a ``quantization_config=`` keyword.
+    ``bitflip_config=None`` loads the checkpoint clean (no flips, no warning).
+    """
+    config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
+    if bitflip_config is None:
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+    else:
+        if not isinstance(bitflip_config, BitflipConfig):
+            raise TypeError(
+                "bitflip_config must be a BitflipConfig or None, got "
+                f"{type(bitflip_config).__name__}"
+            )
+        config.quantization_config = bitflip_config.to_dict()
+    return config
