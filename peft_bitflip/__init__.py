@@ -1,5 +1,6 @@
 """peft_bitflip: simulate random bit flips in the linear layers of language models."""
 
+from .callback import BitflipCallback, FlipSchedule, add_bitflip_callback
 from .config import BitflipConfig
 from .functional import apply_flip_spec, bitflip, stream_key
 from .hf_quantizer import BitflipHfQuantizer, load_config_with
@@ -7,6 +8,7 @@ from .hf_quantizer import register as _register_transformers
 from .layers import BitflipConv1D, BitflipLinear, disable_bitflips
 from .peft_registry import register as _register_peft
 from .spec import FlipSpec, snap_probability
+from .stats import FlipStatsRecorder, TensorFlipStats
 from .transform import BitflipSummary, apply_bitflip, remove_bitflip
 from .tuner import BitflipLoraConfig, BitflipLoraModel
 
@@ -16,6 +18,11 @@ _register_transformers()
 __version__ = "0.1.0"
 
 __all__ = [
+    "BitflipCallback",
+    "FlipSchedule",
+    "FlipStatsRecorder",
+    "TensorFlipStats",
+    "add_bitflip_callback",
     "BitflipConfig",
     "BitflipConv1D",
     "BitflipHfQuantizer",

@@ -9,7 +9,11 @@ the module's parameters and add:
   independent flips;
 * ``bitflip_calls``: an int64 buffer counting forward calls.  It is the call index of the
   streams, lives in ``state_dict`` (checkpoints restore it) and advances by one per forward;
-* ``bitflip_enabled``: switch flips off without removing the layer (see ``disable_bitflips``).
+* ``bitflip_enabled``: switch flips off without removing the layer (see ``disable_bitflips``);
+* ``bitflip_stats``: ``None`` (default: nothing is counted, no cost) or a
+  :class:`~peft_bitflip.stats.FlipStatsAccumulator` that receives the true counts of flipped bits
+  and zeroed elements of every forward (see :class:`~peft_bitflip.stats.FlipStatsRecorder`).
+  The recomputation of a checkpointed region is not counted again.
 
 Activation checkpointing (non-reentrant, the transformers default): a forward that runs again
 during backward to recompute activations reuses the call index of the original forward, so the
@@ -80,10 +84,17 @@ def linear(x, weight, bias, conv1d=False):
     return F.linear(x, weight, bias)
 
 
-def flipped_linear(x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d=False):
-    """``flip(x) @ flip(weight)^T + bias`` (``flip(x) @ flip(weight) + bias`` for Conv1D layout)."""
+def flipped_linear(x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d=False, stats=None):
+    """``flip(x) @ flip(weight)^T + bias`` (``flip(x) @ flip(weight) + bias`` for Conv1D layout).
+
+    ``stats``: an optional :class:`~peft_bitflip.stats.FlipStatsAccumulator` that counts what
+    the two flips did (outside autograd; the result is the same with or without it).
+    """
     xf = apply_flip_spec(x, x_spec, x_key, call)
     wf = apply_flip_spec(weight, w_spec, w_key, call)
+    if stats is not None:
+        stats.record("x", x, xf, x_spec, x_key, call)
+        stats.record("w", weight, wf, w_spec, w_key, call)
     return linear(xf, wf, bias, conv1d)
 
 
@@ -91,6 +102,7 @@ class BitflipLayerMixin:
     """Fault-model state and bookkeeping shared by the bit-flip layers."""
 
     _is_conv1d = False
+    bitflip_stats = None  # a FlipStatsAccumulator while statistics are recorded (instance attr)
 
     def init_bitflip(self, name: str, x_spec: FlipSpec, w_spec: FlipSpec, seed: int = 0) -> None:
         self.bitflip_name = name
@@ -144,6 +156,14 @@ class BitflipLayerMixin:
         if not self.bitflip_enabled:
             return linear(x, weight, bias, self._is_conv1d)
         x_key, w_key = self.stream_keys()
+        call = self.next_call()
+        stats = self.bitflip_stats
+        if (
+            stats is not None
+            and not torch.compiler.is_compiling()
+            and _checkpoint_phase() == "recompute"
+        ):
+            stats = None  # the recomputation repeats flips that were counted in the forward
         return flipped_linear(
             x,
             weight,
@@ -152,8 +172,9 @@ class BitflipLayerMixin:
             self.w_spec,
             x_key,
             w_key,
-            self.next_call(),
+            call,
             self._is_conv1d,
+            stats,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

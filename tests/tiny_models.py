@@ -51,3 +51,25 @@ def tiny_bert(seed: int = 0) -> BertModel:
 def token_ids(batch: int = 2, length: int = 16, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, length), generator=g)
+
+
+def save_trained_tiny_lm(path, steps: int = 60, block: int = 64) -> None:
+    """A tiny Llama + tokenizer trained for ``steps`` steps on the embedded corpus, saved to
+    ``path`` (clean): good enough that flips measurably raise its perplexity."""
+    from peft_bitflip.data import local_corpus, tiny_llama_config, train_tokenizer
+
+    corpus = local_corpus()
+    tokenizer = train_tokenizer(corpus["train"]["text"], vocab_size=512)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(len(tokenizer)))
+    ids = tokenizer("\n\n".join(corpus["train"]["text"]))["input_ids"]
+    blocks = torch.tensor(ids[: block * (len(ids) // block)]).view(-1, block)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        batch = blocks[torch.randint(0, len(blocks), (16,), generator=g)]
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
