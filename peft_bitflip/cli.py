@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from .config import RULE_KEYS
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -58,11 +60,11 @@ def demo(args) -> int:
 
 # ---------------------------------------------------------------------- shared arguments
 
-FLIP_FLAGS = ("x_p_exp", "x_p_frac", "x_zero_out_t", "w_p_exp", "w_p_frac", "w_zero_out_t")
+FLIP_FLAGS = RULE_KEYS  # x_p_exp, x_p_frac, x_zero_out_t, w_p_exp, w_p_frac, w_zero_out_t
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _probability(text: str) -> float:
+def parse_probability(text: str) -> float:
     """A probability: ``1.5e-5``, ``2^-16`` or ``2**-16``."""
     t = text.strip().replace("^", "**")
     try:
@@ -71,7 +73,7 @@ def _probability(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a probability: {text!r}") from None
 
 
-def _threshold(text: str) -> float | None:
+def parse_threshold(text: str) -> float | None:
     if text.strip().lower() in ("none", "null", "off"):
         return None
     try:
@@ -89,7 +91,7 @@ def add_flip_arguments(parser: argparse.ArgumentParser, *, clean_flag: bool = Tr
         "transform_cfg TOML",
     )
     for key in FLIP_FLAGS:
-        kind = _threshold if key.endswith("_t") else _probability
+        kind = parse_threshold if key.endswith("_t") else parse_probability
         g.add_argument(
             f"--{key}",
             type=kind,
@@ -289,11 +291,9 @@ def compare_command(args) -> int:
     import statistics
 
     from .config import BitflipConfig
-    from .evaluation import KEEP, compare_table, load_model, perplexity
+    from .evaluation import compare_table, load_model, perplexity
 
     flips = flips_from_args(args, base=BitflipConfig.original_default())
-    if flips in (None, KEEP):  # pragma: no cover - base is always a config here
-        raise SystemExit("compare needs flip settings")
     settings = [("clean", args.clean_model, None), ("flipped", args.clean_model, flips)]
     for path in args.finetuned:
         settings.append(("flipped + fine-tuned", path, flips))
@@ -386,13 +386,16 @@ def main(argv=None) -> int:
     add_model_arguments(w)
     add_data_arguments(w)
     w.add_argument(
-        "--p", type=_probability, nargs="+", default=[0.0, 1e-9, 1e-7, 1e-6, 2**-16, 1e-4, 2**-10]
+        "--p",
+        type=parse_probability,
+        nargs="+",
+        default=[0.0, 1e-9, 1e-7, 1e-6, 2**-16, 1e-4, 2**-10],
     )
     w.add_argument("--targets", nargs="+", choices=["x", "w", "both"], default=["both"])
     w.add_argument("--fields", nargs="+", choices=["exp", "frac", "both"], default=["both"])
     w.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    w.add_argument("--x_zero_out_t", type=_threshold, default=30.0)
-    w.add_argument("--w_zero_out_t", type=_threshold, default=1.25)
+    w.add_argument("--x_zero_out_t", type=parse_threshold, default=30.0)
+    w.add_argument("--w_zero_out_t", type=parse_threshold, default=1.25)
     w.add_argument("--out", default="sweep_out", help="directory (an existing CSV is resumed)")
     w.set_defaults(func=sweep_command)
 

@@ -19,18 +19,13 @@ import torch
 
 import peft_bitflip
 from peft_bitflip import data
-from peft_bitflip.config import ORIGINAL_P, BitflipConfig, read_original_toml
+from peft_bitflip.cli import parse_probability as _probability
+from peft_bitflip.cli import parse_threshold as _threshold
+from peft_bitflip.config import RULE_KEYS, BitflipConfig, read_original_toml
 
+FLIP_KEYS = RULE_KEYS
 # The original release's transform_cfg.toml: p = 2^-16 for x and w, zero-out |x|>=30, |w|>=1.25.
-ORIGINAL_FLIPS = {
-    "x_p_exp": ORIGINAL_P,
-    "x_p_frac": ORIGINAL_P,
-    "x_zero_out_t": 30.0,
-    "w_p_exp": ORIGINAL_P,
-    "w_p_frac": ORIGINAL_P,
-    "w_zero_out_t": 1.25,
-}
-FLIP_KEYS = tuple(ORIGINAL_FLIPS)
+ORIGINAL_FLIPS = {k: getattr(BitflipConfig.original_default(), k) for k in FLIP_KEYS}
 ORIGINAL_LORA = {"r": 32, "lora_alpha": 32}  # the original script's LORA_CFG
 
 # Defaults of the original run_clm_no_trainer.py (the "none" preset).
@@ -83,20 +78,6 @@ SCHEDULERS = [
 
 
 # ---------------------------------------------------------------------- arguments
-
-
-def _threshold(text: str) -> float | None:
-    if text.strip().lower() in ("none", "null", "off", ""):
-        return None
-    return float(text)
-
-
-def _probability(text: str) -> float:
-    """A probability; ``2^-16`` / ``2**-16`` forms are accepted as well as ``1.5e-5``."""
-    t = text.strip().replace("^", "**")
-    if t.startswith("2**"):
-        return 2.0 ** float(t[3:])
-    return float(t)
 
 
 def build_parser(description: str, *, default_output_dir: str) -> argparse.ArgumentParser:
