@@ -339,7 +339,8 @@ def compare_command(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``peft-bitflip`` command line (subcommands demo, eval, generate, sweep, compare)."""
     parser = argparse.ArgumentParser(
         prog="peft-bitflip", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
@@ -408,8 +409,11 @@ def main(argv=None) -> int:
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     c.add_argument("--out", default=None)
     c.set_defaults(func=compare_command)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

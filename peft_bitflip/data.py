@@ -432,10 +432,14 @@ def tiny_llama_config(
 # ---------------------------------------------------------------------- blocks
 
 
-def _tokenize_batch(texts: list[str], tokenizer, append_eos: bool, add_special_tokens: bool):
+def _tokenize_batch(
+    texts: list[str], tokenizer, append_eos: bool, add_special_tokens: bool, prepend_bos=False
+):
     enc = tokenizer(texts, add_special_tokens=add_special_tokens, verbose=False)
     ids = enc["input_ids"]
-    eos = tokenizer.eos_token_id
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if prepend_bos:
+        ids = [x if (x and x[0] == bos) else [bos, *x] for x in ids]
     if append_eos and eos is not None:
         ids = [x if (x and x[-1] == eos) else [*x, eos] for x in ids]
     return {"input_ids": ids}
@@ -460,6 +464,7 @@ def tokenize_and_group(
     text_column: str = "text",
     append_eos: bool = True,
     add_special_tokens: bool = True,
+    prepend_bos: bool = False,
     batch_size: int = 1000,
     num_proc: int | None = None,
     load_from_cache_file: bool = True,
@@ -473,10 +478,15 @@ def tokenize_and_group(
     of each batch is dropped, as in the HF ``run_clm`` examples.  Rows get ``input_ids``,
     ``attention_mask`` (all ones) and ``labels`` (= ``input_ids``; the model shifts them).
 
-    ``dataset`` is a ``Dataset`` or a ``DatasetDict`` (each split is processed).  Raises
-    ``ValueError`` if a split yields no block (too little text for ``block_size``).
+    ``prepend_bos`` starts every document with the BOS token when the tokenizer does not
+    already (the original pretraining's ``encode(bos=True, eos=True)``).
+
+    ``dataset`` is a ``Dataset``, an ``IterableDataset`` (streaming: blocks are made lazily,
+    ``num_proc`` and the cache do not apply) or a ``DatasetDict`` / ``IterableDatasetDict``
+    (each split is processed).  Raises ``ValueError`` if a ``Dataset`` yields no block (too
+    little text for ``block_size``).
     """
-    from datasets import DatasetDict
+    from datasets import DatasetDict, IterableDataset, IterableDatasetDict
 
     if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
         raise TypeError(f"block_size must be an int, got {block_size!r}")
@@ -486,8 +496,10 @@ def tokenize_and_group(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if append_eos and tokenizer.eos_token_id is None:
         raise ValueError("append_eos=True needs a tokenizer with an eos token")
-    if isinstance(dataset, DatasetDict):
-        return DatasetDict(
+    if prepend_bos and tokenizer.bos_token_id is None:
+        raise ValueError("prepend_bos=True needs a tokenizer with a bos token")
+    if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
+        return type(dataset)(
             {
                 split: tokenize_and_group(
                     ds,
@@ -496,6 +508,7 @@ def tokenize_and_group(
                     text_column=text_column,
                     append_eos=append_eos,
                     add_special_tokens=add_special_tokens,
+                    prepend_bos=prepend_bos,
                     batch_size=batch_size,
                     num_proc=num_proc,
                     load_from_cache_file=load_from_cache_file,
@@ -503,9 +516,30 @@ def tokenize_and_group(
                 for split, ds in dataset.items()
             }
         )
-    if text_column not in dataset.column_names:
-        raise ValueError(
-            f"text column {text_column!r} not in the data set's columns {dataset.column_names}"
+    columns = dataset.column_names
+    if columns is not None and text_column not in columns:
+        raise ValueError(f"text column {text_column!r} not in the data set's columns {columns}")
+    tokenize_kwargs = {
+        "tokenizer": tokenizer,
+        "append_eos": append_eos,
+        "add_special_tokens": add_special_tokens,
+        "prepend_bos": prepend_bos,
+    }
+    if isinstance(dataset, IterableDataset):
+        tokenized = dataset.select_columns([text_column]).map(
+            _tokenize_batch,
+            batched=True,
+            batch_size=batch_size,
+            remove_columns=[text_column],
+            input_columns=[text_column],
+            fn_kwargs=tokenize_kwargs,
+        )
+        return tokenized.map(
+            _group_batch,
+            batched=True,
+            batch_size=batch_size,
+            remove_columns=["input_ids"],
+            fn_kwargs={"block_size": int(block_size)},
         )
     tokenized = dataset.map(
         _tokenize_batch,
@@ -514,11 +548,7 @@ def tokenize_and_group(
         num_proc=num_proc,
         remove_columns=dataset.column_names,
         input_columns=[text_column],
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "append_eos": append_eos,
-            "add_special_tokens": add_special_tokens,
-        },
+        fn_kwargs=tokenize_kwargs,
         load_from_cache_file=load_from_cache_file,
         desc="tokenizing",
     )

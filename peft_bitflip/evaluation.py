@@ -361,6 +361,8 @@ def summarize_sweep(points: Iterable[SweepPoint]) -> list[dict]:
 def plot_sweep(rows: list[dict], path: str, title: str = "perplexity vs bit-error rate") -> None:
     """A PNG of mean perplexity (error bars: min..max over seeds) against p (log axes).
 
+    One line per (``model``, target, field); rows without a ``"model"`` key are one model.
+
     p = 0 cannot sit on a log axis: it is drawn as a dashed horizontal line per series.
     """
     import matplotlib
@@ -371,10 +373,12 @@ def plot_sweep(rows: list[dict], path: str, title: str = "perplexity vs bit-erro
     fig, ax = plt.subplots(figsize=(6, 4))
     series: dict[tuple, list[dict]] = {}
     for r in rows:
-        series.setdefault((r["target"], r["field"]), []).append(r)
-    for (t, f), rs in series.items():
+        series.setdefault((r.get("model"), r["target"], r["field"]), []).append(r)
+    for (model, t, f), rs in series.items():
         label = "x+w" if t == "both" else t
         label += "" if f == "both" else f" ({f})"
+        if model is not None:
+            label = f"{model}: {label}"
         pos = [r for r in rs if r["p"] > 0 and math.isfinite(r["ppl_mean"])]
         if pos:
             xs = [r["p"] for r in pos]

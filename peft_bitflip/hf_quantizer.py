@@ -21,6 +21,7 @@ To load a saved flipped checkpoint with other settings, use :func:`load_config_w
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from torch import nn
@@ -37,6 +38,7 @@ __all__ = [
     "attach_bitflip_config",
     "detach_bitflip_config",
     "load_config_with",
+    "quantizer_detached",
     "register",
 ]
 
@@ -122,6 +124,28 @@ def detach_bitflip_config(model: nn.Module) -> None:
     quantizer = getattr(model, "hf_quantizer", None)
     if isinstance(quantizer, BitflipHfQuantizer):
         quantizer.remove_quantization_config(model)
+
+
+@contextlib.contextmanager
+def quantizer_detached(model: nn.Module):
+    """Inside this context ``model.hf_quantizer`` is unset, so that
+    ``model.save_pretrained(path, state_dict=sd)`` writes ``sd``.
+
+    transformers replaces a ``state_dict`` given to ``save_pretrained`` by the quantizer's
+    (``None`` for us, hence ``model.state_dict()``); under FSDP2 that is the sharded DTensors,
+    and safetensors fails ("invalid python storage").  ``config.quantization_config`` stays, so
+    config.json still carries the BitflipConfig.  Trainer subclasses use it in ``_save``, as
+    ``recipes/pretrain_clm.py`` does.
+    """
+    quantizer = getattr(model, "hf_quantizer", None) if isinstance(model, PreTrainedModel) else None
+    if not isinstance(quantizer, BitflipHfQuantizer):
+        yield model
+        return
+    model.hf_quantizer = None
+    try:
+        yield model
+    finally:
+        model.hf_quantizer = quantizer
 
 
 def load_config_with(

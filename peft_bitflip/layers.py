@@ -84,12 +84,28 @@ def linear(x, weight, bias, conv1d=False):
     return F.linear(x, weight, bias)
 
 
+def _autocast_dtype(x: torch.Tensor):
+    """The autocast dtype a matmul on ``x`` runs in, or None (autocast off or not a float)."""
+    device = x.device.type
+    if not x.is_floating_point() or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
 def flipped_linear(x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d=False, stats=None):
     """``flip(x) @ flip(weight)^T + bias`` (``flip(x) @ flip(weight) + bias`` for Conv1D layout).
+
+    Under ``torch.autocast`` the flips act on ``x`` and ``weight`` cast to the autocast dtype
+    (e.g. bf16 with ``Trainer(bf16=True)``): the bits that flip are those of the values the
+    matmul consumes, as with a model stored in that dtype.
 
     ``stats``: an optional :class:`~peft_bitflip.stats.FlipStatsAccumulator` that counts what
     the two flips did (outside autograd; the result is the same with or without it).
     """
+    compute = _autocast_dtype(x)
+    if compute is not None:  # flip the values the matmul consumes, not the fp32 masters
+        x, weight = x.to(compute), weight.to(compute)
+        bias = None if bias is None else bias.to(compute)
     xf = apply_flip_spec(x, x_spec, x_key, call)
     wf = apply_flip_spec(weight, w_spec, w_key, call)
     if stats is not None:

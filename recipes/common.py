@@ -233,6 +233,12 @@ def build_parser(description: str, *, default_output_dir: str) -> argparse.Argum
     g.add_argument("--resume_from_checkpoint", default=None)
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    g.add_argument(
+        "--full_determinism",
+        action="store_true",
+        help="deterministic GPU kernels (torch.use_deterministic_algorithms): bit-identical "
+        "reruns on the same machine; the flips are identical without it",
+    )
     g.add_argument("--report_to", default="none", help="none, wandb, tensorboard, trackio, ...")
     g.add_argument("--run_name", default=None)
     g.add_argument("--disable_tqdm", action="store_true")
@@ -495,6 +501,7 @@ def training_kwargs(args, max_steps: int = -1) -> dict:
         save_steps=args.save_steps or 500,
         **checkpointing_kwargs(args.gradient_checkpointing),
         bf16=args.bf16,
+        full_determinism=args.full_determinism,
         use_cpu=use_cpu,
         report_to=[r.strip() for r in args.report_to.split(",") if r.strip()] or "none",
         run_name=args.run_name or os.path.basename(os.path.normpath(args.output_dir)),

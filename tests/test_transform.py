@@ -156,3 +156,29 @@ def test_activation_checkpointing_reuses_the_same_flips():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_under_autocast_the_flips_act_on_the_autocast_dtype():
+    """Trainer(bf16=True) keeps fp32 weights and autocasts: the bits that flip must be those
+    of the bf16 values the matmul consumes, and gradients still reach the fp32 weight."""
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16)
+    pb.apply_bitflip(
+        lin, pb.BitflipConfig(x_p_exp=0.05, x_p_frac=0.05, x_zero_out_t=30.0, w_p_frac=0.05)
+    )
+    x = torch.randn(4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+    assert y.dtype == torch.bfloat16
+    x_key, w_key = lin.stream_keys()
+    xf = pb.functional.apply_flip_spec(x.bfloat16(), lin.x_spec, x_key, 0)
+    wf = pb.functional.apply_flip_spec(lin.weight.bfloat16(), lin.w_spec, w_key, 0)
+    assert not torch.equal(xf, x.bfloat16()) and not torch.equal(wf, lin.weight.bfloat16())
+    expected = torch.nn.functional.linear(xf, wf, lin.bias.bfloat16())
+    assert torch.equal(y, expected)
+    # flipping in fp32 and rounding afterwards is a different fault model: it must differ
+    xf32 = pb.functional.apply_flip_spec(x, lin.x_spec, x_key, 0).bfloat16()
+    assert not torch.equal(xf32, xf)
+    y.float().sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.dtype == torch.float32
+    assert lin.weight.grad.abs().sum() > 0

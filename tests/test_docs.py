@@ -1,0 +1,141 @@
+"""The commands and code in README.md and docs/ stay valid.
+
+Every shell command of a ``bash`` block is checked against the parser of the program it runs
+(recipes, ``peft-bitflip``, ``peft-bitflip-lm-eval``) -- the flags exist and the values parse --
+without running the (GPU, Hub) job; shell scripts are syntax-checked. The README's two set-up
+commands run in CI (``.ci/run``) and the notebook command in ``tests/test_notebooks.py``.
+The Python snippets of README.md and docs/tuner.md run on a tiny model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import re
+import shlex
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/docs/*.md"))]
+FENCE = re.compile(r"```(\w*)\n(.*?)```", re.S)
+LAUNCHERS = {"python", "python3", "torchrun", "accelerate", "bash", "TRITON_INTERPRET=1"}
+# commands that other tests or CI run as written
+RUN_ELSEWHERE = ("python3 -m venv", "pip install")
+
+
+def blocks(path: str, langs: tuple[str, ...]):
+    with open(os.path.join(ROOT, path)) as f:
+        text = f.read()
+    return [body for lang, body in FENCE.findall(text) if lang in langs]
+
+
+def shell_commands():
+    for path in DOCS:
+        for body in blocks(path, ("bash", "sh", "shell")):
+            for line in body.replace("\\\n", " ").splitlines():
+                words = shlex.split(line, comments=True)
+                if words and not line.strip().startswith(RUN_ELSEWHERE):
+                    yield pytest.param(path, words, id=f"{path}: {' '.join(words)[:60]}")
+
+
+def strip_launcher(words: list[str]) -> list[str]:
+    """``accelerate launch --num_processes 2 x.py a b`` -> ``[x.py, a, b]``."""
+    words = [w for w in words if w != "..."]
+    while words and (words[0] in LAUNCHERS or words[0] == "launch" or words[0].startswith("-")):
+        head = words.pop(0)
+        if head.startswith("--") and "=" not in head and words and not words[0].startswith("-"):
+            if not words[0].endswith((".py", ".sh")):
+                words.pop(0)  # the launcher option's value
+    return words
+
+
+def recipe_parser(script: str):
+    sys.path.insert(0, ROOT)
+    try:
+        name = os.path.splitext(os.path.basename(script))[0]
+        module = __import__(f"recipes.{name}", fromlist=["x"])
+    finally:
+        sys.path.remove(ROOT)
+    if hasattr(module, "build_parser"):
+        return module.build_parser()
+    from recipes import common
+
+    return common.build_parser(name, default_output_dir="out")
+
+
+@pytest.mark.parametrize("path,words", list(shell_commands()))
+def test_documented_command_parses(path, words):
+    words = strip_launcher(words)
+    assert words, f"{path}: nothing to run"
+    program, argv = words[0], words[1:]
+    if program.endswith(".sh"):
+        script = os.path.join(ROOT, program)
+        assert os.path.exists(script), f"{path}: {program} does not exist"
+        subprocess.run(["bash", "-n", script], check=True)
+    elif program.endswith(".py"):
+        assert os.path.exists(os.path.join(ROOT, program)), f"{path}: {program} does not exist"
+        parser = recipe_parser(program)
+        if argv and argv[0] in ("train", "generate-cfg"):  # pretrain_clm's subcommands
+            argv = argv[1:]
+        parser.parse_args(argv)
+    elif program == "peft-bitflip":
+        from peft_bitflip.cli import build_parser
+
+        build_parser().parse_args(argv)
+    elif program == "peft-bitflip-lm-eval":
+        cli = pytest.importorskip("lm_eval._cli")
+        with mock.patch.object(sys, "argv", ["lm_eval", *argv]):
+            cli.HarnessCLI().parse_args()
+    else:
+        pytest.fail(f"{path}: no check for the command {' '.join(words)!r}")
+
+
+# --- Python snippets ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from tiny_models import tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_llama().save_pretrained(path)
+    return str(path)
+
+
+def run_snippet(code: str, namespace: dict) -> None:
+    if not torch.cuda.is_available():
+        code = code.replace('device="cuda"', 'device="cpu"')
+    exec(compile(code, "<snippet>", "exec"), namespace)
+
+
+@pytest.mark.parametrize("index", range(len(blocks("README.md", ("python",)))))
+def test_readme_python_snippets_run(index, tiny_checkpoint, reference_backend):
+    code = blocks("README.md", ("python",))[index].replace("path/to/model", tiny_checkpoint)
+    namespace: dict = {}
+    with contextlib.redirect_stdout(None):
+        run_snippet(code, namespace)
+    if "get_peft_model" in code:  # the quick start: a LoRA model whose linears flip
+        from peft_bitflip.layers import bitflip_layers
+
+        assert len(bitflip_layers(namespace["model"])) > 0
+    else:  # the functional op: a gradient came back
+        assert namespace["x"].grad is not None
+
+
+def test_tuner_guide_snippet_runs(reference_backend):
+    from tiny_models import tiny_llama
+
+    (code,) = blocks("docs/tuner.md", ("python",))
+    model = tiny_llama()
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    namespace = {"model": model, "ids": ids}
+    with contextlib.redirect_stdout(None):
+        run_snippet(code, namespace)
+    assert namespace["clean_logits"].shape[:2] == (2, 8)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # removed again
