@@ -4,7 +4,8 @@ Every shell command of a ``bash`` block is checked against the parser of the pro
 (recipes, ``peft-bitflip``, ``peft-bitflip-lm-eval``) -- the flags exist and the values parse --
 without running the (GPU, Hub) job; shell scripts are syntax-checked. The README's two set-up
 commands run in CI (``.ci/run``) and the notebook command in ``tests/test_notebooks.py``.
-The Python snippets of README.md and docs/tuner.md run on a tiny model.
+The Python snippets of README.md, docs/tuner.md, docs/checkpoints.md (but its push_to_hub
+lines) and docs/recipes.md run on a tiny model.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 from unittest import mock
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/docs/*.md"))]
@@ -139,3 +142,56 @@ def test_tuner_guide_snippet_runs(reference_backend):
         run_snippet(code, namespace)
     assert namespace["clean_logits"].shape[:2] == (2, 8)
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # removed again
+
+
+def test_checkpoint_guide_snippets_run(tiny_checkpoint, tmp_path, monkeypatch, reference_backend):
+    """docs/checkpoints.md: load with flips, save, reload, dequantize; other settings via
+    load_config_with; LoRA merge + save (the push_to_hub lines need the Hub and are skipped)."""
+    from tiny_models import tiny_llama
+
+    from peft_bitflip import data
+    from peft_bitflip.layers import bitflip_layers
+
+    monkeypatch.chdir(tmp_path)
+    snippets = [textwrap.dedent(b) for b in blocks("docs/checkpoints.md", ("python",))]
+    snippets = [b for b in snippets if "push_to_hub" not in b]
+    assert len(snippets) == 3
+    tokenizer = data.train_tokenizer(["a small text to train a tokenizer on"] * 8, vocab_size=300)
+    namespace = {"base": tiny_llama(), "tokenizer": tokenizer}
+    run_snippet(snippets[0].replace("path/or/hub-id", tiny_checkpoint), namespace)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "flipped")
+    assert bitflip_layers(saved) and saved.config.quantization_config.seed == 0
+    clean = namespace["clean"]  # dequantize() works in place, as transformers' does
+    assert not bitflip_layers(clean) and "quantization_config" not in clean.config.to_dict()
+    run_snippet(snippets[1], namespace)
+    assert namespace["model"].config.quantization_config.w_p_exp == 1e-6
+    assert not bitflip_layers(namespace["clean"])
+    run_snippet(snippets[2], namespace)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert reloaded.config.quantization_config.x_p_exp == 2**-16
+
+
+def test_callback_snippet_runs(tmp_path, reference_backend):
+    """docs/recipes.md: add_bitflip_callback on a Trainer of a bit-flip LoRA model."""
+    from peft import get_peft_model
+    from tiny_models import VOCAB, tiny_llama
+    from transformers import Trainer, TrainingArguments
+
+    import peft_bitflip as pb
+
+    (code,) = blocks("docs/recipes.md", ("python",))
+    peft_model = get_peft_model(
+        tiny_llama(), pb.BitflipLoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    ids = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(0))
+    ds = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to=[],
+        use_cpu=True, logging_steps=1, save_strategy="no",
+    )  # fmt: skip
+    namespace = {"Trainer": Trainer, "peft_model": peft_model, "args": args, "ds": ds}
+    run_snippet(code, namespace)
+    trainer = namespace["trainer"]
+    assert trainer.state.global_step == 3
+    scales = [h["bitflip/p_scale"] for h in trainer.state.log_history if "bitflip/p_scale" in h]
+    assert scales and scales[0] < 1  # the linear warm-up of p is running
