@@ -512,9 +512,33 @@ def training_arguments(args, plan_steps: int = 1):
         ddp_find_unused_parameters=False,
     )
     if args.fsdp:
-        kwargs["fsdp"] = args.fsdp
-        kwargs["fsdp_config"] = {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
+        kwargs.update(fsdp_kwargs(args.fsdp, TrainingArguments))
     return TrainingArguments(**kwargs)
+
+
+def fsdp_kwargs(option: str, training_arguments_cls) -> dict:
+    """``fsdp`` / ``fsdp_config`` for ``TrainingArguments`` from the Trainer's classic option
+    string (``"full_shard auto_wrap"``, ``"shard_grad_op"``, ``"... offload"``).
+
+    transformers that configure FSDP through ``fsdp_config`` alone (``fsdp=True``; the string
+    form is deprecated there) get the string translated; older ones get it as it is.  Decoder
+    layers are the wrapping unit either way.
+    """
+    items = option.split()
+    known = {"full_shard", "shard_grad_op", "auto_wrap", "offload"}
+    unknown = sorted(set(items) - known)
+    if unknown or not items:
+        raise ValueError(f"--fsdp {option!r}: unknown option(s) {unknown}; use {sorted(known)}")
+    config: dict = {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
+    if not hasattr(training_arguments_cls, "_apply_legacy_fsdp_to_config"):
+        return {"fsdp": option, "fsdp_config": config}
+    if "shard_grad_op" in items:
+        config["reshard_after_forward"] = False
+    elif "full_shard" in items:
+        config["reshard_after_forward"] = True
+    if "offload" in items:
+        config["cpu_offload"] = True
+    return {"fsdp": True, "fsdp_config": config}
 
 
 def flipped_perplexity(model, blocks, flips: BitflipConfig, seeds, batch_size: int, restore):

@@ -232,3 +232,23 @@ def test_flavor_configs_match_the_digest_table():
     model = LlamaForCausalLM(cfg)
     n = sum(p.numel() for p in model.parameters())
     assert n - cfg.vocab_size * cfg.hidden_size == flavors.count_params(cfg)
+
+
+def test_fsdp_option_string_becomes_fsdp_config():
+    from transformers import TrainingArguments
+
+    class Legacy:  # a transformers without fsdp_config-only FSDP
+        pass
+
+    assert (
+        pretrain_clm.fsdp_kwargs("full_shard auto_wrap", Legacy)["fsdp"] == "full_shard auto_wrap"
+    )
+    new_style = hasattr(TrainingArguments, "_apply_legacy_fsdp_to_config")
+    kw = pretrain_clm.fsdp_kwargs("shard_grad_op auto_wrap offload", TrainingArguments)
+    assert kw["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
+    if new_style:
+        assert kw["fsdp"] is True
+        assert kw["fsdp_config"]["reshard_after_forward"] is False
+        assert kw["fsdp_config"]["cpu_offload"] is True
+    with pytest.raises(ValueError, match="full_shrd"):
+        pretrain_clm.fsdp_kwargs("full_shrd", TrainingArguments)
