@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import apply_flip_spec, stream_key
+from .kernels.op import bitflip_backward_op
+from .kernels.sampling import flip_table
 from .spec import FlipSpec
 
 try:  # GPT-2 style layers; transformers is a dependency, but keep the layer importable without it
@@ -48,6 +50,7 @@ __all__ = [
     "BitflipLayerMixin",
     "disable_bitflips",
     "flipped_linear",
+    "flipped_linear_unfused",
 ]
 
 _PENDING_MAX = 1024
@@ -99,6 +102,13 @@ def flipped_linear(x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d=F
     (e.g. bf16 with ``Trainer(bf16=True)``): the bits that flip are those of the values the
     matmul consumes, as with a model stored in that dtype.
 
+    Autograd keeps only ``x``, ``weight`` and the call index for backward, as a clean linear
+    layer does: the flipped copies ``flip(x)`` / ``flip(weight)`` are recomputed from the
+    counter-based streams in backward instead of being stored (an activation-sized and a
+    weight-sized tensor less per layer).  Gradients are those of
+    :func:`flipped_linear_unfused` (straight-through, zero where the forward zeroed).  Under
+    ``torch.compile`` the unfused form is traced.
+
     ``stats``: an optional :class:`~peft_bitflip.stats.FlipStatsAccumulator` that counts what
     the two flips did (outside autograd; the result is the same with or without it).
     """
@@ -106,12 +116,78 @@ def flipped_linear(x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d=F
     if compute is not None:  # flip the values the matmul consumes, not the fp32 masters
         x, weight = x.to(compute), weight.to(compute)
         bias = None if bias is None else bias.to(compute)
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return _flipped_linear_eager(
+            x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats
+        )
+    return _FlippedLinear.apply(x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats)
+
+
+def flipped_linear_unfused(
+    x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d=False, stats=None
+):
+    """:func:`flipped_linear` written as separate differentiable ops (the flip op on ``x``
+    and on ``weight``, then a linear layer): autograd stores the flipped copies.  The
+    reference that the recomputing path is tested against."""
+    compute = _autocast_dtype(x)
+    if compute is not None:
+        x, weight = x.to(compute), weight.to(compute)
+        bias = None if bias is None else bias.to(compute)
+    return _flipped_linear_eager(x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats)
+
+
+def _flipped_linear_eager(x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats):
     xf = apply_flip_spec(x, x_spec, x_key, call)
     wf = apply_flip_spec(weight, w_spec, w_key, call)
     if stats is not None:
         stats.record("x", x, xf, x_spec, x_key, call)
         stats.record("w", weight, wf, w_spec, w_key, call)
     return linear(xf, wf, bias, conv1d)
+
+
+def _keep_unzeroed(grad, t, spec, key, call):
+    """``grad`` where ``apply_flip_spec(t, spec, key, call)`` kept the element, else 0."""
+    if spec.is_identity or spec.zero_out_threshold is None:
+        return grad
+    table = flip_table(spec.effective_p_exp, spec.effective_p_frac, t.dtype, t.device)
+    return bitflip_backward_op(
+        grad, t, table, call.reshape(()), key[0], key[1], spec.zero_out_threshold, spec.flips
+    )
+
+
+class _FlippedLinear(torch.autograd.Function):
+    """flip(x) @ flip(W)^T + b that saves x, W and the call index, not the flipped copies."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats):
+        call = call if isinstance(call, torch.Tensor) else torch.tensor(call, device=x.device)
+        out = _flipped_linear_eager(
+            x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats
+        )
+        ctx.save_for_backward(x, weight, call)
+        ctx.args = (x_spec, w_spec, x_key, w_key, conv1d)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, call = ctx.saved_tensors
+        x_spec, w_spec, x_key, w_key, conv1d = ctx.args
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        g2 = grad_out.reshape(-1, grad_out.size(-1))
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            wf = apply_flip_spec(weight, w_spec, w_key, call)
+            gxf = g2 @ (wf.t() if conv1d else wf)
+            grad_x = _keep_unzeroed(gxf.view(x.shape), x, x_spec, x_key, call)
+            del wf, gxf
+        if need_w:
+            xf = apply_flip_spec(x, x_spec, x_key, call).reshape(-1, x.size(-1))
+            gwf = xf.t() @ g2 if conv1d else g2.t() @ xf
+            grad_w = _keep_unzeroed(gwf, weight, w_spec, w_key, call)
+        if need_b:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 class BitflipLayerMixin:

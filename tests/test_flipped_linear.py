@@ -1,0 +1,138 @@
+"""flipped_linear (flips recomputed in backward) against flipped_linear_unfused (autograd stores
+the flipped copies): the same outputs for the same seed, the same gradients, and less saved
+for backward -- no more than a clean linear layer saves."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import peft_bitflip as pb
+from peft_bitflip.layers import flipped_linear, flipped_linear_unfused
+from peft_bitflip.spec import FlipSpec
+
+
+@pytest.fixture(autouse=True)
+def _cpu_reference(reference_backend):
+    pass
+
+
+X_SPEC = FlipSpec(0.02, 0.02, 3.0)  # many flips and many zeroed elements at this size
+W_SPEC = FlipSpec(0.02, 0.01, 0.2)
+KEYS = (pb.stream_key(0, "l", "x"), pb.stream_key(0, "l", "w"))
+
+
+def run(fn, x, w, b, conv1d=False, autocast=False, call=3):
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    b = None if b is None else b.detach().clone().requires_grad_()
+    ctx = torch.autocast("cpu", torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        y = fn(x, w, b, X_SPEC, W_SPEC, *KEYS, torch.tensor(call), conv1d)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=y.dtype)
+    y.backward(g)
+    return y.detach(), x.grad, w.grad, None if b is None else b.grad
+
+
+def inputs(conv1d=False, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 7, 24, generator=gen) * 2
+    w = torch.randn(*((24, 16) if conv1d else (16, 24)), generator=gen) * 0.2
+    b = torch.randn(16, generator=gen) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_same_outputs_and_gradients_as_the_unfused_form(conv1d, bias):
+    x, w, b = inputs(conv1d, bias)
+    fused = run(flipped_linear, x, w, b, conv1d)
+    plain = run(flipped_linear_unfused, x, w, b, conv1d)
+    assert torch.equal(fused[0], plain[0])  # the same flips
+    for a, e in zip(fused[1:], plain[1:]):
+        if e is not None:
+            torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+    # the zero-out really happened: some gradient entries are masked to 0 in both
+    assert (plain[1] == 0).any() and (plain[2] == 0).any()
+
+
+def test_same_under_bf16_autocast():
+    x, w, b = inputs()
+    fused = run(flipped_linear, x, w, b, autocast=True)
+    plain = run(flipped_linear_unfused, x, w, b, autocast=True)
+    assert fused[0].dtype == torch.bfloat16 and torch.equal(fused[0], plain[0])
+    for a, e in zip(fused[1:], plain[1:]):
+        assert a.dtype == torch.float32  # gradients reach the fp32 masters
+        torch.testing.assert_close(a, e, rtol=1e-2, atol=1e-2)
+
+
+def test_another_call_draws_other_flips():
+    x, w, b = inputs()
+    assert not torch.equal(
+        run(flipped_linear, x, w, b, call=3)[0], run(flipped_linear, x, w, b, call=4)[0]
+    )
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd saves during ``fn()`` that are not leaves the caller holds
+    (parameters and inputs are not extra memory)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if not (t.is_leaf and t.requires_grad):
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_saves_no_more_than_a_clean_linear_layer():
+    x, w, b = inputs()
+    h = torch.randn(2, 7, 24, requires_grad=True)
+    x_in = h * 2  # a non-leaf activation, as inside a model
+    w = w.requires_grad_()
+    call = torch.tensor(0)
+    clean = saved_bytes(lambda: torch.nn.functional.linear(x_in, w, b))
+    fused = saved_bytes(lambda: flipped_linear(x_in, w, b, X_SPEC, W_SPEC, *KEYS, call))
+    plain = saved_bytes(lambda: flipped_linear_unfused(x_in, w, b, X_SPEC, W_SPEC, *KEYS, call))
+    assert fused <= clean + 64  # x (saved by both) and the call index
+    assert plain >= clean + w.numel() * w.element_size()  # the flipped weight copy at least
+
+
+def test_lora_layer_gradients_match_the_unfused_form(monkeypatch):
+    """A BitflipLoraConfig model: LoRA gradients through the recomputing path equal those of
+    the unfused path."""
+    from peft import get_peft_model
+    from tiny_models import VOCAB, tiny_llama
+
+    from peft_bitflip import layers
+
+    def grads(use_unfused):
+        if use_unfused:
+            monkeypatch.setattr(layers, "flipped_linear", flipped_linear_unfused)
+        else:
+            monkeypatch.setattr(layers, "flipped_linear", flipped_linear)
+        cfg = pb.BitflipLoraConfig(
+            r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
+            x_p_exp=0.01, x_p_frac=0.01, x_zero_out_t=2.0,
+            w_p_exp=0.01, w_p_frac=0.01, w_zero_out_t=0.05,
+        )  # fmt: skip
+        model = get_peft_model(tiny_llama(), cfg)
+        ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad
+        }
+
+    loss_f, grads_f = grads(False)
+    loss_u, grads_u = grads(True)
+    assert torch.equal(loss_f, loss_u)
+    assert grads_f.keys() == grads_u.keys() and len(grads_f) == 12
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_u[name], rtol=1e-5, atol=1e-6)
