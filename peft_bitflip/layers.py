@@ -95,7 +95,9 @@ def _autocast_dtype(x: torch.Tensor):
     return torch.get_autocast_dtype(device)
 
 
-def flipped_linear(x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d=False, stats=None):
+def flipped_linear(
+    x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d=False, stats=None, weight_params=()
+):
     """``flip(x) @ flip(weight)^T + bias`` (``flip(x) @ flip(weight) + bias`` for Conv1D layout).
 
     Under ``torch.autocast`` the flips act on ``x`` and ``weight`` cast to the autocast dtype
@@ -109,26 +111,42 @@ def flipped_linear(x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d=F
     :func:`flipped_linear_unfused` (straight-through, zero where the forward zeroed).  Under
     ``torch.compile`` the unfused form is traced.
 
+    ``weight`` may also be a function of no arguments that builds the weight from the tensors
+    ``weight_params`` (LoRA: ``W + s B @ A`` from W, A, B).  The built weight is not kept
+    either: backward builds it again (under the forward's autocast state) and passes the
+    weight's gradient on to ``weight_params``.
+
     ``stats``: an optional :class:`~peft_bitflip.stats.FlipStatsAccumulator` that counts what
     the two flips did (outside autograd; the result is the same with or without it).
     """
     compute = _autocast_dtype(x)
-    if compute is not None:  # flip the values the matmul consumes, not the fp32 masters
-        x, weight = x.to(compute), weight.to(compute)
-        bias = None if bias is None else bias.to(compute)
+    build = weight if callable(weight) else None
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-        return _flipped_linear_eager(
+        return flipped_linear_unfused(
             x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats
         )
-    return _FlippedLinear.apply(x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats)
+    if compute is not None:  # flip the values the matmul consumes, not the fp32 masters
+        x = x.to(compute)
+        weight = weight if build is not None else weight.to(compute)
+        bias = None if bias is None else bias.to(compute)
+    return _FlippedLinear.apply(
+        x,
+        None if build is not None else weight,
+        bias,
+        (x_spec, w_spec, x_key, w_key, conv1d, stats, build, compute),
+        call,
+        *(weight_params if build is not None else ()),
+    )
 
 
 def flipped_linear_unfused(
-    x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d=False, stats=None
+    x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d=False, stats=None, weight_params=()
 ):
     """:func:`flipped_linear` written as separate differentiable ops (the flip op on ``x``
-    and on ``weight``, then a linear layer): autograd stores the flipped copies.  The
-    reference that the recomputing path is tested against."""
+    and on ``weight``, then a linear layer): autograd stores the flipped copies (and a built
+    weight).  The reference that the recomputing path is tested against."""
+    if callable(weight):
+        weight = weight()
     compute = _autocast_dtype(x)
     if compute is not None:
         x, weight = x.to(compute), weight.to(compute)
@@ -155,39 +173,69 @@ def _keep_unzeroed(grad, t, spec, key, call):
     )
 
 
+def _built_weight(build, compute, device_type):
+    """``build()`` under the autocast state of the forward, cast to its compute dtype."""
+    ctx = (
+        torch.autocast(device_type, dtype=compute)
+        if compute is not None
+        else contextlib.nullcontext()
+    )
+    with ctx:
+        weight = build()
+    return weight if compute is None else weight.to(compute)
+
+
 class _FlippedLinear(torch.autograd.Function):
-    """flip(x) @ flip(W)^T + b that saves x, W and the call index, not the flipped copies."""
+    """flip(x) @ flip(W)^T + b that saves x, W (or what W is built from) and the call index,
+    not the flipped copies."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats):
+    def forward(ctx, x, weight, bias, settings, call, *weight_params):
+        x_spec, w_spec, x_key, w_key, conv1d, stats, build, compute = settings
         call = call if isinstance(call, torch.Tensor) else torch.tensor(call, device=x.device)
+        if build is not None:
+            weight = _built_weight(build, compute, x.device.type)
         out = _flipped_linear_eager(
             x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats
         )
-        ctx.save_for_backward(x, weight, call)
-        ctx.args = (x_spec, w_spec, x_key, w_key, conv1d)
+        ctx.save_for_backward(x, None if build is not None else weight, call)
+        ctx.settings = settings
+        ctx.weight_params = weight_params  # leaves the caller holds (parameters)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, weight, call = ctx.saved_tensors
-        x_spec, w_spec, x_key, w_key, conv1d = ctx.args
+        x_spec, w_spec, x_key, w_key, conv1d, _, build, compute = ctx.settings
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_params = ctx.needs_input_grad[5:]
+        if build is not None:
+            need_w = any(need_params)
+            with torch.enable_grad():
+                weight = _built_weight(build, compute, x.device.type)
         g2 = grad_out.reshape(-1, grad_out.size(-1))
         grad_x = grad_w = grad_b = None
         if need_x:
-            wf = apply_flip_spec(weight, w_spec, w_key, call)
+            wf = apply_flip_spec(weight.detach(), w_spec, w_key, call)
             gxf = g2 @ (wf.t() if conv1d else wf)
             grad_x = _keep_unzeroed(gxf.view(x.shape), x, x_spec, x_key, call)
             del wf, gxf
         if need_w:
             xf = apply_flip_spec(x, x_spec, x_key, call).reshape(-1, x.size(-1))
             gwf = xf.t() @ g2 if conv1d else g2.t() @ xf
-            grad_w = _keep_unzeroed(gwf, weight, w_spec, w_key, call)
+            grad_w = _keep_unzeroed(gwf, weight.detach(), w_spec, w_key, call)
         if need_b:
             grad_b = g2.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        grad_params = [None] * len(need_params)
+        if build is not None:
+            wanted = [i for i, n in enumerate(need_params) if n]
+            if wanted:
+                inputs = [ctx.weight_params[i] for i in wanted]
+                for i, g in zip(wanted, torch.autograd.grad(weight, inputs, grad_w)):
+                    grad_params[i] = g
+            grad_w = None
+        return grad_x, grad_w, grad_b, None, None, *grad_params
 
 
 class BitflipLayerMixin:
@@ -244,9 +292,11 @@ class BitflipLayerMixin:
             self._pending_calls.append(call)
         return call
 
-    def flipped_forward(self, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    def flipped_forward(self, x: torch.Tensor, weight, bias, weight_params=()) -> torch.Tensor:
+        """The layer's computation with ``weight`` (a tensor, or a function building it from
+        ``weight_params``, see :func:`flipped_linear`)."""
         if not self.bitflip_enabled:
-            return linear(x, weight, bias, self._is_conv1d)
+            return linear(x, weight() if callable(weight) else weight, bias, self._is_conv1d)
         x_key, w_key = self.stream_keys()
         call = self.next_call()
         stats = self.bitflip_stats
@@ -267,6 +317,7 @@ class BitflipLayerMixin:
             call,
             self._is_conv1d,
             stats,
+            weight_params,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

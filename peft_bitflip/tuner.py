@@ -108,12 +108,21 @@ class BitflipLoraLinear(LoraLinear):
             return base(x, *args, **kwargs)
         if self.merged:
             return base(x, *args, **kwargs)
-        weight = base.weight
-        for adapter in self.active_adapters:
-            if adapter in self.lora_A.keys():
+        adapters = [a for a in self.active_adapters if a in self.lora_A.keys()]
+        if not adapters:
+            return base.flipped_forward(x, base.weight, base.bias)
+
+        def merged_weight():
+            weight = base.weight
+            for adapter in adapters:
                 # the same arithmetic as LoraLinear.merge(safe_merge=False): W += delta
                 weight = (weight + self.get_delta_weight(adapter)).to(base.weight.dtype)
-        return base.flipped_forward(x, weight, base.bias)
+            return weight
+
+        # the merged weight is built again in backward instead of being kept (flipped_linear)
+        params = [base.weight]
+        params += [m[a].weight for a in adapters for m in (self.lora_A, self.lora_B)]
+        return base.flipped_forward(x, merged_weight, base.bias, weight_params=params)
 
     def __repr__(self) -> str:
         return "bitflip_" + super().__repr__()

@@ -1,6 +1,7 @@
 """flipped_linear (flips recomputed in backward) against flipped_linear_unfused (autograd stores
 the flipped copies): the same outputs for the same seed, the same gradients, and less saved
-for backward -- no more than a clean linear layer saves."""
+for backward -- no more than a clean linear layer saves; for LoRA layers the merged weight
+W + s B@A is rebuilt in backward instead of being kept."""
 
 from __future__ import annotations
 
@@ -136,3 +137,49 @@ def test_lora_layer_gradients_match_the_unfused_form(monkeypatch):
     assert grads_f.keys() == grads_u.keys() and len(grads_f) == 12
     for name in grads_f:
         torch.testing.assert_close(grads_f[name], grads_u[name], rtol=1e-5, atol=1e-6)
+
+
+def lora_model(in_features=64, out_features=48):
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(in_features, out_features))
+    cfg = pb.BitflipLoraConfig(
+        r=4, target_modules=["0"], init_lora_weights=False,
+        x_p_exp=0.02, x_p_frac=0.02, x_zero_out_t=3.0,
+        w_p_exp=0.02, w_p_frac=0.02, w_zero_out_t=0.1,
+    )  # fmt: skip
+    return get_peft_model(net, cfg)
+
+
+def test_lora_layer_keeps_no_weight_sized_tensor():
+    model = lora_model()
+    x = torch.randn(4, 64, requires_grad=True) * 1.0  # a non-leaf activation
+    weight = model.base_model.model[0].base_layer.weight
+    saved = saved_bytes(lambda: model(x))
+    # x, the call index and LoRA's small tensors; not the merged or flipped 48 x 64 weight
+    assert saved < weight.numel() * weight.element_size()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_lora_gradients_match_the_unfused_form_per_layer(monkeypatch, autocast):
+    from peft_bitflip import layers
+
+    results = []
+    for fn in (flipped_linear, flipped_linear_unfused):
+        monkeypatch.setattr(layers, "flipped_linear", fn)
+        model = lora_model()
+        x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1)) * 2
+        ctx = torch.autocast("cpu", torch.bfloat16) if autocast else contextlib.nullcontext()
+        with ctx:
+            y = model(x)
+        y.float().square().sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results.append((y.detach(), grads))
+    (y_f, g_f), (y_u, g_u) = results
+    assert torch.equal(y_f, y_u)
+    assert len(g_f) == 2 and g_f.keys() == g_u.keys()
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-6)
+    for name in g_f:
+        assert g_f[name].abs().sum() > 0
+        torch.testing.assert_close(g_f[name], g_u[name], **tol)
