@@ -7,11 +7,11 @@ import hashlib
 import torch
 from torch import Tensor
 
-from .kernels.op import bitflip_op
+from .kernels.op import bitflip_backward_op, bitflip_op
 from .kernels.sampling import flip_table
 from .spec import FlipSpec, check_dtype
 
-__all__ = ["bitflip", "apply_flip_spec", "stream_key"]
+__all__ = ["bitflip", "apply_flip_spec", "flip_spec_grad", "stream_key"]
 
 _MAX_CALL = (1 << 32) - 1
 
@@ -57,6 +57,20 @@ def apply_flip_spec(
         return x
     table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
     return bitflip_op(x, table, call, key[0], key[1], spec.zero_out_threshold, spec.flips)
+
+
+def flip_spec_grad(
+    grad: Tensor, x: Tensor, spec: FlipSpec, key: tuple[int, int], call: int | Tensor = 0
+) -> Tensor:
+    """The gradient of :func:`apply_flip_spec` at ``x``: ``grad`` where the forward kept the
+    element, 0 where it zeroed it (recomputed from ``x``, nothing stored)."""
+    if spec.is_identity or spec.zero_out_threshold is None:
+        return grad
+    table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
+    call = _call_tensor(call, x.device)
+    return bitflip_backward_op(
+        grad, x, table, call, key[0], key[1], spec.zero_out_threshold, spec.flips
+    )
 
 
 def bitflip(

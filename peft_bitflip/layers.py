@@ -34,9 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import apply_flip_spec, stream_key
-from .kernels.op import bitflip_backward_op
-from .kernels.sampling import flip_table
+from .functional import apply_flip_spec, flip_spec_grad, stream_key
 from .spec import FlipSpec
 
 try:  # GPT-2 style layers; transformers is a dependency, but keep the layer importable without it
@@ -119,12 +117,12 @@ def flipped_linear(
     ``stats``: an optional :class:`~peft_bitflip.stats.FlipStatsAccumulator` that counts what
     the two flips did (outside autograd; the result is the same with or without it).
     """
-    compute = _autocast_dtype(x)
-    build = weight if callable(weight) else None
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return flipped_linear_unfused(
             x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats
         )
+    compute = _autocast_dtype(x)
+    build = weight if callable(weight) else None
     if compute is not None:  # flip the values the matmul consumes, not the fp32 masters
         x = x.to(compute)
         weight = weight if build is not None else weight.to(compute)
@@ -161,16 +159,6 @@ def _flipped_linear_eager(x, weight, bias, x_spec, w_spec, x_key, w_key, call, c
         stats.record("x", x, xf, x_spec, x_key, call)
         stats.record("w", weight, wf, w_spec, w_key, call)
     return linear(xf, wf, bias, conv1d)
-
-
-def _keep_unzeroed(grad, t, spec, key, call):
-    """``grad`` where ``apply_flip_spec(t, spec, key, call)`` kept the element, else 0."""
-    if spec.is_identity or spec.zero_out_threshold is None:
-        return grad
-    table = flip_table(spec.effective_p_exp, spec.effective_p_frac, t.dtype, t.device)
-    return bitflip_backward_op(
-        grad, t, table, call.reshape(()), key[0], key[1], spec.zero_out_threshold, spec.flips
-    )
 
 
 def _built_weight(build, compute, device_type):
@@ -210,21 +198,21 @@ class _FlippedLinear(torch.autograd.Function):
         x_spec, w_spec, x_key, w_key, conv1d, _, build, compute = ctx.settings
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_params = ctx.needs_input_grad[5:]
-        if build is not None:
+        if build is not None:  # rebuild W (+ s B@A); with a graph only if A, B need gradients
             need_w = any(need_params)
-            with torch.enable_grad():
+            with torch.set_grad_enabled(need_w):
                 weight = _built_weight(build, compute, x.device.type)
         g2 = grad_out.reshape(-1, grad_out.size(-1))
         grad_x = grad_w = grad_b = None
         if need_x:
             wf = apply_flip_spec(weight.detach(), w_spec, w_key, call)
             gxf = g2 @ (wf.t() if conv1d else wf)
-            grad_x = _keep_unzeroed(gxf.view(x.shape), x, x_spec, x_key, call)
+            grad_x = flip_spec_grad(gxf.view(x.shape), x, x_spec, x_key, call)
             del wf, gxf
         if need_w:
             xf = apply_flip_spec(x, x_spec, x_key, call).reshape(-1, x.size(-1))
             gwf = xf.t() @ g2 if conv1d else g2.t() @ xf
-            grad_w = _keep_unzeroed(gwf, weight.detach(), w_spec, w_key, call)
+            grad_w = flip_spec_grad(gwf, weight.detach(), w_spec, w_key, call)
         if need_b:
             grad_b = g2.sum(0)
         grad_params = [None] * len(need_params)

@@ -478,10 +478,8 @@ def training_kwargs(args, max_steps: int = -1) -> dict:
     The recipes build the arguments first (they know the number of processes,
     ``.world_size``), then set ``.max_steps`` from the token budget.
     """
-    use_cpu = not torch.cuda.is_available()
     eval_steps = args.eval_steps if args.eval_steps and args.eval_batches != 0 else None
     return dict(
-        output_dir=args.output_dir,
         per_device_train_batch_size=args.per_device_train_batch_size,
         per_device_eval_batch_size=args.per_device_eval_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -493,6 +491,21 @@ def training_kwargs(args, max_steps: int = -1) -> dict:
         warmup_steps=args.num_warmup_steps,
         max_grad_norm=args.max_grad_norm,
         seed=args.seed,
+        bf16=args.bf16,
+        full_determinism=args.full_determinism,
+        **run_kwargs(args, eval_steps=eval_steps),
+    )
+
+
+def run_kwargs(args, *, eval_steps: int | None) -> dict:
+    """The ``TrainingArguments`` every recipe sets alike: output, logging, evaluation and
+    checkpoint cadence, activation checkpointing, reporting and the device.  Reads
+    ``output_dir``, ``logging_steps``, ``save_steps``, ``gradient_checkpointing``,
+    ``report_to``, ``disable_tqdm`` and (if present) ``run_name`` from ``args``."""
+    use_cpu = not torch.cuda.is_available()
+    run_name = getattr(args, "run_name", None)
+    return dict(
+        output_dir=args.output_dir,
         logging_steps=args.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if eval_steps else "no",
@@ -500,11 +513,9 @@ def training_kwargs(args, max_steps: int = -1) -> dict:
         save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500,
         **checkpointing_kwargs(args.gradient_checkpointing),
-        bf16=args.bf16,
-        full_determinism=args.full_determinism,
         use_cpu=use_cpu,
         report_to=[r.strip() for r in args.report_to.split(",") if r.strip()] or "none",
-        run_name=args.run_name or os.path.basename(os.path.normpath(args.output_dir)),
+        run_name=run_name or os.path.basename(os.path.normpath(args.output_dir)),
         disable_tqdm=args.disable_tqdm or None,
         dataloader_pin_memory=not use_cpu,
     )

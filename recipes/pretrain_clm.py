@@ -474,9 +474,7 @@ def training_arguments(args, plan_steps: int = 1):
     bf16 = args.precision == "bf16" or (
         args.precision == "auto" and not use_cpu and torch.cuda.is_bf16_supported()
     )
-    eval_steps = args.eval_steps or None
     kwargs = dict(
-        output_dir=args.output_dir,
         per_device_train_batch_size=args.per_device_train_batch_size,
         per_device_eval_batch_size=args.per_device_eval_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -493,23 +491,12 @@ def training_arguments(args, plan_steps: int = 1):
         seed=args.seed,
         data_seed=args.seed,
         full_determinism=args.full_determinism,
-        logging_steps=args.logging_steps,
-        logging_first_step=True,
-        eval_strategy="steps" if eval_steps else "no",
-        eval_steps=eval_steps,
-        save_strategy="steps" if args.save_steps else "no",
-        save_steps=args.save_steps or 500,
         save_total_limit=args.save_total_limit,
-        **common.checkpointing_kwargs(args.gradient_checkpointing),
         torch_compile=args.torch_compile,
-        use_cpu=use_cpu,
-        report_to=[r.strip() for r in args.report_to.split(",") if r.strip()] or "none",
-        run_name=os.path.basename(os.path.normpath(args.output_dir)),
-        disable_tqdm=args.disable_tqdm or None,
-        dataloader_pin_memory=not use_cpu,
         dataloader_num_workers=args.dataloader_num_workers,
         include_num_input_tokens_seen=True,
         ddp_find_unused_parameters=False,
+        **common.run_kwargs(args, eval_steps=args.eval_steps or None),
     )
     if args.fsdp:
         kwargs.update(fsdp_kwargs(args.fsdp, TrainingArguments))
