@@ -7,7 +7,8 @@ import hashlib
 import torch
 from torch import Tensor
 
-from .kernels.op import bitflip_backward_op, bitflip_op
+from .kernels.op import bitflip as bitflip_dispatch
+from .kernels.op import bitflip_backward
 from .kernels.sampling import flip_table
 from .spec import FlipSpec, check_dtype
 
@@ -56,7 +57,7 @@ def apply_flip_spec(
     if spec.is_identity:
         return x
     table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
-    return bitflip_op(x, table, call, key[0], key[1], spec.zero_out_threshold, spec.flips)
+    return bitflip_dispatch(x, table, call, key[0], key[1], spec.zero_out_threshold, spec.flips)
 
 
 def flip_spec_grad(
@@ -68,7 +69,7 @@ def flip_spec_grad(
         return grad
     table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
     call = _call_tensor(call, x.device)
-    return bitflip_backward_op(
+    return bitflip_backward(
         grad, x, table, call, key[0], key[1], spec.zero_out_threshold, spec.flips
     )
 

@@ -35,6 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import apply_flip_spec, flip_spec_grad, stream_key
+from .kernels.lora import (
+    merge_flip_lora,
+    merge_lora_weight,
+    merged_lora_weight,
+    zeroed_correction,
+)
 from .spec import FlipSpec
 
 try:  # GPT-2 style layers; transformers is a dependency, but keep the layer importable without it
@@ -49,6 +55,8 @@ __all__ = [
     "disable_bitflips",
     "flipped_linear",
     "flipped_linear_unfused",
+    "flipped_lora_linear",
+    "flipped_lora_linear_unfused",
 ]
 
 _PENDING_MAX = 1024
@@ -226,6 +234,136 @@ class _FlippedLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, *grad_params
 
 
+def flipped_lora_linear(
+    x,
+    weight,
+    lora_a,
+    lora_b,
+    scale,
+    bias,
+    x_spec,
+    w_spec,
+    x_key,
+    w_key,
+    call,
+    conv1d=False,
+    stats=None,
+):
+    """``flip(x) @ flip(W + scale * B @ A)^T + bias`` for one LoRA adapter (A: (r, in),
+    B: (out, r)), the merged weight formed as :func:`~peft_bitflip.kernels.lora.merge_lora_weight`.
+
+    The fast path of bit-flip LoRA: on the GPU the merge, flip and zero-out of the weight are one
+    kernel pass; only x, W, A, B and the call index are kept for backward; and the gradients of
+    A and B come from rank-r products (``(dY B)^T flip(x)`` and ``dY^T (flip(x) A^T)``) plus a
+    correction at the few weights the zero-out removed, instead of the full ``dY^T flip(x)``.
+    Gradients equal those of :func:`flipped_lora_linear_unfused` within float rounding.
+    ``stats``: as in :func:`flipped_linear` (counted outside autograd; results unchanged).
+    """
+    if torch.compiler.is_compiling():
+        return flipped_lora_linear_unfused(
+            x,
+            weight,
+            lora_a,
+            lora_b,
+            scale,
+            bias,
+            x_spec,
+            w_spec,
+            x_key,
+            w_key,
+            call,
+            conv1d,
+            stats,
+        )
+    compute = _autocast_dtype(x)
+    if compute is not None:
+        x = x.to(compute)
+        bias = None if bias is None else bias.to(compute)
+    out_dtype = compute if compute is not None else x.dtype
+    settings = (x_spec, w_spec, x_key, w_key, conv1d, float(scale), out_dtype, stats)
+    return _FlippedLoraLinear.apply(x, weight, lora_a, lora_b, bias, settings, call)
+
+
+def flipped_lora_linear_unfused(
+    x,
+    weight,
+    lora_a,
+    lora_b,
+    scale,
+    bias,
+    x_spec,
+    w_spec,
+    x_key,
+    w_key,
+    call,
+    conv1d=False,
+    stats=None,
+):
+    """:func:`flipped_lora_linear` as separate differentiable ops (the reference)."""
+    merged = merge_lora_weight(weight, lora_a, lora_b, scale, conv1d)
+    return flipped_linear_unfused(
+        x, merged, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats
+    )
+
+
+class _FlippedLoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, bias, settings, call):
+        x_spec, w_spec, x_key, w_key, conv1d, scale, out_dtype, stats = settings
+        call = call if isinstance(call, torch.Tensor) else torch.tensor(call, device=x.device)
+        wf, _ = merge_flip_lora(
+            weight, lora_a, lora_b, scale, conv1d, out_dtype, w_spec, w_key, call
+        )
+        xf = apply_flip_spec(x, x_spec, x_key, call)
+        if stats is not None:
+            merged = merged_lora_weight(weight, lora_a, lora_b, scale, conv1d).to(out_dtype)
+            stats.record("x", x, xf, x_spec, x_key, call)
+            stats.record("w", merged, wf, w_spec, w_key, call)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, call)
+        ctx.settings = settings
+        return linear(xf, wf, bias, conv1d)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, lora_a, lora_b, call = ctx.saved_tensors
+        x_spec, w_spec, x_key, w_key, conv1d, scale, out_dtype, _ = ctx.settings
+        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        need_factors = need_w or need_a or need_b
+        wf, zeroed = merge_flip_lora(
+            weight, lora_a, lora_b, scale, conv1d, out_dtype, w_spec, w_key, call, need_factors
+        )
+        g2 = grad_out.reshape(-1, grad_out.size(-1))
+        grad_x = grad_w = grad_a = grad_b = grad_bias = None
+        if need_x:
+            gxf = g2 @ (wf.t() if conv1d else wf)
+            grad_x = flip_spec_grad(gxf.view(x.shape), x, x_spec, x_key, call)
+            del gxf
+        del wf
+        if need_factors:
+            xf = apply_flip_spec(x, x_spec, x_key, call).reshape(-1, x.size(-1))
+            zeroed_oi = None if zeroed is None else (zeroed.t() if conv1d else zeroed)
+            a, b = lora_a.to(g2.dtype), lora_b.to(g2.dtype)
+            if need_w:  # the base weight trains too: the full product is needed anyway
+                dm = (g2.t() @ xf).float()
+                if zeroed_oi is not None:
+                    dm = dm.masked_fill(zeroed_oi.bool(), 0.0)
+                grad_w = (dm.t() if conv1d else dm).to(weight.dtype)
+                da = lora_b.float().t() @ dm
+                db = dm @ lora_a.float().t()
+            else:  # rank-r products, corrected where the zero-out removed a weight
+                da = ((g2 @ b).t() @ xf).float()
+                db = (g2.t() @ (xf @ a.t())).float()
+                if zeroed_oi is not None:
+                    da_z, db_z = zeroed_correction(zeroed_oi, g2, xf, lora_a, lora_b)
+                    da, db = da - da_z, db - db_z
+            grad_a = (da * scale).to(lora_a.dtype) if need_a else None
+            grad_b = (db * scale).to(lora_b.dtype) if need_b else None
+        if need_bias:
+            grad_bias = g2.sum(0)
+        return grad_x, grad_w, grad_a, grad_b, grad_bias, None, None
+
+
 class BitflipLayerMixin:
     """Fault-model state and bookkeeping shared by the bit-flip layers."""
 
@@ -306,6 +444,36 @@ class BitflipLayerMixin:
             self._is_conv1d,
             stats,
             weight_params,
+        )
+
+    def flipped_lora_forward(self, x: torch.Tensor, lora_a, lora_b, scale) -> torch.Tensor:
+        """The layer's computation with one LoRA adapter merged into its weight (the fast path,
+        see :func:`flipped_lora_linear`)."""
+        if not self.bitflip_enabled:
+            return self.flipped_forward(
+                x,
+                lambda: merge_lora_weight(self.weight, lora_a, lora_b, scale, self._is_conv1d),
+                self.bias,
+                weight_params=[self.weight, lora_a, lora_b],
+            )
+        x_key, w_key = self.stream_keys()
+        stats = self.bitflip_stats
+        if stats is not None and _checkpoint_phase() == "recompute":
+            stats = None  # counted in the forward already
+        return flipped_lora_linear(
+            x,
+            self.weight,
+            lora_a,
+            lora_b,
+            scale,
+            self.bias,
+            self.x_spec,
+            self.w_spec,
+            x_key,
+            w_key,
+            self.next_call(),
+            self._is_conv1d,
+            stats,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

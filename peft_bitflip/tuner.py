@@ -8,9 +8,12 @@ that the bit-flip settings select a bit-flip layer, and adds LoRA adapters to th
 
 so the adapter is trained through the fault model, and after ``merge_and_unload()`` the merged
 layer (still a bit-flip layer, holding ``W + s * B @ A``) gives the same output for the same seed.
-``W + s * B @ A`` is formed exactly as PEFT's (non-safe) merge forms it, so the two agree bit
-for bit.  LoRA dropout does not fit this formulation (there is no separate LoRA input path), so
-``lora_dropout`` must be 0; DoRA and other LoRA variants are not supported.
+``W + s * B @ A`` is formed as ``float32(W) + float32(B) @ float32(A) * s`` rounded to W's
+dtype, by the forward and by ``merge`` alike.  With one active adapter the layer takes the fast
+path (:func:`~peft_bitflip.layers.flipped_lora_linear`: one kernel pass merges, flips and zeroes
+the weight; A and B get rank-r gradients).  LoRA dropout does not fit this formulation (there
+is no separate LoRA input path), so ``lora_dropout`` must be 0; DoRA and other LoRA variants
+are not supported.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from typing import Any
 import torch
 from peft import LoraConfig, LoraModel
 from peft.tuners.lora.layer import Linear as LoraLinear
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from .config import RULE_KEYS, BitflipConfig
+from .kernels.lora import merge_lora_weight, merged_lora_weight
 from .layers import BitflipLayerMixin
 from .transform import apply_bitflip
 
@@ -112,17 +116,53 @@ class BitflipLoraLinear(LoraLinear):
         if not adapters:
             return base.flipped_forward(x, base.weight, base.bias)
 
+        if len(adapters) == 1:  # the fast path: merge + flip in one pass, rank-r gradients
+            a = adapters[0]
+            return base.flipped_lora_forward(
+                x, self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a]
+            )
+
         def merged_weight():
             weight = base.weight
             for adapter in adapters:
-                # the same arithmetic as LoraLinear.merge(safe_merge=False): W += delta
-                weight = (weight + self.get_delta_weight(adapter)).to(base.weight.dtype)
+                weight = self._merged(weight, adapter)
             return weight
 
         # the merged weight is built again in backward instead of being kept (flipped_linear)
         params = [base.weight]
         params += [m[a].weight for a in adapters for m in (self.lora_A, self.lora_B)]
         return base.flipped_forward(x, merged_weight, base.bias, weight_params=params)
+
+    def _merged(self, weight: torch.Tensor, adapter: str) -> torch.Tensor:
+        """``weight + s B @ A`` for ``adapter`` (float32 sum rounded to weight's dtype)."""
+        return merge_lora_weight(
+            weight,
+            self.lora_A[adapter].weight,
+            self.lora_B[adapter].weight,
+            self.scaling[adapter],
+            self.get_base_layer()._is_conv1d,
+        )
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold adapters into the base weight with the arithmetic the forward uses, so the merged
+        layer gives the adapter layer's output for the same seed."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.lora_A:
+                continue
+            with torch.no_grad():
+                merged = merged_lora_weight(
+                    base.weight,
+                    self.lora_A[name].weight,
+                    self.lora_B[name].weight,
+                    self.scaling[name],
+                    base._is_conv1d,
+                )
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights of adapter {name!r}")
+            base.weight.data = merged
+            self.merged_adapters.append(name)
 
     def __repr__(self) -> str:
         return "bitflip_" + super().__repr__()

@@ -9,6 +9,8 @@ gap-sampling loop.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -87,6 +89,69 @@ def _flip_field_bits(
 
 
 @triton.jit
+def flip_group_bits(
+    bits,
+    rows,
+    cols,
+    call,
+    k0,
+    k1,
+    table_ptr,
+    ELEM_BITS: tl.constexpr,
+    N_EXP: tl.constexpr,
+    N_FRAC: tl.constexpr,
+    N_E: tl.constexpr,
+    N_F: tl.constexpr,
+    STEPS_E: tl.constexpr,
+    STEPS_F: tl.constexpr,
+    N_ROUNDS: tl.constexpr,
+):
+    """The sampling scheme on a block of groups: ``bits`` [R, G] (raw element bits, uint16 or
+    uint32), ``rows`` [R] their int64 group indices, ``call`` the uint32 call index; returns the
+    bits with the flips applied.  Shared by every kernel that flips."""
+    UINT: tl.constexpr = tl.uint16 if ELEM_BITS == 16 else tl.uint32
+    c0 = rows.to(tl.uint32)
+    c1 = (rows >> 32).to(tl.uint32)
+    zero = c0 * 0
+    key0 = (zero + k0).to(tl.uint32)
+    key1 = (zero + k1).to(tl.uint32)
+    w0, w1, w2, w3 = _philox4x32(c0, c1, zero, zero + call, key0, key1, N_ROUNDS)
+    u_e = _u63(w0, w1)
+    u_f = _u63(w2, w3)
+    last_e = tl.load(table_ptr + (N_E - 1))
+    last_f = tl.load(table_ptr + (N_E + N_F - 1))
+    active_e = u_e <= last_e
+    active_f = u_f <= last_f
+    any_hit = tl.max((active_e | active_f).to(tl.int32), axis=0)
+    if any_hit > 0:
+        flips = bits * 0
+        pos_e = (rows * 0).to(tl.int32)
+        pos_f = pos_e
+        it = pos_e * 0
+        while tl.max((active_e | active_f).to(tl.int32), axis=0) > 0:
+            if tl.max(it, axis=0) > 0:  # iteration 0 reuses the draw made above
+                w0, w1, w2, w3 = _philox4x32(
+                    c0, c1, it.to(tl.uint32), zero + call, key0, key1, N_ROUNDS
+                )
+                u_e = _u63(w0, w1)
+                u_f = _u63(w2, w3)
+            gap_e = _gap(table_ptr, u_e, active_e, N_E, STEPS_E)
+            m_e, pos_e, active_e = _flip_field_bits(
+                pos_e, gap_e, active_e, cols, N_E, N_EXP, ELEM_BITS - N_EXP, UINT
+            )
+            gap_f = _gap(table_ptr + N_E, u_f, active_f, N_F, STEPS_F)
+            m_f, pos_f, active_f = _flip_field_bits(
+                pos_f, gap_f, active_f, cols, N_F, N_FRAC, 0, UINT
+            )
+            flips = flips ^ m_e ^ m_f
+            active_e = active_e & (pos_e < N_E)
+            active_f = active_f & (pos_f < N_F)
+            it += 1
+        bits = bits ^ flips
+    return bits
+
+
+@triton.jit
 def _bitflip_kernel(
     x_ptr,
     out_ptr,
@@ -122,44 +187,10 @@ def _bitflip_kernel(
     bits = x.to(SINT, bitcast=True).to(UINT, bitcast=True)
     if HAS_FLIPS:
         call = tl.load(call_ptr).to(tl.uint32)
-        c0 = rows.to(tl.uint32)
-        c1 = (rows >> 32).to(tl.uint32)
-        zero = c0 * 0
-        key0 = (zero + k0).to(tl.uint32)
-        key1 = (zero + k1).to(tl.uint32)
-        w0, w1, w2, w3 = _philox4x32(c0, c1, zero, zero + call, key0, key1, N_ROUNDS)
-        u_e = _u63(w0, w1)
-        u_f = _u63(w2, w3)
-        last_e = tl.load(table_ptr + (N_E - 1))
-        last_f = tl.load(table_ptr + (N_E + N_F - 1))
-        active_e = u_e <= last_e
-        active_f = u_f <= last_f
-        any_hit = tl.max((active_e | active_f).to(tl.int32), axis=0)
-        if any_hit > 0:
-            flips = tl.zeros((ROWS, G), UINT)
-            pos_e = tl.zeros((ROWS,), tl.int32)
-            pos_f = tl.zeros((ROWS,), tl.int32)
-            it = pos_e * 0
-            while tl.max((active_e | active_f).to(tl.int32), axis=0) > 0:
-                if tl.max(it, axis=0) > 0:  # iteration 0 reuses the draw made above
-                    w0, w1, w2, w3 = _philox4x32(
-                        c0, c1, it.to(tl.uint32), zero + call, key0, key1, N_ROUNDS
-                    )
-                    u_e = _u63(w0, w1)
-                    u_f = _u63(w2, w3)
-                gap_e = _gap(table_ptr, u_e, active_e, N_E, STEPS_E)
-                m_e, pos_e, active_e = _flip_field_bits(
-                    pos_e, gap_e, active_e, cols, N_E, N_EXP, ELEM_BITS - N_EXP, UINT
-                )
-                gap_f = _gap(table_ptr + N_E, u_f, active_f, N_F, STEPS_F)
-                m_f, pos_f, active_f = _flip_field_bits(
-                    pos_f, gap_f, active_f, cols, N_F, N_FRAC, 0, UINT
-                )
-                flips = flips ^ m_e ^ m_f
-                active_e = active_e & (pos_e < N_E)
-                active_f = active_f & (pos_f < N_F)
-                it += 1
-            bits = bits ^ flips
+        bits = flip_group_bits(
+            bits, rows, cols, call, k0, k1, table_ptr,
+            ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
+        )  # fmt: skip
     y = bits.to(SINT, bitcast=True).to(x.dtype, bitcast=True)
     if HAS_ZERO:
         keep = tl.abs(y.to(tl.float32)) < threshold  # NaN and Inf compare false -> zeroed
@@ -176,6 +207,41 @@ ROWS_PER_PROGRAM = 64  # tuned on H100 (benchmarks/tune_kernel.py): best at p <=
 NUM_WARPS = 2
 
 
+@functools.cache
+def flip_constexprs(dtype, has_flips: bool, has_zero: bool) -> dict:
+    """The constexpr arguments of :func:`flip_group_bits` (and the zero-out switch) for
+    ``dtype``: shared by every kernel that flips."""
+    layout = check_dtype(dtype)
+    n_e, n_f = field_sizes(dtype)
+    return dict(
+        HAS_FLIPS=has_flips,
+        HAS_ZERO=has_zero,
+        ELEM_BITS=layout.n_bits,
+        N_EXP=layout.n_exp,
+        N_FRAC=layout.n_frac,
+        G=group_size(dtype),
+        N_E=n_e,
+        N_F=n_f,
+        STEPS_E=search_steps(n_e),
+        STEPS_F=search_steps(n_f),
+        N_ROUNDS=PHILOX_ROUNDS,
+    )
+
+
+@functools.cache
+def _launch_config(dtype, backward: bool, has_zero: bool, has_flips: bool, rows, num_warps):
+    """(elements per program, the kernel's constexpr arguments): computed once per setting,
+    so a launch costs little Python."""
+    rows = rows or ROWS_PER_PROGRAM
+    constexprs = dict(
+        flip_constexprs(dtype, has_flips, has_zero),
+        BACKWARD=backward,
+        ROWS=rows,
+        num_warps=num_warps or NUM_WARPS,
+    )
+    return rows * group_size(dtype), constexprs
+
+
 def launch(
     x: torch.Tensor,
     table: torch.Tensor,
@@ -189,17 +255,15 @@ def launch(
     num_warps: int | None = None,
 ) -> torch.Tensor:
     """Run the kernel on contiguous ``x``; returns y (forward) or the masked ``grad`` (backward)."""
-    layout = check_dtype(x.dtype)
-    n = x.numel()
     backward = grad is not None
+    per_program, constexprs = _launch_config(
+        x.dtype, backward, threshold is not None, has_flips, rows, num_warps
+    )
+    n = x.numel()
     out = torch.empty_like(grad if backward else x)
     if n == 0:
         return out
-    g = group_size(x.dtype)
-    n_e, n_f = field_sizes(x.dtype)
-    rows = rows or ROWS_PER_PROGRAM
-    grid = (triton.cdiv(n, rows * g),)
-    _bitflip_kernel[grid](
+    _bitflip_kernel[(triton.cdiv(n, per_program),)](
         x,
         out,
         grad if backward else x,
@@ -209,19 +273,6 @@ def launch(
         k0,
         k1,
         float(threshold) if threshold is not None else 0.0,
-        BACKWARD=backward,
-        HAS_FLIPS=has_flips,
-        HAS_ZERO=threshold is not None,
-        ELEM_BITS=layout.n_bits,
-        N_EXP=layout.n_exp,
-        N_FRAC=layout.n_frac,
-        G=g,
-        ROWS=rows,
-        N_E=n_e,
-        N_F=n_f,
-        STEPS_E=search_steps(n_e),
-        STEPS_F=search_steps(n_f),
-        N_ROUNDS=PHILOX_ROUNDS,
-        num_warps=num_warps or NUM_WARPS,
+        **constexprs,
     )
     return out

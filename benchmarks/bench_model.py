@@ -1,0 +1,317 @@
+"""Whole-model speed and peak memory: clean vs bit-flipped Llama, side by side in one run.
+
+For each batch size (``--batches``, sequences of ``--seq`` tokens) and each of three jobs:
+
+* ``forward``: ``model(ids)`` under ``torch.no_grad`` in eval mode;
+* ``train``: a full training step (forward with labels, backward, ``AdamW.step``, ``zero_grad``);
+* ``lora``: a LoRA r=32 step (all linear layers of the decoder, lm_head excluded) — clean is
+  PEFT's ``LoraConfig``, ours is ``BitflipLoraConfig`` with the same LoRA settings;
+
+three variants run: ``clean``, ``ours`` (peft_bitflip with the original's fault model: x and W,
+every p = 2^-16, zero-out thresholds 30 / 1.25) and ``mase`` (the original formulation: every
+linear but lm_head flips x and W with mase-triton's ``random_bitflip_fn``; LoRA layers merge
+``W + s B@A`` and flip it, as NewComputeBench's ``BitFlipLinearLora``).  With ``--compile`` the
+forward and the training step of clean and ours also run under ``torch.compile``.
+
+Each cell is the median of ``--steps`` timed steps (device events) after ``--warmup`` steps;
+peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps (model, optimizer state
+and activations included).  Prints a markdown table (ratios to clean in the same run) and
+writes it with the run's metadata to ``--out``.
+
+    python benchmarks/bench_model.py                      # H100: ~1B Llama, batches 8 and 1
+    python benchmarks/bench_model.py --tiny --device cpu  # smoke run of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import peft_bitflip as pb
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+P_ORIGINAL = 2**-16
+HALVES = 16  # mase-triton's p = 0.5 ** halves
+X_T, W_T = 30.0, 1.25
+
+
+def model_config(tiny: bool) -> LlamaConfig:
+    """~953M-parameter Llama (hidden 2048, 16 layers, MLP 5632, vocab 32000) or a tiny one."""
+    if tiny:
+        return LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+        )
+    return LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=4096,
+    )
+
+
+def build_model(cfg, device, dtype):
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    return model.to(dtype)
+
+
+# --- the original formulation through mase-triton -------------------------------------------
+
+
+class MaseFlipLinear(nn.Module):
+    """NewComputeBench's ``RandomBitFlipLinear`` (and ``BitFlipLinearLora`` with ``rank``)."""
+
+    def __init__(self, linear: nn.Linear, flip_fn, rank: int = 0, alpha: float = 32.0):
+        super().__init__()
+        self.linear = linear
+        self.flip = flip_fn
+        self.seeds = [0, 0, 0, 0]  # x exp/frac, w exp/frac; advanced by every call as upstream
+        self.rank = rank
+        if rank:
+            w = linear.weight
+            self.lora_A = nn.Parameter(
+                torch.empty(rank, w.shape[1], dtype=w.dtype, device=w.device)
+            )
+            self.lora_B = nn.Parameter(
+                torch.zeros(w.shape[0], rank, dtype=w.dtype, device=w.device)
+            )
+            nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
+            self.scaling = alpha / rank
+
+    def forward(self, x):
+        s = self.seeds
+        xf, s[0], s[1] = self.flip(x, HALVES, HALVES, s[0], s[1], X_T)
+        w = self.linear.weight
+        if self.rank:
+            w = w + (self.lora_B @ self.lora_A) * self.scaling
+        wf, s[2], s[3] = self.flip(w, HALVES, HALVES, s[2], s[3], W_T)
+        return F.linear(xf, wf, self.linear.bias)
+
+
+def mase_transform(model, rank: int = 0):
+    from mase_triton.random_bitflip.core import random_bitflip_fn
+
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and "lm_head" not in f"{name}.{child_name}":
+                setattr(module, child_name, MaseFlipLinear(child, random_bitflip_fn, rank))
+    if rank:
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n)
+    return model
+
+
+# --- variants -------------------------------------------------------------------------------
+
+
+def ours_config() -> pb.BitflipConfig:
+    return pb.BitflipConfig.original_default()
+
+
+def make_variant(job: str, variant: str, cfg, device, dtype):
+    model = build_model(cfg, device, dtype)
+    if job == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = dict(r=32, lora_alpha=32, target_modules=LORA_TARGETS, lora_dropout=0.0)
+        if variant == "clean":
+            model = get_peft_model(model, LoraConfig(**lora))
+        elif variant == "ours":
+            bl = pb.BitflipLoraConfig.from_bitflip_config(ours_config(), **lora)
+            model = get_peft_model(model, bl)
+        else:
+            model = mase_transform(model, rank=32)
+    elif variant == "ours":
+        pb.apply_bitflip(model, ours_config())
+    elif variant == "mase":
+        mase_transform(model)
+    return model
+
+
+def step_fn(job: str, model, ids, compiled: bool):
+    if job == "forward":
+        model.eval()
+        fwd = torch.compile(model) if compiled else model
+
+        def step():
+            with torch.no_grad():
+                return fwd(ids).logits
+
+        return step
+    model.train()
+    fwd = torch.compile(model) if compiled else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+
+    def step():
+        loss = fwd(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(step, device, warmup: int, steps: int):
+    """(median ms, peak bytes or None) over ``steps`` timed calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return statistics.median(times), peak
+
+
+def cleanup():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_cell(job, variant, compiled, batch, args, cfg, device, dtype):
+    model = make_variant(job, variant, cfg, device, dtype)
+    ids = torch.randint(0, cfg.vocab_size, (batch, args.seq), device=device)
+    step = step_fn(job, model, ids, compiled)
+    try:
+        ms, peak = time_steps(step, device, args.warmup, args.steps)
+    finally:
+        del model, step
+        cleanup()
+    return ms, peak
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="8,1", help="comma-separated batch sizes")
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--jobs", default="forward,train,lora")
+    ap.add_argument("--variants", default="clean,ours,mase")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd clean/ours")
+    ap.add_argument("--tiny", action="store_true", help="tiny model (smoke run)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default=None, help="write the table and metadata as JSON here")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16
+    cfg = model_config(args.tiny)
+    variants = args.variants.split(",")
+    if device.type != "cuda" and "mase" in variants:
+        variants.remove("mase")  # mase-triton runs on CUDA only
+    n_params = sum(p.numel() for p in build_model(cfg, "meta", dtype).parameters())
+    cells = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        for job in args.jobs.split(","):
+            modes = [(v, False) for v in variants]
+            if args.compile and job != "lora":
+                modes += [("clean", True), ("ours", True)]
+            base = {}
+            for variant, compiled in modes:
+                try:
+                    ms, peak = run_cell(job, variant, compiled, batch, args, cfg, device, dtype)
+                    err = None
+                except Exception as e:  # a failing variant is reported, not fatal
+                    ms = peak = None
+                    err = f"{type(e).__name__}: {e}"[:300]
+                    print(f"{job}/{variant} failed: {err}", file=sys.stderr)
+                    cleanup()
+                if variant == "clean" and ms is not None:
+                    base[compiled] = (ms, peak)
+                b_ms, b_peak = base.get(compiled, (None, None))
+                cell = dict(
+                    batch=batch,
+                    job=job,
+                    variant=variant + (" (compiled)" if compiled else ""),
+                    ms=ms,
+                    peak_gib=None if peak is None else peak / 2**30,
+                    time_ratio=None if ms is None or not b_ms else ms / b_ms,
+                    mem_ratio=None if peak is None or not b_peak else peak / b_peak,
+                    error=err,
+                )
+                cells.append(cell)
+                print(json.dumps(cell), flush=True)
+    meta = dict(
+        date=datetime.date.today().isoformat(),
+        device=torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor(),
+        torch=torch.__version__,
+        params=n_params,
+        command="python " + " ".join(sys.argv),
+        seq=args.seq,
+        steps=args.steps,
+        warmup=args.warmup,
+    )
+    with contextlib.suppress(ImportError):
+        import triton
+
+        meta["triton"] = triton.__version__
+    print(f"\n{meta}\n")
+    print(markdown(cells))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=meta, cells=cells), f, indent=1)
+    return cells
+
+
+def markdown(cells) -> str:
+    def f(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    lines = [
+        "| batch | job | variant | ms / step | x clean | peak GiB | x clean mem |",
+        "|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for c in cells:
+        lines.append(
+            f"| {c['batch']} | {c['job']} | {c['variant']} | {f(c['ms'], '.1f')} | "
+            f"{f(c['time_ratio'], '.3f')} | {f(c['peak_gib'], '.2f')} | "
+            f"{f(c['mem_ratio'], '.3f')} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

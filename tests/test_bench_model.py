@@ -1,0 +1,24 @@
+"""benchmarks/bench_model.py runs end to end at toy size on the CPU (a smoke run of the script,
+not a timing: the numbers are only checked to exist and be consistent)."""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_model_runs_every_job_at_toy_size(reference_backend, tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_model
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "cells.json"
+    argv = ["--tiny", "--device", "cpu", "--batches", "2", "--seq", "16"]
+    cells = bench_model.main(argv + ["--steps", "2", "--warmup", "1", "--out", str(out)])
+    assert out.exists()
+    got = {(c["job"], c["variant"]) for c in cells}
+    assert got == {(j, v) for j in ("forward", "train", "lora") for v in ("clean", "ours")}
+    for c in cells:
+        assert c["error"] is None and c["ms"] > 0
+        assert c["time_ratio"] == 1.0 if c["variant"] == "clean" else c["time_ratio"] > 0
