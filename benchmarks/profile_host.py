@@ -14,6 +14,7 @@ import peft_bitflip as pb
 from peft_bitflip.functional import apply_flip_spec
 from peft_bitflip.kernels import triton_bitflip
 from peft_bitflip.kernels.sampling import flip_table
+from peft_bitflip.spec import FlipSpec
 
 
 @triton.jit
@@ -38,9 +39,6 @@ def per_call_us(fn, n=300):
 def main():
     x = torch.randn(1024, 2048, device="cuda", dtype=torch.bfloat16)
     y = torch.empty_like(x)
-    spec = pb.BitflipConfig.original_default().rules()[0][1] if False else None
-    from peft_bitflip.spec import FlipSpec
-
     spec = FlipSpec(2**-16, 2**-16, 30.0)
     key = (12345, 678)
     call = torch.tensor(3, device="cuda")

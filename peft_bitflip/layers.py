@@ -343,7 +343,6 @@ class _FlippedLoraLinear(torch.autograd.Function):
         if need_factors:
             xf = apply_flip_spec(x, x_spec, x_key, call).reshape(-1, x.size(-1))
             zeroed_oi = None if zeroed is None else (zeroed.t() if conv1d else zeroed)
-            a, b = lora_a.to(g2.dtype), lora_b.to(g2.dtype)
             if need_w:  # the base weight trains too: the full product is needed anyway
                 dm = (g2.t() @ xf).float()
                 if zeroed_oi is not None:
@@ -352,6 +351,7 @@ class _FlippedLoraLinear(torch.autograd.Function):
                 da = lora_b.float().t() @ dm
                 db = dm @ lora_a.float().t()
             else:  # rank-r products, corrected where the zero-out removed a weight
+                a, b = lora_a.to(g2.dtype), lora_b.to(g2.dtype)
                 da = ((g2 @ b).t() @ xf).float()
                 db = (g2.t() @ (xf @ a.t())).float()
                 if zeroed_oi is not None:

@@ -26,21 +26,16 @@ def merge_lora_weight(w: Tensor, a: Tensor, b: Tensor, scale: float, conv1d: boo
     return (w.float() + (delta.t() if conv1d else delta)).to(w.dtype)
 
 
+_NO_FLIPS = FlipSpec(0.0, 0.0, None)
+
+
 def merged_lora_weight(w: Tensor, a: Tensor, b: Tensor, scale: float, conv1d: bool) -> Tensor:
     """:func:`merge_lora_weight` computed as the fast layer path computes it before flipping:
     by the merge kernel on the GPU (whose float32 sums may differ from cuBLAS's in the last
     bit), by the reference elsewhere.  ``merge()`` uses this, so a merged layer reproduces the
     adapter layer bit for bit."""
-    if _use_triton(w, w.dtype):
-        from . import triton_lora
-
-        lhs, rhs = (a.t(), b.t()) if conv1d else (b, a)
-        table = flip_table(0.0, 0.0, w.dtype, w.device)
-        call = torch.zeros((), dtype=torch.int64, device=w.device)
-        return triton_lora.merge_flip(
-            w, lhs, rhs, scale, w.dtype, table, call, 0, 0, None, False, False
-        )[0]
-    return merge_lora_weight(w, a, b, scale, conv1d)
+    call = torch.zeros((), dtype=torch.int64, device=w.device)
+    return merge_flip_lora(w, a, b, scale, conv1d, w.dtype, _NO_FLIPS, (0, 0), call)[0]
 
 
 def _use_triton(w: Tensor, out_dtype) -> bool:
