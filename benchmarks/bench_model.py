@@ -149,10 +149,10 @@ def make_variant(job: str, variant: str, cfg, device, dtype):
     return model
 
 
-def step_fn(job: str, model, ids, compiled: bool):
+def step_fn(job: str, model, ids, compiled: bool, compile_mode: str | None = None):
     if job == "forward":
         model.eval()
-        fwd = torch.compile(model) if compiled else model
+        fwd = torch.compile(model, mode=compile_mode) if compiled else model
 
         def step():
             with torch.no_grad():
@@ -160,7 +160,7 @@ def step_fn(job: str, model, ids, compiled: bool):
 
         return step
     model.train()
-    fwd = torch.compile(model) if compiled else model
+    fwd = torch.compile(model, mode=compile_mode) if compiled else model
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
 
@@ -212,7 +212,7 @@ def cleanup():
 def run_cell(job, variant, compiled, batch, args, cfg, device, dtype):
     model = make_variant(job, variant, cfg, device, dtype)
     ids = torch.randint(0, cfg.vocab_size, (batch, args.seq), device=device)
-    step = step_fn(job, model, ids, compiled)
+    step = step_fn(job, model, ids, compiled, args.compile_mode)
     try:
         ms, peak = time_steps(step, device, args.warmup, args.steps)
     finally:
@@ -230,6 +230,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd clean/ours")
+    ap.add_argument(
+        "--compile-mode", default=None, help="torch.compile mode (e.g. reduce-overhead)"
+    )
     ap.add_argument("--tiny", action="store_true", help="tiny model (smoke run)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None, help="write the table and metadata as JSON here")
@@ -272,28 +275,32 @@ def main(argv=None):
                 )
                 cells.append(cell)
                 print(json.dumps(cell), flush=True)
+    meta = dict(params=n_params, seq=args.seq, steps=args.steps, warmup=args.warmup)
+    report(cells, device, markdown(cells), args.out, **meta)
+    return cells
+
+
+def report(cells, device, table: str, out: str | None, **extra) -> None:
+    """Print the run's metadata (date, device, versions, command, ``extra``) and ``table``;
+    write both with ``cells`` as JSON to ``out`` if given."""
     meta = dict(
         date=datetime.date.today().isoformat(),
         device=torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else platform.processor(),
         torch=torch.__version__,
-        params=n_params,
         command="python " + " ".join(sys.argv),
-        seq=args.seq,
-        steps=args.steps,
-        warmup=args.warmup,
+        **extra,
     )
     with contextlib.suppress(ImportError):
         import triton
 
         meta["triton"] = triton.__version__
     print(f"\n{meta}\n")
-    print(markdown(cells))
-    if args.out:
-        with open(args.out, "w") as f:
+    print(table)
+    if out:
+        with open(out, "w") as f:
             json.dump(dict(meta=meta, cells=cells), f, indent=1)
-    return cells
 
 
 def markdown(cells) -> str:

@@ -12,7 +12,7 @@ import triton.language as tl
 
 import peft_bitflip as pb
 from peft_bitflip.functional import apply_flip_spec
-from peft_bitflip.kernels import triton_bitflip
+from peft_bitflip.kernels import op, triton_bitflip
 from peft_bitflip.kernels.sampling import flip_table
 from peft_bitflip.spec import FlipSpec
 
@@ -43,15 +43,32 @@ def main():
     key = (12345, 678)
     call = torch.tensor(3, device="cuda")
     table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
+    grid = (x.numel() // 1024,)
+    layer = pb.BitflipLinear(2048, 2048, bias=False, device="cuda", dtype=torch.bfloat16)
+    layer.init_bitflip("layer", spec, spec)
+    plain = torch.nn.Linear(2048, 2048, bias=False, device="cuda", dtype=torch.bfloat16)
+    flip_args = (30.0, True)  # threshold, has_flips
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                fn(x)
+
+        return run
+
     rows = [
-        ("empty triton copy kernel", lambda: _copy[(x.numel() // 1024,)](x, y, x.numel(), B=1024)),
-        ("triton_bitflip.launch", lambda: triton_bitflip.launch(x, table, call, *key, 30.0, True)),
-        ("apply_flip_spec (custom op)", lambda: apply_flip_spec(x, spec, key, call)),
+        ("empty triton copy kernel", lambda: _copy[grid](x, y, x.numel(), B=1024)),
+        ("triton_bitflip.launch", lambda: triton_bitflip.launch(x, table, call, *key, *flip_args)),
+        ("apply_flip_spec (eager)", lambda: apply_flip_spec(x, spec, key, call)),
+        ("the custom op", lambda: op.bitflip_op(x, table, call, *key, *flip_args)),
+        ("layer.next_call (clone + add_)", layer.next_call),
+        ("BitflipLinear 2048x2048, no_grad", no_grad(layer)),
+        ("nn.Linear 2048x2048, no_grad", no_grad(plain)),
         ("torch clone", lambda: x.clone()),
     ]
     for name, fn in rows:
         h, t = per_call_us(fn)
-        print(f"{name:32s} host {h:8.1f} us/call   host+device {t:8.1f} us/call")
+        print(f"{name:34s} host {h:8.1f} us/call   host+device {t:8.1f} us/call")
     sys.stdout.flush()
 
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -8,11 +8,11 @@ import torch
 from torch import Tensor
 
 from .kernels.op import bitflip as bitflip_dispatch
-from .kernels.op import bitflip_backward
+from .kernels.op import bitflip_backward, bitflip_pair_impl, bitflip_zero_grad_impl
 from .kernels.sampling import flip_table
 from .spec import FlipSpec, check_dtype
 
-__all__ = ["bitflip", "apply_flip_spec", "flip_spec_grad", "stream_key"]
+__all__ = ["bitflip", "apply_flip_spec", "flip_spec_grad", "flip_spec_grad_", "stream_key"]
 
 _MAX_CALL = (1 << 32) - 1
 
@@ -60,6 +60,49 @@ def apply_flip_spec(
     return bitflip_dispatch(x, table, call, key[0], key[1], spec.zero_out_threshold, spec.flips)
 
 
+def apply_flip_specs(
+    x: Tensor,
+    w: Tensor,
+    x_spec: FlipSpec,
+    w_spec: FlipSpec,
+    x_key: tuple[int, int],
+    w_key: tuple[int, int],
+    call: int | Tensor = 0,
+) -> tuple[Tensor, Tensor]:
+    """``(apply_flip_spec(x, x_spec, x_key, call), apply_flip_spec(w, w_spec, w_key, call))``
+    (the same values), with one kernel launch for both where it can: a layer's forward.
+    Differentiable like two :func:`apply_flip_spec` calls (which it makes when a gradient is
+    needed or under ``torch.compile``)."""
+    single = (
+        torch.compiler.is_compiling()
+        or x_spec.is_identity
+        or w_spec.is_identity
+        or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+    )
+    if single:
+        return apply_flip_spec(x, x_spec, x_key, call), apply_flip_spec(w, w_spec, w_key, call)
+    for t in (x, w):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"x and w must be torch.Tensors, got {type(t).__name__}")
+        check_dtype(t.dtype)
+    call = _call_tensor(call, x.device)
+    x_table = flip_table(x_spec.effective_p_exp, x_spec.effective_p_frac, x.dtype, x.device)
+    w_table = flip_table(w_spec.effective_p_exp, w_spec.effective_p_frac, w.dtype, w.device)
+    return bitflip_pair_impl(
+        x,
+        w,
+        x_table,
+        w_table,
+        call,
+        x_key,
+        w_key,
+        x_spec.zero_out_threshold,
+        w_spec.zero_out_threshold,
+        x_spec.flips,
+        w_spec.flips,
+    )
+
+
 def flip_spec_grad(
     grad: Tensor, x: Tensor, spec: FlipSpec, key: tuple[int, int], call: int | Tensor = 0
 ) -> Tensor:
@@ -71,6 +114,28 @@ def flip_spec_grad(
     call = _call_tensor(call, x.device)
     return bitflip_backward(
         grad, x, table, call, key[0], key[1], spec.zero_out_threshold, spec.flips
+    )
+
+
+def flip_spec_grad_(
+    grad: Tensor,
+    x: Tensor,
+    spec: FlipSpec,
+    key: tuple[int, int],
+    call: int | Tensor = 0,
+    want_flipped: bool = False,
+) -> Tensor | None:
+    """:func:`flip_spec_grad` in place: sets ``grad`` (contiguous, ``x``'s shape) to 0 where the
+    forward zeroed ``x``.  With ``want_flipped`` also returns ``apply_flip_spec(x, ...)``, from
+    the same pass over ``x``.  For backward passes that own ``grad`` (not differentiable);
+    on the GPU only the zeroed elements of ``grad`` are written."""
+    masks = not spec.is_identity and spec.zero_out_threshold is not None
+    if not masks:
+        return apply_flip_spec(x, spec, key, call) if want_flipped else None
+    table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
+    call = _call_tensor(call, x.device)
+    return bitflip_zero_grad_impl(
+        x, grad, table, call, key[0], key[1], spec.zero_out_threshold, spec.flips, want_flipped
     )
 
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import apply_flip_spec, flip_spec_grad, stream_key
+from .functional import apply_flip_spec, apply_flip_specs, flip_spec_grad_, stream_key
 from .kernels.lora import (
     merge_flip_lora,
     merge_lora_weight,
@@ -161,8 +161,7 @@ def flipped_linear_unfused(
 
 
 def _flipped_linear_eager(x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats):
-    xf = apply_flip_spec(x, x_spec, x_key, call)
-    wf = apply_flip_spec(weight, w_spec, w_key, call)
+    xf, wf = apply_flip_specs(x, weight, x_spec, w_spec, x_key, w_key, call)
     if stats is not None:
         stats.record("x", x, xf, x_spec, x_key, call)
         stats.record("w", weight, wf, w_spec, w_key, call)
@@ -212,15 +211,19 @@ class _FlippedLinear(torch.autograd.Function):
                 weight = _built_weight(build, compute, x.device.type)
         g2 = grad_out.reshape(-1, grad_out.size(-1))
         grad_x = grad_w = grad_b = None
+        xf = None
         if need_x:
             wf = apply_flip_spec(weight.detach(), w_spec, w_key, call)
-            gxf = g2 @ (wf.t() if conv1d else wf)
-            grad_x = flip_spec_grad(gxf.view(x.shape), x, x_spec, x_key, call)
-            del wf, gxf
+            grad_x = (g2 @ (wf.t() if conv1d else wf)).view(x.shape)
+            del wf
+            # one pass over x: zero grad_x where the forward zeroed, and flip(x) if needed
+            xf = flip_spec_grad_(grad_x, x, x_spec, x_key, call, want_flipped=need_w)
         if need_w:
-            xf = apply_flip_spec(x, x_spec, x_key, call).reshape(-1, x.size(-1))
-            gwf = xf.t() @ g2 if conv1d else g2.t() @ xf
-            grad_w = flip_spec_grad(gwf, weight.detach(), w_spec, w_key, call)
+            if xf is None:
+                xf = apply_flip_spec(x, x_spec, x_key, call)
+            xf = xf.reshape(-1, x.size(-1))
+            grad_w = xf.t() @ g2 if conv1d else g2.t() @ xf
+            flip_spec_grad_(grad_w, weight.detach(), w_spec, w_key, call)
         if need_b:
             grad_b = g2.sum(0)
         grad_params = [None] * len(need_params)
@@ -335,13 +338,16 @@ class _FlippedLoraLinear(torch.autograd.Function):
         )
         g2 = grad_out.reshape(-1, grad_out.size(-1))
         grad_x = grad_w = grad_a = grad_b = grad_bias = None
+        xf = None
         if need_x:
-            gxf = g2 @ (wf.t() if conv1d else wf)
-            grad_x = flip_spec_grad(gxf.view(x.shape), x, x_spec, x_key, call)
-            del gxf
+            grad_x = (g2 @ (wf.t() if conv1d else wf)).view(x.shape)
         del wf
+        if need_x:  # one pass over x: zero grad_x where the forward zeroed, flip(x) if needed
+            xf = flip_spec_grad_(grad_x, x, x_spec, x_key, call, want_flipped=need_factors)
         if need_factors:
-            xf = apply_flip_spec(x, x_spec, x_key, call).reshape(-1, x.size(-1))
+            if xf is None:
+                xf = apply_flip_spec(x, x_spec, x_key, call)
+            xf = xf.reshape(-1, x.size(-1))
             zeroed_oi = None if zeroed is None else (zeroed.t() if conv1d else zeroed)
             if need_w:  # the base weight trains too: the full product is needed anyway
                 dm = (g2.t() @ xf).float()

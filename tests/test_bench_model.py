@@ -22,3 +22,22 @@ def test_bench_model_runs_every_job_at_toy_size(reference_backend, tmp_path):
     for c in cells:
         assert c["error"] is None and c["ms"] > 0
         assert c["time_ratio"] == 1.0 if c["variant"] == "clean" else c["time_ratio"] > 0
+
+
+def test_profile_model_sorts_kernels_and_runs_at_toy_size(reference_backend, tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import profile_model
+    finally:
+        sys.path.pop(0)
+    assert profile_model.kind_of("_bitflip_pair_kernel") == "flip"
+    assert profile_model.kind_of("_merge_flip_kernel") == "lora merge+flip"
+    assert profile_model.kind_of("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "gemm"
+    assert profile_model.kind_of("void at::native::vectorized_elementwise_kernel") == "other"
+    out = tmp_path / "profile.json"
+    argv = ["--tiny", "--device", "cpu", "--batches", "2", "--seq", "16", "--jobs", "forward"]
+    argv += ["--steps", "1", "--warmup", "1", "--profile-steps", "1", "--out", str(out)]
+    cells = profile_model.main(argv)
+    assert out.exists() and [c["variant"] for c in cells] == ["clean", "ours"]
+    assert all(c["wall_ms"] > 0 and c["kernels_per_step"] == 0 for c in cells)  # no CUDA here
+    assert "| 2 | forward | ours |" in profile_model.markdown(cells)

@@ -70,6 +70,63 @@ def test_kernel_backward_matches_reference(needs_interpreter, dtype):
     assert 0 < (g_k == 0).sum() < x.numel()
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_gradient_mask_equals_the_masked_copy(request, monkeypatch, backend, dtype):
+    """flip_spec_grad_ (used by the layers' backward) zeroes the same elements as the masked copy,
+    in place, and returns the same flipped x as apply_flip_spec; x may be strided."""
+    if backend == "triton":
+        request.getfixturevalue("needs_interpreter")
+    monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", backend)
+    spec = pb.FlipSpec(0.05, 0.05, 2.0)
+    torch.manual_seed(2)
+    x = (torch.randn(37, 90, dtype=dtype) * 3).t()  # (90, 37), not contiguous
+    g = torch.randn(90, 37, dtype=torch.float32)  # another dtype than x is fine
+    expected = pb.functional.flip_spec_grad(g, x, spec, KEY, 4)
+    for want in (False, True):
+        got = g.clone()
+        xf = pb.functional.flip_spec_grad_(got, x, spec, KEY, 4, want_flipped=want)
+        assert torch.equal(got, expected)
+        if want:
+            assert _same_bits(xf, pb.functional.apply_flip_spec(x, spec, KEY, 4))
+        else:
+            assert xf is None
+    assert 0 < (expected == 0).sum() < expected.numel()
+    with pytest.raises(ValueError, match="contiguous"):
+        pb.functional.flip_spec_grad_(g.t().contiguous().t(), x, spec, KEY, 4)
+    # no threshold: nothing is zeroed; the flipped x is still returned on request
+    no_t = pb.FlipSpec(0.05, 0.05, None)
+    got = g.clone()
+    xf = pb.functional.flip_spec_grad_(got, x, no_t, KEY, 4, want_flipped=True)
+    assert torch.equal(got, g)
+    assert _same_bits(xf, pb.functional.apply_flip_spec(x, no_t, KEY, 4))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize(
+    "x_spec,w_spec",
+    [
+        (pb.FlipSpec(0.05, 0.02, 2.0), pb.FlipSpec(0.01, 0.03, 1.5)),
+        (pb.FlipSpec(0.0, 0.0, 2.0), pb.FlipSpec(0.05, 0.05, None)),  # zero-only / flip-only
+    ],
+)
+def test_one_launch_for_x_and_w_equals_two(request, monkeypatch, backend, x_spec, w_spec):
+    """apply_flip_specs (a layer's forward: one kernel for x and W) gives the bits of two
+    apply_flip_spec calls, for tensors of different sizes and specs."""
+    if backend == "triton":
+        request.getfixturevalue("needs_interpreter")
+    monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", backend)
+    torch.manual_seed(3)
+    x = torch.randn(3, 70, 24, dtype=torch.bfloat16) * 2
+    w = torch.randn(40, 24, dtype=torch.bfloat16).t()  # strided
+    wkey = pb.stream_key(1234, "layer.0", "w")
+    xf, wf = pb.functional.apply_flip_specs(x, w, x_spec, w_spec, KEY, wkey, 6)
+    assert _same_bits(xf, pb.functional.apply_flip_spec(x, x_spec, KEY, 6))
+    assert _same_bits(wf, pb.functional.apply_flip_spec(w, w_spec, wkey, 6))
+    assert xf.shape == x.shape and wf.shape == w.shape
+    assert not _same_bits(xf, x) and not _same_bits(wf, w)
+
+
 def test_op_uses_the_kernel_under_the_interpreter(needs_interpreter, monkeypatch):
     """The public op dispatches to the Triton kernel on the CPU when TRITON_INTERPRET=1."""
     monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", "triton")

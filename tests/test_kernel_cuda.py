@@ -89,3 +89,27 @@ def test_more_than_2_31_elements():
     got = y[start:].cpu().view(torch.int16).to(torch.int64) & 0xFFFF
     assert torch.equal(got, expected)
     assert (masks != 0).sum() > 100
+
+
+@cuda
+def test_cuda_one_launch_for_x_and_w_and_in_place_grad_mask_match_cpu():
+    """The layers' paired forward launch and in-place gradient mask on the GPU equal the CPU
+    reference bit for bit."""
+    from peft_bitflip import functional as F
+
+    torch.manual_seed(1)
+    x = torch.randn(4, 300, 256, dtype=torch.bfloat16) * 2
+    w = torch.randn(512, 256, dtype=torch.bfloat16)
+    xs, ws = pb.FlipSpec(2**-8, 2**-8, 2.0), pb.FlipSpec(2**-10, 2**-6, 1.5)
+    kx, kw = pb.stream_key(3, "l", "x"), pb.stream_key(3, "l", "w")
+    got = F.apply_flip_specs(x.cuda(), w.cuda(), xs, ws, kx, kw, 9)
+    want = (F.apply_flip_spec(x, xs, kx, 9), F.apply_flip_spec(w, ws, kw, 9))
+    for g_, w_ in zip(got, want):
+        assert torch.equal(_bits(g_.cpu()), _bits(w_))
+    grad = torch.randn(x.shape)
+    expected = F.flip_spec_grad(grad, x, xs, kx, 9)
+    grad_gpu = grad.cuda()
+    xf = F.flip_spec_grad_(grad_gpu, x.cuda(), xs, kx, 9, want_flipped=True)
+    assert torch.equal(grad_gpu.cpu(), expected)
+    assert torch.equal(_bits(xf.cpu()), _bits(want[0]))
+    assert (expected == 0).any()

@@ -85,6 +85,46 @@ def bitflip_backward_impl(grad, x, table, call, key0, key1, threshold, has_flips
     )
 
 
+def bitflip_pair_impl(x, w, x_table, w_table, call, x_key, w_key, x_t, w_t, x_flips, w_flips):
+    """(flip of x, flip of w) as two :func:`bitflip_impl` calls would give them; one kernel
+    launch on the GPU when x and w share a dtype (a layer's forward: half the launches)."""
+    if backend_for(x.device) == "triton" and x.dtype == w.dtype and x.device == w.device:
+        from . import triton_bitflip
+
+        xc, wc = x.contiguous(), w.contiguous()
+        call = call.to(x.device)
+        return triton_bitflip.launch_pair(
+            xc, wc, x_table, w_table, call, x_key, w_key, x_t, w_t, x_flips, w_flips
+        )
+    return (
+        bitflip_impl(x, x_table, call, *x_key, x_t, x_flips),
+        bitflip_impl(w, w_table, call, *w_key, w_t, w_flips),
+    )
+
+
+def bitflip_zero_grad_impl(x, grad, table, call, key0, key1, threshold, has_flips, want_y):
+    """Zero ``grad`` (contiguous, x's shape) in place where the forward zeroed ``x``, reading
+    ``x`` once; returns the flipped ``x`` too when ``want_y`` (else None).  Not differentiable:
+    for the backward passes of the layers, which own ``grad``."""
+    if not grad.is_contiguous():
+        raise ValueError("grad must be contiguous to be masked in place")
+    xc = x.contiguous()
+    if backend_for(x.device) == "triton":
+        from . import triton_bitflip
+
+        call = call.to(x.device)
+        return triton_bitflip.launch_zero_grad_(
+            xc, grad, table, call, key0, key1, threshold, has_flips, want_y
+        )
+    masked = reference.bitflip_backward_reference(
+        grad, xc, table, int(call), key0, key1, threshold, has_flips
+    )
+    grad.copy_(masked)
+    if not want_y:
+        return None
+    return reference.bitflip_reference(xc, table, int(call), key0, key1, threshold, has_flips)
+
+
 @torch.library.custom_op("peft_bitflip::bitflip", mutates_args=())
 def bitflip_op(
     x: Tensor,

@@ -152,7 +152,55 @@ def flip_group_bits(
 
 
 @triton.jit
-def _bitflip_kernel(
+def flip_and_zero(
+    x,
+    rows,
+    cols,
+    call_ptr,
+    k0,
+    k1,
+    table_ptr,
+    threshold,
+    HAS_FLIPS: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    ELEM_BITS: tl.constexpr,
+    N_EXP: tl.constexpr,
+    N_FRAC: tl.constexpr,
+    N_E: tl.constexpr,
+    N_F: tl.constexpr,
+    STEPS_E: tl.constexpr,
+    STEPS_F: tl.constexpr,
+    N_ROUNDS: tl.constexpr,
+):
+    """The fault model on a block of groups ``x`` [R, G] (float values; ``rows`` [R] their
+    int64 group indices): flips, then zero-out (``|y| >= threshold``, NaN, Inf -> 0).
+    Returns (y, keep): keep is False where the zero-out removed the element."""
+    UINT: tl.constexpr = tl.uint16 if ELEM_BITS == 16 else tl.uint32
+    SINT: tl.constexpr = tl.int16 if ELEM_BITS == 16 else tl.int32
+    bits = x.to(SINT, bitcast=True).to(UINT, bitcast=True)
+    if HAS_FLIPS:
+        call = tl.load(call_ptr).to(tl.uint32)
+        bits = flip_group_bits(
+            bits, rows, cols, call, k0, k1, table_ptr,
+            ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
+        )  # fmt: skip
+    y = bits.to(SINT, bitcast=True).to(x.dtype, bitcast=True)
+    if HAS_ZERO:
+        keep = tl.abs(y.to(tl.float32)) < threshold  # NaN and Inf compare false -> zeroed
+        y = tl.where(keep, y, 0)
+    else:
+        keep = tl.full(y.shape, 1, tl.int1)
+    return y, keep
+
+
+GRAD_NONE: tl.constexpr = tl.constexpr(0)
+GRAD_MASKED_COPY: tl.constexpr = tl.constexpr(1)  # out = grad where kept, 0 where zeroed
+GRAD_ZERO_IN_PLACE: tl.constexpr = tl.constexpr(2)  # grad[zeroed] = 0
+
+
+@triton.jit
+def _flip_block(
+    pid,
     x_ptr,
     out_ptr,
     grad_ptr,
@@ -162,7 +210,8 @@ def _bitflip_kernel(
     k0,
     k1,
     threshold,
-    BACKWARD: tl.constexpr,
+    WRITE_Y: tl.constexpr,
+    GRAD_MODE: tl.constexpr,
     HAS_FLIPS: tl.constexpr,
     HAS_ZERO: tl.constexpr,
     ELEM_BITS: tl.constexpr,
@@ -176,31 +225,107 @@ def _bitflip_kernel(
     STEPS_F: tl.constexpr,
     N_ROUNDS: tl.constexpr,
 ):
-    UINT: tl.constexpr = tl.uint16 if ELEM_BITS == 16 else tl.uint32
-    SINT: tl.constexpr = tl.int16 if ELEM_BITS == 16 else tl.int32
-    pid = tl.program_id(0).to(tl.int64)
+    """Block ``pid`` (ROWS groups of G elements) of a flat tensor: flip + zero-out, then write
+    y and/or the gradient mask (GRAD_MODE)."""
     rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)  # group indices
     cols = tl.arange(0, G)
     offs = rows[:, None] * G + cols[None, :]
     inb = offs < n_elements
     x = tl.load(x_ptr + offs, mask=inb, other=0)
-    bits = x.to(SINT, bitcast=True).to(UINT, bitcast=True)
-    if HAS_FLIPS:
-        call = tl.load(call_ptr).to(tl.uint32)
-        bits = flip_group_bits(
-            bits, rows, cols, call, k0, k1, table_ptr,
-            ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
-        )  # fmt: skip
-    y = bits.to(SINT, bitcast=True).to(x.dtype, bitcast=True)
-    if HAS_ZERO:
-        keep = tl.abs(y.to(tl.float32)) < threshold  # NaN and Inf compare false -> zeroed
-        if BACKWARD:
-            g = tl.load(grad_ptr + offs, mask=inb, other=0)
-            tl.store(out_ptr + offs, tl.where(keep, g, 0), mask=inb)
-        else:
-            tl.store(out_ptr + offs, tl.where(keep, y, 0), mask=inb)
-    else:
+    y, keep = flip_and_zero(
+        x, rows, cols, call_ptr, k0, k1, table_ptr, threshold, HAS_FLIPS, HAS_ZERO,
+        ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
+    )  # fmt: skip
+    if WRITE_Y:
         tl.store(out_ptr + offs, y, mask=inb)
+    if GRAD_MODE == GRAD_MASKED_COPY:
+        g = tl.load(grad_ptr + offs, mask=inb, other=0)
+        tl.store(out_ptr + offs, tl.where(keep, g, 0), mask=inb)
+    if GRAD_MODE == GRAD_ZERO_IN_PLACE:  # writes only the (rare) zeroed elements
+        tl.store(grad_ptr + offs, tl.zeros_like(x).to(grad_ptr.dtype.element_ty), mask=inb & ~keep)
+
+
+@triton.jit
+def _bitflip_kernel(
+    x_ptr,
+    out_ptr,
+    grad_ptr,
+    n_elements,
+    table_ptr,
+    call_ptr,
+    k0,
+    k1,
+    threshold,
+    WRITE_Y: tl.constexpr,
+    GRAD_MODE: tl.constexpr,
+    HAS_FLIPS: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    ELEM_BITS: tl.constexpr,
+    N_EXP: tl.constexpr,
+    N_FRAC: tl.constexpr,
+    G: tl.constexpr,
+    ROWS: tl.constexpr,
+    N_E: tl.constexpr,
+    N_F: tl.constexpr,
+    STEPS_E: tl.constexpr,
+    STEPS_F: tl.constexpr,
+    N_ROUNDS: tl.constexpr,
+):
+    _flip_block(
+        tl.program_id(0).to(tl.int64), x_ptr, out_ptr, grad_ptr, n_elements, table_ptr,
+        call_ptr, k0, k1, threshold, WRITE_Y, GRAD_MODE, HAS_FLIPS, HAS_ZERO, ELEM_BITS, N_EXP,
+        N_FRAC, G, ROWS, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
+    )  # fmt: skip
+
+
+@triton.jit
+def _bitflip_pair_kernel(
+    x_ptr,
+    x_out_ptr,
+    n_x,
+    x_table_ptr,
+    x_k0,
+    x_k1,
+    x_threshold,
+    w_ptr,
+    w_out_ptr,
+    n_w,
+    w_table_ptr,
+    w_k0,
+    w_k1,
+    w_threshold,
+    call_ptr,
+    programs_x,
+    X_FLIPS: tl.constexpr,
+    X_ZERO: tl.constexpr,
+    W_FLIPS: tl.constexpr,
+    W_ZERO: tl.constexpr,
+    ELEM_BITS: tl.constexpr,
+    N_EXP: tl.constexpr,
+    N_FRAC: tl.constexpr,
+    G: tl.constexpr,
+    ROWS: tl.constexpr,
+    N_E: tl.constexpr,
+    N_F: tl.constexpr,
+    STEPS_E: tl.constexpr,
+    STEPS_F: tl.constexpr,
+    N_ROUNDS: tl.constexpr,
+):
+    """The forward flips of a layer's input and weight (same dtype) in one launch: the first
+    ``programs_x`` programs flip x, the others W, each with its own table, key and threshold."""
+    pid = tl.program_id(0).to(tl.int64)
+    if pid < programs_x:
+        _flip_block(
+            pid, x_ptr, x_out_ptr, x_ptr, n_x, x_table_ptr, call_ptr, x_k0, x_k1, x_threshold,
+            True, GRAD_NONE, X_FLIPS, X_ZERO, ELEM_BITS, N_EXP, N_FRAC, G, ROWS, N_E, N_F,
+            STEPS_E, STEPS_F, N_ROUNDS,
+        )  # fmt: skip
+    else:
+        _flip_block(
+            pid - programs_x, w_ptr, w_out_ptr, w_ptr, n_w, w_table_ptr, call_ptr, w_k0, w_k1,
+            w_threshold, True, GRAD_NONE, W_FLIPS, W_ZERO, ELEM_BITS, N_EXP, N_FRAC, G, ROWS,
+            N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
+        )  # fmt: skip
 
 
 ROWS_PER_PROGRAM = 64  # tuned on H100 (benchmarks/tune_kernel.py): best at p <= 2^-16
@@ -229,17 +354,55 @@ def flip_constexprs(dtype, has_flips: bool, has_zero: bool) -> dict:
 
 
 @functools.cache
-def _launch_config(dtype, backward: bool, has_zero: bool, has_flips: bool, rows, num_warps):
+def _launch_config(
+    dtype, write_y: bool, grad_mode: int, has_zero: bool, has_flips: bool, rows, num_warps
+):
     """(elements per program, the kernel's constexpr arguments): computed once per setting,
     so a launch costs little Python."""
     rows = rows or ROWS_PER_PROGRAM
     constexprs = dict(
         flip_constexprs(dtype, has_flips, has_zero),
-        BACKWARD=backward,
+        WRITE_Y=write_y,
+        GRAD_MODE=grad_mode,
         ROWS=rows,
         num_warps=num_warps or NUM_WARPS,
     )
     return rows * group_size(dtype), constexprs
+
+
+def _run(
+    x,
+    out,
+    grad,
+    table,
+    call,
+    k0,
+    k1,
+    threshold,
+    has_flips,
+    write_y,
+    grad_mode,
+    rows=None,
+    num_warps=None,
+):
+    per_program, constexprs = _launch_config(
+        x.dtype, write_y, grad_mode, threshold is not None, has_flips, rows, num_warps
+    )
+    n = x.numel()
+    if n == 0:
+        return
+    _bitflip_kernel[(triton.cdiv(n, per_program),)](
+        x,
+        out,
+        grad,
+        n,
+        table,
+        call,
+        k0,
+        k1,
+        float(threshold) if threshold is not None else 0.0,
+        **constexprs,
+    )
 
 
 def launch(
@@ -254,25 +417,78 @@ def launch(
     rows: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
-    """Run the kernel on contiguous ``x``; returns y (forward) or the masked ``grad`` (backward)."""
-    backward = grad is not None
-    per_program, constexprs = _launch_config(
-        x.dtype, backward, threshold is not None, has_flips, rows, num_warps
+    """Run the kernel on contiguous ``x``; returns y (forward) or the masked ``grad`` (backward,
+    a new tensor)."""
+    if grad is None:
+        out = torch.empty_like(x)
+        _run(x, out, x, table, call, k0, k1, threshold, has_flips, True, 0, rows, num_warps)
+    else:
+        out = torch.empty_like(grad)
+        _run(x, out, grad, table, call, k0, k1, threshold, has_flips, False, 1, rows, num_warps)
+    return out
+
+
+def launch_zero_grad_(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    table: torch.Tensor,
+    call: torch.Tensor,
+    k0: int,
+    k1: int,
+    threshold: float,
+    has_flips: bool,
+    want_y: bool,
+) -> torch.Tensor | None:
+    """Set ``grad`` (contiguous, ``x``'s element order) to 0 in place where the fault model
+    zeroes ``x``; returns flip(x) too when ``want_y`` (one pass over ``x``)."""
+    out = torch.empty_like(x) if want_y else x
+    _run(x, out, grad, table, call, k0, k1, threshold, has_flips, want_y, 2)
+    return out if want_y else None
+
+
+@functools.cache
+def _pair_config(dtype, x_flips: bool, x_zero: bool, w_flips: bool, w_zero: bool):
+    base = flip_constexprs(dtype, False, False)
+    constexprs = {k: v for k, v in base.items() if k not in ("HAS_FLIPS", "HAS_ZERO")}
+    constexprs.update(
+        X_FLIPS=x_flips,
+        X_ZERO=x_zero,
+        W_FLIPS=w_flips,
+        W_ZERO=w_zero,
+        ROWS=ROWS_PER_PROGRAM,
+        num_warps=NUM_WARPS,
     )
-    n = x.numel()
-    out = torch.empty_like(grad if backward else x)
-    if n == 0:
-        return out
-    _bitflip_kernel[(triton.cdiv(n, per_program),)](
+    return ROWS_PER_PROGRAM * group_size(dtype), constexprs
+
+
+def launch_pair(
+    x, w, x_table, w_table, call, x_key, w_key, x_threshold, w_threshold, x_flips, w_flips
+):
+    """flip(x) and flip(w) (contiguous, the same dtype, each with its own table, stream key,
+    threshold and flips switch) in one launch; returns (x flipped, w flipped)."""
+    per_program, constexprs = _pair_config(
+        x.dtype, x_flips, x_threshold is not None, w_flips, w_threshold is not None
+    )
+    x_out, w_out = torch.empty_like(x), torch.empty_like(w)
+    programs_x = triton.cdiv(x.numel(), per_program)
+    programs = programs_x + triton.cdiv(w.numel(), per_program)
+    if programs == 0:
+        return x_out, w_out
+    _bitflip_pair_kernel[(programs,)](
         x,
-        out,
-        grad if backward else x,
-        n,
-        table,
+        x_out,
+        x.numel(),
+        x_table,
+        *x_key,
+        float(x_threshold) if x_threshold is not None else 0.0,
+        w,
+        w_out,
+        w.numel(),
+        w_table,
+        *w_key,
+        float(w_threshold) if w_threshold is not None else 0.0,
         call,
-        k0,
-        k1,
-        float(threshold) if threshold is not None else 0.0,
+        programs_x,
         **constexprs,
     )
-    return out
+    return x_out, w_out

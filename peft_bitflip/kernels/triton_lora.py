@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_bitflip import flip_constexprs, flip_group_bits
+from .sampling import group_size
+from .triton_bitflip import ROWS_PER_PROGRAM, flip_and_zero, flip_constexprs
 
 
 @triton.jit
@@ -54,7 +55,9 @@ def _merge_flip_kernel(
     N_ROUNDS: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
+    SUB: tl.constexpr,
     RP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -71,34 +74,33 @@ def _merge_flip_kernel(
         mask=(rr[:, None] < RANK) & (rn[None, :] < N),
         other=0.0,
     ).to(tl.float32)
-    delta = tl.dot(lt, rt, input_precision="ieee") * scale
+    delta = tl.dot(lt, rt, input_precision=DOT_PRECISION) * scale
     offs = rm[:, None] * N + rn[None, :]
     inb = (rm[:, None] < M) & (rn[None, :] < N)
     w = tl.load(w_ptr + offs, mask=inb, other=0.0)
     merged = (w.to(tl.float32) + delta).to(w_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty)
-    # [BM, BN] -> [BM * BN / G, G]: groups of G consecutive elements of a row (N % G == 0)
-    R: tl.constexpr = BM * BN // G
-    merged = tl.reshape(merged, (R, G))
-    offs = tl.reshape(offs, (R, G))
-    inb = tl.reshape(inb, (R, G))
-    UINT: tl.constexpr = tl.uint16 if ELEM_BITS == 16 else tl.uint32
-    SINT: tl.constexpr = tl.int16 if ELEM_BITS == 16 else tl.int32
-    bits = merged.to(SINT, bitcast=True).to(UINT, bitcast=True)
-    if HAS_FLIPS:
-        call = tl.load(call_ptr).to(tl.uint32)
-        groups = tl.min(offs, axis=1) // G
+    tl.store(out_ptr + offs, merged, mask=inb)
+    if HAS_FLIPS or HAS_ZERO:
+        # Flip the stored tile again in slices of SUB rows (FLIP_GROUPS groups each): a slice
+        # without a flip is settled by one Philox draw per group, and only slices holding a
+        # flip run the gap-sampling loop (over the whole tile at once, most tiles would).
+        tl.debug_barrier()  # the tile's stores are visible to every thread of the program
+        R: tl.constexpr = SUB * BN // G
         cols = tl.arange(0, G)
-        bits = flip_group_bits(
-            bits, groups, cols, call, k0, k1, table_ptr,
-            ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
-        )  # fmt: skip
-    y = bits.to(SINT, bitcast=True).to(merged.dtype, bitcast=True)
-    if HAS_ZERO:
-        keep = tl.abs(y.to(tl.float32)) < threshold  # NaN and Inf compare false -> zeroed
-        y = tl.where(keep, y, 0)
-        if WANT_MASK:
-            tl.store(mask_ptr + offs, (~keep).to(tl.uint8), mask=inb)
-    tl.store(out_ptr + offs, y, mask=inb)
+        for s in range(0, BM // SUB):
+            rs = pid_m * BM + s * SUB + tl.arange(0, SUB).to(tl.int64)
+            offs_s = tl.reshape(rs[:, None] * N + rn[None, :], (R, G))
+            inb_s = tl.reshape((rs[:, None] < M) & (rn[None, :] < N), (R, G))
+            v = tl.load(out_ptr + offs_s, mask=inb_s, other=0)
+            # groups of G consecutive elements of a row (N % G == 0)
+            y, keep = flip_and_zero(
+                v, tl.min(offs_s, axis=1) // G, cols, call_ptr, k0, k1, table_ptr, threshold,
+                HAS_FLIPS, HAS_ZERO, ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F,
+                N_ROUNDS,
+            )  # fmt: skip
+            tl.store(out_ptr + offs_s, y, mask=inb_s)
+            if WANT_MASK:
+                tl.store(mask_ptr + offs_s, (~keep).to(tl.uint8), mask=inb_s)
 
 
 @triton.jit
@@ -122,7 +124,8 @@ def _zeroed_correction_kernel(
     BT: tl.constexpr,
     RP: tl.constexpr,
 ):
-    """Z = mask * (g^T x) on one (BO, BK) tile; da[:, k] += B[o]^T Z, db[o, :] += Z A[:, k]^T."""
+    """Z = mask * (g^T x) on one (BO, BK) tile; da[:, k] += B[o]^T Z, db[o, :] += Z A[:, k]^T
+    (float32 atomics)."""
     pid_o = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1).to(tl.int64)
     ro = pid_o * BO + tl.arange(0, BO).to(tl.int64)
@@ -175,7 +178,9 @@ def _rank_pad(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-MERGE_BM, MERGE_BN = 64, 64
+MERGE_BM, MERGE_BN, MERGE_WARPS = 64, 64, 4
+MERGE_PRECISION = "ieee"  # of the rank-r product B @ A in the merge
+CORRECTION_BO, CORRECTION_BK, CORRECTION_BT, CORRECTION_WARPS = 64, 64, 32, 4
 
 
 def merge_flip(
@@ -226,8 +231,10 @@ def merge_flip(
         WANT_MASK=mask is not None,
         BM=MERGE_BM,
         BN=MERGE_BN,
+        SUB=max(1, ROWS_PER_PROGRAM * group_size(out_dtype) // MERGE_BN),
         RP=_rank_pad(rank),
-        num_warps=4,
+        DOT_PRECISION=MERGE_PRECISION,
+        num_warps=MERGE_WARPS,
         **flip_constexprs(out_dtype, has_flips, threshold is not None),
     )
     return out, mask
@@ -243,7 +250,7 @@ def zeroed_correction(mask_ok: torch.Tensor, g: torch.Tensor, x: torch.Tensor, a
     b = b.contiguous()
     da = torch.zeros((rank, n_in), dtype=torch.float32, device=g.device)
     db = torch.zeros((n_out, rank), dtype=torch.float32, device=g.device)
-    bo, bk = 64, 64
+    bo, bk = CORRECTION_BO, CORRECTION_BK
     grid = (triton.cdiv(n_out, bo), triton.cdiv(n_in, bk))
     _zeroed_correction_kernel[grid](
         mask_ok,
@@ -262,8 +269,8 @@ def zeroed_correction(mask_ok: torch.Tensor, g: torch.Tensor, x: torch.Tensor, a
         PRECISION="ieee" if g.dtype == torch.float32 else "tf32",
         BO=bo,
         BK=bk,
-        BT=32,
+        BT=CORRECTION_BT,
         RP=_rank_pad(rank),
-        num_warps=4,
+        num_warps=CORRECTION_WARPS,
     )
     return da, db

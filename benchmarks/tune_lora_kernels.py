@@ -1,0 +1,118 @@
+"""Sweep the launch settings of the bit-flip LoRA kernels on a CUDA GPU (1B-Llama shapes, bf16 W,
+float32 A/B, r = 32, the original's weight fault model p = 2^-16, threshold 1.25).
+
+* merge + flip (``triton_lora.merge_flip``): tile shape, warps and the precision of the rank-r
+  product; GB/s = (read W + write the flipped weight [+ the uint8 mask]) / median time, next to
+  ``W.clone()`` in the same run.
+* zeroed correction (``triton_lora.zeroed_correction``): tile shape, rows per step and rows per
+  program (the T loop split across programs), on the mask the merge kernel produces.
+
+    python benchmarks/tune_lora_kernels.py
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from triton.testing import do_bench
+
+import peft_bitflip as pb
+from peft_bitflip.kernels import triton_lora
+from peft_bitflip.kernels.sampling import flip_table
+
+P, T_W = 2**-16, 1.25
+SHAPES = [(5632, 2048), (2048, 2048), (2048, 5632)]  # (out, in): gate/up, q/k/v/o, down
+
+
+def factors(out_f, in_f, rank=32):
+    torch.manual_seed(0)
+    w = (torch.randn(out_f, in_f, device="cuda") * 0.02).to(torch.bfloat16)
+    a = torch.randn(rank, in_f, device="cuda") * 0.02
+    b = torch.randn(out_f, rank, device="cuda") * 0.02
+    return w, a, b
+
+
+def merge(w, a, b, want_mask):
+    table = flip_table(P, P, w.dtype, w.device)
+    call = torch.zeros((), dtype=torch.int64, device="cuda")
+    k0, k1 = pb.stream_key(0, "tune", "w")
+    return triton_lora.merge_flip(w, b, a, 2.0, w.dtype, table, call, k0, k1, T_W, True, want_mask)
+
+
+def sweep_merge():
+    print("| shape | precision | BM x BN | warps | mask | us | GB/s | clone GB/s |")
+    print("|---|---|---|---:|---|---:|---:|---:|")
+    for out_f, in_f in SHAPES:
+        w, a, b = factors(out_f, in_f)
+        clone_us = do_bench(lambda: w.clone()) * 1e3
+        clone_gbs = 2 * w.numel() * 2 / clone_us / 1e3
+        configs = list(
+            itertools.product(
+                ["ieee"],
+                [(64, 64), (32, 128), (128, 64), (64, 128), (128, 128)],
+                [4, 8],
+                [False, True],
+            )
+        ) + [("tf32x3", (64, 64), 4, True), ("tf32", (64, 64), 4, True)]
+        for prec, (bm, bn), warps, want_mask in configs:
+            triton_lora.MERGE_PRECISION = prec
+            triton_lora.MERGE_BM, triton_lora.MERGE_BN, triton_lora.MERGE_WARPS = bm, bn, warps
+            try:
+                us = do_bench(lambda: merge(w, a, b, want_mask)) * 1e3
+            except Exception as e:  # noqa: BLE001 - out of resources etc.: report, go on
+                print(f"| {out_f}x{in_f} | {prec} | {bm}x{bn} | {warps} | {want_mask} | "
+                      f"failed: {type(e).__name__} | | |")  # fmt: skip
+                continue
+            moved = w.numel() * (4 + (1 if want_mask else 0))
+            print(f"| {out_f}x{in_f} | {prec} | {bm}x{bn} | {warps} | {want_mask} | {us:.0f} | "
+                  f"{moved / us / 1e3:.0f} | {clone_gbs:.0f} |", flush=True)  # fmt: skip
+
+
+def merge_accuracy():
+    """Elements of the merged weight (no flips) that differ from W + s B@A computed in float64
+    and rounded once, per precision."""
+    w, a, b = factors(*SHAPES[0])
+    truth = (w.double() + 2.0 * (b.double() @ a.double())).to(torch.bfloat16)
+    table = flip_table(0.0, 0.0, w.dtype, w.device)
+    call = torch.zeros((), dtype=torch.int64, device="cuda")
+    for prec in ["ieee", "tf32x3", "tf32"]:
+        triton_lora.MERGE_PRECISION = prec
+        m, _ = triton_lora.merge_flip(w, b, a, 2.0, w.dtype, table, call, 0, 0, None, False, False)
+        print(f"merge precision {prec}: {int((m != truth).sum())} of {m.numel()} elements differ "
+              "from the once-rounded float64 result")  # fmt: skip
+
+
+def sweep_correction():
+    print("\n| shape | T | BO x BK | BT | rows/program | warps | us | zeroed |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    triton_lora.MERGE_PRECISION, triton_lora.MERGE_BM, triton_lora.MERGE_BN = "ieee", 64, 64
+    for (out_f, in_f), t in itertools.product(SHAPES, [8192, 1024]):
+        w, a, b = factors(out_f, in_f)
+        _, mask = merge(w, a, b, True)
+        g = torch.randn(t, out_f, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(t, in_f, device="cuda", dtype=torch.bfloat16)
+        for (bo, bk), bt, chunk, warps in itertools.product(
+            [(64, 64), (32, 32), (16, 16), (32, 64)], [32, 64], [1 << 30, 2048, 512], [4]
+        ):
+            if chunk >= t and chunk != 1 << 30:
+                continue
+            triton_lora.CORRECTION_BO, triton_lora.CORRECTION_BK = bo, bk
+            triton_lora.CORRECTION_BT, triton_lora.CORRECTION_T_PER_PROGRAM = bt, chunk
+            triton_lora.CORRECTION_WARPS = warps
+            us = do_bench(lambda: triton_lora.zeroed_correction(mask, g, x, a, b)) * 1e3
+            print(f"| {out_f}x{in_f} | {t} | {bo}x{bk} | {bt} | {min(chunk, t)} | {warps} | "
+                  f"{us:.0f} | {int(mask.sum())} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    import sys
+
+    parts = sys.argv[1:] or ["accuracy", "merge", "correction"]
+    print(torch.cuda.get_device_name())
+    if "accuracy" in parts:
+        merge_accuracy()
+    if "merge" in parts:
+        sweep_merge()
+    if "correction" in parts:
+        sweep_correction()
