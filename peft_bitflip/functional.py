@@ -73,6 +73,9 @@ def apply_flip_specs(
     (the same values), with one kernel launch for both where it can: a layer's forward.
     Differentiable like two :func:`apply_flip_spec` calls (which it makes when a gradient is
     needed or under ``torch.compile``)."""
+    for t in (x, w):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"x and w must be torch.Tensors, got {type(t).__name__}")
     single = (
         torch.compiler.is_compiling()
         or x_spec.is_identity
@@ -81,10 +84,8 @@ def apply_flip_specs(
     )
     if single:
         return apply_flip_spec(x, x_spec, x_key, call), apply_flip_spec(w, w_spec, w_key, call)
-    for t in (x, w):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"x and w must be torch.Tensors, got {type(t).__name__}")
-        check_dtype(t.dtype)
+    check_dtype(x.dtype, "x")
+    check_dtype(w.dtype, "w")
     call = _call_tensor(call, x.device)
     x_table = flip_table(x_spec.effective_p_exp, x_spec.effective_p_frac, x.dtype, x.device)
     w_table = flip_table(w_spec.effective_p_exp, w_spec.effective_p_frac, w.dtype, w.device)

@@ -125,6 +125,10 @@ def test_one_launch_for_x_and_w_equals_two(request, monkeypatch, backend, x_spec
     assert _same_bits(wf, pb.functional.apply_flip_spec(w, w_spec, wkey, 6))
     assert xf.shape == x.shape and wf.shape == w.shape
     assert not _same_bits(xf, x) and not _same_bits(wf, w)
+    with pytest.raises(TypeError, match="list"):
+        pb.functional.apply_flip_specs(x, [1.0], x_spec, w_spec, KEY, wkey, 6)
+    with pytest.raises(TypeError, match="w has dtype torch.int32"):
+        pb.functional.apply_flip_specs(x, w.int(), x_spec, w_spec, KEY, wkey, 6)
 
 
 def test_op_uses_the_kernel_under_the_interpreter(needs_interpreter, monkeypatch):
