@@ -4,8 +4,8 @@ float32 A/B, r = 32, the original's weight fault model p = 2^-16, threshold 1.25
 * merge + flip (``triton_lora.merge_flip``): tile shape, warps and the precision of the rank-r
   product; GB/s = (read W + write the flipped weight [+ the uint8 mask]) / median time, next to
   ``W.clone()`` in the same run.
-* zeroed correction (``triton_lora.zeroed_correction``): tile shape, rows per step and rows per
-  program (the T loop split across programs), on the mask the merge kernel produces.
+* zeroed correction (``triton_lora.zeroed_correction``): tile shape and rows per loop step, on
+  the mask the merge kernel produces, at T = 8192 and 1024 rows.
 
     python benchmarks/tune_lora_kernels.py
 """
@@ -84,24 +84,21 @@ def merge_accuracy():
 
 
 def sweep_correction():
-    print("\n| shape | T | BO x BK | BT | rows/program | warps | us | zeroed |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    print("\n| shape | T | BO x BK | BT | warps | us | zeroed |")
+    print("|---|---:|---|---:|---:|---:|---:|")
     triton_lora.MERGE_PRECISION, triton_lora.MERGE_BM, triton_lora.MERGE_BN = "ieee", 64, 64
     for (out_f, in_f), t in itertools.product(SHAPES, [8192, 1024]):
         w, a, b = factors(out_f, in_f)
         _, mask = merge(w, a, b, True)
         g = torch.randn(t, out_f, device="cuda", dtype=torch.bfloat16)
         x = torch.randn(t, in_f, device="cuda", dtype=torch.bfloat16)
-        for (bo, bk), bt, chunk, warps in itertools.product(
-            [(64, 64), (32, 32), (16, 16), (32, 64)], [32, 64], [1 << 30, 2048, 512], [4]
+        for (bo, bk), bt, warps in itertools.product(
+            [(64, 64), (32, 32), (16, 16), (32, 64)], [32, 64], [4, 8]
         ):
-            if chunk >= t and chunk != 1 << 30:
-                continue
             triton_lora.CORRECTION_BO, triton_lora.CORRECTION_BK = bo, bk
-            triton_lora.CORRECTION_BT, triton_lora.CORRECTION_T_PER_PROGRAM = bt, chunk
-            triton_lora.CORRECTION_WARPS = warps
+            triton_lora.CORRECTION_BT, triton_lora.CORRECTION_WARPS = bt, warps
             us = do_bench(lambda: triton_lora.zeroed_correction(mask, g, x, a, b)) * 1e3
-            print(f"| {out_f}x{in_f} | {t} | {bo}x{bk} | {bt} | {min(chunk, t)} | {warps} | "
+            print(f"| {out_f}x{in_f} | {t} | {bo}x{bk} | {bt} | {warps} | "
                   f"{us:.0f} | {int(mask.sum())} |", flush=True)  # fmt: skip
 
 

@@ -119,7 +119,7 @@ def flip_spec_grad(
 
 
 def flip_spec_grad_(
-    grad: Tensor,
+    grad: Tensor | None,
     x: Tensor,
     spec: FlipSpec,
     key: tuple[int, int],
@@ -129,9 +129,10 @@ def flip_spec_grad_(
     """:func:`flip_spec_grad` in place: sets ``grad`` (contiguous, ``x``'s shape) to 0 where the
     forward zeroed ``x``.  With ``want_flipped`` also returns ``apply_flip_spec(x, ...)``, from
     the same pass over ``x``.  For backward passes that own ``grad`` (not differentiable);
-    on the GPU only the zeroed elements of ``grad`` are written."""
+    on the GPU only the zeroed elements of ``grad`` are written.  ``grad=None`` (no input
+    gradient wanted) only flips."""
     masks = not spec.is_identity and spec.zero_out_threshold is not None
-    if not masks:
+    if grad is None or not masks:
         return apply_flip_spec(x, spec, key, call) if want_flipped else None
     table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
     call = _call_tensor(call, x.device)

@@ -211,16 +211,13 @@ class _FlippedLinear(torch.autograd.Function):
                 weight = _built_weight(build, compute, x.device.type)
         g2 = grad_out.reshape(-1, grad_out.size(-1))
         grad_x = grad_w = grad_b = None
-        xf = None
         if need_x:
             wf = apply_flip_spec(weight.detach(), w_spec, w_key, call)
             grad_x = (g2 @ (wf.t() if conv1d else wf)).view(x.shape)
             del wf
-            # one pass over x: zero grad_x where the forward zeroed, and flip(x) if needed
-            xf = flip_spec_grad_(grad_x, x, x_spec, x_key, call, want_flipped=need_w)
+        # one pass over x: zero grad_x where the forward zeroed, and flip(x) if needed
+        xf = flip_spec_grad_(grad_x, x, x_spec, x_key, call, want_flipped=need_w)
         if need_w:
-            if xf is None:
-                xf = apply_flip_spec(x, x_spec, x_key, call)
             xf = xf.reshape(-1, x.size(-1))
             grad_w = xf.t() @ g2 if conv1d else g2.t() @ xf
             flip_spec_grad_(grad_w, weight.detach(), w_spec, w_key, call)
@@ -338,15 +335,12 @@ class _FlippedLoraLinear(torch.autograd.Function):
         )
         g2 = grad_out.reshape(-1, grad_out.size(-1))
         grad_x = grad_w = grad_a = grad_b = grad_bias = None
-        xf = None
         if need_x:
             grad_x = (g2 @ (wf.t() if conv1d else wf)).view(x.shape)
         del wf
-        if need_x:  # one pass over x: zero grad_x where the forward zeroed, flip(x) if needed
-            xf = flip_spec_grad_(grad_x, x, x_spec, x_key, call, want_flipped=need_factors)
+        # one pass over x: zero grad_x where the forward zeroed, and flip(x) if needed
+        xf = flip_spec_grad_(grad_x, x, x_spec, x_key, call, want_flipped=need_factors)
         if need_factors:
-            if xf is None:
-                xf = apply_flip_spec(x, x_spec, x_key, call)
             xf = xf.reshape(-1, x.size(-1))
             zeroed_oi = None if zeroed is None else (zeroed.t() if conv1d else zeroed)
             if need_w:  # the base weight trains too: the full product is needed anyway

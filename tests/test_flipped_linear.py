@@ -26,9 +26,9 @@ W_SPEC = FlipSpec(0.02, 0.01, 0.2)
 KEYS = (pb.stream_key(0, "l", "x"), pb.stream_key(0, "l", "w"))
 
 
-def run(fn, x, w, b, conv1d=False, autocast=False, call=3):
-    x = x.detach().clone().requires_grad_()
-    w = w.detach().clone().requires_grad_()
+def run(fn, x, w, b, conv1d=False, autocast=False, call=3, grad_x=True, grad_w=True):
+    x = x.detach().clone().requires_grad_(grad_x)
+    w = w.detach().clone().requires_grad_(grad_w)
     b = None if b is None else b.detach().clone().requires_grad_()
     ctx = torch.autocast("cpu", torch.bfloat16) if autocast else contextlib.nullcontext()
     with ctx:
@@ -58,6 +58,21 @@ def test_same_outputs_and_gradients_as_the_unfused_form(conv1d, bias):
             torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
     # the zero-out really happened: some gradient entries are masked to 0 in both
     assert (plain[1] == 0).any() and (plain[2] == 0).any()
+
+
+@pytest.mark.parametrize("grad_x,grad_w", [(False, True), (True, False)])
+def test_gradients_when_only_x_or_only_w_needs_one(grad_x, grad_w):
+    """Backward takes other branches when x (a frozen embedding's output) or W (a frozen
+    weight) needs no gradient; what it does compute equals the unfused form."""
+    x, w, b = inputs()
+    fused = run(flipped_linear, x, w, b, grad_x=grad_x, grad_w=grad_w)
+    plain = run(flipped_linear_unfused, x, w, b, grad_x=grad_x, grad_w=grad_w)
+    assert torch.equal(fused[0], plain[0])
+    for a, e, wanted in zip(fused[1:3], plain[1:3], (grad_x, grad_w)):
+        assert (a is not None) == wanted and (e is not None) == wanted
+        if wanted:
+            torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+            assert (e == 0).any()
 
 
 def test_same_under_bf16_autocast():

@@ -94,6 +94,10 @@ def test_in_place_gradient_mask_equals_the_masked_copy(request, monkeypatch, bac
     assert 0 < (expected == 0).sum() < expected.numel()
     with pytest.raises(ValueError, match="contiguous"):
         pb.functional.flip_spec_grad_(g.t().contiguous().t(), x, spec, KEY, 4)
+    # no input gradient wanted (grad=None): only the flip
+    only_flip = pb.functional.flip_spec_grad_(None, x, spec, KEY, 4, want_flipped=True)
+    assert _same_bits(only_flip, pb.functional.apply_flip_spec(x, spec, KEY, 4))
+    assert pb.functional.flip_spec_grad_(None, x, spec, KEY, 4) is None
     # no threshold: nothing is zeroed; the flipped x is still returned on request
     no_t = pb.FlipSpec(0.05, 0.05, None)
     got = g.clone()

@@ -193,9 +193,11 @@ def flip_and_zero(
     return y, keep
 
 
-GRAD_NONE: tl.constexpr = tl.constexpr(0)
-GRAD_MASKED_COPY: tl.constexpr = tl.constexpr(1)  # out = grad where kept, 0 where zeroed
-GRAD_ZERO_IN_PLACE: tl.constexpr = tl.constexpr(2)  # grad[zeroed] = 0
+# what a flip kernel does with a gradient (the GRAD_MODE constexpr)
+_GRAD_NONE, _GRAD_MASKED_COPY, _GRAD_ZERO_IN_PLACE = 0, 1, 2
+GRAD_NONE: tl.constexpr = tl.constexpr(_GRAD_NONE)
+GRAD_MASKED_COPY: tl.constexpr = tl.constexpr(_GRAD_MASKED_COPY)  # out = grad if kept, else 0
+GRAD_ZERO_IN_PLACE: tl.constexpr = tl.constexpr(_GRAD_ZERO_IN_PLACE)  # grad[zeroed] = 0
 
 
 @triton.jit
@@ -421,10 +423,12 @@ def launch(
     a new tensor)."""
     if grad is None:
         out = torch.empty_like(x)
-        _run(x, out, x, table, call, k0, k1, threshold, has_flips, True, 0, rows, num_warps)
+        mode = _GRAD_NONE
+        _run(x, out, x, table, call, k0, k1, threshold, has_flips, True, mode, rows, num_warps)
     else:
         out = torch.empty_like(grad)
-        _run(x, out, grad, table, call, k0, k1, threshold, has_flips, False, 1, rows, num_warps)
+        mode = _GRAD_MASKED_COPY
+        _run(x, out, grad, table, call, k0, k1, threshold, has_flips, False, mode, rows, num_warps)
     return out
 
 
@@ -442,7 +446,7 @@ def launch_zero_grad_(
     """Set ``grad`` (contiguous, ``x``'s element order) to 0 in place where the fault model
     zeroes ``x``; returns flip(x) too when ``want_y`` (one pass over ``x``)."""
     out = torch.empty_like(x) if want_y else x
-    _run(x, out, grad, table, call, k0, k1, threshold, has_flips, want_y, 2)
+    _run(x, out, grad, table, call, k0, k1, threshold, has_flips, want_y, _GRAD_ZERO_IN_PLACE)
     return out if want_y else None
 
 

@@ -1,10 +1,11 @@
 """Triton kernels for bit-flip LoRA layers.
 
-* ``merge_flip``: ``flip(W + s * L @ R)`` in one pass over ``W`` — the LoRA product of a tile is
+* ``merge_flip``: ``flip(W + s * L @ R)`` reading ``W`` once — the LoRA product of a tile is
   formed in registers (float32, IEEE), added to ``W`` in float32, rounded to ``W``'s dtype and
-  then to the output dtype, flipped with the shared sampling scheme
-  (:func:`~peft_bitflip.kernels.triton_bitflip.flip_group_bits`) and zeroed; optionally writes
-  a uint8 mask of the zeroed elements.  ``L @ R`` is ``B @ A`` for an ``nn.Linear`` weight
+  then to the output dtype and stored; the stored tile is then flipped and zeroed again in
+  slices of 64 groups with the shared fault model
+  (:func:`~peft_bitflip.kernels.triton_bitflip.flip_and_zero`); optionally writes a uint8 mask
+  of the zeroed elements.  ``L @ R`` is ``B @ A`` for an ``nn.Linear`` weight
   ``(out, in)`` and ``A^T @ B^T`` for a Conv1D weight ``(in, out)`` (strides say which).
 * ``zeroed_correction``: for LoRA gradients.  Where the weight flip zeroed an element
   ``(o, k)``, the product ``Z[o, k] = sum_t dY[t, o] * X[t, k]`` is formed (only tiles holding
@@ -81,7 +82,7 @@ def _merge_flip_kernel(
     merged = (w.to(tl.float32) + delta).to(w_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs, merged, mask=inb)
     if HAS_FLIPS or HAS_ZERO:
-        # Flip the stored tile again in slices of SUB rows (FLIP_GROUPS groups each): a slice
+        # Flip the stored tile again in slices of SUB rows (ROWS_PER_PROGRAM groups): a slice
         # without a flip is settled by one Philox draw per group, and only slices holding a
         # flip run the gap-sampling loop (over the whole tile at once, most tiles would).
         tl.debug_barrier()  # the tile's stores are visible to every thread of the program
