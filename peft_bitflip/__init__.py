@@ -5,7 +5,7 @@ from .config import BitflipConfig
 from .functional import apply_flip_spec, bitflip, stream_key
 from .hf_quantizer import BitflipHfQuantizer, load_config_with
 from .hf_quantizer import register as _register_transformers
-from .layers import BitflipConv1D, BitflipLinear, disable_bitflips
+from .layers import BitflipConv1D, BitflipLinear, disable_bitflips, recompute_flipped_inputs
 from .peft_registry import register as _register_peft
 from .spec import FlipSpec, snap_probability
 from .stats import FlipStatsRecorder, TensorFlipStats
@@ -36,6 +36,7 @@ __all__ = [
     "bitflip",
     "disable_bitflips",
     "load_config_with",
+    "recompute_flipped_inputs",
     "remove_bitflip",
     "snap_probability",
     "stream_key",

@@ -8,11 +8,27 @@ import torch
 from torch import Tensor
 
 from .kernels.op import bitflip as bitflip_dispatch
-from .kernels.op import bitflip_backward, bitflip_pair_impl, bitflip_zero_grad_impl
-from .kernels.sampling import flip_table
+from .kernels.op import (
+    bitflip_backward,
+    bitflip_masked_impl,
+    bitflip_pair_impl,
+    bitflip_zero_grad_impl,
+    zero_by_masks_impl,
+)
+from .kernels.sampling import flip_table, group_size
 from .spec import FlipSpec, check_dtype
 
-__all__ = ["bitflip", "apply_flip_spec", "flip_spec_grad", "flip_spec_grad_", "stream_key"]
+__all__ = [
+    "bitflip",
+    "apply_flip_spec",
+    "apply_flip_spec_masked",
+    "apply_flip_specs",
+    "flip_specs_masked",
+    "flip_spec_grad",
+    "flip_spec_grad_",
+    "stream_key",
+    "zero_masked_",
+]
 
 _MAX_CALL = (1 << 32) - 1
 
@@ -60,6 +76,12 @@ def apply_flip_spec(
     return bitflip_dispatch(x, table, call, key[0], key[1], spec.zero_out_threshold, spec.flips)
 
 
+def _check_tensors(x, w):
+    for t in (x, w):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"x and w must be torch.Tensors, got {type(t).__name__}")
+
+
 def apply_flip_specs(
     x: Tensor,
     w: Tensor,
@@ -73,9 +95,7 @@ def apply_flip_specs(
     (the same values), with one kernel launch for both where it can: a layer's forward.
     Differentiable like two :func:`apply_flip_spec` calls (which it makes when a gradient is
     needed or under ``torch.compile``)."""
-    for t in (x, w):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"x and w must be torch.Tensors, got {type(t).__name__}")
+    _check_tensors(x, w)
     single = (
         torch.compiler.is_compiling()
         or x_spec.is_identity
@@ -84,6 +104,26 @@ def apply_flip_specs(
     )
     if single:
         return apply_flip_spec(x, x_spec, x_key, call), apply_flip_spec(w, w_spec, w_key, call)
+    return flip_specs_masked(x, w, x_spec, w_spec, x_key, w_key, call)[:2]
+
+
+def flip_specs_masked(
+    x: Tensor,
+    w: Tensor,
+    x_spec: FlipSpec,
+    w_spec: FlipSpec,
+    x_key: tuple[int, int],
+    w_key: tuple[int, int],
+    call: int | Tensor = 0,
+    want_x_mask: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(flip of x, flip of w, x's packed zero mask or None) as :func:`apply_flip_spec_masked`
+    gives them, with one kernel launch for both where it can.  Not differentiable: for the
+    forward of layers that write their own backward."""
+    _check_tensors(x, w)
+    if x_spec.is_identity or w_spec.is_identity:
+        xf, x_mask = apply_flip_spec_masked(x, x_spec, x_key, call, want_x_mask)
+        return xf, apply_flip_spec(w, w_spec, w_key, call), x_mask
     check_dtype(x.dtype, "x")
     check_dtype(w.dtype, "w")
     call = _call_tensor(call, x.device)
@@ -101,7 +141,61 @@ def apply_flip_specs(
         w_spec.zero_out_threshold,
         x_spec.flips,
         w_spec.flips,
+        want_x_mask,
     )
+
+
+def apply_flip_spec_masked(
+    x: Tensor,
+    spec: FlipSpec,
+    key: tuple[int, int],
+    call: int | Tensor = 0,
+    want_mask: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """(``apply_flip_spec(x, spec, key, call)``, the packed zero mask of x or None), from one
+    pass over ``x``.  Not differentiable.
+
+    The packed zero mask records which elements the zero-out removed, in ``x``'s logical
+    (row-major) element order: one uint8 per group of ``group_size(x.dtype)`` elements (8 for
+    16-bit dtypes, 4 for float32), bit j set when element j of the group was zeroed.  It is
+    1/16 of the size of a bf16 tensor, so a backward pass can keep it instead of ``x`` and mask
+    the gradient with :func:`zero_masked_`.  None when not ``want_mask`` or the spec has no
+    threshold (nothing is ever zeroed)."""
+    if not want_mask or spec.zero_out_threshold is None:
+        return apply_flip_spec(x, spec, key, call), None
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    check_dtype(x.dtype)
+    call = _call_tensor(call, x.device)
+    table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
+    return bitflip_masked_impl(x, table, call, key[0], key[1], spec.zero_out_threshold, spec.flips)
+
+
+def zero_masked_(grad: Tensor, mask: Tensor | None, dtype: torch.dtype, *more) -> Tensor:
+    """Set ``grad`` (contiguous, in the element order of the tensor the mask came from) to 0 in
+    place where the packed zero mask of :func:`apply_flip_spec_masked` has a bit set; ``dtype``
+    is that tensor's dtype (it sets the group size).  ``mask=None``: nothing to zero.  Returns
+    ``grad``.
+
+    ``more``: a second ``(grad, mask, dtype)`` to mask in the same kernel launch (a layer's
+    input and weight gradients)."""
+    jobs = [(grad, mask, dtype)]
+    if more:
+        if len(more) != 3:
+            raise TypeError("zero_masked_ takes one more (grad, mask, dtype) triple at most")
+        jobs.append(tuple(more))
+    jobs = [(g, m, d) for g, m, d in jobs if m is not None]
+    for g, m, d in jobs:
+        expected = -(-g.numel() // group_size(d))
+        if m.dtype != torch.uint8 or m.numel() != expected:
+            raise ValueError(
+                f"mask must be a uint8 tensor of {expected} groups for {g.numel()} elements of "
+                f"{d}, got {m.dtype} with {m.numel()} elements"
+            )
+    if jobs:
+        grads, masks, dtypes = zip(*jobs)
+        zero_by_masks_impl(grads, masks, [group_size(d) for d in dtypes])
+    return grad
 
 
 def flip_spec_grad(

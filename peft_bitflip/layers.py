@@ -34,7 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import apply_flip_spec, apply_flip_specs, flip_spec_grad_, stream_key
+from .functional import (
+    apply_flip_spec_masked,
+    apply_flip_specs,
+    flip_spec_grad_,
+    flip_specs_masked,
+    stream_key,
+    zero_masked_,
+)
 from .kernels.lora import (
     merge_flip_lora,
     merge_lora_weight,
@@ -53,6 +60,7 @@ __all__ = [
     "BitflipConv1D",
     "BitflipLayerMixin",
     "disable_bitflips",
+    "recompute_flipped_inputs",
     "flipped_linear",
     "flipped_linear_unfused",
     "flipped_lora_linear",
@@ -102,7 +110,18 @@ def _autocast_dtype(x: torch.Tensor):
 
 
 def flipped_linear(
-    x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d=False, stats=None, weight_params=()
+    x,
+    weight,
+    bias,
+    x_spec,
+    w_spec,
+    x_key,
+    w_key,
+    call,
+    conv1d=False,
+    stats=None,
+    weight_params=(),
+    recompute_input=False,
 ):
     """``flip(x) @ flip(weight)^T + bias`` (``flip(x) @ flip(weight) + bias`` for Conv1D layout).
 
@@ -110,12 +129,18 @@ def flipped_linear(
     (e.g. bf16 with ``Trainer(bf16=True)``): the bits that flip are those of the values the
     matmul consumes, as with a model stored in that dtype.
 
-    Autograd keeps only ``x``, ``weight`` and the call index for backward, as a clean linear
-    layer does: the flipped copies ``flip(x)`` / ``flip(weight)`` are recomputed from the
-    counter-based streams in backward instead of being stored (an activation-sized and a
-    weight-sized tensor less per layer).  Gradients are those of
-    :func:`flipped_linear_unfused` (straight-through, zero where the forward zeroed).  Under
-    ``torch.compile`` the unfused form is traced.
+    Autograd keeps what a clean linear layer keeps, with ``flip(x)`` in place of ``x``:
+    ``flip(x)`` (only when the weight needs a gradient), ``weight`` and the call index, plus
+    x's packed zero mask (one bit per element; see
+    :func:`~peft_bitflip.functional.apply_flip_spec_masked`) when x needs a gradient.
+    ``flip(weight)`` is not stored: backward recomputes it from the counter-based stream (a
+    weight-sized tensor less per layer), with its zero mask for the weight gradient.  Gradients
+    are those of :func:`flipped_linear_unfused` (straight-through, zero where the forward
+    zeroed).  Under ``torch.compile`` the unfused form is traced.
+
+    ``recompute_input=True`` keeps ``x`` instead of ``flip(x)`` (what a clean layer keeps: no
+    extra activation memory where several layers read the same ``x``, e.g. q/k/v) and
+    recomputes ``flip(x)`` in backward: one more read and write of ``x`` per layer.
 
     ``weight`` may also be a function of no arguments that builds the weight from the tensors
     ``weight_params`` (LoRA: ``W + s B @ A`` from W, A, B).  The built weight is not kept
@@ -139,18 +164,30 @@ def flipped_linear(
         x,
         None if build is not None else weight,
         bias,
-        (x_spec, w_spec, x_key, w_key, conv1d, stats, build, compute),
+        (x_spec, w_spec, x_key, w_key, conv1d, stats, build, compute, recompute_input),
         call,
         *(weight_params if build is not None else ()),
     )
 
 
 def flipped_linear_unfused(
-    x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d=False, stats=None, weight_params=()
+    x,
+    weight,
+    bias,
+    x_spec,
+    w_spec,
+    x_key,
+    w_key,
+    call,
+    conv1d=False,
+    stats=None,
+    weight_params=(),
+    recompute_input=False,
 ):
     """:func:`flipped_linear` written as separate differentiable ops (the flip op on ``x``
     and on ``weight``, then a linear layer): autograd stores the flipped copies (and a built
-    weight).  The reference that the recomputing path is tested against."""
+    weight), whatever ``recompute_input`` says.  The reference that the recomputing path is
+    tested against."""
     if callable(weight):
         weight = weight()
     compute = _autocast_dtype(x)
@@ -181,19 +218,27 @@ def _built_weight(build, compute, device_type):
 
 
 class _FlippedLinear(torch.autograd.Function):
-    """flip(x) @ flip(W)^T + b that saves x, W (or what W is built from) and the call index,
-    not the flipped copies."""
+    """flip(x) @ flip(W)^T + b that saves flip(x) (only if W needs a gradient), x's packed zero
+    mask (1/16 of a bf16 x), W (or what W is built from) and the call index; not flip(W)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, settings, call, *weight_params):
-        x_spec, w_spec, x_key, w_key, conv1d, stats, build, compute = settings
+        x_spec, w_spec, x_key, w_key, conv1d, stats, build, compute, recompute = settings
         call = call if isinstance(call, torch.Tensor) else torch.tensor(call, device=x.device)
+        need_x = ctx.needs_input_grad[0]
+        need_w = ctx.needs_input_grad[1] or any(ctx.needs_input_grad[5:])
         if build is not None:
             weight = _built_weight(build, compute, x.device.type)
-        out = _flipped_linear_eager(
-            x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats
+        xf, wf, x_mask = flip_specs_masked(
+            x, weight, x_spec, w_spec, x_key, w_key, call, want_x_mask=need_x and not recompute
         )
-        ctx.save_for_backward(x, None if build is not None else weight, call)
+        if stats is not None:
+            stats.record("x", x, xf, x_spec, x_key, call)
+            stats.record("w", weight, wf, w_spec, w_key, call)
+        out = linear(xf, wf, bias, conv1d)
+        kept = (x if need_x or need_w else None) if recompute else (xf if need_w else None)
+        ctx.save_for_backward(kept, x_mask, None if build is not None else weight, call)
+        ctx.x_meta = (x.shape, x.dtype)
         ctx.settings = settings
         ctx.weight_params = weight_params  # leaves the caller holds (parameters)
         return out
@@ -201,26 +246,33 @@ class _FlippedLinear(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, weight, call = ctx.saved_tensors
-        x_spec, w_spec, x_key, w_key, conv1d, _, build, compute = ctx.settings
+        kept, x_mask, weight, call = ctx.saved_tensors
+        x_shape, x_dtype = ctx.x_meta
+        x_spec, w_spec, x_key, w_key, conv1d, _, build, compute, recompute = ctx.settings
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_params = ctx.needs_input_grad[5:]
         if build is not None:  # rebuild W (+ s B@A); with a graph only if A, B need gradients
             need_w = any(need_params)
             with torch.set_grad_enabled(need_w):
-                weight = _built_weight(build, compute, x.device.type)
+                weight = _built_weight(build, compute, call.device.type)
         g2 = grad_out.reshape(-1, grad_out.size(-1))
         grad_x = grad_w = grad_b = None
-        if need_x:
-            wf = apply_flip_spec(weight.detach(), w_spec, w_key, call)
-            grad_x = (g2 @ (wf.t() if conv1d else wf)).view(x.shape)
+        w_mask = None
+        if need_x:  # flip(W) again; its zero mask too if dW will need it
+            wf, w_mask = apply_flip_spec_masked(weight.detach(), w_spec, w_key, call, need_w)
+            grad_x = (g2 @ (wf.t() if conv1d else wf)).view(x_shape)
             del wf
-        # one pass over x: zero grad_x where the forward zeroed, and flip(x) if needed
-        xf = flip_spec_grad_(grad_x, x, x_spec, x_key, call, want_flipped=need_w)
+        xf = kept
+        if recompute:  # one pass over x: zero grad_x where the forward zeroed, flip(x) if needed
+            xf = flip_spec_grad_(grad_x, kept, x_spec, x_key, call, want_flipped=need_w)
         if need_w:
-            xf = xf.reshape(-1, x.size(-1))
+            xf = xf.reshape(-1, xf.size(-1))
             grad_w = xf.t() @ g2 if conv1d else g2.t() @ xf
-            flip_spec_grad_(grad_w, weight.detach(), w_spec, w_key, call)
+            if not need_x:  # one read of W finds the zeroed weights
+                flip_spec_grad_(grad_w, weight.detach(), w_spec, w_key, call)
+        if need_x:  # zero dX and dW where the forward zeroed x and W: one launch
+            more = (grad_w, w_mask, weight.dtype) if w_mask is not None else ()
+            zero_masked_(grad_x, x_mask, x_dtype, *more)
         if need_b:
             grad_b = g2.sum(0)
         grad_params = [None] * len(need_params)
@@ -253,7 +305,8 @@ def flipped_lora_linear(
     B: (out, r)), the merged weight formed as :func:`~peft_bitflip.kernels.lora.merge_lora_weight`.
 
     The fast path of bit-flip LoRA: on the GPU the merge, flip and zero-out of the weight are one
-    kernel pass; only x, W, A, B and the call index are kept for backward; and the gradients of
+    kernel pass; only flip(x) (if a factor needs a gradient), x's packed zero mask (if x needs
+    one), W, A, B and the call index are kept for backward; and the gradients of
     A and B come from rank-r products (``(dY B)^T flip(x)`` and ``dY^T (flip(x) A^T)``) plus a
     correction at the few weights the zero-out removed, instead of the full ``dY^T flip(x)``.
     Gradients equal those of :func:`flipped_lora_linear_unfused` within float rounding.
@@ -314,20 +367,24 @@ class _FlippedLoraLinear(torch.autograd.Function):
         wf, _ = merge_flip_lora(
             weight, lora_a, lora_b, scale, conv1d, out_dtype, w_spec, w_key, call
         )
-        xf = apply_flip_spec(x, x_spec, x_key, call)
+        need_x = ctx.needs_input_grad[0]
+        need_factors = any(ctx.needs_input_grad[1:4])
+        xf, x_mask = apply_flip_spec_masked(x, x_spec, x_key, call, want_mask=need_x)
         if stats is not None:
             merged = merged_lora_weight(weight, lora_a, lora_b, scale, conv1d).to(out_dtype)
             stats.record("x", x, xf, x_spec, x_key, call)
             stats.record("w", merged, wf, w_spec, w_key, call)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, call)
+        ctx.save_for_backward(xf if need_factors else None, x_mask, weight, lora_a, lora_b, call)
+        ctx.x_meta = (x.shape, x.dtype)
         ctx.settings = settings
         return linear(xf, wf, bias, conv1d)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, weight, lora_a, lora_b, call = ctx.saved_tensors
-        x_spec, w_spec, x_key, w_key, conv1d, scale, out_dtype, _ = ctx.settings
+        xf, x_mask, weight, lora_a, lora_b, call = ctx.saved_tensors
+        x_shape, x_dtype = ctx.x_meta
+        _, w_spec, _, w_key, conv1d, scale, out_dtype, _ = ctx.settings
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         need_factors = need_w or need_a or need_b
         wf, zeroed = merge_flip_lora(
@@ -336,12 +393,11 @@ class _FlippedLoraLinear(torch.autograd.Function):
         g2 = grad_out.reshape(-1, grad_out.size(-1))
         grad_x = grad_w = grad_a = grad_b = grad_bias = None
         if need_x:
-            grad_x = (g2 @ (wf.t() if conv1d else wf)).view(x.shape)
+            grad_x = (g2 @ (wf.t() if conv1d else wf)).view(x_shape)
+            zero_masked_(grad_x, x_mask, x_dtype)
         del wf
-        # one pass over x: zero grad_x where the forward zeroed, and flip(x) if needed
-        xf = flip_spec_grad_(grad_x, x, x_spec, x_key, call, want_flipped=need_factors)
         if need_factors:
-            xf = xf.reshape(-1, x.size(-1))
+            xf = xf.reshape(-1, xf.size(-1))
             zeroed_oi = None if zeroed is None else (zeroed.t() if conv1d else zeroed)
             if need_w:  # the base weight trains too: the full product is needed anyway
                 dm = (g2.t() @ xf).float()
@@ -369,6 +425,9 @@ class BitflipLayerMixin:
 
     _is_conv1d = False
     bitflip_stats = None  # a FlipStatsAccumulator while statistics are recorded (instance attr)
+    # keep x (not flip(x)) for backward and recompute the flip there: less activation memory,
+    # one more pass over x; see recompute_flipped_inputs()
+    bitflip_recompute_input = False
 
     def init_bitflip(self, name: str, x_spec: FlipSpec, w_spec: FlipSpec, seed: int = 0) -> None:
         self.bitflip_name = name
@@ -444,6 +503,7 @@ class BitflipLayerMixin:
             self._is_conv1d,
             stats,
             weight_params,
+            self.bitflip_recompute_input,
         )
 
     def flipped_lora_forward(self, x: torch.Tensor, lora_a, lora_b, scale) -> torch.Tensor:
@@ -507,6 +567,26 @@ else:  # pragma: no cover
 def bitflip_layers(model: nn.Module):
     """(name, layer) for every bit-flip layer in ``model``."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, BitflipLayerMixin)]
+
+
+def recompute_flipped_inputs(model: nn.Module, enabled: bool = True) -> int:
+    """Trade speed for activation memory in the bit-flip layers of ``model`` (not the LoRA fast
+    path); returns the number of layers set.
+
+    By default a layer keeps ``flip(x)`` for backward.  Where several layers read the same
+    ``x`` (q/k/v, gate/up) that is one activation-sized tensor per layer instead of one shared
+    ``x``: +11% peak memory in a full bf16 training step of a 1B Llama at batch 8x1024
+    (``docs/benchmarks.md``).  ``enabled=True`` keeps ``x`` as a clean layer does and
+    recomputes ``flip(x)`` in backward (one more read and write of ``x`` per layer; the same
+    gradients).  Under an autocast the layers keep a cast copy of ``x`` per layer anyway, and
+    with activation checkpointing the kept tensors are not stored, so there it changes little.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    layers = [m for _, m in bitflip_layers(model)]
+    for m in layers:
+        m.bitflip_recompute_input = enabled
+    return len(layers)
 
 
 @contextlib.contextmanager

@@ -134,7 +134,7 @@ def test_readme_python_snippets_run(index, tiny_checkpoint, reference_backend):
 def test_tuner_guide_snippet_runs(reference_backend):
     from tiny_models import tiny_llama
 
-    (code,) = blocks("docs/tuner.md", ("python",))
+    code, recompute = blocks("docs/tuner.md", ("python",))
     model = tiny_llama()
     ids = torch.randint(0, model.config.vocab_size, (2, 8))
     namespace = {"model": model, "ids": ids}
@@ -142,6 +142,13 @@ def test_tuner_guide_snippet_runs(reference_backend):
         run_snippet(code, namespace)
     assert namespace["clean_logits"].shape[:2] == (2, 8)
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # removed again
+    # "what is kept for backward": switch a flipped model's layers to recomputing flip(x)
+    import peft_bitflip as pb
+    from peft_bitflip.layers import bitflip_layers
+
+    pb.apply_bitflip(model, pb.BitflipConfig(x_p_exp=0.01))
+    run_snippet(recompute, {"model": model, "pb": pb})
+    assert all(m.bitflip_recompute_input for _, m in bitflip_layers(model))
 
 
 def test_checkpoint_guide_snippets_run(tiny_checkpoint, tmp_path, monkeypatch, reference_backend):

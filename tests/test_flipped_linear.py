@@ -46,11 +46,20 @@ def inputs(conv1d=False, bias=True, seed=0):
     return x, w, b
 
 
+def recomputing(*args):
+    """flipped_linear that keeps x and recomputes flip(x) in backward."""
+    return flipped_linear(*args, recompute_input=True)
+
+
+FUSED_FORMS = [flipped_linear, recomputing]
+
+
+@pytest.mark.parametrize("fused_form", FUSED_FORMS)
 @pytest.mark.parametrize("conv1d", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_same_outputs_and_gradients_as_the_unfused_form(conv1d, bias):
+def test_same_outputs_and_gradients_as_the_unfused_form(fused_form, conv1d, bias):
     x, w, b = inputs(conv1d, bias)
-    fused = run(flipped_linear, x, w, b, conv1d)
+    fused = run(fused_form, x, w, b, conv1d)
     plain = run(flipped_linear_unfused, x, w, b, conv1d)
     assert torch.equal(fused[0], plain[0])  # the same flips
     for a, e in zip(fused[1:], plain[1:]):
@@ -60,12 +69,13 @@ def test_same_outputs_and_gradients_as_the_unfused_form(conv1d, bias):
     assert (plain[1] == 0).any() and (plain[2] == 0).any()
 
 
+@pytest.mark.parametrize("fused_form", FUSED_FORMS)
 @pytest.mark.parametrize("grad_x,grad_w", [(False, True), (True, False)])
-def test_gradients_when_only_x_or_only_w_needs_one(grad_x, grad_w):
+def test_gradients_when_only_x_or_only_w_needs_one(fused_form, grad_x, grad_w):
     """Backward takes other branches when x (a frozen embedding's output) or W (a frozen
     weight) needs no gradient; what it does compute equals the unfused form."""
     x, w, b = inputs()
-    fused = run(flipped_linear, x, w, b, grad_x=grad_x, grad_w=grad_w)
+    fused = run(fused_form, x, w, b, grad_x=grad_x, grad_w=grad_w)
     plain = run(flipped_linear_unfused, x, w, b, grad_x=grad_x, grad_w=grad_w)
     assert torch.equal(fused[0], plain[0])
     for a, e, wanted in zip(fused[1:3], plain[1:3], (grad_x, grad_w)):
@@ -109,17 +119,37 @@ def saved_bytes(fn, held=()) -> int:
     return total
 
 
-def test_saves_no_more_than_a_clean_linear_layer():
+def test_saves_flip_x_and_its_zero_mask_or_only_x():
+    """By default a layer keeps flip(x) instead of x plus x's packed zero mask (one byte per 4
+    float32 elements), never a weight-sized tensor; with recompute_input it keeps x itself,
+    as a clean layer does.  The unfused form keeps the flipped weight too."""
     x, w, b = inputs()
     h = torch.randn(2, 7, 24, requires_grad=True)
     x_in = h * 2  # a non-leaf activation, as inside a model
     w = w.requires_grad_()
     call = torch.tensor(0)
-    clean = saved_bytes(lambda: torch.nn.functional.linear(x_in, w, b))
+    x_bytes = x_in.numel() * x_in.element_size()
+    mask_bytes = -(-x_in.numel() // 4)
     fused = saved_bytes(lambda: flipped_linear(x_in, w, b, X_SPEC, W_SPEC, *KEYS, call))
+    assert x_bytes + mask_bytes <= fused <= x_bytes + mask_bytes + 64  # + the call index
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        recomputing(x_in, w, b, X_SPEC, W_SPEC, *KEYS, call)
+    assert any(t is x_in for t in saved)
+    assert sum(t.numel() * t.element_size() for t in saved if t is not x_in and t is not w) <= 64
     plain = saved_bytes(lambda: flipped_linear_unfused(x_in, w, b, X_SPEC, W_SPEC, *KEYS, call))
-    assert fused <= clean + 64  # x (saved by both) and the call index
-    assert plain >= clean + w.numel() * w.element_size()  # the flipped weight copy at least
+    assert plain >= x_bytes + w.numel() * w.element_size()  # the flipped weight copy at least
+
+
+def test_recompute_flipped_inputs_sets_every_layer():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    pb.apply_bitflip(model, pb.BitflipConfig(x_p_exp=0.01))
+    assert pb.recompute_flipped_inputs(model) == 2
+    assert all(m.bitflip_recompute_input for _, m in layers.bitflip_layers(model))
+    pb.recompute_flipped_inputs(model, False)
+    assert not any(m.bitflip_recompute_input for _, m in layers.bitflip_layers(model))
+    with pytest.raises(TypeError, match="'yes'"):
+        pb.recompute_flipped_inputs(model, "yes")
 
 
 def assert_close_to_scale(actual, expected, rel):

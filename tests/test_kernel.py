@@ -135,6 +135,89 @@ def test_one_launch_for_x_and_w_equals_two(request, monkeypatch, backend, x_spec
         pb.functional.apply_flip_specs(x, w.int(), x_spec, w_spec, KEY, wkey, 6)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_zero_mask_marks_the_zeroed_elements(request, monkeypatch, backend, dtype):
+    """apply_flip_spec_masked returns apply_flip_spec's bits and a packed mask whose bits are
+    exactly the elements the zero-out removed (checked against the masked gradient of ones);
+    zero_masked_ zeroes those elements of a gradient of another dtype in place."""
+    if backend == "triton":
+        request.getfixturevalue("needs_interpreter")
+    monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", backend)
+    torch.manual_seed(4)
+    g_size = group_size(dtype)
+    x = (torch.randn(13, 29, dtype=dtype) * 3).t()  # strided; numel not a multiple of G
+    for spec in (pb.FlipSpec(0.05, 0.05, 2.0), pb.FlipSpec(0.0, 0.0, 2.0)):
+        y, mask = pb.functional.apply_flip_spec_masked(x, spec, KEY, 7)
+        assert _same_bits(y, pb.functional.apply_flip_spec(x, spec, KEY, 7))
+        assert mask.dtype == torch.uint8 and mask.numel() == -(-x.numel() // g_size)
+        kept = pb.functional.flip_spec_grad(torch.ones(x.shape), x, spec, KEY, 7)
+        zeroed = reference.unpack_zero_mask(mask, x.numel(), g_size)
+        assert torch.equal(zeroed, kept.reshape(-1) == 0)
+        assert 0 < zeroed.sum() < x.numel()
+        g = torch.randn(x.shape, dtype=torch.float32)
+        got = pb.functional.zero_masked_(g.clone(), mask, dtype)
+        assert torch.equal(got, pb.functional.flip_spec_grad(g, x, spec, KEY, 7))
+    # no threshold (nothing is ever zeroed) or no mask wanted: no mask
+    for spec, want in (
+        (pb.FlipSpec(0.05, 0.05, None), True),
+        (pb.FlipSpec(0.05, 0.05, 2.0), False),
+    ):
+        y, mask = pb.functional.apply_flip_spec_masked(x, spec, KEY, 7, want_mask=want)
+        assert mask is None and _same_bits(y, pb.functional.apply_flip_spec(x, spec, KEY, 7))
+    g = torch.randn(x.shape)
+    assert pb.functional.zero_masked_(g, None, dtype) is g
+    with pytest.raises(ValueError, match="groups"):
+        pb.functional.zero_masked_(g, torch.zeros(3, dtype=torch.uint8), dtype)
+    with pytest.raises(ValueError, match="contiguous"):
+        pb.functional.zero_masked_(g.t().contiguous().t(), _zero_only_mask(x), dtype)
+
+
+def _zero_only_mask(x):
+    return pb.functional.apply_flip_spec_masked(x, pb.FlipSpec(0.0, 0.0, 2.0), KEY, 0)[1]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize(
+    "x_spec,w_spec",
+    [
+        (pb.FlipSpec(0.05, 0.02, 2.0), pb.FlipSpec(0.01, 0.03, 1.5)),
+        (pb.FlipSpec(0.0, 0.0, 2.0), pb.FlipSpec()),  # W untouched: two separate paths
+    ],
+)
+def test_one_launch_with_the_x_mask_equals_separate_flips(
+    request, monkeypatch, backend, x_spec, w_spec
+):
+    """flip_specs_masked (the layers' forward) gives the bits and x mask of separate calls."""
+    if backend == "triton":
+        request.getfixturevalue("needs_interpreter")
+    monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", backend)
+    torch.manual_seed(5)
+    x = torch.randn(2, 50, 24, dtype=torch.bfloat16) * 2
+    w = torch.randn(24, 33, dtype=torch.bfloat16).t()  # strided
+    wkey = pb.stream_key(1234, "layer.0", "w")
+    xf, wf, x_mask = pb.functional.flip_specs_masked(x, w, x_spec, w_spec, KEY, wkey, 8, True)
+    xf1, mask1 = pb.functional.apply_flip_spec_masked(x, x_spec, KEY, 8)
+    assert _same_bits(xf, xf1) and torch.equal(x_mask, mask1) and x_mask.any()
+    assert _same_bits(wf, pb.functional.apply_flip_spec(w, w_spec, wkey, 8))
+    # dX and dW masked in one launch == one at a time (also with only one mask)
+    w_mask = pb.functional.apply_flip_spec_masked(w, w_spec, wkey, 8)[1]
+    gx, gw = torch.randn(x.shape), torch.randn(w.shape, dtype=torch.bfloat16)
+    bf16 = torch.bfloat16
+    for wm in (w_mask, None):
+        got_x, got_w = gx.clone(), gw.clone()
+        pb.functional.zero_masked_(got_x, x_mask, bf16, got_w, wm, bf16)
+        assert torch.equal(got_x, pb.functional.zero_masked_(gx.clone(), x_mask, bf16))
+        assert torch.equal(got_w, pb.functional.zero_masked_(gw.clone(), wm, bf16))
+    assert (got_x == 0).any()
+    with pytest.raises(TypeError, match="triple"):
+        pb.functional.zero_masked_(gx, x_mask, bf16, gw, w_mask)
+    xf, wf, x_mask = pb.functional.flip_specs_masked(x, w, x_spec, w_spec, KEY, wkey, 8)
+    assert x_mask is None and _same_bits(xf, xf1)
+    with pytest.raises(TypeError, match="float"):
+        pb.functional.flip_specs_masked(x, 1.0, x_spec, w_spec, KEY, wkey, 8)
+
+
 def test_op_uses_the_kernel_under_the_interpreter(needs_interpreter, monkeypatch):
     """The public op dispatches to the Triton kernel on the CPU when TRITON_INTERPRET=1."""
     monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", "triton")

@@ -113,3 +113,35 @@ def test_cuda_one_launch_for_x_and_w_and_in_place_grad_mask_match_cpu():
     assert torch.equal(grad_gpu.cpu(), expected)
     assert torch.equal(_bits(xf.cpu()), _bits(want[0]))
     assert (expected == 0).any()
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_packed_zero_masks_match_cpu(dtype):
+    """The flip with its packed zero mask (single and paired launch) and the mask-zeroing
+    kernel on the GPU equal the CPU reference bit for bit."""
+    from peft_bitflip import functional as F
+
+    torch.manual_seed(2)
+    x = torch.randn(3, 301, 256, dtype=dtype) * 2
+    w = torch.randn(512, 256, dtype=dtype)
+    xs, ws = pb.FlipSpec(2**-8, 2**-8, 2.0), pb.FlipSpec(2**-10, 2**-6, 1.5)
+    kx, kw = pb.stream_key(4, "l", "x"), pb.stream_key(4, "l", "w")
+    xf, x_mask = F.apply_flip_spec_masked(x, xs, kx, 11)
+    assert x_mask.any()
+    for got_x, got_mask in (
+        F.apply_flip_spec_masked(x.cuda(), xs, kx, 11),
+        F.flip_specs_masked(x.cuda(), w.cuda(), xs, ws, kx, kw, 11, True)[::2],
+    ):
+        assert torch.equal(_bits(got_x.cpu()), _bits(xf))
+        assert torch.equal(got_mask.cpu(), x_mask)
+    grad = torch.randn(x.shape)
+    expected = F.zero_masked_(grad.clone(), x_mask, dtype)
+    assert torch.equal(F.zero_masked_(grad.cuda(), x_mask.cuda(), dtype).cpu(), expected)
+    w_mask = F.apply_flip_spec_masked(w, ws, kw, 11)[1]
+    grad_w = torch.randn(w.shape)
+    expected_w = F.zero_masked_(grad_w.clone(), w_mask, dtype)
+    got_x, got_w = grad.cuda(), grad_w.cuda()
+    F.zero_masked_(got_x, x_mask.cuda(), dtype, got_w, w_mask.cuda(), dtype)  # one launch
+    assert torch.equal(got_x.cpu(), expected) and torch.equal(got_w.cpu(), expected_w)
+    assert torch.equal(expected, F.flip_spec_grad(grad, x, xs, kx, 11))

@@ -85,21 +85,63 @@ def bitflip_backward_impl(grad, x, table, call, key0, key1, threshold, has_flips
     )
 
 
-def bitflip_pair_impl(x, w, x_table, w_table, call, x_key, w_key, x_t, w_t, x_flips, w_flips):
-    """(flip of x, flip of w) as two :func:`bitflip_impl` calls would give them; one kernel
-    launch on the GPU when x and w share a dtype (a layer's forward: half the launches)."""
+def bitflip_masked_impl(x, table, call, key0, key1, threshold, has_flips):
+    """(flip of ``x`` as :func:`bitflip_impl` gives it, its packed zero mask: one uint8 per
+    group of ``group_size(x.dtype)`` elements, bit j set when element j was zeroed), from one
+    pass over ``x``.  ``threshold`` must not be None.  Not differentiable."""
+    xc = x.contiguous()
+    if backend_for(x.device) == "triton":
+        from . import triton_bitflip
+
+        return triton_bitflip.launch_with_mask(
+            xc, table, call.to(x.device), key0, key1, threshold, has_flips
+        )
+    return reference.bitflip_masked_reference(
+        xc, table, int(call), key0, key1, threshold, has_flips
+    )
+
+
+def zero_by_masks_impl(grads, masks, groups):
+    """Set each contiguous ``grads[i]`` to 0 in place where the packed zero mask ``masks[i]``
+    (groups of ``groups[i]`` elements) has a bit set; one launch on the GPU for up to two
+    tensors on the same device."""
+    for g in grads:
+        if not g.is_contiguous():
+            raise ValueError("grad must be contiguous to be masked in place")
+    if (
+        len(grads) <= 2
+        and backend_for(grads[0].device) == "triton"
+        and all(g.device == grads[0].device for g in grads)
+    ):
+        from . import triton_bitflip
+
+        triton_bitflip.zero_by_masks_(list(grads), list(masks), list(groups))
+        return
+    for g, m, gs in zip(grads, masks, groups):
+        reference.zero_by_mask_reference_(g, m, gs)
+
+
+def bitflip_pair_impl(
+    x, w, x_table, w_table, call, x_key, w_key, x_t, w_t, x_flips, w_flips, want_x_mask=False
+):
+    """(flip of x, flip of w, x's packed zero mask or None) as :func:`bitflip_impl` /
+    :func:`bitflip_masked_impl` would give them; one kernel launch on the GPU when x and w
+    share a dtype (a layer's forward: half the launches).  The mask is returned when
+    ``want_x_mask`` and ``x_t`` is not None."""
+    want_x_mask = want_x_mask and x_t is not None
     if backend_for(x.device) == "triton" and x.dtype == w.dtype and x.device == w.device:
         from . import triton_bitflip
 
         xc, wc = x.contiguous(), w.contiguous()
         call = call.to(x.device)
         return triton_bitflip.launch_pair(
-            xc, wc, x_table, w_table, call, x_key, w_key, x_t, w_t, x_flips, w_flips
+            xc, wc, x_table, w_table, call, x_key, w_key, x_t, w_t, x_flips, w_flips, want_x_mask
         )
-    return (
-        bitflip_impl(x, x_table, call, *x_key, x_t, x_flips),
-        bitflip_impl(w, w_table, call, *w_key, w_t, w_flips),
-    )
+    if want_x_mask:
+        xf, x_mask = bitflip_masked_impl(x, x_table, call, *x_key, x_t, x_flips)
+    else:
+        xf, x_mask = bitflip_impl(x, x_table, call, *x_key, x_t, x_flips), None
+    return xf, bitflip_impl(w, w_table, call, *w_key, w_t, w_flips), x_mask
 
 
 def bitflip_zero_grad_impl(x, grad, table, call, key0, key1, threshold, has_flips, want_y):

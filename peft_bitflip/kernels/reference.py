@@ -157,3 +157,44 @@ def bitflip_backward_reference(
     y = bitflip_reference(x, table, call, k0, k1, None, has_flips)
     keep = keep_mask(y, threshold).view(grad.shape)
     return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+
+def pack_zero_mask(zeroed: torch.Tensor, group: int) -> torch.Tensor:
+    """The packed zero mask of a bool tensor (True = zeroed), in its element order: one uint8
+    per group of ``group`` elements, bit j set when element j of the group is True."""
+    flat = zeroed.reshape(-1)
+    pad = (-flat.numel()) % group
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = 1 << torch.arange(group, device=flat.device, dtype=torch.int32)
+    return (flat.view(-1, group).to(torch.int32) * weights).sum(1).to(torch.uint8)
+
+
+def unpack_zero_mask(mask: torch.Tensor, n_elements: int, group: int) -> torch.Tensor:
+    """The bool tensor (``n_elements``, True = zeroed) of a packed zero mask."""
+    shifts = torch.arange(group, device=mask.device, dtype=torch.int32)
+    bits = (mask.to(torch.int32)[:, None] >> shifts) & 1
+    return bits.reshape(-1)[:n_elements].bool()
+
+
+def bitflip_masked_reference(
+    x: torch.Tensor,
+    table: torch.Tensor,
+    call: int,
+    k0: int,
+    k1: int,
+    threshold: float,
+    has_flips: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(:func:`bitflip_reference`, its packed zero mask; see :func:`pack_zero_mask`)."""
+    y = bitflip_reference(x, table, call, k0, k1, None, has_flips)
+    keep = keep_mask(y, threshold)
+    y = torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))
+    return y, pack_zero_mask(~keep, group_size(x.dtype))
+
+
+def zero_by_mask_reference_(grad: torch.Tensor, mask: torch.Tensor, group: int) -> torch.Tensor:
+    """Set contiguous ``grad`` to 0 in place where the packed zero mask has a bit set."""
+    flat = grad.view(-1)
+    flat.masked_fill_(unpack_zero_mask(mask, flat.numel(), group), 0)
+    return grad

@@ -206,6 +206,7 @@ def _flip_block(
     x_ptr,
     out_ptr,
     grad_ptr,
+    mask_ptr,
     n_elements,
     table_ptr,
     call_ptr,
@@ -214,6 +215,7 @@ def _flip_block(
     threshold,
     WRITE_Y: tl.constexpr,
     GRAD_MODE: tl.constexpr,
+    WRITE_MASK: tl.constexpr,
     HAS_FLIPS: tl.constexpr,
     HAS_ZERO: tl.constexpr,
     ELEM_BITS: tl.constexpr,
@@ -228,7 +230,8 @@ def _flip_block(
     N_ROUNDS: tl.constexpr,
 ):
     """Block ``pid`` (ROWS groups of G elements) of a flat tensor: flip + zero-out, then write
-    y and/or the gradient mask (GRAD_MODE)."""
+    y, the gradient mask (GRAD_MODE) and/or the packed zero mask (WRITE_MASK: one uint8 per
+    group, bit j set when element j of the group was zeroed)."""
     rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)  # group indices
     cols = tl.arange(0, G)
     offs = rows[:, None] * G + cols[None, :]
@@ -245,6 +248,9 @@ def _flip_block(
         tl.store(out_ptr + offs, tl.where(keep, g, 0), mask=inb)
     if GRAD_MODE == GRAD_ZERO_IN_PLACE:  # writes only the (rare) zeroed elements
         tl.store(grad_ptr + offs, tl.zeros_like(x).to(grad_ptr.dtype.element_ty), mask=inb & ~keep)
+    if WRITE_MASK:
+        zeroed = tl.where(keep, 0, (1 << cols)[None, :])
+        tl.store(mask_ptr + rows, tl.sum(zeroed, axis=1).to(tl.uint8), mask=rows * G < n_elements)
 
 
 @triton.jit
@@ -252,6 +258,7 @@ def _bitflip_kernel(
     x_ptr,
     out_ptr,
     grad_ptr,
+    mask_ptr,
     n_elements,
     table_ptr,
     call_ptr,
@@ -260,6 +267,7 @@ def _bitflip_kernel(
     threshold,
     WRITE_Y: tl.constexpr,
     GRAD_MODE: tl.constexpr,
+    WRITE_MASK: tl.constexpr,
     HAS_FLIPS: tl.constexpr,
     HAS_ZERO: tl.constexpr,
     ELEM_BITS: tl.constexpr,
@@ -274,9 +282,9 @@ def _bitflip_kernel(
     N_ROUNDS: tl.constexpr,
 ):
     _flip_block(
-        tl.program_id(0).to(tl.int64), x_ptr, out_ptr, grad_ptr, n_elements, table_ptr,
-        call_ptr, k0, k1, threshold, WRITE_Y, GRAD_MODE, HAS_FLIPS, HAS_ZERO, ELEM_BITS, N_EXP,
-        N_FRAC, G, ROWS, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
+        tl.program_id(0).to(tl.int64), x_ptr, out_ptr, grad_ptr, mask_ptr, n_elements,
+        table_ptr, call_ptr, k0, k1, threshold, WRITE_Y, GRAD_MODE, WRITE_MASK, HAS_FLIPS,
+        HAS_ZERO, ELEM_BITS, N_EXP, N_FRAC, G, ROWS, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
     )  # fmt: skip
 
 
@@ -284,6 +292,7 @@ def _bitflip_kernel(
 def _bitflip_pair_kernel(
     x_ptr,
     x_out_ptr,
+    x_mask_ptr,
     n_x,
     x_table_ptr,
     x_k0,
@@ -298,6 +307,7 @@ def _bitflip_pair_kernel(
     w_threshold,
     call_ptr,
     programs_x,
+    X_MASK: tl.constexpr,
     X_FLIPS: tl.constexpr,
     X_ZERO: tl.constexpr,
     W_FLIPS: tl.constexpr,
@@ -314,22 +324,60 @@ def _bitflip_pair_kernel(
     N_ROUNDS: tl.constexpr,
 ):
     """The forward flips of a layer's input and weight (same dtype) in one launch: the first
-    ``programs_x`` programs flip x, the others W, each with its own table, key and threshold."""
+    ``programs_x`` programs flip x, the others W, each with its own table, key and threshold;
+    X_MASK: also write x's packed zero mask."""
     pid = tl.program_id(0).to(tl.int64)
     if pid < programs_x:
         _flip_block(
-            pid, x_ptr, x_out_ptr, x_ptr, n_x, x_table_ptr, call_ptr, x_k0, x_k1, x_threshold,
-            True, GRAD_NONE, X_FLIPS, X_ZERO, ELEM_BITS, N_EXP, N_FRAC, G, ROWS, N_E, N_F,
-            STEPS_E, STEPS_F, N_ROUNDS,
+            pid, x_ptr, x_out_ptr, x_ptr, x_mask_ptr, n_x, x_table_ptr, call_ptr, x_k0, x_k1,
+            x_threshold, True, GRAD_NONE, X_MASK, X_FLIPS, X_ZERO, ELEM_BITS, N_EXP, N_FRAC, G,
+            ROWS, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
         )  # fmt: skip
     else:
         _flip_block(
-            pid - programs_x, w_ptr, w_out_ptr, w_ptr, n_w, w_table_ptr, call_ptr, w_k0, w_k1,
-            w_threshold, True, GRAD_NONE, W_FLIPS, W_ZERO, ELEM_BITS, N_EXP, N_FRAC, G, ROWS,
-            N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
+            pid - programs_x, w_ptr, w_out_ptr, w_ptr, w_ptr, n_w, w_table_ptr, call_ptr, w_k0,
+            w_k1, w_threshold, True, GRAD_NONE, False, W_FLIPS, W_ZERO, ELEM_BITS, N_EXP, N_FRAC,
+            G, ROWS, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
         )  # fmt: skip
 
 
+@triton.jit
+def _zero_by_mask_block(pid, grad_ptr, mask_ptr, n_elements, G: tl.constexpr, ROWS: tl.constexpr):
+    """Block ``pid`` (ROWS groups of G): set ``grad`` to 0 where the packed zero mask (one uint8
+    per group) has a bit set.  Reads the mask, writes only the (rare) masked elements."""
+    rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    packed = tl.load(mask_ptr + rows, mask=rows * G < n_elements, other=0).to(tl.int32)
+    if tl.max(packed, axis=0) > 0:
+        cols = tl.arange(0, G)
+        offs = rows[:, None] * G + cols[None, :]
+        hit = ((packed[:, None] >> cols[None, :]) & 1) != 0
+        zeros = tl.zeros([ROWS, G], dtype=grad_ptr.dtype.element_ty)
+        tl.store(grad_ptr + offs, zeros, mask=hit & (offs < n_elements))
+
+
+@triton.jit
+def _zero_by_masks_kernel(
+    a_ptr,
+    a_mask_ptr,
+    n_a,
+    b_ptr,
+    b_mask_ptr,
+    n_b,
+    programs_a,
+    G_A: tl.constexpr,
+    G_B: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    """:func:`_zero_by_mask_block` on two tensors in one launch (a layer's dX and dW): the first
+    ``programs_a`` programs mask a, the others b."""
+    pid = tl.program_id(0).to(tl.int64)
+    if pid < programs_a:
+        _zero_by_mask_block(pid, a_ptr, a_mask_ptr, n_a, G_A, ROWS)
+    else:
+        _zero_by_mask_block(pid - programs_a, b_ptr, b_mask_ptr, n_b, G_B, ROWS)
+
+
+MASK_ROWS_PER_PROGRAM = 1024  # groups per program of the mask-zeroing kernel
 ROWS_PER_PROGRAM = 64  # tuned on H100 (benchmarks/tune_kernel.py): best at p <= 2^-16
 NUM_WARPS = 2
 
@@ -357,7 +405,14 @@ def flip_constexprs(dtype, has_flips: bool, has_zero: bool) -> dict:
 
 @functools.cache
 def _launch_config(
-    dtype, write_y: bool, grad_mode: int, has_zero: bool, has_flips: bool, rows, num_warps
+    dtype,
+    write_y: bool,
+    grad_mode: int,
+    write_mask: bool,
+    has_zero: bool,
+    has_flips: bool,
+    rows,
+    num_warps,
 ):
     """(elements per program, the kernel's constexpr arguments): computed once per setting,
     so a launch costs little Python."""
@@ -366,6 +421,7 @@ def _launch_config(
         flip_constexprs(dtype, has_flips, has_zero),
         WRITE_Y=write_y,
         GRAD_MODE=grad_mode,
+        WRITE_MASK=write_mask,
         ROWS=rows,
         num_warps=num_warps or NUM_WARPS,
     )
@@ -386,9 +442,17 @@ def _run(
     grad_mode,
     rows=None,
     num_warps=None,
+    mask=None,
 ):
     per_program, constexprs = _launch_config(
-        x.dtype, write_y, grad_mode, threshold is not None, has_flips, rows, num_warps
+        x.dtype,
+        write_y,
+        grad_mode,
+        mask is not None,
+        threshold is not None,
+        has_flips,
+        rows,
+        num_warps,
     )
     n = x.numel()
     if n == 0:
@@ -397,6 +461,7 @@ def _run(
         x,
         out,
         grad,
+        x if mask is None else mask,
         n,
         table,
         call,
@@ -432,6 +497,45 @@ def launch(
     return out
 
 
+def zero_mask_size(n_elements: int, dtype: torch.dtype) -> int:
+    """Bytes of the packed zero mask of ``n_elements`` elements of ``dtype`` (one per group)."""
+    return triton.cdiv(n_elements, group_size(dtype))
+
+
+def launch_with_mask(
+    x: torch.Tensor,
+    table: torch.Tensor,
+    call: torch.Tensor,
+    k0: int,
+    k1: int,
+    threshold: float,
+    has_flips: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flip of contiguous ``x``, its packed zero mask) from one pass over ``x``."""
+    out = torch.empty_like(x)
+    mask = torch.empty(zero_mask_size(x.numel(), x.dtype), dtype=torch.uint8, device=x.device)
+    _run(x, out, x, table, call, k0, k1, threshold, has_flips, True, _GRAD_NONE, mask=mask)
+    return out, mask
+
+
+def zero_by_masks_(grads, masks, groups) -> None:
+    """Set each contiguous ``grads[i]`` (one or two tensors) to 0 in place where the packed zero
+    mask ``masks[i]`` (groups of ``groups[i]`` elements, in that tensor's element order) has a
+    bit set; one launch."""
+    programs = [
+        triton.cdiv(triton.cdiv(g.numel(), gs), MASK_ROWS_PER_PROGRAM)
+        for g, gs in zip(grads, groups)
+    ]
+    if sum(programs) == 0:
+        return
+    if len(grads) == 1:
+        grads, masks, groups, programs = grads * 2, masks * 2, groups * 2, programs + [0]
+    (a, b), (ma, mb), (ga, gb) = grads, masks, groups
+    _zero_by_masks_kernel[(programs[0] + programs[1],)](
+        a, ma, a.numel(), b, mb, b.numel(), programs[0], G_A=ga, G_B=gb, ROWS=MASK_ROWS_PER_PROGRAM
+    )
+
+
 def launch_zero_grad_(
     x: torch.Tensor,
     grad: torch.Tensor,
@@ -451,10 +555,11 @@ def launch_zero_grad_(
 
 
 @functools.cache
-def _pair_config(dtype, x_flips: bool, x_zero: bool, w_flips: bool, w_zero: bool):
+def _pair_config(dtype, x_mask: bool, x_flips: bool, x_zero: bool, w_flips: bool, w_zero: bool):
     base = flip_constexprs(dtype, False, False)
     constexprs = {k: v for k, v in base.items() if k not in ("HAS_FLIPS", "HAS_ZERO")}
     constexprs.update(
+        X_MASK=x_mask,
         X_FLIPS=x_flips,
         X_ZERO=x_zero,
         W_FLIPS=w_flips,
@@ -466,21 +571,39 @@ def _pair_config(dtype, x_flips: bool, x_zero: bool, w_flips: bool, w_zero: bool
 
 
 def launch_pair(
-    x, w, x_table, w_table, call, x_key, w_key, x_threshold, w_threshold, x_flips, w_flips
+    x,
+    w,
+    x_table,
+    w_table,
+    call,
+    x_key,
+    w_key,
+    x_threshold,
+    w_threshold,
+    x_flips,
+    w_flips,
+    want_x_mask=False,
 ):
     """flip(x) and flip(w) (contiguous, the same dtype, each with its own table, stream key,
-    threshold and flips switch) in one launch; returns (x flipped, w flipped)."""
+    threshold and flips switch) in one launch; returns (x flipped, w flipped, x's packed zero
+    mask or None).  The mask is written when ``want_x_mask`` and x has a threshold."""
+    want_x_mask = want_x_mask and x_threshold is not None
     per_program, constexprs = _pair_config(
-        x.dtype, x_flips, x_threshold is not None, w_flips, w_threshold is not None
+        x.dtype, want_x_mask, x_flips, x_threshold is not None, w_flips, w_threshold is not None
     )
     x_out, w_out = torch.empty_like(x), torch.empty_like(w)
+    x_mask = None
+    if want_x_mask:
+        size = zero_mask_size(x.numel(), x.dtype)
+        x_mask = torch.empty(size, dtype=torch.uint8, device=x.device)
     programs_x = triton.cdiv(x.numel(), per_program)
     programs = programs_x + triton.cdiv(w.numel(), per_program)
     if programs == 0:
-        return x_out, w_out
+        return x_out, w_out, x_mask
     _bitflip_pair_kernel[(programs,)](
         x,
         x_out,
+        x if x_mask is None else x_mask,
         x.numel(),
         x_table,
         *x_key,
@@ -495,4 +618,4 @@ def launch_pair(
         programs_x,
         **constexprs,
     )
-    return x_out, w_out
+    return x_out, w_out, x_mask
