@@ -1,6 +1,12 @@
 """Host (Python) overhead of the bit-flip layers on CUDA: per-call launch costs and a cProfile
-of flipped forwards at batch 1 (where the host, not the GPU, sets the pace)."""
+of flipped forwards at batch 1 (where the host, not the GPU, sets the pace).
 
+``--python-only`` runs on the CPU instead: the kernel launchers are replaced by functions that
+only allocate their outputs, so the rows are the Python cost of a layer around its launches
+(forward under ``no_grad``; forward + backward), next to ``nn.Linear`` on the same tiny input.
+"""
+
+import argparse
 import cProfile
 import pstats
 import sys
@@ -36,7 +42,57 @@ def per_call_us(fn, n=300):
     return host, total
 
 
+def stub_kernels():
+    """Replace the Triton launchers by allocations of their outputs (Python cost only)."""
+
+    def mask_of(t):
+        return torch.empty(triton_bitflip.zero_mask_size(t.numel(), t.dtype), dtype=torch.uint8)
+
+    op.backend_for = lambda device: "triton"
+    triton_bitflip.launch = lambda x, *a, **k: torch.empty_like(x)
+    triton_bitflip.launch_with_mask = lambda x, *a: (torch.empty_like(x), mask_of(x))
+    triton_bitflip.launch_pair = lambda x, w, *a: (
+        torch.empty_like(x),
+        torch.empty_like(w),
+        mask_of(x) if a[-1] and a[5] is not None else None,
+    )
+    triton_bitflip.launch_zero_grad_ = lambda x, grad, *a: torch.empty_like(x) if a[-1] else None
+    triton_bitflip.zero_by_masks_ = lambda *a: None
+
+
+def python_only(n=40000):
+    """Per-call Python cost (us) of a bit-flip layer's forward and forward + backward."""
+    stub_kernels()
+    spec_x, spec_w = FlipSpec(2**-16, 2**-16, 30.0), FlipSpec(2**-16, 2**-16, 1.25)
+    layer = pb.BitflipLinear(64, 64)
+    layer.init_bitflip("layer", spec_x, spec_w)
+    plain = torch.nn.Linear(64, 64)
+    x = torch.randn(1, 64, requires_grad=True)
+
+    def timed(fn, rounds=10):  # the best of a few rounds: the least disturbed by other work
+        for _ in range(n // 20):
+            fn()
+        best = float("inf")
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(n // rounds):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / (n // rounds) * 1e6)
+        return best
+
+    for name, module in (("BitflipLinear", layer), ("nn.Linear", plain)):
+        with torch.no_grad():
+            fwd = timed(lambda: module(x))
+        train = timed(lambda: module(x).sum().backward())
+        print(f"{name:14s} forward (no_grad) {fwd:7.1f} us   forward + backward {train:7.1f} us")
+
+
 def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--python-only", action="store_true", help="CPU, kernels stubbed out")
+    if ap.parse_args().python_only:
+        python_only()
+        return
     x = torch.randn(1024, 2048, device="cuda", dtype=torch.bfloat16)
     y = torch.empty_like(x)
     spec = FlipSpec(2**-16, 2**-16, 30.0)

@@ -50,6 +50,8 @@ def stream_key(seed: int, *parts: int | str) -> tuple[int, int]:
 
 def _call_tensor(call, device: torch.device) -> Tensor:
     if isinstance(call, Tensor):
+        if call.dtype is torch.int64 and call.dim() == 0:  # the layers' counters
+            return call
         if call.numel() != 1 or call.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"call must be an int or a one-element integer tensor, got {call!r}")
         return call.reshape(())

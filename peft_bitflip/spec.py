@@ -117,6 +117,10 @@ class FlipSpec:
             +-Inf become 0.  ``None`` disables zero-out.
         compat_snap: use the original's probabilities (``snap_probability``) instead of the
             exact ``p``, to reproduce its numbers.
+
+    Derived (read-only) attributes: ``effective_p_exp`` / ``effective_p_frac`` (the
+    probabilities the kernel uses: snapped under ``compat_snap``), ``flips`` (any bit can
+    flip) and ``is_identity`` (the transform returns its input unchanged).
     """
 
     p_exp: float = 0.0
@@ -134,24 +138,13 @@ class FlipSpec:
         )
         if not isinstance(self.compat_snap, bool):
             raise TypeError(f"compat_snap must be a bool, got {self.compat_snap!r}")
-
-    @property
-    def effective_p_exp(self) -> float:
-        return snap_probability(self.p_exp) if self.compat_snap else self.p_exp
-
-    @property
-    def effective_p_frac(self) -> float:
-        return snap_probability(self.p_frac) if self.compat_snap else self.p_frac
-
-    @property
-    def flips(self) -> bool:
-        """True if any bit can flip."""
-        return self.effective_p_exp > 0 or self.effective_p_frac > 0
-
-    @property
-    def is_identity(self) -> bool:
-        """True if the transform returns its input unchanged."""
-        return not self.flips and self.zero_out_threshold is None
+        # derived values, plain attributes (not fields): every layer call reads them
+        snap = snap_probability if self.compat_snap else float
+        derived = dict(effective_p_exp=snap(self.p_exp), effective_p_frac=snap(self.p_frac))
+        derived["flips"] = derived["effective_p_exp"] > 0 or derived["effective_p_frac"] > 0
+        derived["is_identity"] = not derived["flips"] and self.zero_out_threshold is None
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict:
         return asdict(self)

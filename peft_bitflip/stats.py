@@ -16,6 +16,7 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 
 from .functional import apply_flip_spec
 from .kernels.op import backend_for
+from .kernels.sampling import ceil_div
 from .spec import check_dtype
 
 INT_VIEW = {16: torch.int16, 32: torch.int32}
@@ -206,7 +207,7 @@ def _add_counts(out: torch.Tensor, x: torch.Tensor, flipped: torch.Tensor, thres
         return
     layout = check_dtype(x.dtype)
     x, flipped = x.contiguous().view(-1), flipped.contiguous().view(-1)
-    grid = (triton.cdiv(x.numel(), COUNT_BLOCK),)
+    grid = (ceil_div(x.numel(), COUNT_BLOCK),)
     _flip_count_kernel[grid](
         x,
         flipped,

@@ -75,7 +75,8 @@ _MAX_CACHED_TABLES = 1024
 @torch.compiler.assume_constant_result
 def flip_table(p_exp: float, p_frac: float, dtype: torch.dtype, device) -> torch.Tensor:
     """The int64 table ``[T_E - 1 (N_E entries), T_F - 1 (N_F entries)]`` on ``device`` (cached)."""
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     key = (float(p_exp), float(p_frac), dtype, device)
     t = _DEVICE_TABLES.get(key)
     if t is None:
@@ -86,6 +87,12 @@ def flip_table(p_exp: float, p_frac: float, dtype: torch.dtype, device) -> torch
             _DEVICE_TABLES.pop(next(iter(_DEVICE_TABLES)))
         _DEVICE_TABLES[key] = t
     return t
+
+
+def ceil_div(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints >= 0 (plain Python: ``triton.cdiv`` costs a few us per call from
+    the host in recent Triton releases, where it is a constexpr function)."""
+    return -(-a // b)
 
 
 def search_steps(n: int) -> int:

@@ -22,6 +22,7 @@ from .sampling import (
     PHILOX_ROUNDS,
     PHILOX_W0,
     PHILOX_W1,
+    ceil_div,
     field_sizes,
     group_size,
     search_steps,
@@ -457,7 +458,7 @@ def _run(
     n = x.numel()
     if n == 0:
         return
-    _bitflip_kernel[(triton.cdiv(n, per_program),)](
+    _bitflip_kernel[(ceil_div(n, per_program),)](
         x,
         out,
         grad,
@@ -499,7 +500,7 @@ def launch(
 
 def zero_mask_size(n_elements: int, dtype: torch.dtype) -> int:
     """Bytes of the packed zero mask of ``n_elements`` elements of ``dtype`` (one per group)."""
-    return triton.cdiv(n_elements, group_size(dtype))
+    return ceil_div(n_elements, group_size(dtype))
 
 
 def launch_with_mask(
@@ -523,8 +524,7 @@ def zero_by_masks_(grads, masks, groups) -> None:
     mask ``masks[i]`` (groups of ``groups[i]`` elements, in that tensor's element order) has a
     bit set; one launch."""
     programs = [
-        triton.cdiv(triton.cdiv(g.numel(), gs), MASK_ROWS_PER_PROGRAM)
-        for g, gs in zip(grads, groups)
+        ceil_div(ceil_div(g.numel(), gs), MASK_ROWS_PER_PROGRAM) for g, gs in zip(grads, groups)
     ]
     if sum(programs) == 0:
         return
@@ -596,8 +596,8 @@ def launch_pair(
     if want_x_mask:
         size = zero_mask_size(x.numel(), x.dtype)
         x_mask = torch.empty(size, dtype=torch.uint8, device=x.device)
-    programs_x = triton.cdiv(x.numel(), per_program)
-    programs = programs_x + triton.cdiv(w.numel(), per_program)
+    programs_x = ceil_div(x.numel(), per_program)
+    programs = programs_x + ceil_div(w.numel(), per_program)
     if programs == 0:
         return x_out, w_out, x_mask
     _bitflip_pair_kernel[(programs,)](

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sampling import group_size
+from .sampling import ceil_div, group_size
 from .triton_bitflip import ROWS_PER_PROGRAM, flip_and_zero, flip_constexprs
 
 
@@ -209,7 +209,7 @@ def merge_flip(
         if want_mask and threshold is not None
         else None
     )
-    grid = (triton.cdiv(m, MERGE_BM), triton.cdiv(n, MERGE_BN))
+    grid = (ceil_div(m, MERGE_BM), ceil_div(n, MERGE_BN))
     _merge_flip_kernel[grid](
         w,
         lhs,
@@ -252,7 +252,7 @@ def zeroed_correction(mask_ok: torch.Tensor, g: torch.Tensor, x: torch.Tensor, a
     da = torch.zeros((rank, n_in), dtype=torch.float32, device=g.device)
     db = torch.zeros((n_out, rank), dtype=torch.float32, device=g.device)
     bo, bk = CORRECTION_BO, CORRECTION_BK
-    grid = (triton.cdiv(n_out, bo), triton.cdiv(n_in, bk))
+    grid = (ceil_div(n_out, bo), ceil_div(n_in, bk))
     _zeroed_correction_kernel[grid](
         mask_ok,
         g,
