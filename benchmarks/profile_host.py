@@ -90,8 +90,10 @@ def python_only(n=40000):
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--python-only", action="store_true", help="CPU, kernels stubbed out")
-    if ap.parse_args().python_only:
-        python_only()
+    ap.add_argument("--calls", type=int, default=40000, help="calls per --python-only row")
+    args = ap.parse_args()
+    if args.python_only:
+        python_only(args.calls)
         return
     x = torch.randn(1024, 2048, device="cuda", dtype=torch.bfloat16)
     y = torch.empty_like(x)

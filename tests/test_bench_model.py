@@ -41,3 +41,25 @@ def test_profile_model_sorts_kernels_and_runs_at_toy_size(reference_backend, tmp
     assert out.exists() and [c["variant"] for c in cells] == ["clean", "ours"]
     assert all(c["wall_ms"] > 0 and c["kernels_per_step"] == 0 for c in cells)  # no CUDA here
     assert "| 2 | forward | ours |" in profile_model.markdown(cells)
+
+
+def test_profile_host_python_only_runs_with_the_stubbed_launchers():
+    """profile_host.py --python-only replaces the Triton launchers by stubs; if a launcher's
+    arguments or results change and the stubs no longer match, the layer calls fail here.
+    (A subprocess: the stubs replace module attributes for the rest of the process.)"""
+    import subprocess
+
+    script = os.path.join(ROOT, "benchmarks", "profile_host.py")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    run = subprocess.run(
+        [sys.executable, script, "--python-only", "--calls", "200"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    rows = [line.split() for line in run.stdout.splitlines()]
+    assert [r[0] for r in rows] == ["BitflipLinear", "nn.Linear"]
+    for r in rows:
+        assert float(r[3]) > 0 and float(r[8]) > 0
