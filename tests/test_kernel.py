@@ -158,6 +158,12 @@ def test_packed_zero_mask_marks_the_zeroed_elements(request, monkeypatch, backen
         g = torch.randn(x.shape, dtype=torch.float32)
         got = pb.functional.zero_masked_(g.clone(), mask, dtype)
         assert torch.equal(got, pb.functional.flip_spec_grad(g, x, spec, KEY, 7))
+    # threshold 0 zeroes everything: the bits past the last element stay 0 (as the reference)
+    y, mask = pb.functional.apply_flip_spec_masked(x, pb.FlipSpec(0.0, 0.0, 0.0), KEY, 7)
+    assert torch.equal(
+        mask, reference.pack_zero_mask(torch.ones(x.numel(), dtype=torch.bool), g_size)
+    )
+    assert not y.any()
     # no threshold (nothing is ever zeroed) or no mask wanted: no mask
     for spec, want in (
         (pb.FlipSpec(0.05, 0.05, None), True),

@@ -250,7 +250,7 @@ def _flip_block(
     if GRAD_MODE == GRAD_ZERO_IN_PLACE:  # writes only the (rare) zeroed elements
         tl.store(grad_ptr + offs, tl.zeros_like(x).to(grad_ptr.dtype.element_ty), mask=inb & ~keep)
     if WRITE_MASK:
-        zeroed = tl.where(keep, 0, (1 << cols)[None, :])
+        zeroed = tl.where(keep | ~inb, 0, (1 << cols)[None, :])  # no bits past the end
         tl.store(mask_ptr + rows, tl.sum(zeroed, axis=1).to(tl.uint8), mask=rows * G < n_elements)
 
 
