@@ -120,6 +120,7 @@ def _restore(module: BitflipLayerMixin) -> None:
         "x_spec",
         "w_spec",
         "bitflip_enabled",
+        "bitflip_recompute_input",
         "_bitflip_keys",
         "_pending_calls",
         "_bitflip_original_class",

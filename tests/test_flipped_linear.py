@@ -150,6 +150,9 @@ def test_recompute_flipped_inputs_sets_every_layer():
     assert not any(m.bitflip_recompute_input for _, m in layers.bitflip_layers(model))
     with pytest.raises(TypeError, match="'yes'"):
         pb.recompute_flipped_inputs(model, "yes")
+    pb.recompute_flipped_inputs(model)
+    pb.remove_bitflip(model)  # plain nn.Linear again, without the setting
+    assert not any(hasattr(m, "bitflip_recompute_input") for m in model)
 
 
 def assert_close_to_scale(actual, expected, rel):
