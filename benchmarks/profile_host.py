@@ -19,7 +19,7 @@ import triton.language as tl
 import peft_bitflip as pb
 from peft_bitflip.functional import apply_flip_spec
 from peft_bitflip.kernels import op, triton_bitflip
-from peft_bitflip.kernels.sampling import flip_table
+from peft_bitflip.kernels.sampling import ceil_div, flip_table, zero_mask_size
 from peft_bitflip.spec import FlipSpec
 
 
@@ -46,7 +46,7 @@ def stub_kernels():
     """Replace the Triton launchers by allocations of their outputs (Python cost only)."""
 
     def mask_of(t):
-        return torch.empty(triton_bitflip.zero_mask_size(t.numel(), t.dtype), dtype=torch.uint8)
+        return torch.empty(zero_mask_size(t.numel(), t.dtype), dtype=torch.uint8)
 
     op.backend_for = lambda device: "triton"
     triton_bitflip.launch = lambda x, *a, **k: torch.empty_like(x)
@@ -85,6 +85,9 @@ def python_only(n=40000):
             fwd = timed(lambda: module(x))
         train = timed(lambda: module(x).sum().backward())
         print(f"{name:14s} forward (no_grad) {fwd:7.1f} us   forward + backward {train:7.1f} us")
+    # grid sizes: Triton's cdiv (a constexpr function in recent releases) against ours
+    for name, fn in (("triton.cdiv", triton.cdiv), ("ceil_div", ceil_div)):
+        print(f"{name:14s} one call {timed(lambda: fn(1 << 20, 512)):7.3f} us")
 
 
 def main():

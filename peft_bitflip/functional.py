@@ -15,7 +15,7 @@ from .kernels.op import (
     bitflip_zero_grad_impl,
     zero_by_masks_impl,
 )
-from .kernels.sampling import flip_table, group_size
+from .kernels.sampling import flip_table, group_size, zero_mask_size
 from .spec import FlipSpec, check_dtype
 
 __all__ = [
@@ -188,7 +188,7 @@ def zero_masked_(grad: Tensor, mask: Tensor | None, dtype: torch.dtype, *more) -
         jobs.append(tuple(more))
     jobs = [(g, m, d) for g, m, d in jobs if m is not None]
     for g, m, d in jobs:
-        expected = -(-g.numel() // group_size(d))
+        expected = zero_mask_size(g.numel(), d)
         if m.dtype != torch.uint8 or m.numel() != expected:
             raise ValueError(
                 f"mask must be a uint8 tensor of {expected} groups for {g.numel()} elements of "

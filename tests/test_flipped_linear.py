@@ -70,6 +70,27 @@ def test_same_outputs_and_gradients_as_the_unfused_form(fused_form, conv1d, bias
 
 
 @pytest.mark.parametrize("fused_form", FUSED_FORMS)
+@pytest.mark.parametrize("grad_x,grad_w", [(True, True), (False, True), (True, False)])
+def test_triton_kernels_in_the_layer_give_the_unfused_gradients(
+    request, monkeypatch, fused_form, grad_x, grad_w
+):
+    """The layer's forward and backward through the Triton kernels (paired flip writing x's
+    zero mask, W flip writing W's mask, dX and dW masked in one launch; interpreter on the CPU)
+    against the unfused form on the reference backend."""
+    request.getfixturevalue("needs_interpreter")
+    x, w, b = inputs()
+    plain = run(flipped_linear_unfused, x, w, b, grad_x=grad_x, grad_w=grad_w)
+    monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", "triton")
+    fused = run(fused_form, x, w, b, grad_x=grad_x, grad_w=grad_w)
+    assert torch.equal(fused[0], plain[0])
+    for a, e, wanted in zip(fused[1:3], plain[1:3], (grad_x, grad_w)):
+        assert (a is not None) == wanted
+        if wanted:
+            torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+            assert (e == 0).any()
+
+
+@pytest.mark.parametrize("fused_form", FUSED_FORMS)
 @pytest.mark.parametrize("grad_x,grad_w", [(False, True), (True, False)])
 def test_gradients_when_only_x_or_only_w_needs_one(fused_form, grad_x, grad_w):
     """Backward takes other branches when x (a frozen embedding's output) or W (a frozen

@@ -95,6 +95,12 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def zero_mask_size(n_elements: int, dtype: torch.dtype) -> int:
+    """Bytes of the packed zero mask of ``n_elements`` elements of ``dtype``: one uint8 per
+    group, bit j set when element j of the group was zeroed."""
+    return ceil_div(n_elements, group_size(dtype))
+
+
 def search_steps(n: int) -> int:
     """Binary-search steps to find a count in [0, n]."""
     return max(1, (n).bit_length())

@@ -26,6 +26,7 @@ from .sampling import (
     field_sizes,
     group_size,
     search_steps,
+    zero_mask_size,
 )
 
 _M0 = tl.constexpr(PHILOX_M0)
@@ -496,11 +497,6 @@ def launch(
         mode = _GRAD_MASKED_COPY
         _run(x, out, grad, table, call, k0, k1, threshold, has_flips, False, mode, rows, num_warps)
     return out
-
-
-def zero_mask_size(n_elements: int, dtype: torch.dtype) -> int:
-    """Bytes of the packed zero mask of ``n_elements`` elements of ``dtype`` (one per group)."""
-    return ceil_div(n_elements, group_size(dtype))
 
 
 def launch_with_mask(
