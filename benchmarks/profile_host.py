@@ -4,6 +4,10 @@ of flipped forwards at batch 1 (where the host, not the GPU, sets the pace).
 ``--python-only`` runs on the CPU instead: the kernel launchers are replaced by functions that
 only allocate their outputs, so the rows are the Python cost of a layer around its launches
 (forward under ``no_grad``; forward + backward), next to ``nn.Linear`` on the same tiny input.
+
+``--layer-only`` (CUDA) prints just a BitflipLinear's host cost next to nn.Linear's, measured in
+interleaved rounds: run it alternately from two checkouts (``PYTHONPATH=<copy>``) to compare
+commits on a noisy host.
 """
 
 import argparse
@@ -51,10 +55,11 @@ def stub_kernels():
     op.backend_for = lambda device: "triton"
     triton_bitflip.launch = lambda x, *a, **k: torch.empty_like(x)
     triton_bitflip.launch_with_mask = lambda x, *a: (torch.empty_like(x), mask_of(x))
+    # (x, w, x_table, w_table, call, x_key, w_key, x_t, w_t, x_flips, w_flips, want_x_mask, next)
     triton_bitflip.launch_pair = lambda x, w, *a: (
         torch.empty_like(x),
         torch.empty_like(w),
-        mask_of(x) if a[-1] and a[5] is not None else None,
+        mask_of(x) if a[9] and a[5] is not None else None,
     )
     triton_bitflip.launch_zero_grad_ = lambda x, grad, *a: torch.empty_like(x) if a[-1] else None
     triton_bitflip.zero_by_masks_ = lambda *a: None
@@ -90,13 +95,69 @@ def python_only(n=40000):
         print(f"{name:14s} one call {timed(lambda: fn(1 << 20, 512)):7.3f} us")
 
 
+def layer_rows(rounds=7, calls=200):
+    """Host us per call of a 2048x2048 bf16 BitflipLinear and nn.Linear on 1024 tokens (no_grad
+    forward; forward + backward), the rows interleaved round by round so that both see the
+    same host load; the lowest round of each, and the layer's extra cost over nn.Linear."""
+    spec_x, spec_w = FlipSpec(2**-16, 2**-16, 30.0), FlipSpec(2**-16, 2**-16, 1.25)
+    layer = pb.BitflipLinear(2048, 2048, bias=False, device="cuda", dtype=torch.bfloat16)
+    layer.init_bitflip("layer", spec_x, spec_w)
+    plain = torch.nn.Linear(2048, 2048, bias=False, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1024, 2048, device="cuda", dtype=torch.bfloat16)
+    xg = x.clone().requires_grad_()
+
+    def forward(m):
+        def run():
+            with torch.no_grad():
+                m(x)
+
+        return run
+
+    def train(m):
+        return lambda: m(xg).sum().backward()
+
+    rows = {
+        ("forward", "BitflipLinear"): forward(layer),
+        ("forward", "nn.Linear"): forward(plain),
+        ("forward+backward", "BitflipLinear"): train(layer),
+        ("forward+backward", "nn.Linear"): train(plain),
+    }
+    best = dict.fromkeys(rows, float("inf"))
+    for fn in rows.values():  # warm-up (Triton compiles here)
+        for _ in range(20):
+            fn()
+    for _ in range(rounds):
+        for key, fn in rows.items():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best[key] = min(best[key], (time.perf_counter() - t0) / calls * 1e6)
+    torch.cuda.synchronize()
+    for job in ("forward", "forward+backward"):
+        ours, clean = best[(job, "BitflipLinear")], best[(job, "nn.Linear")]
+        print(
+            f"{job:17s} BitflipLinear {ours:7.1f} us   nn.Linear {clean:7.1f} us   "
+            f"extra {ours - clean:7.1f} us"
+        )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--python-only", action="store_true", help="CPU, kernels stubbed out")
     ap.add_argument("--calls", type=int, default=40000, help="calls per --python-only row")
+    ap.add_argument(
+        "--layer-only",
+        action="store_true",
+        help="only the interleaved BitflipLinear / nn.Linear rows (CUDA; for A/B runs of two "
+        "checkouts, alternating processes)",
+    )
     args = ap.parse_args()
     if args.python_only:
         python_only(args.calls)
+        return
+    if args.layer_only:
+        layer_rows()
         return
     x = torch.randn(1024, 2048, device="cuda", dtype=torch.bfloat16)
     y = torch.empty_like(x)

@@ -10,12 +10,13 @@ from torch import Tensor
 from .kernels.op import bitflip as bitflip_dispatch
 from .kernels.op import (
     bitflip_backward,
+    bitflip_impl,
     bitflip_masked_impl,
     bitflip_pair_impl,
     bitflip_zero_grad_impl,
     zero_by_masks_impl,
 )
-from .kernels.sampling import flip_table, group_size, zero_mask_size
+from .kernels.sampling import flip_table, group_size, write_next_call, zero_mask_size
 from .spec import FlipSpec, check_dtype
 
 __all__ = [
@@ -92,21 +93,26 @@ def apply_flip_specs(
     x_key: tuple[int, int],
     w_key: tuple[int, int],
     call: int | Tensor = 0,
+    next_call: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(apply_flip_spec(x, x_spec, x_key, call), apply_flip_spec(w, w_spec, w_key, call))``
     (the same values), with one kernel launch for both where it can: a layer's forward.
     Differentiable like two :func:`apply_flip_spec` calls (which it makes when a gradient is
-    needed or under ``torch.compile``)."""
+    needed or under ``torch.compile``).
+
+    ``next_call``: an optional 0-dim int64 tensor (not ``call`` itself) that receives
+    ``call + 1``, written by the flip kernel where one runs (how the layers advance their call
+    counters without a launch of their own), else by a torch op."""
     _check_tensors(x, w)
-    single = (
-        torch.compiler.is_compiling()
-        or x_spec.is_identity
-        or w_spec.is_identity
-        or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+    differentiable = torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
     )
-    if single:
-        return apply_flip_spec(x, x_spec, x_key, call), apply_flip_spec(w, w_spec, w_key, call)
-    return flip_specs_masked(x, w, x_spec, w_spec, x_key, w_key, call)[:2]
+    if differentiable:
+        out = apply_flip_spec(x, x_spec, x_key, call), apply_flip_spec(w, w_spec, w_key, call)
+        if next_call is not None:
+            write_next_call(_call_tensor(call, next_call.device), next_call)
+        return out
+    return flip_specs_masked(x, w, x_spec, w_spec, x_key, w_key, call, next_call=next_call)[:2]
 
 
 def flip_specs_masked(
@@ -118,14 +124,19 @@ def flip_specs_masked(
     w_key: tuple[int, int],
     call: int | Tensor = 0,
     want_x_mask: bool = False,
+    next_call: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(flip of x, flip of w, x's packed zero mask or None) as :func:`apply_flip_spec_masked`
     gives them, with one kernel launch for both where it can.  Not differentiable: for the
-    forward of layers that write their own backward."""
+    forward of layers that write their own backward.  ``next_call``: as in
+    :func:`apply_flip_specs`."""
     _check_tensors(x, w)
     if x_spec.is_identity or w_spec.is_identity:
-        xf, x_mask = apply_flip_spec_masked(x, x_spec, x_key, call, want_x_mask)
-        return xf, apply_flip_spec(w, w_spec, w_key, call), x_mask
+        if not x_spec.is_identity:  # the x flip writes next_call
+            xf, x_mask = apply_flip_spec_masked(x, x_spec, x_key, call, want_x_mask, next_call)
+            return xf, apply_flip_spec(w, w_spec, w_key, call), x_mask
+        wf, _ = apply_flip_spec_masked(w, w_spec, w_key, call, False, next_call)
+        return apply_flip_spec(x, x_spec, x_key, call), wf, None
     check_dtype(x.dtype, "x")
     check_dtype(w.dtype, "w")
     call = _call_tensor(call, x.device)
@@ -144,6 +155,7 @@ def flip_specs_masked(
         x_spec.flips,
         w_spec.flips,
         want_x_mask,
+        next_call,
     )
 
 
@@ -153,6 +165,7 @@ def apply_flip_spec_masked(
     key: tuple[int, int],
     call: int | Tensor = 0,
     want_mask: bool = True,
+    next_call: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """(``apply_flip_spec(x, spec, key, call)``, the packed zero mask of x or None), from one
     pass over ``x``.  Not differentiable.
@@ -162,15 +175,19 @@ def apply_flip_spec_masked(
     16-bit dtypes, 4 for float32), bit j set when element j of the group was zeroed.  It is
     1/16 of the size of a bf16 tensor, so a backward pass can keep it instead of ``x`` and mask
     the gradient with :func:`zero_masked_`.  None when not ``want_mask`` or the spec has no
-    threshold (nothing is ever zeroed)."""
-    if not want_mask or spec.zero_out_threshold is None:
-        return apply_flip_spec(x, spec, key, call), None
+    threshold (nothing is ever zeroed).  ``next_call``: as in :func:`apply_flip_specs`."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     check_dtype(x.dtype)
     call = _call_tensor(call, x.device)
+    if spec.is_identity:
+        write_next_call(call, next_call)
+        return x, None
     table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
-    return bitflip_masked_impl(x, table, call, key[0], key[1], spec.zero_out_threshold, spec.flips)
+    t, flips = spec.zero_out_threshold, spec.flips
+    if not want_mask or t is None:
+        return bitflip_impl(x, table, call, key[0], key[1], t, flips, next_call), None
+    return bitflip_masked_impl(x, table, call, key[0], key[1], t, flips, next_call)
 
 
 def zero_masked_(grad: Tensor, mask: Tensor | None, dtype: torch.dtype, *more) -> Tensor:

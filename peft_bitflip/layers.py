@@ -8,7 +8,9 @@ the module's parameters and add:
   ``stream_key(seed, name, "x" | "w", data-parallel rank)``, so layers, tensors and ranks draw
   independent flips;
 * ``bitflip_calls``: an int64 buffer counting forward calls.  It is the call index of the
-  streams, lives in ``state_dict`` (checkpoints restore it) and advances by one per forward;
+  streams, lives in ``state_dict`` (checkpoints restore it) and advances by one per forward
+  (in eager mode by replacing the tensor, written by the flip kernel: see
+  :meth:`BitflipLayerMixin.claim_call`; read the attribute, do not keep the tensor);
 * ``bitflip_enabled``: switch flips off without removing the layer (see ``disable_bitflips``);
 * ``bitflip_stats``: ``None`` (default: nothing is counted, no cost) or a
   :class:`~peft_bitflip.stats.FlipStatsAccumulator` that receives the true counts of flipped bits
@@ -48,6 +50,7 @@ from .kernels.lora import (
     merged_lora_weight,
     zeroed_correction,
 )
+from .kernels.sampling import write_next_call
 from .spec import FlipSpec
 
 try:  # GPT-2 style layers; transformers is a dependency, but keep the layer importable without it
@@ -122,6 +125,7 @@ def flipped_linear(
     stats=None,
     weight_params=(),
     recompute_input=False,
+    next_call=None,
 ):
     """``flip(x) @ flip(weight)^T + bias`` (``flip(x) @ flip(weight) + bias`` for Conv1D layout).
 
@@ -149,11 +153,15 @@ def flipped_linear(
 
     ``stats``: an optional :class:`~peft_bitflip.stats.FlipStatsAccumulator` that counts what
     the two flips did (outside autograd; the result is the same with or without it).
+
+    ``next_call``: an optional 0-dim int64 tensor that receives ``call + 1`` (see
+    :func:`~peft_bitflip.functional.apply_flip_specs`): the layers' counters.
     """
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():
         return flipped_linear_unfused(
-            x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats
-        )
+            x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats,
+            next_call=next_call,
+        )  # fmt: skip
     compute = _autocast_dtype(x)
     build = weight if callable(weight) else None
     if compute is not None:  # flip the values the matmul consumes, not the fp32 masters
@@ -166,6 +174,7 @@ def flipped_linear(
         bias,
         (x_spec, w_spec, x_key, w_key, conv1d, stats, build, compute, recompute_input),
         call,
+        next_call,
         *(weight_params if build is not None else ()),
     )
 
@@ -183,6 +192,7 @@ def flipped_linear_unfused(
     stats=None,
     weight_params=(),
     recompute_input=False,
+    next_call=None,
 ):
     """:func:`flipped_linear` written as separate differentiable ops (the flip op on ``x``
     and on ``weight``, then a linear layer): autograd stores the flipped copies (and a built
@@ -194,11 +204,7 @@ def flipped_linear_unfused(
     if compute is not None:
         x, weight = x.to(compute), weight.to(compute)
         bias = None if bias is None else bias.to(compute)
-    return _flipped_linear_eager(x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats)
-
-
-def _flipped_linear_eager(x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats):
-    xf, wf = apply_flip_specs(x, weight, x_spec, w_spec, x_key, w_key, call)
+    xf, wf = apply_flip_specs(x, weight, x_spec, w_spec, x_key, w_key, call, next_call)
     if stats is not None:
         stats.record("x", x, xf, x_spec, x_key, call)
         stats.record("w", weight, wf, w_spec, w_key, call)
@@ -222,15 +228,15 @@ class _FlippedLinear(torch.autograd.Function):
     mask (1/16 of a bf16 x), W (or what W is built from) and the call index; not flip(W)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, settings, call, *weight_params):
+    def forward(ctx, x, weight, bias, settings, call, next_call, *weight_params):
         x_spec, w_spec, x_key, w_key, conv1d, stats, build, compute, recompute = settings
         call = call if isinstance(call, torch.Tensor) else torch.tensor(call, device=x.device)
         need_x = ctx.needs_input_grad[0]
-        need_w = ctx.needs_input_grad[1] or any(ctx.needs_input_grad[5:])
+        need_w = ctx.needs_input_grad[1] or any(ctx.needs_input_grad[6:])
         if build is not None:
             weight = _built_weight(build, compute, x.device.type)
         xf, wf, x_mask = flip_specs_masked(
-            x, weight, x_spec, w_spec, x_key, w_key, call, want_x_mask=need_x and not recompute
+            x, weight, x_spec, w_spec, x_key, w_key, call, need_x and not recompute, next_call
         )
         if stats is not None:
             stats.record("x", x, xf, x_spec, x_key, call)
@@ -250,7 +256,7 @@ class _FlippedLinear(torch.autograd.Function):
         x_shape, x_dtype = ctx.x_meta
         x_spec, w_spec, x_key, w_key, conv1d, _, build, compute, recompute = ctx.settings
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_params = ctx.needs_input_grad[5:]
+        need_params = ctx.needs_input_grad[6:]
         if build is not None:  # rebuild W (+ s B@A); with a graph only if A, B need gradients
             need_w = any(need_params)
             with torch.set_grad_enabled(need_w):
@@ -283,7 +289,7 @@ class _FlippedLinear(torch.autograd.Function):
                 for i, g in zip(wanted, torch.autograd.grad(weight, inputs, grad_w)):
                     grad_params[i] = g
             grad_w = None
-        return grad_x, grad_w, grad_b, None, None, *grad_params
+        return grad_x, grad_w, grad_b, None, None, None, *grad_params
 
 
 def flipped_lora_linear(
@@ -300,6 +306,7 @@ def flipped_lora_linear(
     call,
     conv1d=False,
     stats=None,
+    next_call=None,
 ):
     """``flip(x) @ flip(W + scale * B @ A)^T + bias`` for one LoRA adapter (A: (r, in),
     B: (out, r)), the merged weight formed as :func:`~peft_bitflip.kernels.lora.merge_lora_weight`.
@@ -310,7 +317,8 @@ def flipped_lora_linear(
     A and B come from rank-r products (``(dY B)^T flip(x)`` and ``dY^T (flip(x) A^T)``) plus a
     correction at the few weights the zero-out removed, instead of the full ``dY^T flip(x)``.
     Gradients equal those of :func:`flipped_lora_linear_unfused` within float rounding.
-    ``stats``: as in :func:`flipped_linear` (counted outside autograd; results unchanged).
+    ``stats``, ``next_call``: as in :func:`flipped_linear` (counted outside autograd; results
+    unchanged).
     """
     if torch.compiler.is_compiling():
         return flipped_lora_linear_unfused(
@@ -327,6 +335,7 @@ def flipped_lora_linear(
             call,
             conv1d,
             stats,
+            next_call,
         )
     compute = _autocast_dtype(x)
     if compute is not None:
@@ -334,7 +343,7 @@ def flipped_lora_linear(
         bias = None if bias is None else bias.to(compute)
     out_dtype = compute if compute is not None else x.dtype
     settings = (x_spec, w_spec, x_key, w_key, conv1d, float(scale), out_dtype, stats)
-    return _FlippedLoraLinear.apply(x, weight, lora_a, lora_b, bias, settings, call)
+    return _FlippedLoraLinear.apply(x, weight, lora_a, lora_b, bias, settings, call, next_call)
 
 
 def flipped_lora_linear_unfused(
@@ -351,17 +360,18 @@ def flipped_lora_linear_unfused(
     call,
     conv1d=False,
     stats=None,
+    next_call=None,
 ):
     """:func:`flipped_lora_linear` as separate differentiable ops (the reference)."""
     merged = merge_lora_weight(weight, lora_a, lora_b, scale, conv1d)
     return flipped_linear_unfused(
-        x, merged, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats
+        x, merged, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats, next_call=next_call
     )
 
 
 class _FlippedLoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, bias, settings, call):
+    def forward(ctx, x, weight, lora_a, lora_b, bias, settings, call, next_call):
         x_spec, w_spec, x_key, w_key, conv1d, scale, out_dtype, stats = settings
         call = call if isinstance(call, torch.Tensor) else torch.tensor(call, device=x.device)
         wf, _ = merge_flip_lora(
@@ -369,7 +379,7 @@ class _FlippedLoraLinear(torch.autograd.Function):
         )
         need_x = ctx.needs_input_grad[0]
         need_factors = any(ctx.needs_input_grad[1:4])
-        xf, x_mask = apply_flip_spec_masked(x, x_spec, x_key, call, want_mask=need_x)
+        xf, x_mask = apply_flip_spec_masked(x, x_spec, x_key, call, need_x, next_call)
         if stats is not None:
             merged = merged_lora_weight(weight, lora_a, lora_b, scale, conv1d).to(out_dtype)
             stats.record("x", x, xf, x_spec, x_key, call)
@@ -417,7 +427,7 @@ class _FlippedLoraLinear(torch.autograd.Function):
             grad_b = (db * scale).to(lora_b.dtype) if need_b else None
         if need_bias:
             grad_bias = g2.sum(0)
-        return grad_x, grad_w, grad_a, grad_b, grad_bias, None, None
+        return grad_x, grad_w, grad_a, grad_b, grad_bias, None, None, None
 
 
 class BitflipLayerMixin:
@@ -457,24 +467,40 @@ class BitflipLayerMixin:
             )
         return self._bitflip_keys
 
-    def next_call(self) -> torch.Tensor:
-        """The call index for this forward (a tensor), advancing the counter.
+    def claim_call(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the call index of this forward, the tensor that must receive it + 1, or None).
+
+        In eager mode the counter is not copied and incremented (two launches per forward):
+        the current ``bitflip_calls`` tensor itself becomes this forward's call index (nothing
+        writes it any more) and a new, still empty tensor takes its place as the buffer; the
+        forward's flip kernel writes ``call + 1`` into it (see ``next_call`` of
+        :func:`~peft_bitflip.functional.apply_flip_specs`).  The caller must see that it is
+        written, also when the forward fails (:meth:`flipped_forward` does).  Under
+        ``torch.compile`` the counter is copied and incremented in the graph (second item None).
 
         Inside the original forward of a (non-reentrant) checkpointed region the index is
-        queued; the recomputation of that region during backward takes it back, so both see
-        the same flips.
+        queued; the recomputation of that region during backward takes it back (second item
+        None), so both see the same flips.
         """
         if torch.compiler.is_compiling():
             call = self.bitflip_calls.clone()
             self.bitflip_calls.add_(1)
-            return call
+            return call, None
         phase = _checkpoint_phase()
         if phase == "recompute" and self._pending_calls:
-            return self._pending_calls.popleft()
-        call = self.bitflip_calls.clone()
-        self.bitflip_calls.add_(1)
+            return self._pending_calls.popleft(), None
+        buffers = self._buffers
+        call = buffers["bitflip_calls"]
+        buffers["bitflip_calls"] = following = torch.empty_like(call)
         if phase == "forward":
             self._pending_calls.append(call)
+        return call, following
+
+    def next_call(self) -> torch.Tensor:
+        """The call index for this forward (a tensor), advancing the counter (with a torch op;
+        the layers' forwards use :meth:`claim_call`, whose flip kernel advances it)."""
+        call, following = self.claim_call()
+        write_next_call(call, following)
         return call
 
     def flipped_forward(self, x: torch.Tensor, weight, bias, weight_params=()) -> torch.Tensor:
@@ -483,7 +509,7 @@ class BitflipLayerMixin:
         if not self.bitflip_enabled:
             return linear(x, weight() if callable(weight) else weight, bias, self._is_conv1d)
         x_key, w_key = self.stream_keys()
-        call = self.next_call()
+        call, following = self.claim_call()
         stats = self.bitflip_stats
         if (
             stats is not None
@@ -491,20 +517,14 @@ class BitflipLayerMixin:
             and _checkpoint_phase() == "recompute"
         ):
             stats = None  # the recomputation repeats flips that were counted in the forward
-        return flipped_linear(
-            x,
-            weight,
-            bias,
-            self.x_spec,
-            self.w_spec,
-            x_key,
-            w_key,
-            call,
-            self._is_conv1d,
-            stats,
-            weight_params,
-            self.bitflip_recompute_input,
-        )
+        try:
+            return flipped_linear(
+                x, weight, bias, self.x_spec, self.w_spec, x_key, w_key, call,
+                self._is_conv1d, stats, weight_params, self.bitflip_recompute_input, following,
+            )  # fmt: skip
+        except BaseException:
+            write_next_call(call, following)  # the counter stays valid (writing it twice is ok)
+            raise
 
     def flipped_lora_forward(self, x: torch.Tensor, lora_a, lora_b, scale) -> torch.Tensor:
         """The layer's computation with one LoRA adapter merged into its weight (the fast path,
@@ -520,21 +540,15 @@ class BitflipLayerMixin:
         stats = self.bitflip_stats
         if stats is not None and _checkpoint_phase() == "recompute":
             stats = None  # counted in the forward already
-        return flipped_lora_linear(
-            x,
-            self.weight,
-            lora_a,
-            lora_b,
-            scale,
-            self.bias,
-            self.x_spec,
-            self.w_spec,
-            x_key,
-            w_key,
-            self.next_call(),
-            self._is_conv1d,
-            stats,
-        )
+        call, following = self.claim_call()
+        try:
+            return flipped_lora_linear(
+                x, self.weight, lora_a, lora_b, scale, self.bias, self.x_spec, self.w_spec,
+                x_key, w_key, call, self._is_conv1d, stats, following,
+            )  # fmt: skip
+        except BaseException:
+            write_next_call(call, following)
+            raise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.flipped_forward(x, self.weight, self.bias)

@@ -145,3 +145,37 @@ def test_cuda_packed_zero_masks_match_cpu(dtype):
     F.zero_masked_(got_x, x_mask.cuda(), dtype, got_w, w_mask.cuda(), dtype)  # one launch
     assert torch.equal(got_x.cpu(), expected) and torch.equal(got_w.cpu(), expected_w)
     assert torch.equal(expected, F.flip_spec_grad(grad, x, xs, kx, 11))
+
+
+@cuda
+@pytest.mark.parametrize("specs", ["x and w", "only x", "only w"])
+def test_cuda_layer_counter_written_by_the_flip_kernel(specs):
+    """A BitflipLinear on the GPU: each forward (no_grad, with grad, LoRA) advances its
+    counter by one, written by the flip kernel, and flips as the CPU reference does at that
+    call index."""
+    from peft_bitflip.layers import flipped_linear_unfused
+
+    x_spec, w_spec = pb.FlipSpec(0.01, 0.01, 3.0), pb.FlipSpec(0.01, 0.01, 0.2)
+    x_spec = pb.FlipSpec() if specs == "only w" else x_spec
+    w_spec = pb.FlipSpec() if specs == "only x" else w_spec
+    torch.manual_seed(0)
+    layer = pb.BitflipLinear(256, 128, dtype=torch.bfloat16)
+    layer.init_bitflip("l", x_spec, w_spec, seed=1)
+    layer.cuda()
+    xs = [torch.randn(64, 256, dtype=torch.bfloat16) * 2 for _ in range(3)]
+    with torch.no_grad():
+        y0 = layer(xs[0].cuda())
+    y1 = layer(xs[1].cuda().requires_grad_())
+    y1.float().sum().backward()
+    assert int(layer.bitflip_calls) == 2
+    for i, y in enumerate((y0, y1)):
+        with torch.no_grad():
+            want = flipped_linear_unfused(
+                xs[i], layer.weight.cpu(), layer.bias.cpu(), x_spec, w_spec,
+                *layer.stream_keys(), torch.tensor(i),
+            )  # fmt: skip
+        torch.testing.assert_close(y.float().cpu(), want.float(), rtol=2e-2, atol=2e-2)
+    a = (torch.randn(8, 256, device="cuda") * 0.1).requires_grad_()
+    b = torch.randn(128, 8, device="cuda") * 0.1
+    layer.flipped_lora_forward(xs[2].cuda().requires_grad_(), a, b, 2.0).float().sum().backward()
+    assert int(layer.bitflip_calls) == 3

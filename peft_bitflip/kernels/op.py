@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .sampling import write_next_call
 
 _TRITON = None
 
@@ -67,11 +68,29 @@ def _launch(x, table, call, key0, key1, threshold, has_flips, grad=None):
     return triton_bitflip.launch(x, table, call, key0, key1, threshold, has_flips, grad)
 
 
-def bitflip_impl(x, table, call, key0, key1, threshold, has_flips):
-    """Flip bits of ``x`` (any shape/strides) and zero out; returns a new contiguous tensor."""
+def _kernel_next_call(call, next_call, device):
+    """``next_call`` if the kernel on ``device`` can write it (same device as its call index),
+    else None after writing it here."""
+    if next_call is not None and not (next_call.device == device == call.device):
+        write_next_call(call, next_call)
+        return None
+    return next_call
+
+
+def bitflip_impl(x, table, call, key0, key1, threshold, has_flips, next_call=None):
+    """Flip bits of ``x`` (any shape/strides) and zero out; returns a new contiguous tensor.
+    ``next_call``: an optional 0-dim int64 tensor that receives ``call + 1`` (a layer's counter:
+    written by the kernel itself on the GPU, no extra launch)."""
     xc = x.contiguous()
     if backend_for(x.device) == "triton":
-        return _launch(xc, table, call.to(x.device), key0, key1, threshold, has_flips)
+        from . import triton_bitflip
+
+        call = call.to(x.device)
+        next_call = _kernel_next_call(call, next_call, x.device)
+        return triton_bitflip.launch(
+            xc, table, call, key0, key1, threshold, has_flips, next_call=next_call
+        )
+    write_next_call(call, next_call)
     return reference.bitflip_reference(xc, table, int(call), key0, key1, threshold, has_flips)
 
 
@@ -85,17 +104,21 @@ def bitflip_backward_impl(grad, x, table, call, key0, key1, threshold, has_flips
     )
 
 
-def bitflip_masked_impl(x, table, call, key0, key1, threshold, has_flips):
+def bitflip_masked_impl(x, table, call, key0, key1, threshold, has_flips, next_call=None):
     """(flip of ``x`` as :func:`bitflip_impl` gives it, its packed zero mask: one uint8 per
     group of ``group_size(x.dtype)`` elements, bit j set when element j was zeroed), from one
-    pass over ``x``.  ``threshold`` must not be None.  Not differentiable."""
+    pass over ``x``.  ``threshold`` must not be None.  Not differentiable.  ``next_call``: as
+    in :func:`bitflip_impl`."""
     xc = x.contiguous()
     if backend_for(x.device) == "triton":
         from . import triton_bitflip
 
+        call = call.to(x.device)
+        next_call = _kernel_next_call(call, next_call, x.device)
         return triton_bitflip.launch_with_mask(
-            xc, table, call.to(x.device), key0, key1, threshold, has_flips
+            xc, table, call, key0, key1, threshold, has_flips, next_call
         )
+    write_next_call(call, next_call)
     return reference.bitflip_masked_reference(
         xc, table, int(call), key0, key1, threshold, has_flips
     )
@@ -122,12 +145,24 @@ def zero_by_masks_impl(grads, masks, groups):
 
 
 def bitflip_pair_impl(
-    x, w, x_table, w_table, call, x_key, w_key, x_t, w_t, x_flips, w_flips, want_x_mask=False
+    x,
+    w,
+    x_table,
+    w_table,
+    call,
+    x_key,
+    w_key,
+    x_t,
+    w_t,
+    x_flips,
+    w_flips,
+    want_x_mask=False,
+    next_call=None,
 ):
     """(flip of x, flip of w, x's packed zero mask or None) as :func:`bitflip_impl` /
     :func:`bitflip_masked_impl` would give them; one kernel launch on the GPU when x and w
     share a dtype (a layer's forward: half the launches).  The mask is returned when
-    ``want_x_mask`` and ``x_t`` is not None."""
+    ``want_x_mask`` and ``x_t`` is not None.  ``next_call``: as in :func:`bitflip_impl`."""
     want_x_mask = want_x_mask and x_t is not None
     if backend_for(x.device) == "triton" and x.dtype == w.dtype and x.device == w.device:
         from . import triton_bitflip
@@ -135,12 +170,13 @@ def bitflip_pair_impl(
         xc, wc = x.contiguous(), w.contiguous()
         call = call.to(x.device)
         return triton_bitflip.launch_pair(
-            xc, wc, x_table, w_table, call, x_key, w_key, x_t, w_t, x_flips, w_flips, want_x_mask
-        )
+            xc, wc, x_table, w_table, call, x_key, w_key, x_t, w_t, x_flips, w_flips,
+            want_x_mask, _kernel_next_call(call, next_call, x.device),
+        )  # fmt: skip
     if want_x_mask:
-        xf, x_mask = bitflip_masked_impl(x, x_table, call, *x_key, x_t, x_flips)
+        xf, x_mask = bitflip_masked_impl(x, x_table, call, *x_key, x_t, x_flips, next_call)
     else:
-        xf, x_mask = bitflip_impl(x, x_table, call, *x_key, x_t, x_flips), None
+        xf, x_mask = bitflip_impl(x, x_table, call, *x_key, x_t, x_flips, next_call), None
     return xf, bitflip_impl(w, w_table, call, *w_key, w_t, w_flips), x_mask
 
 

@@ -104,3 +104,10 @@ def zero_mask_size(n_elements: int, dtype: torch.dtype) -> int:
 def search_steps(n: int) -> int:
     """Binary-search steps to find a count in [0, n]."""
     return max(1, (n).bit_length())
+
+
+def write_next_call(call, next_call) -> None:
+    """``next_call = call + 1`` (0-dim int64 tensors) with a torch op: a layer's call counter
+    for its next forward, where no flip kernel ran to write it."""
+    if next_call is not None:
+        next_call.copy_(call + 1)

@@ -26,28 +26,38 @@ from .sampling import (
     field_sizes,
     group_size,
     search_steps,
+    write_next_call,
     zero_mask_size,
 )
 
-_M0 = tl.constexpr(PHILOX_M0)
-_M1 = tl.constexpr(PHILOX_M1)
-_W0 = tl.constexpr(PHILOX_W0)
-_W1 = tl.constexpr(PHILOX_W1)
 
-
+# Constants reach the kernels as constexpr parameter defaults, not as module globals: Triton
+# re-checks every global a kernel reads on each launch (~3-10 us of host time per launch).
 @triton.jit
-def _philox4x32(c0, c1, c2, c3, k0, k1, N_ROUNDS: tl.constexpr):
+def _philox4x32(
+    c0,
+    c1,
+    c2,
+    c3,
+    k0,
+    k1,
+    N_ROUNDS: tl.constexpr,
+    M0: tl.constexpr = PHILOX_M0,
+    M1: tl.constexpr = PHILOX_M1,
+    W0: tl.constexpr = PHILOX_W0,
+    W1: tl.constexpr = PHILOX_W1,
+):
     """Philox4x32-N_ROUNDS on uint32 tensors (counter c0..c3, key k0, k1)."""
     for _ in tl.static_range(N_ROUNDS):
-        m0 = tl.full(c0.shape, _M0, tl.uint32)
-        m1 = tl.full(c0.shape, _M1, tl.uint32)
+        m0 = tl.full(c0.shape, M0, tl.uint32)
+        m1 = tl.full(c0.shape, M1, tl.uint32)
         hi0 = tl.umulhi(m0, c0)
         lo0 = m0 * c0
         hi1 = tl.umulhi(m1, c2)
         lo1 = m1 * c2
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0 = k0 + _W0
-        k1 = k1 + _W1
+        k0 = k0 + W0
+        k1 = k1 + W1
     return c0, c1, c2, c3
 
 
@@ -195,11 +205,9 @@ def flip_and_zero(
     return y, keep
 
 
-# what a flip kernel does with a gradient (the GRAD_MODE constexpr)
+# what a flip kernel does with a gradient (the GRAD_MODE constexpr): nothing; write
+# out = grad where kept, else 0; or set grad[zeroed] = 0 in place
 _GRAD_NONE, _GRAD_MASKED_COPY, _GRAD_ZERO_IN_PLACE = 0, 1, 2
-GRAD_NONE: tl.constexpr = tl.constexpr(_GRAD_NONE)
-GRAD_MASKED_COPY: tl.constexpr = tl.constexpr(_GRAD_MASKED_COPY)  # out = grad if kept, else 0
-GRAD_ZERO_IN_PLACE: tl.constexpr = tl.constexpr(_GRAD_ZERO_IN_PLACE)  # grad[zeroed] = 0
 
 
 @triton.jit
@@ -245,14 +253,23 @@ def _flip_block(
     )  # fmt: skip
     if WRITE_Y:
         tl.store(out_ptr + offs, y, mask=inb)
-    if GRAD_MODE == GRAD_MASKED_COPY:
+    if GRAD_MODE == 1:  # _GRAD_MASKED_COPY
         g = tl.load(grad_ptr + offs, mask=inb, other=0)
         tl.store(out_ptr + offs, tl.where(keep, g, 0), mask=inb)
-    if GRAD_MODE == GRAD_ZERO_IN_PLACE:  # writes only the (rare) zeroed elements
+    if GRAD_MODE == 2:  # _GRAD_ZERO_IN_PLACE: writes only the (rare) zeroed elements
         tl.store(grad_ptr + offs, tl.zeros_like(x).to(grad_ptr.dtype.element_ty), mask=inb & ~keep)
     if WRITE_MASK:
         zeroed = tl.where(keep | ~inb, 0, (1 << cols)[None, :])  # no bits past the end
         tl.store(mask_ptr + rows, tl.sum(zeroed, axis=1).to(tl.uint8), mask=rows * G < n_elements)
+
+
+@triton.jit
+def _write_next_call(call_ptr, next_call_ptr, WRITE_NEXT_CALL: tl.constexpr):
+    """Program 0 stores ``*call_ptr + 1`` to ``next_call_ptr`` (a different tensor: the other
+    programs still read the call index), so a layer's counter advances without a launch."""
+    if WRITE_NEXT_CALL:
+        if tl.program_id(0) == 0:
+            tl.store(next_call_ptr, tl.load(call_ptr) + 1)
 
 
 @triton.jit
@@ -264,12 +281,14 @@ def _bitflip_kernel(
     n_elements,
     table_ptr,
     call_ptr,
+    next_call_ptr,
     k0,
     k1,
     threshold,
     WRITE_Y: tl.constexpr,
     GRAD_MODE: tl.constexpr,
     WRITE_MASK: tl.constexpr,
+    WRITE_NEXT_CALL: tl.constexpr,
     HAS_FLIPS: tl.constexpr,
     HAS_ZERO: tl.constexpr,
     ELEM_BITS: tl.constexpr,
@@ -283,6 +302,9 @@ def _bitflip_kernel(
     STEPS_F: tl.constexpr,
     N_ROUNDS: tl.constexpr,
 ):
+    """:func:`_flip_block` over a flat tensor; WRITE_NEXT_CALL: program 0 also stores the call
+    index + 1 to ``next_call_ptr`` (a layer's counter for its next forward)."""
+    _write_next_call(call_ptr, next_call_ptr, WRITE_NEXT_CALL)
     _flip_block(
         tl.program_id(0).to(tl.int64), x_ptr, out_ptr, grad_ptr, mask_ptr, n_elements,
         table_ptr, call_ptr, k0, k1, threshold, WRITE_Y, GRAD_MODE, WRITE_MASK, HAS_FLIPS,
@@ -308,8 +330,10 @@ def _bitflip_pair_kernel(
     w_k1,
     w_threshold,
     call_ptr,
+    next_call_ptr,
     programs_x,
     X_MASK: tl.constexpr,
+    WRITE_NEXT_CALL: tl.constexpr,
     X_FLIPS: tl.constexpr,
     X_ZERO: tl.constexpr,
     W_FLIPS: tl.constexpr,
@@ -327,18 +351,19 @@ def _bitflip_pair_kernel(
 ):
     """The forward flips of a layer's input and weight (same dtype) in one launch: the first
     ``programs_x`` programs flip x, the others W, each with its own table, key and threshold;
-    X_MASK: also write x's packed zero mask."""
+    X_MASK: also write x's packed zero mask; WRITE_NEXT_CALL: as in :func:`_bitflip_kernel`."""
+    _write_next_call(call_ptr, next_call_ptr, WRITE_NEXT_CALL)
     pid = tl.program_id(0).to(tl.int64)
     if pid < programs_x:
         _flip_block(
             pid, x_ptr, x_out_ptr, x_ptr, x_mask_ptr, n_x, x_table_ptr, call_ptr, x_k0, x_k1,
-            x_threshold, True, GRAD_NONE, X_MASK, X_FLIPS, X_ZERO, ELEM_BITS, N_EXP, N_FRAC, G,
+            x_threshold, True, 0, X_MASK, X_FLIPS, X_ZERO, ELEM_BITS, N_EXP, N_FRAC, G,
             ROWS, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
         )  # fmt: skip
     else:
         _flip_block(
             pid - programs_x, w_ptr, w_out_ptr, w_ptr, w_ptr, n_w, w_table_ptr, call_ptr, w_k0,
-            w_k1, w_threshold, True, GRAD_NONE, False, W_FLIPS, W_ZERO, ELEM_BITS, N_EXP, N_FRAC,
+            w_k1, w_threshold, True, 0, False, W_FLIPS, W_ZERO, ELEM_BITS, N_EXP, N_FRAC,
             G, ROWS, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
         )  # fmt: skip
 
@@ -415,6 +440,7 @@ def _launch_config(
     has_flips: bool,
     rows,
     num_warps,
+    write_next_call: bool = False,
 ):
     """(elements per program, the kernel's constexpr arguments): computed once per setting,
     so a launch costs little Python."""
@@ -424,6 +450,7 @@ def _launch_config(
         WRITE_Y=write_y,
         GRAD_MODE=grad_mode,
         WRITE_MASK=write_mask,
+        WRITE_NEXT_CALL=write_next_call,
         ROWS=rows,
         num_warps=num_warps or NUM_WARPS,
     )
@@ -445,7 +472,14 @@ def _run(
     rows=None,
     num_warps=None,
     mask=None,
+    next_call=None,
 ):
+    """One launch of :func:`_bitflip_kernel`; ``next_call``: a 0-dim int64 tensor on x's
+    device that receives ``call + 1`` (see :func:`write_next_call`)."""
+    n = x.numel()
+    if n == 0:
+        write_next_call(call, next_call)
+        return
     per_program, constexprs = _launch_config(
         x.dtype,
         write_y,
@@ -455,10 +489,8 @@ def _run(
         has_flips,
         rows,
         num_warps,
+        next_call is not None,
     )
-    n = x.numel()
-    if n == 0:
-        return
     _bitflip_kernel[(ceil_div(n, per_program),)](
         x,
         out,
@@ -467,6 +499,7 @@ def _run(
         n,
         table,
         call,
+        call if next_call is None else next_call,
         k0,
         k1,
         float(threshold) if threshold is not None else 0.0,
@@ -485,13 +518,17 @@ def launch(
     grad: torch.Tensor | None = None,
     rows: int | None = None,
     num_warps: int | None = None,
+    next_call: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the kernel on contiguous ``x``; returns y (forward) or the masked ``grad`` (backward,
-    a new tensor)."""
+    a new tensor).  ``next_call`` (forward only): receives ``call + 1``."""
     if grad is None:
         out = torch.empty_like(x)
         mode = _GRAD_NONE
-        _run(x, out, x, table, call, k0, k1, threshold, has_flips, True, mode, rows, num_warps)
+        _run(
+            x, out, x, table, call, k0, k1, threshold, has_flips, True, mode, rows, num_warps,
+            next_call=next_call,
+        )  # fmt: skip
     else:
         out = torch.empty_like(grad)
         mode = _GRAD_MASKED_COPY
@@ -507,11 +544,16 @@ def launch_with_mask(
     k1: int,
     threshold: float,
     has_flips: bool,
+    next_call: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flip of contiguous ``x``, its packed zero mask) from one pass over ``x``."""
+    """(flip of contiguous ``x``, its packed zero mask) from one pass over ``x``;
+    ``next_call``: receives ``call + 1``."""
     out = torch.empty_like(x)
     mask = torch.empty(zero_mask_size(x.numel(), x.dtype), dtype=torch.uint8, device=x.device)
-    _run(x, out, x, table, call, k0, k1, threshold, has_flips, True, _GRAD_NONE, mask=mask)
+    _run(
+        x, out, x, table, call, k0, k1, threshold, has_flips, True, _GRAD_NONE, mask=mask,
+        next_call=next_call,
+    )  # fmt: skip
     return out, mask
 
 
@@ -551,11 +593,20 @@ def launch_zero_grad_(
 
 
 @functools.cache
-def _pair_config(dtype, x_mask: bool, x_flips: bool, x_zero: bool, w_flips: bool, w_zero: bool):
+def _pair_config(
+    dtype,
+    x_mask: bool,
+    x_flips: bool,
+    x_zero: bool,
+    w_flips: bool,
+    w_zero: bool,
+    write_next_call: bool = False,
+):
     base = flip_constexprs(dtype, False, False)
     constexprs = {k: v for k, v in base.items() if k not in ("HAS_FLIPS", "HAS_ZERO")}
     constexprs.update(
         X_MASK=x_mask,
+        WRITE_NEXT_CALL=write_next_call,
         X_FLIPS=x_flips,
         X_ZERO=x_zero,
         W_FLIPS=w_flips,
@@ -579,13 +630,21 @@ def launch_pair(
     x_flips,
     w_flips,
     want_x_mask=False,
+    next_call=None,
 ):
     """flip(x) and flip(w) (contiguous, the same dtype, each with its own table, stream key,
     threshold and flips switch) in one launch; returns (x flipped, w flipped, x's packed zero
-    mask or None).  The mask is written when ``want_x_mask`` and x has a threshold."""
+    mask or None).  The mask is written when ``want_x_mask`` and x has a threshold;
+    ``next_call`` receives ``call + 1``."""
     want_x_mask = want_x_mask and x_threshold is not None
     per_program, constexprs = _pair_config(
-        x.dtype, want_x_mask, x_flips, x_threshold is not None, w_flips, w_threshold is not None
+        x.dtype,
+        want_x_mask,
+        x_flips,
+        x_threshold is not None,
+        w_flips,
+        w_threshold is not None,
+        next_call is not None,
     )
     x_out, w_out = torch.empty_like(x), torch.empty_like(w)
     x_mask = None
@@ -595,6 +654,7 @@ def launch_pair(
     programs_x = ceil_div(x.numel(), per_program)
     programs = programs_x + ceil_div(w.numel(), per_program)
     if programs == 0:
+        write_next_call(call, next_call)
         return x_out, w_out, x_mask
     _bitflip_pair_kernel[(programs,)](
         x,
@@ -611,6 +671,7 @@ def launch_pair(
         *w_key,
         float(w_threshold) if w_threshold is not None else 0.0,
         call,
+        call if next_call is None else next_call,
         programs_x,
         **constexprs,
     )
