@@ -476,7 +476,10 @@ class BitflipLayerMixin:
         forward's flip kernel writes ``call + 1`` into it (see ``next_call`` of
         :func:`~peft_bitflip.functional.apply_flip_specs`).  The caller must see that it is
         written, also when the forward fails (:meth:`flipped_forward` does).  Under
-        ``torch.compile`` the counter is copied and incremented in the graph (second item None).
+        ``torch.compile`` the counter is copied and incremented in the graph, and while a CUDA
+        graph is being captured it is copied and incremented in place, so that each replay
+        advances it (second item None).  Under ``torch.inference_mode`` the new tensor is still
+        a normal one (training can follow).
 
         Inside the original forward of a (non-reentrant) checkpointed region the index is
         queued; the recomputation of that region during backward takes it back (second item
@@ -491,7 +494,16 @@ class BitflipLayerMixin:
             return self._pending_calls.popleft(), None
         buffers = self._buffers
         call = buffers["bitflip_calls"]
-        buffers["bitflip_calls"] = following = torch.empty_like(call)
+        if call.is_cuda and torch.cuda.is_current_stream_capturing():
+            # a CUDA graph replays what it captures: it must advance the counter in place
+            following = None
+            call, counter = call.clone(), call
+            counter.add_(1)
+        elif torch.is_inference_mode_enabled():  # keep the buffer a normal tensor (writable
+            with torch.inference_mode(False):  # and savable for backward outside)
+                buffers["bitflip_calls"] = following = torch.empty_like(call)
+        else:
+            buffers["bitflip_calls"] = following = torch.empty_like(call)
         if phase == "forward":
             self._pending_calls.append(call)
         return call, following

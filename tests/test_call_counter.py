@@ -215,3 +215,17 @@ def test_the_flip_kernel_writes_the_counter(request, monkeypatch, specs):
         a, b = torch.randn(4, 24) * 0.1, torch.randn(16, 4) * 0.1
         layer.flipped_lora_forward(x_input().requires_grad_(), a.requires_grad_(), b, 2.0)
         assert int(layer.bitflip_calls) == 8
+
+
+def test_inference_mode_then_training(backend):
+    """A forward under torch.inference_mode leaves a normal counter tensor: a later training
+    step can save its call index for backward, and the counter can be written in place."""
+    layer = make_layer()
+    with torch.inference_mode():
+        layer(x_input())
+    assert not layer.bitflip_calls.is_inference()
+    layer(x_input().requires_grad_()).sum().backward()
+    assert int(layer.bitflip_calls) == 7
+    layer.bitflip_calls.fill_(3)
+    with torch.no_grad():
+        assert torch.equal(layer(x_input()), expected(layer, x_input(), 3))

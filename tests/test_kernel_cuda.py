@@ -179,3 +179,29 @@ def test_cuda_layer_counter_written_by_the_flip_kernel(specs):
     b = torch.randn(128, 8, device="cuda") * 0.1
     layer.flipped_lora_forward(xs[2].cuda().requires_grad_(), a, b, 2.0).float().sum().backward()
     assert int(layer.bitflip_calls) == 3
+
+
+@cuda
+def test_cuda_graph_of_an_eager_forward_advances_the_counter_on_each_replay():
+    """A CUDA graph captured around an eager forward: each replay draws new flips and advances
+    the counter (it is incremented in place while capturing)."""
+    torch.manual_seed(0)
+    layer = pb.BitflipLinear(256, 128, dtype=torch.bfloat16)
+    layer.init_bitflip("l", pb.FlipSpec(0.01, 0.01, 3.0), pb.FlipSpec(0.01, 0.01, 0.2))
+    layer.cuda()
+    x = torch.randn(64, 256, dtype=torch.bfloat16, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        layer(x)  # warm-up outside the capture (Triton compiles here)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        y = layer(x)
+    start = int(layer.bitflip_calls)
+    outs = []
+    for _ in range(2):
+        graph.replay()
+        outs.append(y.clone())
+    assert int(layer.bitflip_calls) == start + 2
+    assert not torch.equal(outs[0], outs[1])
