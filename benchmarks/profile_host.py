@@ -183,7 +183,7 @@ def main():
         ("triton_bitflip.launch", lambda: triton_bitflip.launch(x, table, call, *key, *flip_args)),
         ("apply_flip_spec (eager)", lambda: apply_flip_spec(x, spec, key, call)),
         ("the custom op", lambda: op.bitflip_op(x, table, call, *key, *flip_args)),
-        ("layer.next_call (clone + add_)", layer.next_call),
+        ("layer.next_call (claim + torch.add)", layer.next_call),
         ("BitflipLinear 2048x2048, no_grad", no_grad(layer)),
         ("nn.Linear 2048x2048, no_grad", no_grad(plain)),
         ("torch clone", lambda: x.clone()),

@@ -374,12 +374,14 @@ class _FlippedLoraLinear(torch.autograd.Function):
     def forward(ctx, x, weight, lora_a, lora_b, bias, settings, call, next_call):
         x_spec, w_spec, x_key, w_key, conv1d, scale, out_dtype, stats = settings
         call = call if isinstance(call, torch.Tensor) else torch.tensor(call, device=x.device)
+        # the merge kernel advances the counter when x has no flip kernel to do it
+        w_next, x_next = (next_call, None) if x_spec.is_identity else (None, next_call)
         wf, _ = merge_flip_lora(
-            weight, lora_a, lora_b, scale, conv1d, out_dtype, w_spec, w_key, call
+            weight, lora_a, lora_b, scale, conv1d, out_dtype, w_spec, w_key, call, False, w_next
         )
         need_x = ctx.needs_input_grad[0]
         need_factors = any(ctx.needs_input_grad[1:4])
-        xf, x_mask = apply_flip_spec_masked(x, x_spec, x_key, call, need_x, next_call)
+        xf, x_mask = apply_flip_spec_masked(x, x_spec, x_key, call, need_x, x_next)
         if stats is not None:
             merged = merged_lora_weight(weight, lora_a, lora_b, scale, conv1d).to(out_dtype)
             stats.record("x", x, xf, x_spec, x_key, call)

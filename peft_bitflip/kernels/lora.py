@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from ..spec import FlipSpec
-from .op import backend_for, bitflip_backward_impl, bitflip_impl
-from .sampling import flip_table, group_size
+from .op import backend_for, bitflip_backward_impl, bitflip_impl, kernel_next_call
+from .sampling import flip_table, group_size, write_next_call
 
 
 def merge_lora_weight(w: Tensor, a: Tensor, b: Tensor, scale: float, conv1d: bool) -> Tensor:
@@ -58,10 +58,12 @@ def merge_flip_lora(
     key: tuple[int, int],
     call: Tensor,
     want_mask: bool = False,
+    next_call: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """(``flip(merge_lora_weight(...).to(out_dtype))``, zeroed mask or None) in one pass on
     the GPU.  The mask (uint8, W's layout, 1 = zeroed) is returned when ``want_mask`` and the
-    spec has a threshold."""
+    spec has a threshold.  ``next_call``: an optional 0-dim int64 tensor that receives
+    ``call + 1`` (written by the merge kernel on the GPU)."""
     table = flip_table(spec.effective_p_exp, spec.effective_p_frac, out_dtype, w.device)
     threshold = spec.zero_out_threshold
     want_mask = want_mask and threshold is not None
@@ -70,8 +72,10 @@ def merge_flip_lora(
 
         lhs, rhs = (a.t(), b.t()) if conv1d else (b, a)
         return triton_lora.merge_flip(
-            w, lhs, rhs, scale, out_dtype, table, call, *key, threshold, spec.flips, want_mask
-        )
+            w, lhs, rhs, scale, out_dtype, table, call, *key, threshold, spec.flips, want_mask,
+            kernel_next_call(call, next_call, w.device),
+        )  # fmt: skip
+    write_next_call(call, next_call)
     merged = merge_lora_weight(w, a, b, scale, conv1d).to(out_dtype)
     if spec.is_identity:
         return merged, None

@@ -68,7 +68,7 @@ def _launch(x, table, call, key0, key1, threshold, has_flips, grad=None):
     return triton_bitflip.launch(x, table, call, key0, key1, threshold, has_flips, grad)
 
 
-def _kernel_next_call(call, next_call, device):
+def kernel_next_call(call, next_call, device):
     """``next_call`` if the kernel on ``device`` can write it (same device as its call index),
     else None after writing it here."""
     if next_call is not None and not (next_call.device == device == call.device):
@@ -86,7 +86,7 @@ def bitflip_impl(x, table, call, key0, key1, threshold, has_flips, next_call=Non
         from . import triton_bitflip
 
         call = call.to(x.device)
-        next_call = _kernel_next_call(call, next_call, x.device)
+        next_call = kernel_next_call(call, next_call, x.device)
         return triton_bitflip.launch(
             xc, table, call, key0, key1, threshold, has_flips, next_call=next_call
         )
@@ -114,7 +114,7 @@ def bitflip_masked_impl(x, table, call, key0, key1, threshold, has_flips, next_c
         from . import triton_bitflip
 
         call = call.to(x.device)
-        next_call = _kernel_next_call(call, next_call, x.device)
+        next_call = kernel_next_call(call, next_call, x.device)
         return triton_bitflip.launch_with_mask(
             xc, table, call, key0, key1, threshold, has_flips, next_call
         )
@@ -171,7 +171,7 @@ def bitflip_pair_impl(
         call = call.to(x.device)
         return triton_bitflip.launch_pair(
             xc, wc, x_table, w_table, call, x_key, w_key, x_t, w_t, x_flips, w_flips,
-            want_x_mask, _kernel_next_call(call, next_call, x.device),
+            want_x_mask, kernel_next_call(call, next_call, x.device),
         )  # fmt: skip
     if want_x_mask:
         xf, x_mask = bitflip_masked_impl(x, x_table, call, *x_key, x_t, x_flips, next_call)

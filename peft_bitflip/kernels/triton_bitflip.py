@@ -264,11 +264,11 @@ def _flip_block(
 
 
 @triton.jit
-def _write_next_call(call_ptr, next_call_ptr, WRITE_NEXT_CALL: tl.constexpr):
-    """Program 0 stores ``*call_ptr + 1`` to ``next_call_ptr`` (a different tensor: the other
-    programs still read the call index), so a layer's counter advances without a launch."""
+def store_next_call(call_ptr, next_call_ptr, WRITE_NEXT_CALL: tl.constexpr):
+    """Program (0, 0) stores ``*call_ptr + 1`` to ``next_call_ptr`` (a different tensor: the
+    other programs still read the call index), so a layer's counter advances without a launch."""
     if WRITE_NEXT_CALL:
-        if tl.program_id(0) == 0:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
             tl.store(next_call_ptr, tl.load(call_ptr) + 1)
 
 
@@ -304,7 +304,7 @@ def _bitflip_kernel(
 ):
     """:func:`_flip_block` over a flat tensor; WRITE_NEXT_CALL: program 0 also stores the call
     index + 1 to ``next_call_ptr`` (a layer's counter for its next forward)."""
-    _write_next_call(call_ptr, next_call_ptr, WRITE_NEXT_CALL)
+    store_next_call(call_ptr, next_call_ptr, WRITE_NEXT_CALL)
     _flip_block(
         tl.program_id(0).to(tl.int64), x_ptr, out_ptr, grad_ptr, mask_ptr, n_elements,
         table_ptr, call_ptr, k0, k1, threshold, WRITE_Y, GRAD_MODE, WRITE_MASK, HAS_FLIPS,
@@ -352,7 +352,7 @@ def _bitflip_pair_kernel(
     """The forward flips of a layer's input and weight (same dtype) in one launch: the first
     ``programs_x`` programs flip x, the others W, each with its own table, key and threshold;
     X_MASK: also write x's packed zero mask; WRITE_NEXT_CALL: as in :func:`_bitflip_kernel`."""
-    _write_next_call(call_ptr, next_call_ptr, WRITE_NEXT_CALL)
+    store_next_call(call_ptr, next_call_ptr, WRITE_NEXT_CALL)
     pid = tl.program_id(0).to(tl.int64)
     if pid < programs_x:
         _flip_block(

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .sampling import ceil_div, group_size
-from .triton_bitflip import ROWS_PER_PROGRAM, flip_and_zero, flip_constexprs
+from .sampling import ceil_div, group_size, write_next_call
+from .triton_bitflip import ROWS_PER_PROGRAM, flip_and_zero, flip_constexprs, store_next_call
 
 
 @triton.jit
@@ -39,12 +39,14 @@ def _merge_flip_kernel(
     r_s1,
     table_ptr,
     call_ptr,
+    next_call_ptr,
     k0,
     k1,
     threshold,
     HAS_FLIPS: tl.constexpr,
     HAS_ZERO: tl.constexpr,
     WANT_MASK: tl.constexpr,
+    WRITE_NEXT_CALL: tl.constexpr,
     ELEM_BITS: tl.constexpr,
     N_EXP: tl.constexpr,
     N_FRAC: tl.constexpr,
@@ -60,6 +62,7 @@ def _merge_flip_kernel(
     RP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    store_next_call(call_ptr, next_call_ptr, WRITE_NEXT_CALL)
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     rm = pid_m * BM + tl.arange(0, BM).to(tl.int64)
@@ -197,11 +200,15 @@ def merge_flip(
     threshold: float | None,
     has_flips: bool,
     want_mask: bool,
+    next_call: torch.Tensor | None = None,
 ):
     """(flip(W + scale * lhs @ rhs) in ``out_dtype``, uint8 zeroed mask or None); W contiguous
     (M, N) with N a multiple of the group size of ``out_dtype``; lhs (M, r), rhs (r, N) of any
-    strides."""
+    strides.  ``next_call``: a 0-dim int64 tensor on W's device that receives ``call + 1``."""
     m, n = w.shape
+    if m * n == 0:
+        write_next_call(call, next_call)
+        next_call = None
     rank = lhs.shape[1]
     out = torch.empty((m, n), dtype=out_dtype, device=w.device)
     mask = (
@@ -226,10 +233,12 @@ def merge_flip(
         rhs.stride(1),
         table,
         call,
+        call if next_call is None else next_call,
         k0,
         k1,
         float(threshold) if threshold is not None else 0.0,
         WANT_MASK=mask is not None,
+        WRITE_NEXT_CALL=next_call is not None,
         BM=MERGE_BM,
         BN=MERGE_BN,
         SUB=max(1, ROWS_PER_PROGRAM * group_size(out_dtype) // MERGE_BN),
