@@ -228,3 +228,17 @@ def test_inference_mode_then_training(backend):
     layer.bitflip_calls.fill_(3)
     with torch.no_grad():
         assert torch.equal(layer(x_input()), expected(layer, x_input(), 3))
+
+
+def test_functional_call_uses_the_passed_counter_without_advancing_it(backend):
+    """torch.func.functional_call with a counter passed in: that tensor is the call index, it
+    stays as it was (documented in docs/tuner.md), and the module's own counter is untouched."""
+    from torch.func import functional_call
+
+    layer = make_layer(start=2)
+    counter = torch.tensor(5)
+    with torch.no_grad():
+        ys = [functional_call(layer, {"bitflip_calls": counter}, (x_input(),)) for _ in range(2)]
+    assert int(counter) == 5 and int(layer.bitflip_calls) == 2
+    assert torch.equal(ys[0], ys[1])
+    assert torch.equal(ys[0], expected(layer, x_input(), 5))
