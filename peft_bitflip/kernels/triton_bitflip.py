@@ -32,7 +32,7 @@ from .sampling import (
 
 
 # Constants reach the kernels as constexpr parameter defaults, not as module globals: Triton
-# re-checks every global a kernel reads on each launch (~3-10 us of host time per launch).
+# re-checks every global a kernel reads on each launch (host time on every call).
 @triton.jit
 def _philox4x32(
     c0,
@@ -440,7 +440,7 @@ def _launch_config(
     has_flips: bool,
     rows,
     num_warps,
-    write_next_call: bool = False,
+    writes_next_call: bool = False,
 ):
     """(elements per program, the kernel's constexpr arguments): computed once per setting,
     so a launch costs little Python."""
@@ -450,7 +450,7 @@ def _launch_config(
         WRITE_Y=write_y,
         GRAD_MODE=grad_mode,
         WRITE_MASK=write_mask,
-        WRITE_NEXT_CALL=write_next_call,
+        WRITE_NEXT_CALL=writes_next_call,
         ROWS=rows,
         num_warps=num_warps or NUM_WARPS,
     )
@@ -600,13 +600,13 @@ def _pair_config(
     x_zero: bool,
     w_flips: bool,
     w_zero: bool,
-    write_next_call: bool = False,
+    writes_next_call: bool = False,
 ):
     base = flip_constexprs(dtype, False, False)
     constexprs = {k: v for k, v in base.items() if k not in ("HAS_FLIPS", "HAS_ZERO")}
     constexprs.update(
         X_MASK=x_mask,
-        WRITE_NEXT_CALL=write_next_call,
+        WRITE_NEXT_CALL=writes_next_call,
         X_FLIPS=x_flips,
         X_ZERO=x_zero,
         W_FLIPS=w_flips,
