@@ -7,7 +7,10 @@ For each batch size (``--batches``, sequences of ``--seq`` tokens) and each of t
 * ``lora``: a LoRA r=32 step (all linear layers of the decoder, lm_head excluded) — clean is
   PEFT's ``LoraConfig``, ours is ``BitflipLoraConfig`` with the same LoRA settings;
 
-three variants run: ``clean``, ``ours`` (peft_bitflip with the original's fault model: x and W,
+variants (``--variants``): ``clean``, ``floor`` (clean, but every linear but lm_head launches
+one empty Triton kernel before its matmul: the host cost of a single launch per layer, a lower
+bound for any eager bit-flip layer that launches a kernel; forward and train jobs only),
+``ours`` (peft_bitflip with the original's fault model: x and W,
 every p = 2^-16, zero-out thresholds 30 / 1.25) and ``mase`` (the original formulation: every
 linear but lm_head flips x and W with mase-triton's ``random_bitflip_fn``; LoRA layers merge
 ``W + s B@A`` and flip it, as NewComputeBench's ``BitFlipLinearLora``).  With ``--compile`` the
@@ -122,6 +125,41 @@ def mase_transform(model, rank: int = 0):
     return model
 
 
+# --- the launch floor -----------------------------------------------------------------------
+
+
+class LaunchFloorLinear(nn.Linear):
+    """``nn.Linear`` that first launches one empty Triton kernel (one program, no memory
+    access): what a single kernel launch per layer costs the host, nothing else."""
+
+    def forward(self, x):
+        _empty_kernel[(1,)](x)
+        return F.linear(x, self.weight, self.bias)
+
+
+def _make_empty_kernel():
+    try:
+        import triton
+    except ImportError:  # CPU-only torch without triton: the floor variant is unavailable
+        return None
+
+    @triton.jit
+    def empty(x_ptr):
+        pass
+
+    return empty
+
+
+_empty_kernel = _make_empty_kernel()
+
+
+def floor_transform(model):
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and not name.endswith("lm_head"):
+            module.__class__ = LaunchFloorLinear
+    return model
+
+
 # --- variants -------------------------------------------------------------------------------
 
 
@@ -142,6 +180,8 @@ def make_variant(job: str, variant: str, cfg, device, dtype):
             model = get_peft_model(model, bl)
         else:
             model = mase_transform(model, rank=32)
+    elif variant == "floor":
+        floor_transform(model)
     elif variant == "ours":
         pb.apply_bitflip(model, ours_config())
     elif variant == "mase":
@@ -241,13 +281,14 @@ def main(argv=None):
     dtype = torch.bfloat16
     cfg = model_config(args.tiny)
     variants = args.variants.split(",")
-    if device.type != "cuda" and "mase" in variants:
-        variants.remove("mase")  # mase-triton runs on CUDA only
+    for cuda_only in ("mase", "floor"):  # mase-triton and the empty launch need CUDA
+        if device.type != "cuda" and cuda_only in variants:
+            variants.remove(cuda_only)
     n_params = sum(p.numel() for p in build_model(cfg, "meta", dtype).parameters())
     cells = []
     for batch in [int(b) for b in args.batches.split(",")]:
         for job in args.jobs.split(","):
-            modes = [(v, False) for v in variants]
+            modes = [(v, False) for v in variants if not (v == "floor" and job == "lora")]
             if args.compile and job != "lora":
                 modes += [("clean", True), ("ours", True)]
             base = {}

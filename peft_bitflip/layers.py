@@ -50,6 +50,7 @@ from .kernels.lora import (
     merged_lora_weight,
     zeroed_correction,
 )
+from .kernels.op import call_snapshot
 from .kernels.sampling import write_next_call
 from .spec import FlipSpec
 
@@ -140,7 +141,9 @@ def flipped_linear(
     ``flip(weight)`` is not stored: backward recomputes it from the counter-based stream (a
     weight-sized tensor less per layer), with its zero mask for the weight gradient.  Gradients
     are those of :func:`flipped_linear_unfused` (straight-through, zero where the forward
-    zeroed).  Under ``torch.compile`` the unfused form is traced.
+    zeroed).  Under ``torch.compile`` the same forward and backward enter the graph as two
+    ops (:mod:`peft_bitflip.compiled_linear`); with ``stats`` or a built weight the unfused
+    form is traced instead.
 
     ``recompute_input=True`` keeps ``x`` instead of ``flip(x)`` (what a clean layer keeps: no
     extra activation memory where several layers read the same ``x``, e.g. q/k/v) and
@@ -157,13 +160,28 @@ def flipped_linear(
     ``next_call``: an optional 0-dim int64 tensor that receives ``call + 1`` (see
     :func:`~peft_bitflip.functional.apply_flip_specs`): the layers' counters.
     """
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+    build = weight if callable(weight) else None
+    if torch.compiler.is_compiling():
+        if build is not None or stats is not None:  # (the layers send no stats here)
+            return flipped_linear_unfused(
+                x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats,
+                next_call=next_call,
+            )  # fmt: skip
+        from .compiled_linear import compiled_flipped_linear
+
+        compute = _autocast_dtype(x)
+        if compute is not None:
+            x, weight = x.to(compute), weight.to(compute)
+            bias = None if bias is None else bias.to(compute)
+        return compiled_flipped_linear(
+            x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, recompute_input
+        )
+    if not torch.is_grad_enabled():
         return flipped_linear_unfused(
             x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats,
             next_call=next_call,
         )  # fmt: skip
     compute = _autocast_dtype(x)
-    build = weight if callable(weight) else None
     if compute is not None:  # flip the values the matmul consumes, not the fp32 masters
         x = x.to(compute)
         weight = weight if build is not None else weight.to(compute)
@@ -223,6 +241,36 @@ def _built_weight(build, compute, device_type):
     return weight if compute is None else weight.to(compute)
 
 
+def linear_grads(
+    g2, kept, x_mask, weight, call, x_shape, x_dtype, x_spec, w_spec, x_key, w_key, conv1d,
+    recompute, need_x, need_w,
+):  # fmt: skip
+    """(dX, dW) of ``flip(x) @ flip(W)^T`` (None where not wanted) from what the forward kept.
+
+    ``g2``: dY as (tokens, out); ``kept``: flip(x), or x itself when ``recompute`` (then
+    flip(x) and x's zero-out are recomputed in one pass over x); ``x_mask``: x's packed zero
+    mask (when not ``recompute``); ``weight``: W (detached), flipped again here with its zero
+    mask.  Straight-through, zero where the forward zeroed x or W.  Shared by the eager
+    autograd Function and the op that carries the layer through ``torch.compile``."""
+    grad_x = grad_w = w_mask = None
+    if need_x:  # flip(W) again; its zero mask too if dW will need it
+        wf, w_mask = apply_flip_spec_masked(weight, w_spec, w_key, call, need_w)
+        grad_x = (g2 @ (wf.t() if conv1d else wf)).view(x_shape)
+        del wf
+    xf = kept
+    if recompute:  # one pass over x: zero grad_x where the forward zeroed, flip(x) if needed
+        xf = flip_spec_grad_(grad_x, kept, x_spec, x_key, call, want_flipped=need_w)
+    if need_w:
+        xf = xf.reshape(-1, xf.size(-1))
+        grad_w = xf.t() @ g2 if conv1d else g2.t() @ xf
+        if not need_x:  # one read of W finds the zeroed weights
+            flip_spec_grad_(grad_w, weight, w_spec, w_key, call)
+    if need_x:  # zero dX and dW where the forward zeroed x and W: one launch
+        more = (grad_w, w_mask, weight.dtype) if w_mask is not None else ()
+        zero_masked_(grad_x, x_mask, x_dtype, *more)
+    return grad_x, grad_w
+
+
 class _FlippedLinear(torch.autograd.Function):
     """flip(x) @ flip(W)^T + b that saves flip(x) (only if W needs a gradient), x's packed zero
     mask (1/16 of a bf16 x), W (or what W is built from) and the call index; not flip(W)."""
@@ -262,25 +310,11 @@ class _FlippedLinear(torch.autograd.Function):
             with torch.set_grad_enabled(need_w):
                 weight = _built_weight(build, compute, call.device.type)
         g2 = grad_out.reshape(-1, grad_out.size(-1))
-        grad_x = grad_w = grad_b = None
-        w_mask = None
-        if need_x:  # flip(W) again; its zero mask too if dW will need it
-            wf, w_mask = apply_flip_spec_masked(weight.detach(), w_spec, w_key, call, need_w)
-            grad_x = (g2 @ (wf.t() if conv1d else wf)).view(x_shape)
-            del wf
-        xf = kept
-        if recompute:  # one pass over x: zero grad_x where the forward zeroed, flip(x) if needed
-            xf = flip_spec_grad_(grad_x, kept, x_spec, x_key, call, want_flipped=need_w)
-        if need_w:
-            xf = xf.reshape(-1, xf.size(-1))
-            grad_w = xf.t() @ g2 if conv1d else g2.t() @ xf
-            if not need_x:  # one read of W finds the zeroed weights
-                flip_spec_grad_(grad_w, weight.detach(), w_spec, w_key, call)
-        if need_x:  # zero dX and dW where the forward zeroed x and W: one launch
-            more = (grad_w, w_mask, weight.dtype) if w_mask is not None else ()
-            zero_masked_(grad_x, x_mask, x_dtype, *more)
-        if need_b:
-            grad_b = g2.sum(0)
+        grad_x, grad_w = linear_grads(
+            g2, kept, x_mask, weight.detach(), call, x_shape, x_dtype, x_spec, w_spec,
+            x_key, w_key, conv1d, recompute, need_x, need_w,
+        )  # fmt: skip
+        grad_b = g2.sum(0) if need_b else None
         grad_params = [None] * len(need_params)
         if build is not None:
             wanted = [i for i, n in enumerate(need_params) if n]
@@ -460,14 +494,19 @@ class BitflipLayerMixin:
             self.w_spec = w_spec
 
     def stream_keys(self):
-        """((x key), (w key)) for this layer on this rank (computed once)."""
-        if self._bitflip_keys is None:
+        """((x key), (w key)) for this layer on this rank (computed once; under
+        ``torch.compile`` computed as constants without being stored, so the first compiled
+        call does not change the module and force a recompile on the second)."""
+        keys = self._bitflip_keys
+        if keys is None:
             rank = data_parallel_rank()
-            self._bitflip_keys = (
+            keys = (
                 stream_key(self.bitflip_seed, self.bitflip_name, "x", rank),
                 stream_key(self.bitflip_seed, self.bitflip_name, "w", rank),
             )
-        return self._bitflip_keys
+            if not torch.compiler.is_compiling():
+                self._bitflip_keys = keys
+        return keys
 
     def claim_call(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the call index of this forward, the tensor that must receive it + 1, or None).
@@ -488,7 +527,7 @@ class BitflipLayerMixin:
         None), so both see the same flips.
         """
         if torch.compiler.is_compiling():
-            call = self.bitflip_calls.clone()
+            call = call_snapshot(self.bitflip_calls)  # not a clone: see call_snapshot
             self.bitflip_calls.add_(1)
             return call, None
         phase = _checkpoint_phase()
@@ -522,14 +561,14 @@ class BitflipLayerMixin:
         ``weight_params``, see :func:`flipped_linear`)."""
         if not self.bitflip_enabled:
             return linear(x, weight() if callable(weight) else weight, bias, self._is_conv1d)
+        stats = self.bitflip_stats
+        if stats is not None and torch.compiler.is_compiling():
+            # counting is host-side work: a layer that records statistics runs eagerly (a
+            # graph break), with the same flips
+            return _eager_flipped_forward(self, x, weight, bias, weight_params)
         x_key, w_key = self.stream_keys()
         call, following = self.claim_call()
-        stats = self.bitflip_stats
-        if (
-            stats is not None
-            and not torch.compiler.is_compiling()
-            and _checkpoint_phase() == "recompute"
-        ):
+        if stats is not None and _checkpoint_phase() == "recompute":
             stats = None  # the recomputation repeats flips that were counted in the forward
         try:
             return flipped_linear(
@@ -550,8 +589,10 @@ class BitflipLayerMixin:
                 self.bias,
                 weight_params=[self.weight, lora_a, lora_b],
             )
-        x_key, w_key = self.stream_keys()
         stats = self.bitflip_stats
+        if stats is not None and torch.compiler.is_compiling():  # as in flipped_forward
+            return _eager_flipped_lora_forward(self, x, lora_a, lora_b, scale)
+        x_key, w_key = self.stream_keys()
         if stats is not None and _checkpoint_phase() == "recompute":
             stats = None  # counted in the forward already
         call, following = self.claim_call()
@@ -575,6 +616,11 @@ class BitflipLayerMixin:
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", bitflip(" + self.bitflip_repr() + ")"
+
+
+# the layers' computations outside torch.compile (dynamo breaks the graph around them)
+_eager_flipped_forward = torch.compiler.disable(BitflipLayerMixin.flipped_forward)
+_eager_flipped_lora_forward = torch.compiler.disable(BitflipLayerMixin.flipped_lora_forward)
 
 
 class BitflipLinear(BitflipLayerMixin, nn.Linear):

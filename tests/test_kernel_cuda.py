@@ -205,3 +205,34 @@ def test_cuda_graph_of_an_eager_forward_advances_the_counter_on_each_replay():
         outs.append(y.clone())
     assert int(layer.bitflip_calls) == start + 2
     assert not torch.equal(outs[0], outs[1])
+
+
+@cuda
+def test_cuda_inductor_compiled_layers_equal_eager():
+    """torch.compile (inductor) of a model of bit-flip layers: the fused layer ops in the graph
+    give the eager model's outputs and gradients, step after step."""
+    import copy
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 256, bias=False)
+    )  # no op between the layers: inductor's own kernels could round differently
+    cfg = pb.BitflipConfig(
+        x_p_exp=1e-3, x_p_frac=1e-3, x_zero_out_t=3.0,
+        w_p_exp=1e-3, w_p_frac=1e-3, w_zero_out_t=0.04,
+    )  # fmt: skip
+    pb.apply_bitflip(net, cfg)
+    eager = net.to("cuda", torch.bfloat16)
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin, fullgraph=True)
+    x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16) * 2
+    for _ in range(2):
+        ye, yc = eager(x), compiled(x)
+        assert torch.equal(ye, yc)
+        ye.float().square().mean().backward()
+        yc.float().square().mean().backward()
+        for pe, pc in zip(eager.parameters(), twin.parameters()):
+            torch.testing.assert_close(pc.grad, pe.grad)  # the loss's backward is inductor's
+            pe.grad = pc.grad = None
+    with torch.no_grad():
+        assert torch.equal(eager(x), compiled(x))

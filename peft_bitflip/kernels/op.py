@@ -293,3 +293,17 @@ def bitflip_backward(grad, x, table, call, key0, key1, threshold, has_flips) -> 
     if torch.compiler.is_compiling():
         return bitflip_backward_op(grad, x, table, call, key0, key1, threshold, has_flips)
     return bitflip_backward_impl(grad, x, table, call, key0, key1, threshold, has_flips)
+
+
+@torch.library.custom_op("peft_bitflip::call_snapshot", mutates_args=())
+def call_snapshot(counter: Tensor) -> Tensor:
+    """A copy of a layer's call counter, as an opaque op: under ``torch.compile`` the call
+    index of a forward, which the counter's in-place increment must not reach.  (A plain
+    ``clone`` may be recomputed from the counter in the backward graph, after the increment:
+    backward would then draw the next call's flips.)"""
+    return counter.clone()
+
+
+@call_snapshot.register_fake
+def _call_snapshot_fake(counter):
+    return torch.empty_like(counter)
