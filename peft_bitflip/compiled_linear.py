@@ -34,9 +34,8 @@ def _spec(p_exp: float, p_frac: float, threshold: float | None) -> FlipSpec:
     return FlipSpec(p_exp, p_frac, threshold)
 
 
-def _has_x_mask(keep_x_mask, x_p_exp, x_p_frac, x_t) -> bool:
-    """Whether the forward writes x's zero mask: wanted, x has a threshold (so it flips or
-    zeroes something)."""
+def _has_x_mask(keep_x_mask: bool, x_t: float | None) -> bool:
+    """Whether the forward writes x's zero mask: wanted, and x has a threshold."""
     return keep_x_mask and x_t is not None
 
 
@@ -70,7 +69,7 @@ def flipped_linear_op(
     empty_mask = x.new_empty(0, dtype=torch.uint8)
     xf, wf, x_mask = flip_specs_masked(
         x, weight, x_spec, w_spec, x_key, w_key, call,
-        _has_x_mask(keep_x_mask, x_p_exp, x_p_frac, x_t),
+        _has_x_mask(keep_x_mask, x_t),
     )  # fmt: skip
     out = linear(xf, wf, bias, conv1d)
     kept = xf if keep_flipped_x else x.new_empty(0)
@@ -87,7 +86,7 @@ def _flipped_linear_fake(
     out_features = weight.shape[1] if conv1d else weight.shape[0]
     out = x.new_empty((*x.shape[:-1], out_features))
     kept = x.new_empty(x.shape) if keep_flipped_x else x.new_empty(0)
-    if _has_x_mask(keep_x_mask, x_p_exp, x_p_frac, x_t):
+    if _has_x_mask(keep_x_mask, x_t):
         mask = x.new_empty(zero_mask_size(x.numel(), x.dtype), dtype=torch.uint8)
     else:
         mask = x.new_empty(0, dtype=torch.uint8)
@@ -155,7 +154,7 @@ def _setup_context(ctx, inputs, output):
     _, kept, x_mask = output
     ctx.fault = inputs[4:12]  # probabilities, thresholds, keys, conv1d
     ctx.recompute = keep_input
-    ctx.has_x_mask = _has_x_mask(keep_x_mask, *inputs[4:7])
+    ctx.has_x_mask = _has_x_mask(keep_x_mask, inputs[6])
     saved_x = x if keep_input else (kept if keep_flipped_x else None)
     ctx.save_for_backward(saved_x, x_mask if ctx.has_x_mask else None, weight, call)
     ctx.mark_non_differentiable(kept, x_mask)
