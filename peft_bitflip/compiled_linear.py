@@ -65,17 +65,15 @@ def flipped_linear_op(
     from .layers import linear
 
     x_spec, w_spec = _spec(x_p_exp, x_p_frac, x_t), _spec(w_p_exp, w_p_frac, w_t)
-    x_key, w_key = (keys[0], keys[1]), (keys[2], keys[3])
-    empty_mask = x.new_empty(0, dtype=torch.uint8)
     xf, wf, x_mask = flip_specs_masked(
-        x, weight, x_spec, w_spec, x_key, w_key, call,
+        x, weight, x_spec, w_spec, (keys[0], keys[1]), (keys[2], keys[3]), call,
         _has_x_mask(keep_x_mask, x_t),
     )  # fmt: skip
     out = linear(xf, wf, bias, conv1d)
+    # keep_flipped_x is never set for an identity x spec (then xf is x, and an op may not
+    # return its input): compiled_flipped_linear keeps the input instead
     kept = xf if keep_flipped_x else x.new_empty(0)
-    if kept is x:  # nothing flipped or zeroed x: an op may not return its input
-        kept = x.clone()
-    return out, kept, x_mask if x_mask is not None else empty_mask
+    return out, kept, x_mask if x_mask is not None else x.new_empty(0, dtype=torch.uint8)
 
 
 @flipped_linear_op.register_fake
@@ -154,9 +152,9 @@ def _setup_context(ctx, inputs, output):
     _, kept, x_mask = output
     ctx.fault = inputs[4:12]  # probabilities, thresholds, keys, conv1d
     ctx.recompute = keep_input
-    ctx.has_x_mask = _has_x_mask(keep_x_mask, inputs[6])
     saved_x = x if keep_input else (kept if keep_flipped_x else None)
-    ctx.save_for_backward(saved_x, x_mask if ctx.has_x_mask else None, weight, call)
+    saved_mask = x_mask if _has_x_mask(keep_x_mask, inputs[6]) else None
+    ctx.save_for_backward(saved_x, saved_mask, weight, call)
     ctx.mark_non_differentiable(kept, x_mask)
 
 
