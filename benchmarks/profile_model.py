@@ -1,7 +1,8 @@
 """Where a whole-model step spends its time: GPU kernel time by kind, clean vs flipped.
 
 Builds the models of ``bench_model.py`` (same config, variants and jobs), times ``--steps``
-steps with CUDA events (wall) and profiles ``--profile-steps`` more with ``torch.profiler``.
+steps with CUDA events (wall), times as many until each step's call returns (host), and
+profiles ``--profile-steps`` more with ``torch.profiler``.
 Per step it reports the wall time, the summed kernel time (the GPU's busy time; wall minus
 that is time the GPU waited for the host), the kernel time of each kind (GEMM, attention, our
 flip kernels, the LoRA merge and correction kernels, the rest) and the number of kernels
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import statistics
+import time
 
 import torch
 from bench_model import cleanup, make_variant, model_config, report, step_fn, time_steps
@@ -56,12 +59,28 @@ def kernel_times(prof, steps: int):
     return dict(by_kind), count / steps, by_name.most_common(8)
 
 
+def host_ms(step, device, steps: int) -> float:
+    """Median ms until ``step()`` returns (work queued, not finished): near the wall time, the
+    step is bound by the host; well under it, by the GPU."""
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return statistics.median(times)
+
+
 def profile_cell(job, variant, batch, args, cfg, device, dtype):
     model = make_variant(job, variant, cfg, device, dtype)
     ids = torch.randint(0, cfg.vocab_size, (batch, args.seq), device=device)
     step = step_fn(job, model, ids, False)
     try:
         wall, peak = time_steps(step, device, args.warmup, args.steps)
+        host = host_ms(step, device, args.steps)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=acts) as prof:
             for _ in range(args.profile_steps):
@@ -77,6 +96,7 @@ def profile_cell(job, variant, batch, args, cfg, device, dtype):
         job=job,
         variant=variant,
         wall_ms=wall,
+        host_ms=host,
         kernel_ms=sum(kinds.values()),
         kinds=kinds,
         kernels_per_step=launches,
@@ -86,12 +106,14 @@ def profile_cell(job, variant, batch, args, cfg, device, dtype):
 
 def markdown(cells) -> str:
     kinds = [k for k, _ in KINDS] + ["other"]
-    head = "| batch | job | variant | wall ms | kernel ms | " + " | ".join(kinds) + " | kernels |"
-    lines = [head, "|" + "---:|" * 3 + "---:|" * (3 + len(kinds))]
+    head = "| batch | job | variant | wall ms | host ms | kernel ms | "
+    head += " | ".join(kinds) + " | kernels |"
+    lines = [head, "|" + "---:|" * 3 + "---:|" * (4 + len(kinds))]
     for c in cells:
         parts = " | ".join(f"{c['kinds'].get(k, 0.0):.1f}" for k in kinds)
         lines.append(
             f"| {c['batch']} | {c['job']} | {c['variant']} | {c['wall_ms']:.1f} | "
+            f"{c['host_ms']:.1f} | "
             f"{c['kernel_ms']:.1f} | {parts} | {c['kernels_per_step']:.0f} |"
         )
     return "\n".join(lines)

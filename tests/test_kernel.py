@@ -58,6 +58,28 @@ def test_kernel_matches_reference(needs_interpreter, dtype, p_exp, p_frac):
     assert not _same_bits(y_k, x)
 
 
+@pytest.mark.parametrize("singles", [0, 1, 10**6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_ways_through_the_gap_loop_match_reference(
+    needs_interpreter, monkeypatch, dtype, singles
+):
+    """A block whose groups with a flip are at most SINGLE_GROUPS takes them one at a time,
+    else runs the loop on the whole block: every setting gives the reference's bits (at
+    p = 2^-9 a block holds from none to several such groups)."""
+    from peft_bitflip.kernels import triton_bitflip
+
+    monkeypatch.setattr(triton_bitflip, "SINGLE_GROUPS", singles)
+    triton_bitflip._launch_config.cache_clear()
+    try:
+        torch.manual_seed(2)
+        x = torch.randn(4 * 64 * group_size(dtype) + 11, dtype=dtype) * 4
+        y_k = _kernel(x, 2**-9, 2**-8, 3.0, 7)
+        assert _same_bits(y_k, _ref(x, 2**-9, 2**-8, 3.0, 7))
+        assert not _same_bits(y_k, x)
+    finally:
+        triton_bitflip._launch_config.cache_clear()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernel_backward_matches_reference(needs_interpreter, dtype):
     torch.manual_seed(1)

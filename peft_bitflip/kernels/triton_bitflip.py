@@ -101,6 +101,54 @@ def _flip_field_bits(
 
 
 @triton.jit
+def _flips_of_groups(
+    rows,
+    cols,
+    call,
+    key0,
+    key1,
+    table_ptr,
+    ELEM_BITS: tl.constexpr,
+    N_EXP: tl.constexpr,
+    N_FRAC: tl.constexpr,
+    N_E: tl.constexpr,
+    N_F: tl.constexpr,
+    STEPS_E: tl.constexpr,
+    STEPS_F: tl.constexpr,
+    N_ROUNDS: tl.constexpr,
+):
+    """The XOR masks [R, G] of the groups ``rows`` [R] (int64 group indices): the whole gap
+    sampling, from iteration 0 until every field of every group is settled."""
+    UINT: tl.constexpr = tl.uint16 if ELEM_BITS == 16 else tl.uint32
+    c0 = rows.to(tl.uint32)
+    c1 = (rows >> 32).to(tl.uint32)
+    zero = c0 * 0
+    key0 = (zero + key0).to(tl.uint32)
+    key1 = (zero + key1).to(tl.uint32)
+    flips = (zero[:, None] + cols[None, :] * 0).to(UINT)
+    pos_e = (rows * 0).to(tl.int32)
+    pos_f = pos_e
+    it = pos_e * 0
+    active_e = pos_e == 0
+    active_f = active_e
+    while tl.max((active_e | active_f).to(tl.int32), axis=0) > 0:
+        w0, w1, w2, w3 = _philox4x32(c0, c1, it.to(tl.uint32), zero + call, key0, key1, N_ROUNDS)
+        u_e = _u63(w0, w1)
+        u_f = _u63(w2, w3)
+        gap_e = _gap(table_ptr, u_e, active_e, N_E, STEPS_E)
+        m_e, pos_e, active_e = _flip_field_bits(
+            pos_e, gap_e, active_e, cols, N_E, N_EXP, ELEM_BITS - N_EXP, UINT
+        )
+        gap_f = _gap(table_ptr + N_E, u_f, active_f, N_F, STEPS_F)
+        m_f, pos_f, active_f = _flip_field_bits(pos_f, gap_f, active_f, cols, N_F, N_FRAC, 0, UINT)
+        flips = flips ^ m_e ^ m_f
+        active_e = active_e & (pos_e < N_E)
+        active_f = active_f & (pos_f < N_F)
+        it += 1
+    return flips
+
+
+@triton.jit
 def flip_group_bits(
     bits,
     rows,
@@ -117,10 +165,16 @@ def flip_group_bits(
     STEPS_E: tl.constexpr,
     STEPS_F: tl.constexpr,
     N_ROUNDS: tl.constexpr,
+    SINGLES: tl.constexpr = 1,
 ):
     """The sampling scheme on a block of groups: ``bits`` [R, G] (raw element bits, uint16 or
-    uint32), ``rows`` [R] their int64 group indices, ``call`` the uint32 call index; returns the
-    bits with the flips applied.  Shared by every kernel that flips."""
+    uint32), ``rows`` [R] their int64 group indices (distinct), ``call`` the uint32 call index;
+    returns the bits with the flips applied.  Shared by every kernel that flips.
+
+    One Philox draw per group settles every group without a flip (the fast path, on the whole
+    block).  If at most SINGLES groups of the block hold a flip, they are taken one at a time
+    through the gap sampling (:func:`_flips_of_groups` on a single group: the loop then costs
+    in proportion to those groups, not to the block); more, and the whole block runs it."""
     UINT: tl.constexpr = tl.uint16 if ELEM_BITS == 16 else tl.uint32
     c0 = rows.to(tl.uint32)
     c1 = (rows >> 32).to(tl.uint32)
@@ -128,37 +182,28 @@ def flip_group_bits(
     key0 = (zero + k0).to(tl.uint32)
     key1 = (zero + k1).to(tl.uint32)
     w0, w1, w2, w3 = _philox4x32(c0, c1, zero, zero + call, key0, key1, N_ROUNDS)
-    u_e = _u63(w0, w1)
-    u_f = _u63(w2, w3)
     last_e = tl.load(table_ptr + (N_E - 1))
     last_f = tl.load(table_ptr + (N_E + N_F - 1))
-    active_e = u_e <= last_e
-    active_f = u_f <= last_f
-    any_hit = tl.max((active_e | active_f).to(tl.int32), axis=0)
-    if any_hit > 0:
-        flips = bits * 0
-        pos_e = (rows * 0).to(tl.int32)
-        pos_f = pos_e
-        it = pos_e * 0
-        while tl.max((active_e | active_f).to(tl.int32), axis=0) > 0:
-            if tl.max(it, axis=0) > 0:  # iteration 0 reuses the draw made above
-                w0, w1, w2, w3 = _philox4x32(
-                    c0, c1, it.to(tl.uint32), zero + call, key0, key1, N_ROUNDS
-                )
-                u_e = _u63(w0, w1)
-                u_f = _u63(w2, w3)
-            gap_e = _gap(table_ptr, u_e, active_e, N_E, STEPS_E)
-            m_e, pos_e, active_e = _flip_field_bits(
-                pos_e, gap_e, active_e, cols, N_E, N_EXP, ELEM_BITS - N_EXP, UINT
-            )
-            gap_f = _gap(table_ptr + N_E, u_f, active_f, N_F, STEPS_F)
-            m_f, pos_f, active_f = _flip_field_bits(
-                pos_f, gap_f, active_f, cols, N_F, N_FRAC, 0, UINT
-            )
-            flips = flips ^ m_e ^ m_f
-            active_e = active_e & (pos_e < N_E)
-            active_f = active_f & (pos_f < N_F)
-            it += 1
+    hit = (_u63(w0, w1) <= last_e) | (_u63(w2, w3) <= last_f)
+    n_hit = tl.sum(hit.to(tl.int32), axis=0)
+    if n_hit > 0:
+        if n_hit <= SINGLES:
+            flips = bits * 0
+            while tl.max(hit.to(tl.int32), axis=0) > 0:
+                g = tl.min(tl.where(hit, rows, 0x7FFFFFFFFFFFFFFF), axis=0)  # next such group
+                one = tl.zeros([1], tl.int64) + g
+                f = _flips_of_groups(
+                    one, cols, call, k0, k1, table_ptr,
+                    ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
+                )  # fmt: skip
+                chosen = rows == g
+                flips = flips ^ tl.where(chosen[:, None], f, 0).to(UINT)
+                hit = hit & ~chosen
+        else:
+            flips = _flips_of_groups(
+                rows, cols, call, k0, k1, table_ptr,
+                ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
+            )  # fmt: skip
         bits = bits ^ flips
     return bits
 
@@ -183,6 +228,7 @@ def flip_and_zero(
     STEPS_E: tl.constexpr,
     STEPS_F: tl.constexpr,
     N_ROUNDS: tl.constexpr,
+    SINGLES: tl.constexpr = 1,
 ):
     """The fault model on a block of groups ``x`` [R, G] (float values; ``rows`` [R] their
     int64 group indices): flips, then zero-out (``|y| >= threshold``, NaN, Inf -> 0).
@@ -194,7 +240,7 @@ def flip_and_zero(
         call = tl.load(call_ptr).to(tl.uint32)
         bits = flip_group_bits(
             bits, rows, cols, call, k0, k1, table_ptr,
-            ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
+            ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
         )  # fmt: skip
     y = bits.to(SINT, bitcast=True).to(x.dtype, bitcast=True)
     if HAS_ZERO:
@@ -238,6 +284,7 @@ def _flip_block(
     STEPS_E: tl.constexpr,
     STEPS_F: tl.constexpr,
     N_ROUNDS: tl.constexpr,
+    SINGLES: tl.constexpr,
 ):
     """Block ``pid`` (ROWS groups of G elements) of a flat tensor: flip + zero-out, then write
     y, the gradient mask (GRAD_MODE) and/or the packed zero mask (WRITE_MASK: one uint8 per
@@ -249,7 +296,7 @@ def _flip_block(
     x = tl.load(x_ptr + offs, mask=inb, other=0)
     y, keep = flip_and_zero(
         x, rows, cols, call_ptr, k0, k1, table_ptr, threshold, HAS_FLIPS, HAS_ZERO,
-        ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
+        ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
     )  # fmt: skip
     if WRITE_Y:
         tl.store(out_ptr + offs, y, mask=inb)
@@ -301,6 +348,7 @@ def _bitflip_kernel(
     STEPS_E: tl.constexpr,
     STEPS_F: tl.constexpr,
     N_ROUNDS: tl.constexpr,
+    SINGLES: tl.constexpr,
 ):
     """:func:`_flip_block` over a flat tensor; WRITE_NEXT_CALL: program 0 also stores the call
     index + 1 to ``next_call_ptr`` (a layer's counter for its next forward)."""
@@ -309,6 +357,7 @@ def _bitflip_kernel(
         tl.program_id(0).to(tl.int64), x_ptr, out_ptr, grad_ptr, mask_ptr, n_elements,
         table_ptr, call_ptr, k0, k1, threshold, WRITE_Y, GRAD_MODE, WRITE_MASK, HAS_FLIPS,
         HAS_ZERO, ELEM_BITS, N_EXP, N_FRAC, G, ROWS, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
+        SINGLES,
     )  # fmt: skip
 
 
@@ -348,6 +397,7 @@ def _bitflip_pair_kernel(
     STEPS_E: tl.constexpr,
     STEPS_F: tl.constexpr,
     N_ROUNDS: tl.constexpr,
+    SINGLES: tl.constexpr,
 ):
     """The forward flips of a layer's input and weight (same dtype) in one launch: the first
     ``programs_x`` programs flip x, the others W, each with its own table, key and threshold;
@@ -358,13 +408,13 @@ def _bitflip_pair_kernel(
         _flip_block(
             pid, x_ptr, x_out_ptr, x_ptr, x_mask_ptr, n_x, x_table_ptr, call_ptr, x_k0, x_k1,
             x_threshold, True, 0, X_MASK, X_FLIPS, X_ZERO, ELEM_BITS, N_EXP, N_FRAC, G,
-            ROWS, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
+            ROWS, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
         )  # fmt: skip
     else:
         _flip_block(
             pid - programs_x, w_ptr, w_out_ptr, w_ptr, w_ptr, n_w, w_table_ptr, call_ptr, w_k0,
             w_k1, w_threshold, True, 0, False, W_FLIPS, W_ZERO, ELEM_BITS, N_EXP, N_FRAC,
-            G, ROWS, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
+            G, ROWS, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
         )  # fmt: skip
 
 
@@ -407,6 +457,7 @@ def _zero_by_masks_kernel(
 MASK_ROWS_PER_PROGRAM = 1024  # groups per program of the mask-zeroing kernel
 ROWS_PER_PROGRAM = 64  # tuned on H100 (benchmarks/tune_kernel.py): best at p <= 2^-16
 NUM_WARPS = 2
+SINGLE_GROUPS = 1  # a block with at most this many groups holding a flip takes them singly
 
 
 @functools.cache
@@ -452,6 +503,7 @@ def _launch_config(
         WRITE_MASK=write_mask,
         WRITE_NEXT_CALL=writes_next_call,
         ROWS=rows,
+        SINGLES=SINGLE_GROUPS,
         num_warps=num_warps or NUM_WARPS,
     )
     return rows * group_size(dtype), constexprs
@@ -612,6 +664,7 @@ def _pair_config(
         W_FLIPS=w_flips,
         W_ZERO=w_zero,
         ROWS=ROWS_PER_PROGRAM,
+        SINGLES=SINGLE_GROUPS,
         num_warps=NUM_WARPS,
     )
     return ROWS_PER_PROGRAM * group_size(dtype), constexprs
