@@ -40,7 +40,26 @@ def test_profile_model_sorts_kernels_and_runs_at_toy_size(reference_backend, tmp
     cells = profile_model.main(argv)
     assert out.exists() and [c["variant"] for c in cells] == ["clean", "ours"]
     assert all(c["wall_ms"] > 0 and c["kernels_per_step"] == 0 for c in cells)  # no CUDA here
+    assert all(c["host_ms"] > 0 for c in cells)
     assert "| 2 | forward | ours |" in profile_model.markdown(cells)
+
+
+def test_host_in_model_runs_at_toy_size(reference_backend, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import host_in_model
+    finally:
+        sys.path.pop(0)
+    argv = ["--tiny", "--device", "cpu", "--batch", "1", "--seq", "8", "--steps", "1"]
+    rows = host_in_model.main(argv + ["--rounds", "1"])
+    assert [(r["gc"], r["variant"]) for r in rows] == [
+        (True, "clean"), (True, "ours"), (False, "clean"), (False, "ours")
+    ]  # fmt: skip
+    assert all(r["wall_ms"] >= r["host_ms"] > 0 for r in rows)
+    import gc
+
+    assert gc.isenabled()  # the script leaves the collector on
+    assert "peft_bitflip" in capsys.readouterr().out  # the cProfile ran over our layers
 
 
 def test_profile_host_python_only_runs_with_the_stubbed_launchers():
