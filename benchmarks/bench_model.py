@@ -14,7 +14,7 @@ bound for any eager bit-flip layer that launches a kernel; forward and train job
 every p = 2^-16, zero-out thresholds 30 / 1.25) and ``mase`` (the original formulation: every
 linear but lm_head flips x and W with mase-triton's ``random_bitflip_fn``; LoRA layers merge
 ``W + s B@A`` and flip it, as NewComputeBench's ``BitFlipLinearLora``).  With ``--compile`` the
-forward and the training step of clean and ours also run under ``torch.compile``.
+forward, the training step and the LoRA step of clean and ours also run under ``torch.compile``.
 
 Each cell is the median of ``--steps`` timed steps (device events) after ``--warmup`` steps;
 peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps (model, optimizer state
@@ -289,7 +289,7 @@ def main(argv=None):
     for batch in [int(b) for b in args.batches.split(",")]:
         for job in args.jobs.split(","):
             modes = [(v, False) for v in variants if not (v == "floor" and job == "lora")]
-            if args.compile and job != "lora":
+            if args.compile:
                 modes += [("clean", True), ("ours", True)]
             base = {}
             for variant, compiled in modes:

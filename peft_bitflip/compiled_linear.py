@@ -10,6 +10,10 @@ and backward into a compiled graph as two opaque nodes:
 * ``peft_bitflip::flipped_linear_backward`` -> ``(dX, dW, db)`` (empty where not wanted): the
   layer's backward (:func:`~peft_bitflip.layers.linear_grads`).
 
+The fused bit-flip LoRA layer (one adapter merged into the weight) has the same pair,
+``peft_bitflip::flipped_lora_linear`` / ``flipped_lora_linear_backward`` (the forward and
+backward of :class:`~peft_bitflip.layers._FlippedLoraLinear`).
+
 Compiled graphs thereby keep what the eager layer keeps (no flipped weight per layer, as the
 unfused form under compile kept) and run the same kernels, and CUDA graphs capture both.  The
 fault settings travel as plain numbers (the probabilities the kernel uses and the threshold),
@@ -26,7 +30,7 @@ from torch import Tensor
 from .kernels.sampling import zero_mask_size
 from .spec import FlipSpec
 
-__all__ = ["compiled_flipped_linear"]
+__all__ = ["compiled_flipped_linear", "compiled_flipped_lora_linear"]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -191,5 +195,163 @@ def compiled_flipped_linear(
         need_w and not keep_input,
         need_x and not recompute_input and not x_spec.is_identity,
         keep_input,
+    )  # fmt: skip
+    return out
+
+
+# --- the fused LoRA layer (one adapter merged into the weight) ------------------------------
+
+
+@torch.library.custom_op("peft_bitflip::flipped_lora_linear", mutates_args=())
+def flipped_lora_linear_op(
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    bias: Tensor | None,
+    call: Tensor,
+    x_p_exp: float,
+    x_p_frac: float,
+    x_t: float | None,
+    w_p_exp: float,
+    w_p_frac: float,
+    w_t: float | None,
+    keys: list[int],
+    conv1d: bool,
+    scale: float,
+    keep_flipped_x: bool,
+    keep_x_mask: bool,
+    keep_input: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(flip(x) @ flip(W + scale B@A)^T + b, flip(x) if keep_flipped_x, x's packed zero mask
+    if keep_x_mask and x has a threshold)`` (empty tensors for the parts not kept), as the eager
+    fused LoRA layer computes it (:func:`~peft_bitflip.layers.lora_forward`).  ``x`` is in the
+    compute dtype; ``keep_input``: backward keeps the input x (x is not flipped)."""
+    from .layers import lora_forward
+
+    x_spec, w_spec = _spec(x_p_exp, x_p_frac, x_t), _spec(w_p_exp, w_p_frac, w_t)
+    out, xf, x_mask = lora_forward(
+        x, weight, lora_a, lora_b, bias, x_spec, w_spec, (keys[0], keys[1]), (keys[2], keys[3]),
+        call, conv1d, scale, x.dtype, _has_x_mask(keep_x_mask, x_t), keep_flipped_x,
+    )  # fmt: skip
+    kept = xf if keep_flipped_x else x.new_empty(0)
+    return out, kept, x_mask if x_mask is not None else x.new_empty(0, dtype=torch.uint8)
+
+
+@flipped_lora_linear_op.register_fake
+def _flipped_lora_linear_fake(
+    x, weight, lora_a, lora_b, bias, call, x_p_exp, x_p_frac, x_t, w_p_exp, w_p_frac, w_t, keys,
+    conv1d, scale, keep_flipped_x, keep_x_mask, keep_input,
+):  # fmt: skip
+    return _flipped_linear_fake(
+        x, weight, bias, call, x_p_exp, x_p_frac, x_t, w_p_exp, w_p_frac, w_t, keys, conv1d,
+        keep_flipped_x, keep_x_mask, keep_input,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("peft_bitflip::flipped_lora_linear_backward", mutates_args=())
+def flipped_lora_linear_backward_op(
+    grad_out: Tensor,
+    kept: Tensor | None,
+    x_mask: Tensor | None,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    call: Tensor,
+    x_p_exp: float,
+    x_p_frac: float,
+    x_t: float | None,
+    w_p_exp: float,
+    w_p_frac: float,
+    w_t: float | None,
+    keys: list[int],
+    conv1d: bool,
+    scale: float,
+    need_x: bool,
+    need_w: bool,
+    need_a: bool,
+    need_b: bool,
+    need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dX, dW, dA, dB, db)`` of :func:`flipped_lora_linear_op` (empty where not wanted), as
+    the eager layer's backward computes them (:func:`~peft_bitflip.layers.lora_grads`)."""
+    from .layers import lora_grads
+
+    w_spec = _spec(w_p_exp, w_p_frac, w_t)
+    g2 = grad_out.reshape(-1, grad_out.size(-1))
+    in_features = weight.shape[0] if conv1d else weight.shape[1]
+    grads = lora_grads(
+        g2, kept, x_mask, weight, lora_a, lora_b, call, (*grad_out.shape[:-1], in_features),
+        grad_out.dtype, w_spec, (keys[2], keys[3]), conv1d, scale, grad_out.dtype, need_x,
+        need_w, need_a, need_b,
+    )  # fmt: skip
+    grads = (*grads, g2.sum(0) if need_bias else None)
+    return tuple(g if g is not None else grad_out.new_empty(0) for g in grads)
+
+
+@flipped_lora_linear_backward_op.register_fake
+def _flipped_lora_linear_backward_fake(
+    grad_out, kept, x_mask, weight, lora_a, lora_b, call, x_p_exp, x_p_frac, x_t, w_p_exp,
+    w_p_frac, w_t, keys, conv1d, scale, need_x, need_w, need_a, need_b, need_bias,
+):  # fmt: skip
+    in_features = weight.shape[0] if conv1d else weight.shape[1]
+    shapes = [
+        ((*grad_out.shape[:-1], in_features), need_x),
+        (weight.shape, need_w),
+        (lora_a.shape, need_a),
+        (lora_b.shape, need_b),
+        ((grad_out.shape[-1],), need_bias),
+    ]
+    dtypes = [grad_out.dtype, weight.dtype, lora_a.dtype, lora_b.dtype, grad_out.dtype]
+    return tuple(
+        grad_out.new_empty(shape, dtype=dt) if need else grad_out.new_empty(0)
+        for (shape, need), dt in zip(shapes, dtypes)
+    )
+
+
+_N_LORA_INPUTS = 18  # arguments of flipped_lora_linear_op
+
+
+def _lora_setup_context(ctx, inputs, output):
+    x, weight, lora_a, lora_b, _bias, call = inputs[:6]
+    keep_flipped_x, keep_x_mask, keep_input = inputs[15:18]
+    _, kept, x_mask = output
+    ctx.fault = inputs[6:15]  # probabilities, thresholds, keys, conv1d, scale
+    saved_x = x if keep_input else (kept if keep_flipped_x else None)
+    saved_mask = x_mask if _has_x_mask(keep_x_mask, inputs[8]) else None
+    ctx.save_for_backward(saved_x, saved_mask, weight, lora_a, lora_b, call)
+    ctx.mark_non_differentiable(kept, x_mask)
+
+
+def _lora_backward(ctx, grad_out, _grad_kept, _grad_mask):
+    kept, x_mask, weight, lora_a, lora_b, call = ctx.saved_tensors
+    need = ctx.needs_input_grad[:5]  # x, weight, lora_a, lora_b, bias
+    grads = flipped_lora_linear_backward_op(
+        grad_out.contiguous(), kept, x_mask, weight, lora_a, lora_b, call, *ctx.fault, *need
+    )
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * (_N_LORA_INPUTS - 5)
+
+
+flipped_lora_linear_op.register_autograd(_lora_backward, setup_context=_lora_setup_context)
+
+
+def compiled_flipped_lora_linear(
+    x, weight, lora_a, lora_b, scale, bias, x_spec, w_spec, x_key, w_key, call, conv1d=False
+):
+    """The fused LoRA layer through :func:`flipped_lora_linear_op` (what a compiled graph holds;
+    also callable in eager mode).  Keeps for backward what
+    :class:`~peft_bitflip.layers._FlippedLoraLinear` keeps: flip(x) (x itself when x is not
+    flipped), x's zero mask, W, A, B, not the merged weight.  ``x`` must already be in the
+    compute dtype."""
+    grad = torch.is_grad_enabled()
+    need_x = grad and x.requires_grad
+    need_factors = grad and any(t.requires_grad for t in (weight, lora_a, lora_b))
+    keep_input = x_spec.is_identity and need_factors
+    out, _, _ = flipped_lora_linear_op(
+        x, weight, lora_a, lora_b, bias, call,
+        x_spec.effective_p_exp, x_spec.effective_p_frac, x_spec.zero_out_threshold,
+        w_spec.effective_p_exp, w_spec.effective_p_frac, w_spec.zero_out_threshold,
+        [*x_key, *w_key], conv1d, float(scale),
+        need_factors and not keep_input, need_x and not x_spec.is_identity, keep_input,
     )  # fmt: skip
     return out

@@ -350,26 +350,26 @@ def flipped_lora_linear(
     one), W, A, B and the call index are kept for backward; and the gradients of
     A and B come from rank-r products (``(dY B)^T flip(x)`` and ``dY^T (flip(x) A^T)``) plus a
     correction at the few weights the zero-out removed, instead of the full ``dY^T flip(x)``.
-    Gradients equal those of :func:`flipped_lora_linear_unfused` within float rounding.
+    Gradients equal those of :func:`flipped_lora_linear_unfused` within float rounding.  Under
+    ``torch.compile`` the same forward and backward enter the graph as two ops
+    (:func:`~peft_bitflip.compiled_linear.compiled_flipped_lora_linear`).
     ``stats``, ``next_call``: as in :func:`flipped_linear` (counted outside autograd; results
     unchanged).
     """
     if torch.compiler.is_compiling():
-        return flipped_lora_linear_unfused(
-            x,
-            weight,
-            lora_a,
-            lora_b,
-            scale,
-            bias,
-            x_spec,
-            w_spec,
-            x_key,
-            w_key,
-            call,
-            conv1d,
-            stats,
-            next_call,
+        if stats is not None:  # (the layers send no stats here)
+            return flipped_lora_linear_unfused(
+                x, weight, lora_a, lora_b, scale, bias, x_spec, w_spec, x_key, w_key, call,
+                conv1d, stats, next_call,
+            )  # fmt: skip
+        from .compiled_linear import compiled_flipped_lora_linear
+
+        compute = _autocast_dtype(x)
+        if compute is not None:
+            x = x.to(compute)
+            bias = None if bias is None else bias.to(compute)
+        return compiled_flipped_lora_linear(
+            x, weight, lora_a, lora_b, scale, bias, x_spec, w_spec, x_key, w_key, call, conv1d
         )
     compute = _autocast_dtype(x)
     if compute is not None:
@@ -403,27 +403,80 @@ def flipped_lora_linear_unfused(
     )
 
 
+def lora_forward(
+    x, weight, lora_a, lora_b, bias, x_spec, w_spec, x_key, w_key, call, conv1d, scale,
+    out_dtype, need_x, need_factors, stats=None, next_call=None,
+):  # fmt: skip
+    """(``flip(x) @ flip(W + s B@A)^T + b``, flip(x) if ``need_factors`` else None, x's packed
+    zero mask if ``need_x`` and x has a threshold, else None): the forward of the fused LoRA
+    layer, shared by the eager autograd Function and the op that carries it through
+    ``torch.compile``.  The merge kernel advances the counter when x has no flip kernel."""
+    w_next, x_next = (next_call, None) if x_spec.is_identity else (None, next_call)
+    wf, _ = merge_flip_lora(
+        weight, lora_a, lora_b, scale, conv1d, out_dtype, w_spec, w_key, call, False, w_next
+    )
+    xf, x_mask = apply_flip_spec_masked(x, x_spec, x_key, call, need_x, x_next)
+    if stats is not None:
+        merged = merged_lora_weight(weight, lora_a, lora_b, scale, conv1d).to(out_dtype)
+        stats.record("x", x, xf, x_spec, x_key, call)
+        stats.record("w", merged, wf, w_spec, w_key, call)
+    return linear(xf, wf, bias, conv1d), (xf if need_factors else None), x_mask
+
+
+def lora_grads(
+    g2, xf, x_mask, weight, lora_a, lora_b, call, x_shape, x_dtype, w_spec, w_key, conv1d,
+    scale, out_dtype, need_x, need_w, need_a, need_b,
+):  # fmt: skip
+    """(dX, dW, dA, dB) of :func:`lora_forward` (None where not wanted) from what it kept:
+    ``g2`` dY as (tokens, out), ``xf`` flip(x), ``x_mask`` x's zero mask.  The merged weight
+    is merged and flipped again (with its zero mask when a factor needs a gradient); dA and dB
+    come from rank-r products plus a correction at the zeroed weights, unless W trains too."""
+    need_factors = need_w or need_a or need_b
+    wf, zeroed = merge_flip_lora(
+        weight, lora_a, lora_b, scale, conv1d, out_dtype, w_spec, w_key, call, need_factors
+    )
+    grad_x = grad_w = grad_a = grad_b = None
+    if need_x:
+        grad_x = (g2 @ (wf.t() if conv1d else wf)).view(x_shape)
+        zero_masked_(grad_x, x_mask, x_dtype)
+    del wf
+    if need_factors:
+        xf = xf.reshape(-1, xf.size(-1))
+        zeroed_oi = None if zeroed is None else (zeroed.t() if conv1d else zeroed)
+        if need_w:  # the base weight trains too: the full product is needed anyway
+            dm = (g2.t() @ xf).float()
+            if zeroed_oi is not None:
+                dm = dm.masked_fill(zeroed_oi.bool(), 0.0)
+            grad_w = (dm.t() if conv1d else dm).to(weight.dtype)
+            da = lora_b.float().t() @ dm
+            db = dm @ lora_a.float().t()
+        else:  # rank-r products, corrected where the zero-out removed a weight
+            a, b = lora_a.to(g2.dtype), lora_b.to(g2.dtype)
+            da = ((g2 @ b).t() @ xf).float()
+            db = (g2.t() @ (xf @ a.t())).float()
+            if zeroed_oi is not None:
+                da_z, db_z = zeroed_correction(zeroed_oi, g2, xf, lora_a, lora_b)
+                da, db = da - da_z, db - db_z
+        grad_a = (da * scale).to(lora_a.dtype) if need_a else None
+        grad_b = (db * scale).to(lora_b.dtype) if need_b else None
+    return grad_x, grad_w, grad_a, grad_b
+
+
 class _FlippedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, bias, settings, call, next_call):
         x_spec, w_spec, x_key, w_key, conv1d, scale, out_dtype, stats = settings
         call = call if isinstance(call, torch.Tensor) else torch.tensor(call, device=x.device)
-        # the merge kernel advances the counter when x has no flip kernel to do it
-        w_next, x_next = (next_call, None) if x_spec.is_identity else (None, next_call)
-        wf, _ = merge_flip_lora(
-            weight, lora_a, lora_b, scale, conv1d, out_dtype, w_spec, w_key, call, False, w_next
-        )
         need_x = ctx.needs_input_grad[0]
         need_factors = any(ctx.needs_input_grad[1:4])
-        xf, x_mask = apply_flip_spec_masked(x, x_spec, x_key, call, need_x, x_next)
-        if stats is not None:
-            merged = merged_lora_weight(weight, lora_a, lora_b, scale, conv1d).to(out_dtype)
-            stats.record("x", x, xf, x_spec, x_key, call)
-            stats.record("w", merged, wf, w_spec, w_key, call)
-        ctx.save_for_backward(xf if need_factors else None, x_mask, weight, lora_a, lora_b, call)
+        out, xf, x_mask = lora_forward(
+            x, weight, lora_a, lora_b, bias, x_spec, w_spec, x_key, w_key, call, conv1d, scale,
+            out_dtype, need_x, need_factors, stats, next_call,
+        )  # fmt: skip
+        ctx.save_for_backward(xf, x_mask, weight, lora_a, lora_b, call)
         ctx.x_meta = (x.shape, x.dtype)
         ctx.settings = settings
-        return linear(xf, wf, bias, conv1d)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -432,37 +485,12 @@ class _FlippedLoraLinear(torch.autograd.Function):
         x_shape, x_dtype = ctx.x_meta
         _, w_spec, _, w_key, conv1d, scale, out_dtype, _ = ctx.settings
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-        need_factors = need_w or need_a or need_b
-        wf, zeroed = merge_flip_lora(
-            weight, lora_a, lora_b, scale, conv1d, out_dtype, w_spec, w_key, call, need_factors
-        )
         g2 = grad_out.reshape(-1, grad_out.size(-1))
-        grad_x = grad_w = grad_a = grad_b = grad_bias = None
-        if need_x:
-            grad_x = (g2 @ (wf.t() if conv1d else wf)).view(x_shape)
-            zero_masked_(grad_x, x_mask, x_dtype)
-        del wf
-        if need_factors:
-            xf = xf.reshape(-1, xf.size(-1))
-            zeroed_oi = None if zeroed is None else (zeroed.t() if conv1d else zeroed)
-            if need_w:  # the base weight trains too: the full product is needed anyway
-                dm = (g2.t() @ xf).float()
-                if zeroed_oi is not None:
-                    dm = dm.masked_fill(zeroed_oi.bool(), 0.0)
-                grad_w = (dm.t() if conv1d else dm).to(weight.dtype)
-                da = lora_b.float().t() @ dm
-                db = dm @ lora_a.float().t()
-            else:  # rank-r products, corrected where the zero-out removed a weight
-                a, b = lora_a.to(g2.dtype), lora_b.to(g2.dtype)
-                da = ((g2 @ b).t() @ xf).float()
-                db = (g2.t() @ (xf @ a.t())).float()
-                if zeroed_oi is not None:
-                    da_z, db_z = zeroed_correction(zeroed_oi, g2, xf, lora_a, lora_b)
-                    da, db = da - da_z, db - db_z
-            grad_a = (da * scale).to(lora_a.dtype) if need_a else None
-            grad_b = (db * scale).to(lora_b.dtype) if need_b else None
-        if need_bias:
-            grad_bias = g2.sum(0)
+        grad_x, grad_w, grad_a, grad_b = lora_grads(
+            g2, xf, x_mask, weight, lora_a, lora_b, call, x_shape, x_dtype, w_spec, w_key,
+            conv1d, scale, out_dtype, need_x, need_w, need_a, need_b,
+        )  # fmt: skip
+        grad_bias = g2.sum(0) if need_bias else None
         return grad_x, grad_w, grad_a, grad_b, grad_bias, None, None, None
 
 

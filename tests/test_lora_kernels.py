@@ -97,3 +97,33 @@ def test_fast_lora_layer_equals_unfused(request, monkeypatch, backend, conv1d, t
     _, zeroed = lora.merge_flip_lora(w, a, b, 0.5, conv1d, torch.float32, W_SPEC, KEYS[1],
                                      torch.tensor(2), True)  # fmt: skip
     assert zeroed.sum() > 0
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("train_w", [False, True])
+@pytest.mark.parametrize("x_spec", [X_SPEC, FlipSpec()])
+def test_the_compile_op_gives_the_fast_layer(reference_backend, conv1d, train_w, x_spec):
+    """peft_bitflip::flipped_lora_linear (what torch.compile's graph holds) computes what the
+    eager fast layer computes: the same output bits, the same gradients (x unflipped too,
+    when backward keeps the input x itself)."""
+    from peft_bitflip.compiled_linear import compiled_flipped_lora_linear
+
+    def op(x, w, a, b, scale, bias, _xs, *rest):
+        return compiled_flipped_lora_linear(x, w, a, b, scale, bias, x_spec, *rest)
+
+    def fast(x, w, a, b, scale, bias, _xs, *rest):
+        return layers.flipped_lora_linear(x, w, a, b, scale, bias, x_spec, *rest)
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 32, generator=gen) * 2
+    w = coarse((32, 24) if conv1d else (24, 32), gen, 8) * 0.5
+    a, b = coarse((2, 32), gen, 4), coarse((24, 2), gen, 4)
+    bias = torch.randn(24, generator=gen)
+    got = run(op, x, w, a, b, bias, conv1d, train_w)
+    want = run(fast, x, w, a, b, bias, conv1d, train_w)
+    assert torch.equal(got[0], want[0])
+    for g, e in zip(got[1:], want[1:]):
+        assert (g is None) == (e is None)
+        if e is not None:
+            assert e.abs().max() > 0
+            torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
