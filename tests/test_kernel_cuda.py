@@ -236,3 +236,38 @@ def test_cuda_inductor_compiled_layers_equal_eager():
             pe.grad = pc.grad = None
     with torch.no_grad():
         assert torch.equal(eager(x), compiled(x))
+
+
+@cuda
+def test_cuda_inductor_compiled_lora_equals_eager():
+    """torch.compile (inductor) of a bit-flip LoRA model: the fused LoRA ops in the graph give
+    the eager model's outputs and adapter gradients.  (Added 2026-12-03 with those ops; first
+    run pending a GPU session.)"""
+    import copy
+
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 256, bias=False))
+    cfg = pb.BitflipLoraConfig(
+        r=8, lora_alpha=16, target_modules=["0", "1"], lora_dropout=0.0,
+        x_p_exp=1e-3, x_p_frac=1e-3, x_zero_out_t=3.0,
+        w_p_exp=1e-3, w_p_frac=1e-3, w_zero_out_t=0.04,
+    )  # fmt: skip
+    eager = get_peft_model(net.to("cuda", torch.bfloat16), cfg)
+    for name, p in eager.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin, fullgraph=True)
+    x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16) * 2
+    for _ in range(2):
+        ye, yc = eager(x), compiled(x)
+        assert torch.equal(ye, yc)
+        ye.float().square().mean().backward()
+        yc.float().square().mean().backward()
+        twins = dict(twin.named_parameters())
+        for name, pe in eager.named_parameters():
+            if pe.requires_grad:
+                torch.testing.assert_close(twins[name].grad, pe.grad, msg=name)
+                pe.grad = twins[name].grad = None
