@@ -64,18 +64,29 @@ def test_both_ways_through_the_gap_loop_match_reference(
     needs_interpreter, monkeypatch, dtype, singles
 ):
     """A block whose groups with a flip are at most SINGLE_GROUPS takes them one at a time,
-    else runs the loop on the whole block: every setting gives the reference's bits (at
-    p = 2^-9 a block holds from none to several such groups)."""
+    else runs the loop on the whole block: every setting gives the reference's bits.  At
+    p = 2^-12 a block of 64 groups expects 2 groups with a flip; the input is checked to hold
+    blocks with exactly one such group and blocks with several, so the default (1) takes both
+    ways, 0 only the whole-block loop and 10^6 only single groups."""
     from peft_bitflip.kernels import triton_bitflip
 
+    g = group_size(dtype)
+    block = triton_bitflip.ROWS_PER_PROGRAM * g
+    torch.manual_seed(2)
+    x = torch.randn(12 * block + 11, dtype=dtype) * 4
+    p = 2**-12
+    flipped = _ref(x, p, p, None, 7)  # no threshold: a changed group is one with a flip
+    changed = torch.zeros(12 * block + block, dtype=torch.bool)
+    changed[: x.numel()] = x.view(INT_VIEW[BIT_LAYOUTS[dtype].n_bits]) != flipped.view(
+        INT_VIEW[BIT_LAYOUTS[dtype].n_bits]
+    )
+    per_block = changed.view(-1, block // g, g).any(-1).sum(-1)
+    assert (per_block == 1).any() and (per_block >= 2).any(), per_block
     monkeypatch.setattr(triton_bitflip, "SINGLE_GROUPS", singles)
     triton_bitflip._launch_config.cache_clear()
     try:
-        torch.manual_seed(2)
-        x = torch.randn(4 * 64 * group_size(dtype) + 11, dtype=dtype) * 4
-        y_k = _kernel(x, 2**-9, 2**-8, 3.0, 7)
-        assert _same_bits(y_k, _ref(x, 2**-9, 2**-8, 3.0, 7))
-        assert not _same_bits(y_k, x)
+        assert _same_bits(_kernel(x, p, p, None, 7), flipped)
+        assert _same_bits(_kernel(x, p, p, 3.0, 7), _ref(x, p, p, 3.0, 7))
     finally:
         triton_bitflip._launch_config.cache_clear()
 

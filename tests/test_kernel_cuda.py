@@ -207,11 +207,32 @@ def test_cuda_graph_of_an_eager_forward_advances_the_counter_on_each_replay():
     assert not torch.equal(outs[0], outs[1])
 
 
+def _assert_inductor_equals_eager(eager):
+    """torch.compile (inductor) of a copy of ``eager`` (bf16, on the GPU, input width 512)
+    gives its outputs bit for bit and its gradients, two training steps, then a no-grad call."""
+    import copy
+
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin, fullgraph=True)
+    x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16) * 2
+    twins = dict(twin.named_parameters())
+    for _ in range(2):
+        ye, yc = eager(x), compiled(x)
+        assert torch.equal(ye, yc)
+        ye.float().square().mean().backward()
+        yc.float().square().mean().backward()
+        for name, pe in eager.named_parameters():
+            if pe.requires_grad:  # the loss's backward is inductor's: close, not equal
+                torch.testing.assert_close(twins[name].grad, pe.grad, msg=name)
+                pe.grad = twins[name].grad = None
+    with torch.no_grad():
+        assert torch.equal(eager(x), compiled(x))
+
+
 @cuda
 def test_cuda_inductor_compiled_layers_equal_eager():
     """torch.compile (inductor) of a model of bit-flip layers: the fused layer ops in the graph
     give the eager model's outputs and gradients, step after step."""
-    import copy
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(
@@ -223,19 +244,7 @@ def test_cuda_inductor_compiled_layers_equal_eager():
     )  # fmt: skip
     pb.apply_bitflip(net, cfg)
     eager = net.to("cuda", torch.bfloat16)
-    twin = copy.deepcopy(eager)
-    compiled = torch.compile(twin, fullgraph=True)
-    x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16) * 2
-    for _ in range(2):
-        ye, yc = eager(x), compiled(x)
-        assert torch.equal(ye, yc)
-        ye.float().square().mean().backward()
-        yc.float().square().mean().backward()
-        for pe, pc in zip(eager.parameters(), twin.parameters()):
-            torch.testing.assert_close(pc.grad, pe.grad)  # the loss's backward is inductor's
-            pe.grad = pc.grad = None
-    with torch.no_grad():
-        assert torch.equal(eager(x), compiled(x))
+    _assert_inductor_equals_eager(eager)
 
 
 @cuda
@@ -243,7 +252,6 @@ def test_cuda_inductor_compiled_lora_equals_eager():
     """torch.compile (inductor) of a bit-flip LoRA model: the fused LoRA ops in the graph give
     the eager model's outputs and adapter gradients.  (Added 2026-12-03 with those ops; first
     run pending a GPU session.)"""
-    import copy
 
     from peft import get_peft_model
 
@@ -258,16 +266,4 @@ def test_cuda_inductor_compiled_lora_equals_eager():
     for name, p in eager.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
-    twin = copy.deepcopy(eager)
-    compiled = torch.compile(twin, fullgraph=True)
-    x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16) * 2
-    for _ in range(2):
-        ye, yc = eager(x), compiled(x)
-        assert torch.equal(ye, yc)
-        ye.float().square().mean().backward()
-        yc.float().square().mean().backward()
-        twins = dict(twin.named_parameters())
-        for name, pe in eager.named_parameters():
-            if pe.requires_grad:
-                torch.testing.assert_close(twins[name].grad, pe.grad, msg=name)
-                pe.grad = twins[name].grad = None
+    _assert_inductor_equals_eager(eager)

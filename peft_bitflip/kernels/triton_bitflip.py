@@ -101,6 +101,16 @@ def _flip_field_bits(
 
 
 @triton.jit
+def _philox_words(rows, k0, k1):
+    """Per group of ``rows`` [R] (int64 group indices): the counter's words 0 and 1 (the group
+    index, low and high 32 bits), a uint32 zero, and the stream key's two words."""
+    c0 = rows.to(tl.uint32)
+    c1 = (rows >> 32).to(tl.uint32)
+    zero = c0 * 0
+    return c0, c1, zero, (zero + k0).to(tl.uint32), (zero + k1).to(tl.uint32)
+
+
+@triton.jit
 def _flips_of_groups(
     rows,
     cols,
@@ -120,11 +130,7 @@ def _flips_of_groups(
     """The XOR masks [R, G] of the groups ``rows`` [R] (int64 group indices): the whole gap
     sampling, from iteration 0 until every field of every group is settled."""
     UINT: tl.constexpr = tl.uint16 if ELEM_BITS == 16 else tl.uint32
-    c0 = rows.to(tl.uint32)
-    c1 = (rows >> 32).to(tl.uint32)
-    zero = c0 * 0
-    key0 = (zero + key0).to(tl.uint32)
-    key1 = (zero + key1).to(tl.uint32)
+    c0, c1, zero, key0, key1 = _philox_words(rows, key0, key1)
     flips = (zero[:, None] + cols[None, :] * 0).to(UINT)
     pos_e = (rows * 0).to(tl.int32)
     pos_f = pos_e
@@ -176,11 +182,7 @@ def flip_group_bits(
     through the gap sampling (:func:`_flips_of_groups` on a single group: the loop then costs
     in proportion to those groups, not to the block); more, and the whole block runs it."""
     UINT: tl.constexpr = tl.uint16 if ELEM_BITS == 16 else tl.uint32
-    c0 = rows.to(tl.uint32)
-    c1 = (rows >> 32).to(tl.uint32)
-    zero = c0 * 0
-    key0 = (zero + k0).to(tl.uint32)
-    key1 = (zero + k1).to(tl.uint32)
+    c0, c1, zero, key0, key1 = _philox_words(rows, k0, k1)
     w0, w1, w2, w3 = _philox4x32(c0, c1, zero, zero + call, key0, key1, N_ROUNDS)
     last_e = tl.load(table_ptr + (N_E - 1))
     last_f = tl.load(table_ptr + (N_E + N_F - 1))
