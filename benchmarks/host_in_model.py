@@ -61,6 +61,9 @@ def main(argv=None) -> list[dict]:
         "flipped rows are the layers' Python cost inside the model",
     )
     ap.add_argument("--width", type=int, default=None, help="hidden size (MLP 2x), e.g. 64")
+    ap.add_argument(
+        "--variants", default="clean,ours", help="bench_model.py variants (floor: CUDA only)"
+    )
     args = ap.parse_args(argv)
     if args.stub_kernels:
         import profile_host
@@ -73,7 +76,8 @@ def main(argv=None) -> list[dict]:
         cfg.num_attention_heads = cfg.num_key_value_heads = 4
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
     models = {
-        v: make_variant("forward", v, cfg, device, torch.bfloat16).eval() for v in ("clean", "ours")
+        v: make_variant("forward", v, cfg, device, torch.bfloat16).eval()
+        for v in args.variants.split(",")
     }
     rows = []
     print("| gc | variant | host ms | wall ms |\n|---|---|---:|---:|")

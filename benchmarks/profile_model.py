@@ -11,13 +11,18 @@ and host time (launches), which need different fixes.
 
     python benchmarks/profile_model.py --batches 8,1 --jobs forward,train,lora
     python benchmarks/profile_model.py --tiny --device cpu   # smoke run (no CUDA kernels)
+    python benchmarks/profile_model.py --batches 1 --jobs forward --trace traces/
+        # also writes each cell's profile as a gzipped Chrome trace (chrome://tracing, Perfetto)
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import gzip
 import json
+import os
+import shutil
 import statistics
 import time
 
@@ -88,6 +93,8 @@ def profile_cell(job, variant, batch, args, cfg, device, dtype):
             if device.type == "cuda":
                 torch.cuda.synchronize()
         kinds, launches, top = kernel_times(prof, args.profile_steps)
+        if args.trace:
+            save_trace(prof, os.path.join(args.trace, f"{job}_{variant}_b{batch}.json"))
     finally:
         del model, step
         cleanup()
@@ -102,6 +109,16 @@ def profile_cell(job, variant, batch, args, cfg, device, dtype):
         kernels_per_step=launches,
         top=top,
     )
+
+
+def save_trace(prof, path: str) -> None:
+    """Write the profile as a gzipped Chrome trace ``path + ".gz"`` (CPU ops, CUDA runtime
+    calls and kernels on one time line: where the host and the GPU wait for each other)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    prof.export_chrome_trace(path)
+    with open(path, "rb") as src, gzip.open(path + ".gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.remove(path)
 
 
 def markdown(cells) -> str:
@@ -131,6 +148,7 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None, help="write the cells and metadata as JSON here")
+    ap.add_argument("--trace", default=None, help="directory for gzipped Chrome traces")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     cfg = model_config(args.tiny)

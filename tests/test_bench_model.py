@@ -37,8 +37,16 @@ def test_profile_model_sorts_kernels_and_runs_at_toy_size(reference_backend, tmp
     out = tmp_path / "profile.json"
     argv = ["--tiny", "--device", "cpu", "--batches", "2", "--seq", "16", "--jobs", "forward"]
     argv += ["--steps", "1", "--warmup", "1", "--profile-steps", "1", "--out", str(out)]
-    cells = profile_model.main(argv)
+    cells = profile_model.main(argv + ["--trace", str(tmp_path / "traces")])
     assert out.exists() and [c["variant"] for c in cells] == ["clean", "ours"]
+    import gzip
+    import json
+
+    for variant in ("clean", "ours"):  # one gzipped Chrome trace per cell, with our layers
+        trace = tmp_path / "traces" / f"forward_{variant}_b2.json.gz"
+        events = json.load(gzip.open(trace))["traceEvents"]
+        assert any(e.get("cat") == "cpu_op" and e["name"] == "aten::linear" for e in events)
+    assert not list((tmp_path / "traces").glob("*.json"))  # only the gzipped copies stay
     assert all(c["wall_ms"] > 0 and c["kernels_per_step"] == 0 for c in cells)  # no CUDA here
     assert all(c["host_ms"] > 0 for c in cells)
     assert "| 2 | forward | ours |" in profile_model.markdown(cells)

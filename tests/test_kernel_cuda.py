@@ -250,8 +250,7 @@ def test_cuda_inductor_compiled_layers_equal_eager():
 @cuda
 def test_cuda_inductor_compiled_lora_equals_eager():
     """torch.compile (inductor) of a bit-flip LoRA model: the fused LoRA ops in the graph give
-    the eager model's outputs and adapter gradients.  (Added 2026-12-03 with those ops; first
-    run pending a GPU session.)"""
+    the eager model's outputs and adapter gradients.  (First passed on an H200, 2026-12-03.)"""
 
     from peft import get_peft_model
 
@@ -267,3 +266,92 @@ def test_cuda_inductor_compiled_lora_equals_eager():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     _assert_inductor_equals_eager(eager)
+
+
+def _every_kernel_once(xg, w, call):
+    """Run each kernel that the layers launch (paired, single and masked flips, the in-place
+    gradient mask, the mask-zeroing kernel on two tensors, the LoRA merge + flip with its mask,
+    the zeroed-weight correction) on ``xg`` (GPU, bf16, any view) and ``w`` (CPU, bf16,
+    (out, in)), and check each result against the CPU reference: bit for bit, the correction
+    within float32 rounding."""
+    from peft_bitflip import functional as F
+    from peft_bitflip.kernels import lora
+
+    xs, ws = pb.FlipSpec(2**-8, 2**-8, 2.0), pb.FlipSpec(2**-10, 2**-6, 1.5)
+    kx, kw = pb.stream_key(6, "l", "x"), pb.stream_key(6, "l", "w")
+    x, wg = xg.cpu(), w.cuda()
+    want_x, want_mask = F.apply_flip_spec_masked(x, xs, kx, call)
+    want_w, w_mask = F.apply_flip_spec_masked(w, ws, kw, call)
+    got_x, got_w, got_mask = F.flip_specs_masked(xg, wg, xs, ws, kx, kw, call, True)
+    for got, want in ((got_x, want_x), (got_w, want_w)):
+        assert torch.equal(_bits(got.cpu()), _bits(want))
+    assert torch.equal(got_mask.cpu(), want_mask)
+    assert torch.equal(_bits(F.apply_flip_spec(xg, xs, kx, call).cpu()), _bits(want_x))
+    single_x, single_mask = F.apply_flip_spec_masked(xg, xs, kx, call)
+    assert torch.equal(_bits(single_x.cpu()), _bits(want_x))
+    assert torch.equal(single_mask.cpu(), want_mask)
+    grad = torch.randn(x.shape, dtype=x.dtype)
+    grad_g = grad.cuda()
+    flipped = F.flip_spec_grad_(grad_g, xg, xs, kx, call, want_flipped=True)
+    assert torch.equal(_bits(flipped.cpu()), _bits(want_x))
+    assert torch.equal(_bits(grad_g.cpu()), _bits(F.flip_spec_grad(grad, x, xs, kx, call)))
+    grad_w = torch.randn(w.shape, dtype=w.dtype)
+    gx, gw = grad.cuda(), grad_w.cuda()
+    F.zero_masked_(gx, want_mask.cuda(), x.dtype, gw, w_mask.cuda(), w.dtype)
+    assert torch.equal(_bits(gx.cpu()), _bits(F.zero_masked_(grad.clone(), want_mask, x.dtype)))
+    assert torch.equal(_bits(gw.cpu()), _bits(F.zero_masked_(grad_w.clone(), w_mask, w.dtype)))
+    gen = torch.Generator().manual_seed(call)
+    a = torch.randint(-4, 5, (2, w.shape[1]), generator=gen).float() / 4
+    b = torch.randint(-4, 5, (w.shape[0], 2), generator=gen).float() / 4
+    w32 = torch.randint(-8, 9, w.shape, generator=gen).float() / 8  # W + 0.5 B@A is exact
+    got_m, got_zeroed = lora.merge_flip_lora(
+        w32.cuda(), a.cuda(), b.cuda(), 0.5, False, torch.bfloat16, ws, kw,
+        torch.tensor(call, device="cuda"), True,
+    )  # fmt: skip
+    want_m, want_zeroed = lora.merge_flip_lora(
+        w32, a, b, 0.5, False, torch.bfloat16, ws, kw, torch.tensor(call), True
+    )
+    assert torch.equal(_bits(got_m.cpu()), _bits(want_m))
+    assert torch.equal(got_zeroed.cpu(), want_zeroed) and want_zeroed.any()
+    g2 = torch.randn(x.numel() // x.shape[-1], w.shape[0])
+    x2 = torch.randn(g2.shape[0], w.shape[1])
+    got_c = lora.zeroed_correction(got_zeroed, g2.cuda(), x2.cuda(), a.cuda(), b.cuda())
+    want_c = lora.zeroed_correction(want_zeroed, g2, x2, a, b)
+    for got, want in zip(got_c, want_c):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-3)
+
+
+@cuda
+def test_cuda_direct_launches_equal_the_cpu_reference():
+    """The kernels' launchers (``kernels/launcher.py``) call Triton's JIT once per
+    specialisation and the compiled kernel directly after that: second launches with the same
+    specialisation (another call index, other values) equal the CPU reference bit for bit too,
+    and a misaligned view or an element count not divisible by 16 gets its own kernel."""
+    from peft_bitflip.kernels import launcher, triton_bitflip, triton_lora
+
+    if not launcher.direct_launch_enabled():
+        pytest.skip("direct launches are off for this Triton release")
+    launchers = [
+        triton_bitflip._launch_single,
+        triton_bitflip._launch_pair,
+        triton_bitflip._launch_zero_by_masks,
+        triton_lora._launch_merge_flip,
+        triton_lora._launch_zeroed_correction,
+    ]
+    torch.manual_seed(3)
+    w = torch.randn(96, 64, dtype=torch.bfloat16)
+    n_odd = 7 * 61 * 63  # not a multiple of 16
+    aligned = torch.randn(5, 48, 64, dtype=torch.bfloat16, device="cuda") * 2
+    odd = torch.empty(n_odd + 1, dtype=torch.bfloat16, device="cuda")[1:].view(7, 61, 63)
+    odd.copy_(torch.randn(7, 61, 63) * 2)  # 2 bytes into its storage: misaligned
+    assert odd.data_ptr() % 16 and aligned.data_ptr() % 16 == 0
+    for xg in (aligned, odd, aligned[:, :47]):  # the last is not contiguous
+        _every_kernel_once(xg, w, call=3)  # compiles and launches through the JIT, if new
+        known = {id(ln): set(ln._compiled) for ln in launchers}
+        assert all(known.values())
+        _every_kernel_once(xg.neg_(), w * 0.5, call=4)  # the same specialisations: direct
+        for ln in launchers:
+            assert set(ln._compiled) == known[id(ln)], ln.fn.__name__
+    single = triton_bitflip._launch_single._compiled
+    assert len({spec[3] for spec in single}) >= 2  # aligned and misaligned inputs

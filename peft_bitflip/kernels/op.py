@@ -62,10 +62,23 @@ def backend_for(device: torch.device) -> str:
     return "reference"
 
 
-def _launch(x, table, call, key0, key1, threshold, has_flips, grad=None):
-    from . import triton_bitflip
+_KERNELS = None
 
-    return triton_bitflip.launch(x, table, call, key0, key1, threshold, has_flips, grad)
+
+def kernels():
+    """The Triton kernel module :mod:`.triton_bitflip`, imported on first use (Triton may be
+    missing on a CPU-only install) and then kept: a function-level import costs host time on
+    every call."""
+    global _KERNELS
+    if _KERNELS is None:
+        from . import triton_bitflip
+
+        _KERNELS = triton_bitflip
+    return _KERNELS
+
+
+def _launch(x, table, call, key0, key1, threshold, has_flips, grad=None):
+    return kernels().launch(x, table, call, key0, key1, threshold, has_flips, grad)
 
 
 def kernel_next_call(call, next_call, device):
@@ -83,11 +96,9 @@ def bitflip_impl(x, table, call, key0, key1, threshold, has_flips, next_call=Non
     written by the kernel itself on the GPU, no extra launch)."""
     xc = x.contiguous()
     if backend_for(x.device) == "triton":
-        from . import triton_bitflip
-
         call = call.to(x.device)
         next_call = kernel_next_call(call, next_call, x.device)
-        return triton_bitflip.launch(
+        return kernels().launch(
             xc, table, call, key0, key1, threshold, has_flips, next_call=next_call
         )
     write_next_call(call, next_call)
@@ -111,11 +122,9 @@ def bitflip_masked_impl(x, table, call, key0, key1, threshold, has_flips, next_c
     in :func:`bitflip_impl`."""
     xc = x.contiguous()
     if backend_for(x.device) == "triton":
-        from . import triton_bitflip
-
         call = call.to(x.device)
         next_call = kernel_next_call(call, next_call, x.device)
-        return triton_bitflip.launch_with_mask(
+        return kernels().launch_with_mask(
             xc, table, call, key0, key1, threshold, has_flips, next_call
         )
     write_next_call(call, next_call)
@@ -136,9 +145,7 @@ def zero_by_masks_impl(grads, masks, groups):
         and backend_for(grads[0].device) == "triton"
         and all(g.device == grads[0].device for g in grads)
     ):
-        from . import triton_bitflip
-
-        triton_bitflip.zero_by_masks_(list(grads), list(masks), list(groups))
+        kernels().zero_by_masks_(list(grads), list(masks), list(groups))
         return
     for g, m, gs in zip(grads, masks, groups):
         reference.zero_by_mask_reference_(g, m, gs)
@@ -165,11 +172,9 @@ def bitflip_pair_impl(
     ``want_x_mask`` and ``x_t`` is not None.  ``next_call``: as in :func:`bitflip_impl`."""
     want_x_mask = want_x_mask and x_t is not None
     if backend_for(x.device) == "triton" and x.dtype == w.dtype and x.device == w.device:
-        from . import triton_bitflip
-
         xc, wc = x.contiguous(), w.contiguous()
         call = call.to(x.device)
-        return triton_bitflip.launch_pair(
+        return kernels().launch_pair(
             xc, wc, x_table, w_table, call, x_key, w_key, x_t, w_t, x_flips, w_flips,
             want_x_mask, kernel_next_call(call, next_call, x.device),
         )  # fmt: skip
@@ -188,10 +193,8 @@ def bitflip_zero_grad_impl(x, grad, table, call, key0, key1, threshold, has_flip
         raise ValueError("grad must be contiguous to be masked in place")
     xc = x.contiguous()
     if backend_for(x.device) == "triton":
-        from . import triton_bitflip
-
         call = call.to(x.device)
-        return triton_bitflip.launch_zero_grad_(
+        return kernels().launch_zero_grad_(
             xc, grad, table, call, key0, key1, threshold, has_flips, want_y
         )
     masked = reference.bitflip_backward_reference(

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ..spec import check_dtype
+from .launcher import KernelLauncher
 from .sampling import (
     PHILOX_M0,
     PHILOX_M1,
@@ -321,7 +322,7 @@ def store_next_call(call_ptr, next_call_ptr, WRITE_NEXT_CALL: tl.constexpr):
             tl.store(next_call_ptr, tl.load(call_ptr) + 1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k0", "k1"])
 def _bitflip_kernel(
     x_ptr,
     out_ptr,
@@ -363,7 +364,7 @@ def _bitflip_kernel(
     )  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["x_k0", "x_k1", "w_k0", "w_k1", "programs_x"])
 def _bitflip_pair_kernel(
     x_ptr,
     x_out_ptr,
@@ -434,7 +435,7 @@ def _zero_by_mask_block(pid, grad_ptr, mask_ptr, n_elements, G: tl.constexpr, RO
         tl.store(grad_ptr + offs, zeros, mask=hit & (offs < n_elements))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["programs_a"])
 def _zero_by_masks_kernel(
     a_ptr,
     a_mask_ptr,
@@ -460,6 +461,32 @@ MASK_ROWS_PER_PROGRAM = 1024  # groups per program of the mask-zeroing kernel
 ROWS_PER_PROGRAM = 64  # tuned on H100 (benchmarks/tune_kernel.py): best at p <= 2^-16
 NUM_WARPS = 2
 SINGLE_GROUPS = 1  # a block with at most this many groups holding a flip takes them singly
+
+
+def key_word(k: int) -> int:
+    """A uint32 stream-key word as the int32 with the same bits: the kernels take the words
+    as 32-bit integers whatever their value (one compiled kernel, not one per value range)."""
+    return k - (1 << 32) if k >= (1 << 31) else k
+
+
+def flip_args(table, call, next_call, k0, k1, threshold) -> tuple:
+    """The runtime arguments that follow the tensors of :func:`_bitflip_kernel` (and of the
+    LoRA merge kernel): flip table, call index, the tensor that receives call + 1 (the call
+    index itself when None: not written), the stream key's words, the zero-out threshold (0.0
+    when None: then the kernel does not read it)."""
+    t = float(threshold) if threshold is not None else 0.0
+    nxt = call if next_call is None else next_call
+    return table, call, nxt, key_word(k0), key_word(k1), t
+
+
+_launch_single = KernelLauncher(_bitflip_kernel)
+_launch_pair = KernelLauncher(_bitflip_pair_kernel)
+_launch_zero_by_masks = KernelLauncher(_zero_by_masks_kernel)
+
+
+@functools.cache
+def _mask_config(g_a: int, g_b: int) -> dict:
+    return dict(G_A=g_a, G_B=g_b, ROWS=MASK_ROWS_PER_PROGRAM)
 
 
 @functools.cache
@@ -545,19 +572,11 @@ def _run(
         num_warps,
         next_call is not None,
     )
-    _bitflip_kernel[(ceil_div(n, per_program),)](
-        x,
-        out,
-        grad,
-        x if mask is None else mask,
-        n,
-        table,
-        call,
-        call if next_call is None else next_call,
-        k0,
-        k1,
-        float(threshold) if threshold is not None else 0.0,
-        **constexprs,
+    _launch_single(
+        (ceil_div(n, per_program),),
+        (x, out, grad, x if mask is None else mask, n)
+        + flip_args(table, call, next_call, k0, k1, threshold),
+        constexprs,
     )
 
 
@@ -623,8 +642,10 @@ def zero_by_masks_(grads, masks, groups) -> None:
     if len(grads) == 1:
         grads, masks, groups, programs = grads * 2, masks * 2, groups * 2, programs + [0]
     (a, b), (ma, mb), (ga, gb) = grads, masks, groups
-    _zero_by_masks_kernel[(programs[0] + programs[1],)](
-        a, ma, a.numel(), b, mb, b.numel(), programs[0], G_A=ga, G_B=gb, ROWS=MASK_ROWS_PER_PROGRAM
+    _launch_zero_by_masks(
+        (programs[0] + programs[1],),
+        (a, ma, a.numel(), b, mb, b.numel(), programs[0]),
+        _mask_config(ga, gb),
     )
 
 
@@ -711,23 +732,28 @@ def launch_pair(
     if programs == 0:
         write_next_call(call, next_call)
         return x_out, w_out, x_mask
-    _bitflip_pair_kernel[(programs,)](
-        x,
-        x_out,
-        x if x_mask is None else x_mask,
-        x.numel(),
-        x_table,
-        *x_key,
-        float(x_threshold) if x_threshold is not None else 0.0,
-        w,
-        w_out,
-        w.numel(),
-        w_table,
-        *w_key,
-        float(w_threshold) if w_threshold is not None else 0.0,
-        call,
-        call if next_call is None else next_call,
-        programs_x,
-        **constexprs,
+    _launch_pair(
+        (programs,),
+        (
+            x,
+            x_out,
+            x if x_mask is None else x_mask,
+            x.numel(),
+            x_table,
+            key_word(x_key[0]),
+            key_word(x_key[1]),
+            float(x_threshold) if x_threshold is not None else 0.0,
+            w,
+            w_out,
+            w.numel(),
+            w_table,
+            key_word(w_key[0]),
+            key_word(w_key[1]),
+            float(w_threshold) if w_threshold is not None else 0.0,
+            call,
+            call if next_call is None else next_call,
+            programs_x,
+        ),
+        constexprs,
     )
     return x_out, w_out, x_mask

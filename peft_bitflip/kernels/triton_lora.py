@@ -14,15 +14,24 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
+from .launcher import KernelLauncher
 from .sampling import ceil_div, group_size, write_next_call
-from .triton_bitflip import ROWS_PER_PROGRAM, flip_and_zero, flip_constexprs, store_next_call
+from .triton_bitflip import (
+    ROWS_PER_PROGRAM,
+    flip_and_zero,
+    flip_args,
+    flip_constexprs,
+    store_next_call,
+)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k0", "k1"])
 def _merge_flip_kernel(
     w_ptr,
     l_ptr,
@@ -217,37 +226,62 @@ def merge_flip(
         else None
     )
     grid = (ceil_div(m, MERGE_BM), ceil_div(n, MERGE_BN))
-    _merge_flip_kernel[grid](
-        w,
-        lhs,
-        rhs,
-        out,
-        mask if mask is not None else out,
-        m,
-        n,
-        rank,
-        float(scale),
-        lhs.stride(0),
-        lhs.stride(1),
-        rhs.stride(0),
-        rhs.stride(1),
-        table,
-        call,
-        call if next_call is None else next_call,
-        k0,
-        k1,
-        float(threshold) if threshold is not None else 0.0,
-        WANT_MASK=mask is not None,
-        WRITE_NEXT_CALL=next_call is not None,
+    config = _merge_config(
+        out_dtype, has_flips, threshold is not None, mask is not None, next_call is not None, rank
+    )
+    _launch_merge_flip(
+        grid,
+        (
+            w,
+            lhs,
+            rhs,
+            out,
+            mask if mask is not None else out,
+            m,
+            n,
+            rank,
+            float(scale),
+            lhs.stride(0),
+            lhs.stride(1),
+            rhs.stride(0),
+            rhs.stride(1),
+        )
+        + flip_args(table, call, next_call, k0, k1, threshold),
+        config,
+    )
+    return out, mask
+
+
+_launch_merge_flip = KernelLauncher(_merge_flip_kernel)
+_launch_zeroed_correction = KernelLauncher(_zeroed_correction_kernel)
+
+
+@functools.cache
+def _merge_config(out_dtype, has_flips, has_zero, want_mask, writes_next_call, rank) -> dict:
+    """The merge kernel's constexpr arguments and launch options (one dict per setting)."""
+    return dict(
+        WANT_MASK=want_mask,
+        WRITE_NEXT_CALL=writes_next_call,
         BM=MERGE_BM,
         BN=MERGE_BN,
         SUB=max(1, ROWS_PER_PROGRAM * group_size(out_dtype) // MERGE_BN),
         RP=_rank_pad(rank),
         DOT_PRECISION=MERGE_PRECISION,
         num_warps=MERGE_WARPS,
-        **flip_constexprs(out_dtype, has_flips, threshold is not None),
+        **flip_constexprs(out_dtype, has_flips, has_zero),
     )
-    return out, mask
+
+
+@functools.cache
+def _correction_config(fp32: bool, rank: int) -> dict:
+    return dict(
+        PRECISION="ieee" if fp32 else "tf32",
+        BO=CORRECTION_BO,
+        BK=CORRECTION_BK,
+        BT=CORRECTION_BT,
+        RP=_rank_pad(rank),
+        num_warps=CORRECTION_WARPS,
+    )
 
 
 def zeroed_correction(mask_ok: torch.Tensor, g: torch.Tensor, x: torch.Tensor, a, b):
@@ -260,27 +294,10 @@ def zeroed_correction(mask_ok: torch.Tensor, g: torch.Tensor, x: torch.Tensor, a
     b = b.contiguous()
     da = torch.zeros((rank, n_in), dtype=torch.float32, device=g.device)
     db = torch.zeros((n_out, rank), dtype=torch.float32, device=g.device)
-    bo, bk = CORRECTION_BO, CORRECTION_BK
-    grid = (ceil_div(n_out, bo), ceil_div(n_in, bk))
-    _zeroed_correction_kernel[grid](
-        mask_ok,
-        g,
-        x,
-        a,
-        b,
-        da,
-        db,
-        t,
-        n_out,
-        n_in,
-        rank,
-        mask_ok.stride(0),
-        mask_ok.stride(1),
-        PRECISION="ieee" if g.dtype == torch.float32 else "tf32",
-        BO=bo,
-        BK=bk,
-        BT=CORRECTION_BT,
-        RP=_rank_pad(rank),
-        num_warps=CORRECTION_WARPS,
+    grid = (ceil_div(n_out, CORRECTION_BO), ceil_div(n_in, CORRECTION_BK))
+    _launch_zeroed_correction(
+        grid,
+        (mask_ok, g, x, a, b, da, db, t, n_out, n_in, rank, mask_ok.stride(0), mask_ok.stride(1)),
+        _correction_config(g.dtype == torch.float32, rank),
     )
     return da, db
