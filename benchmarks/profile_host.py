@@ -19,10 +19,11 @@ import time
 import torch
 import triton
 import triton.language as tl
+from peft import LoraConfig, get_peft_model
 
 import peft_bitflip as pb
 from peft_bitflip.functional import apply_flip_spec
-from peft_bitflip.kernels import op, triton_bitflip
+from peft_bitflip.kernels import lora, op, triton_bitflip, triton_lora
 from peft_bitflip.kernels.sampling import ceil_div, flip_table, zero_mask_size
 from peft_bitflip.spec import FlipSpec
 
@@ -63,16 +64,38 @@ def stub_kernels():
     )
     triton_bitflip.launch_zero_grad_ = lambda x, grad, *a: torch.empty_like(x) if a[-1] else None
     triton_bitflip.zero_by_masks_ = lambda *a: None
+    lora.backend_for = op.backend_for
+
+    def merge_flip_with_x(w, lhs, rhs, scale, out_dtype, *a, x=None, want_x_mask=False, **k):
+        w_mask = torch.empty(w.shape, dtype=torch.uint8) if a[6] else None
+        x_out = None if x is None else torch.empty_like(x)
+        x_mask = mask_of(x) if x is not None and want_x_mask else None
+        return torch.empty(w.shape, dtype=out_dtype), w_mask, x_out, x_mask
+
+    def merge_flip_with_x_positional(*a, **k):
+        names = ("x", "x_table", "x_key", "x_threshold", "x_flips", "want_x_mask")
+        k.update(zip(names, a[13:]))
+        return merge_flip_with_x(*a[:13], **k)
+
+    triton_lora.merge_flip_with_x = merge_flip_with_x_positional
+    triton_lora.subtract_zeroed_correction_ = lambda *a: None
+
+
+BITFLIP = pb.BitflipConfig.original_default()
+LORA = dict(r=8, lora_alpha=16, target_modules=["0"], lora_dropout=0.0)
 
 
 def python_only(n=40000):
-    """Per-call Python cost (us) of a bit-flip layer's forward and forward + backward."""
+    """Per-call Python cost (us) of a bit-flip layer's forward and forward + backward, and of
+    a bit-flip LoRA layer next to PEFT's LoRA layer (r=8; the input needs a gradient, as in
+    every layer of a model but the first)."""
     stub_kernels()
     spec_x, spec_w = FlipSpec(2**-16, 2**-16, 30.0), FlipSpec(2**-16, 2**-16, 1.25)
     layer = pb.BitflipLinear(64, 64)
     layer.init_bitflip("layer", spec_x, spec_w)
     plain = torch.nn.Linear(64, 64)
     x = torch.randn(1, 64, requires_grad=True)
+    dy = torch.ones(1, 64)
 
     def timed(fn, rounds=10):  # the best of a few rounds: the least disturbed by other work
         for _ in range(n // 20):
@@ -85,10 +108,19 @@ def python_only(n=40000):
             best = min(best, (time.perf_counter() - t0) / (n // rounds) * 1e6)
         return best
 
-    for name, module in (("BitflipLinear", layer), ("nn.Linear", plain)):
+    lora_models = {}
+    for name, config in (
+        ("bitflip-LoRA", pb.BitflipLoraConfig.from_bitflip_config(BITFLIP, **LORA)),
+        ("PEFT-LoRA", LoraConfig(**LORA)),
+    ):
+        torch.manual_seed(0)
+        lora_models[name] = get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 64)), config)
+    rows = [("BitflipLinear", layer), ("nn.Linear", plain), *lora_models.items()]
+    for name, module in rows:
         with torch.no_grad():
             fwd = timed(lambda: module(x))
-        train = timed(lambda: module(x).sum().backward())
+        # a contiguous output gradient, as in a model (sum()'s is an expanded view)
+        train = timed(lambda: module(x).backward(dy))
         print(f"{name:14s} forward (no_grad) {fwd:7.1f} us   forward + backward {train:7.1f} us")
     # grid sizes: Triton's cdiv (a constexpr function in recent releases) against ours
     for name, fn in (("triton.cdiv", triton.cdiv), ("ceil_div", ceil_div)):

@@ -4,8 +4,8 @@ float32 A/B, r = 32, the original's weight fault model p = 2^-16, threshold 1.25
 * merge + flip (``triton_lora.merge_flip``): tile shape, warps and the precision of the rank-r
   product; GB/s = (read W + write the flipped weight [+ the uint8 mask]) / median time, next to
   ``W.clone()`` in the same run.
-* zeroed correction (``triton_lora.zeroed_correction``): tile shape and rows per loop step, on
-  the mask the merge kernel produces, at T = 8192 and 1024 rows.
+* zeroed correction (``triton_lora.subtract_zeroed_correction_``): tile shape and rows per loop
+  step, on the mask the merge kernel produces, at T = 8192 and 1024 rows.
 
     python benchmarks/tune_lora_kernels.py
 """
@@ -58,6 +58,7 @@ def sweep_merge():
         for prec, (bm, bn), warps, want_mask in configs:
             triton_lora.MERGE_PRECISION = prec
             triton_lora.MERGE_BM, triton_lora.MERGE_BN, triton_lora.MERGE_WARPS = bm, bn, warps
+            triton_lora._merge_config.cache_clear()  # the configs are cached per setting
             try:
                 us = do_bench(lambda: merge(w, a, b, want_mask)) * 1e3
             except Exception as e:  # noqa: BLE001 - out of resources etc.: report, go on
@@ -78,6 +79,7 @@ def merge_accuracy():
     call = torch.zeros((), dtype=torch.int64, device="cuda")
     for prec in ["ieee", "tf32x3", "tf32"]:
         triton_lora.MERGE_PRECISION = prec
+        triton_lora._merge_config.cache_clear()
         m, _ = triton_lora.merge_flip(w, b, a, 2.0, w.dtype, table, call, 0, 0, None, False, False)
         print(f"merge precision {prec}: {int((m != truth).sum())} of {m.numel()} elements differ "
               "from the once-rounded float64 result")  # fmt: skip
@@ -97,7 +99,13 @@ def sweep_correction():
         ):
             triton_lora.CORRECTION_BO, triton_lora.CORRECTION_BK = bo, bk
             triton_lora.CORRECTION_BT, triton_lora.CORRECTION_WARPS = bt, warps
-            us = do_bench(lambda: triton_lora.zeroed_correction(mask, g, x, a, b)) * 1e3
+            triton_lora._correction_config.cache_clear()
+            da = torch.zeros(a.shape, device="cuda")
+            db = torch.zeros(b.shape, device="cuda")
+            us = (
+                do_bench(lambda: triton_lora.subtract_zeroed_correction_(da, db, mask, g, x, a, b))
+                * 1e3
+            )
             print(f"| {out_f}x{in_f} | {t} | {bo}x{bk} | {bt} | {warps} | "
                   f"{us:.0f} | {int(mask.sum())} |", flush=True)  # fmt: skip
 

@@ -46,9 +46,12 @@ from .functional import (
 )
 from .kernels.lora import (
     merge_flip_lora,
+    merge_flip_lora_and_x,
+    merge_flip_lora_for_grads,
     merge_lora_weight,
     merged_lora_weight,
-    zeroed_correction,
+    mm_float32,
+    subtract_zeroed_correction_,
 )
 from .kernels.op import call_snapshot
 from .kernels.sampling import write_next_call
@@ -376,6 +379,12 @@ def flipped_lora_linear(
         x = x.to(compute)
         bias = None if bias is None else bias.to(compute)
     out_dtype = compute if compute is not None else x.dtype
+    if not torch.is_grad_enabled():  # evaluation: no autograd Function around the forward
+        call = call if isinstance(call, torch.Tensor) else torch.tensor(call, device=x.device)
+        return lora_forward(
+            x, weight, lora_a, lora_b, bias, x_spec, w_spec, x_key, w_key, call, conv1d,
+            float(scale), out_dtype, False, False, stats, next_call,
+        )[0]  # fmt: skip
     settings = (x_spec, w_spec, x_key, w_key, conv1d, float(scale), out_dtype, stats)
     return _FlippedLoraLinear.apply(x, weight, lora_a, lora_b, bias, settings, call, next_call)
 
@@ -411,11 +420,18 @@ def lora_forward(
     zero mask if ``need_x`` and x has a threshold, else None): the forward of the fused LoRA
     layer, shared by the eager autograd Function and the op that carries it through
     ``torch.compile``.  The merge kernel advances the counter when x has no flip kernel."""
-    w_next, x_next = (next_call, None) if x_spec.is_identity else (None, next_call)
-    wf, _ = merge_flip_lora(
-        weight, lora_a, lora_b, scale, conv1d, out_dtype, w_spec, w_key, call, False, w_next
-    )
-    xf, x_mask = apply_flip_spec_masked(x, x_spec, x_key, call, need_x, x_next)
+    pair = merge_flip_lora_and_x(
+        weight, lora_a, lora_b, scale, conv1d, out_dtype, w_spec, w_key, x, x_spec, x_key, call,
+        need_x, next_call,
+    )  # fmt: skip
+    if pair is not None:  # one launch
+        wf, xf, x_mask = pair
+    else:
+        w_next, x_next = (next_call, None) if x_spec.is_identity else (None, next_call)
+        wf, _ = merge_flip_lora(
+            weight, lora_a, lora_b, scale, conv1d, out_dtype, w_spec, w_key, call, False, w_next
+        )
+        xf, x_mask = apply_flip_spec_masked(x, x_spec, x_key, call, need_x, x_next)
     if stats is not None:
         merged = merged_lora_weight(weight, lora_a, lora_b, scale, conv1d).to(out_dtype)
         stats.record("x", x, xf, x_spec, x_key, call)
@@ -432,33 +448,41 @@ def lora_grads(
     is merged and flipped again (with its zero mask when a factor needs a gradient); dA and dB
     come from rank-r products plus a correction at the zeroed weights, unless W trains too."""
     need_factors = need_w or need_a or need_b
-    wf, zeroed = merge_flip_lora(
-        weight, lora_a, lora_b, scale, conv1d, out_dtype, w_spec, w_key, call, need_factors
-    )
+    rank_r = need_factors and not need_w  # dA, dB from rank-r products
+    a_s = b_s = None
+    if rank_r:  # with the scaled factors s*A, s*B in the compute dtype, from the same launch
+        wf, zeroed, a_s, b_s = merge_flip_lora_for_grads(
+            weight, lora_a, lora_b, scale, conv1d, out_dtype, w_spec, w_key, call
+        )
+    else:
+        wf, zeroed = merge_flip_lora(
+            weight, lora_a, lora_b, scale, conv1d, out_dtype, w_spec, w_key, call, need_factors
+        )
     grad_x = grad_w = grad_a = grad_b = None
     if need_x:
         grad_x = (g2 @ (wf.t() if conv1d else wf)).view(x_shape)
-        zero_masked_(grad_x, x_mask, x_dtype)
     del wf
-    if need_factors:
-        xf = xf.reshape(-1, xf.size(-1))
-        zeroed_oi = None if zeroed is None else (zeroed.t() if conv1d else zeroed)
-        if need_w:  # the base weight trains too: the full product is needed anyway
-            dm = (g2.t() @ xf).float()
-            if zeroed_oi is not None:
-                dm = dm.masked_fill(zeroed_oi.bool(), 0.0)
-            grad_w = (dm.t() if conv1d else dm).to(weight.dtype)
-            da = lora_b.float().t() @ dm
-            db = dm @ lora_a.float().t()
-        else:  # rank-r products, corrected where the zero-out removed a weight
-            a, b = lora_a.to(g2.dtype), lora_b.to(g2.dtype)
-            da = ((g2 @ b).t() @ xf).float()
-            db = (g2.t() @ (xf @ a.t())).float()
-            if zeroed_oi is not None:
-                da_z, db_z = zeroed_correction(zeroed_oi, g2, xf, lora_a, lora_b)
-                da, db = da - da_z, db - db_z
-        grad_a = (da * scale).to(lora_a.dtype) if need_a else None
-        grad_b = (db * scale).to(lora_b.dtype) if need_b else None
+    if not rank_r and grad_x is not None:
+        zero_masked_(grad_x, x_mask, x_dtype)
+    if not need_factors:
+        return grad_x, grad_w, grad_a, grad_b
+    xf = xf.reshape(-1, xf.size(-1))
+    zeroed_oi = None if zeroed is None else (zeroed.t() if conv1d else zeroed)
+    if need_w:  # the base weight trains too: the full product is needed anyway
+        dm = (g2.t() @ xf).float()
+        if zeroed_oi is not None:
+            dm = dm.masked_fill(zeroed_oi.bool(), 0.0)
+        grad_w = (dm.t() if conv1d else dm).to(weight.dtype)
+        da = (lora_b.float().t() @ dm).mul_(scale)
+        db = (dm @ lora_a.float().t()).mul_(scale)
+    else:  # rank-r products, corrected where the zero-out removed a weight (with dX's mask)
+        da = mm_float32((g2 @ b_s).t(), xf)
+        db = mm_float32(g2.t(), xf @ a_s.t())
+        subtract_zeroed_correction_(
+            da, db, zeroed_oi, g2, xf, lora_a, lora_b, grad_x, x_mask, x_dtype, scale
+        )
+    grad_a = da.to(lora_a.dtype) if need_a else None
+    grad_b = db.to(lora_b.dtype) if need_b else None
     return grad_x, grad_w, grad_a, grad_b
 
 

@@ -87,7 +87,27 @@ def test_profile_host_python_only_runs_with_the_stubbed_launchers():
     )
     assert run.returncode == 0, run.stderr
     rows = [line.split() for line in run.stdout.splitlines()]
-    assert [r[0] for r in rows] == ["BitflipLinear", "nn.Linear", "triton.cdiv", "ceil_div"]
-    for r in rows[:2]:
+    names = ["BitflipLinear", "nn.Linear", "bitflip-LoRA", "PEFT-LoRA", "triton.cdiv", "ceil_div"]
+    assert [r[0] for r in rows] == names
+    for r in rows[:4]:
         assert float(r[3]) > 0 and float(r[8]) > 0
-    assert all(float(r[3]) > 0 for r in rows[2:])
+    assert all(float(r[3]) > 0 for r in rows[4:])
+
+
+def test_bench_interleaved_runs_every_job_at_toy_size(reference_backend, tmp_path):
+    """benchmarks/bench_interleaved.py (clean and ours in alternating rounds, one process) at
+    toy size: one row per job, each ratio the ratio of the two medians."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_interleaved
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "rows.json"
+    argv = ["--tiny", "--device", "cpu", "--batch", "2", "--seq", "16", "--rounds", "3"]
+    rows = bench_interleaved.main(argv + ["--steps", "1", "--warmup", "1", "--out", str(out)])
+    assert out.exists()
+    assert [r["job"] for r in rows] == ["lora", "train", "forward"]
+    for r in rows:
+        assert r["rounds"] == 3 and r["clean_ms"] > 0 and r["ours_ms"] > 0
+        assert r["ratio"] == r["ours_ms"] / r["clean_ms"]
+        assert r["round_ratio_min"] <= r["round_ratio_median"] <= r["round_ratio_max"]

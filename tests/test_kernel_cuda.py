@@ -271,9 +271,9 @@ def test_cuda_inductor_compiled_lora_equals_eager():
 def _every_kernel_once(xg, w, call):
     """Run each kernel that the layers launch (paired, single and masked flips, the in-place
     gradient mask, the mask-zeroing kernel on two tensors, the LoRA merge + flip with its mask,
-    the zeroed-weight correction) on ``xg`` (GPU, bf16, any view) and ``w`` (CPU, bf16,
-    (out, in)), and check each result against the CPU reference: bit for bit, the correction
-    within float32 rounding."""
+    the zeroed-weight correction with the input gradient's mask, the merge with x's flip) on
+    ``xg`` (GPU, bf16, any view) and ``w`` (CPU, bf16, (out, in)), and check each result
+    against the CPU reference: bit for bit, the correction within float32 rounding."""
     from peft_bitflip import functional as F
     from peft_bitflip.kernels import lora
 
@@ -315,11 +315,37 @@ def _every_kernel_once(xg, w, call):
     assert torch.equal(got_zeroed.cpu(), want_zeroed) and want_zeroed.any()
     g2 = torch.randn(x.numel() // x.shape[-1], w.shape[0])
     x2 = torch.randn(g2.shape[0], w.shape[1])
-    got_c = lora.zeroed_correction(got_zeroed, g2.cuda(), x2.cuda(), a.cuda(), b.cuda())
-    want_c = lora.zeroed_correction(want_zeroed, g2, x2, a, b)
+    got_c = [torch.zeros(a.shape, device="cuda"), torch.zeros(b.shape, device="cuda")]
+    got_gx = grad.cuda()
+    lora.subtract_zeroed_correction_(
+        *got_c, got_zeroed, g2.cuda(), x2.cuda(), a.cuda(), b.cuda(), got_gx,
+        want_mask.cuda(), x.dtype,
+    )  # fmt: skip
+    want_c = [torch.zeros(a.shape), torch.zeros(b.shape)]
+    want_gx = grad.clone()
+    lora.subtract_zeroed_correction_(
+        *want_c, want_zeroed, g2, x2, a, b, want_gx, want_mask, x.dtype
+    )
     for got, want in zip(got_c, want_c):
         assert want.abs().max() > 0
         torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-3)
+    assert torch.equal(_bits(got_gx.cpu()), _bits(want_gx))
+    # the backward's merge launch writes s*A and s*B rounded to bf16 as torch rounds them
+    a_r, b_r = torch.randn(a.shape, generator=gen), torch.randn(b.shape, generator=gen)
+    got_f = lora.merge_flip_lora_for_grads(
+        w32.cuda(), a_r.cuda(), b_r.cuda(), 0.3, False, torch.bfloat16, ws, kw,
+        torch.tensor(call, device="cuda"),
+    )  # fmt: skip
+    assert torch.equal(_bits(got_f[2].cpu()), _bits((a_r * 0.3).to(torch.bfloat16)))
+    assert torch.equal(_bits(got_f[3].cpu()), _bits((b_r * 0.3).to(torch.bfloat16)))
+    # the LoRA forward's one launch: x's flip and mask with the merged weight's flip
+    got_mw, got_xf, got_xm = lora.merge_flip_lora_and_x(
+        w32.cuda(), a.cuda(), b.cuda(), 0.5, False, torch.bfloat16, ws, kw, xg, xs, kx,
+        torch.tensor(call, device="cuda"), True,
+    )  # fmt: skip
+    assert torch.equal(_bits(got_mw.cpu()), _bits(want_m))
+    assert torch.equal(_bits(got_xf.cpu()), _bits(want_x))
+    assert torch.equal(got_xm.cpu(), want_mask)
 
 
 @cuda
@@ -355,3 +381,22 @@ def test_cuda_direct_launches_equal_the_cpu_reference():
             assert set(ln._compiled) == known[id(ln)], ln.fn.__name__
     single = triton_bitflip._launch_single._compiled
     assert len({spec[3] for spec in single}) >= 2  # aligned and misaligned inputs
+
+
+@cuda
+def test_cuda_mm_float32_is_the_float32_product():
+    """The LoRA gradients' rank-r products in float32 (``mm_float32``: written in float32 by
+    the matmul where this PyTorch can) equal the float64 product within bf16 input rounding."""
+    from peft_bitflip.kernels.lora import _MM_OUT_DTYPE, mm_float32
+
+    torch.manual_seed(0)
+    a = torch.randn(300, 40, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(40, 70, device="cuda", dtype=torch.bfloat16)
+    got = mm_float32(a, b)
+    assert got.dtype == torch.float32 and got.shape == (300, 70)
+    want = a.double() @ b.double()
+    if _MM_OUT_DTYPE["cuda"]:  # a float32 result: float32 accumulation error only
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    else:  # this PyTorch has no out_dtype: the bf16 product, cast
+        assert torch.equal(got, (a @ b).float())
+    assert torch.equal(mm_float32(a.float(), b.float()), a.float() @ b.float())

@@ -4,6 +4,8 @@ LoRA layer path against the unfused one on both backends."""
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 
@@ -45,22 +47,61 @@ def test_merge_flip_kernel_equals_reference(triton_cpu, monkeypatch, conv1d, out
     as_int = torch.int16 if out_dtype == torch.bfloat16 else torch.int32
     assert torch.equal(got.view(as_int), ref.view(as_int))  # bit for bit
     assert torch.equal(got_mask, ref_mask)
+    # the backward's launch also writes s*A and s*B in the compute dtype (bit for bit: exact
+    # here; the rounding of random values is checked on the GPU, whose float32 -> bfloat16
+    # conversion rounds to nearest where the interpreter's truncates)
+    args = (w, a, b, 0.5, conv1d, out_dtype, W_SPEC, KEYS[1], call)
+    want = lora.merge_flip_lora_for_grads(*args)
+    monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", "triton")
+    got4 = lora.merge_flip_lora_for_grads(*args)
+    for i in (0, 2, 3):
+        assert torch.equal(got4[i].contiguous().view(as_int), want[i].contiguous().view(as_int))
+    assert torch.equal(got4[1], ref_mask)
+    assert torch.equal(got4[2], (a * 0.5).to(out_dtype))
+    assert torch.equal(got4[3], (b * 0.5).to(out_dtype))
     assert 0 < ref_mask.sum() < ref_mask.numel()  # zero-out and flips both happened
     assert not torch.equal(ref, lora.merge_lora_weight(w, a, b, 0.5, conv1d).to(out_dtype))
 
 
-def test_zeroed_correction_kernel_equals_dense_reference(triton_cpu, monkeypatch):
+@pytest.mark.parametrize("with_zeroed", [True, False])
+@pytest.mark.parametrize("with_gx", [True, False])
+def test_zeroed_correction_kernel_equals_dense_reference(
+    triton_cpu, monkeypatch, with_zeroed, with_gx
+):
+    """The backward's one launch (correction subtracted from dA, dB in place; dX zeroed where
+    x's packed mask says) against the dense reference, with either part or both."""
     gen = torch.Generator().manual_seed(1)
     t, n_out, n_in, r = 50, 70, 90, 6
     g, x = torch.randn(t, n_out, generator=gen), torch.randn(t, n_in, generator=gen)
     a, b = torch.randn(r, n_in, generator=gen), torch.randn(n_out, r, generator=gen)
     zeroed = (torch.rand(n_in, n_out, generator=gen) < 0.01).to(torch.uint8).t()  # strided
-    da, db = lora.zeroed_correction(zeroed, g, x, a, b)
+    gx = torch.randn(3, 7, 11, generator=gen) + 0.5  # 231 elements: 58 groups of 4, one short
+    x_mask = torch.randint(0, 16, (58,), dtype=torch.uint8, generator=gen)
+    x_mask[-1] &= 0b0111  # no bit past the end
+    da0, db0 = torch.randn(r, n_in, generator=gen), torch.randn(n_out, r, generator=gen)
+
+    def run():
+        da, db, grad = da0.clone(), db0.clone(), gx.clone()
+        lora.subtract_zeroed_correction_(
+            da, db, zeroed if with_zeroed else None, g, x, a, b,
+            grad if with_gx else None, x_mask, torch.float32,
+        )  # fmt: skip
+        return da, db, grad
+
+    got = run()
     monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", "reference")
-    da_ref, db_ref = lora.zeroed_correction(zeroed, g, x, a, b)
-    assert da_ref.abs().max() > 0
-    torch.testing.assert_close(da, da_ref, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(db, db_ref, rtol=1e-5, atol=1e-4)
+    want = run()
+    dense = zeroed.float() * (g.t() @ x)
+    torch.testing.assert_close(want[0], da0 - (b.t() @ dense if with_zeroed else 0))
+    torch.testing.assert_close(want[1], db0 - (dense @ a.t() if with_zeroed else 0))
+    bits = (x_mask[:, None].int() >> torch.arange(4)) & 1
+    zeroed_x = bits.flatten()[: gx.numel()].bool().view(gx.shape)
+    assert zeroed_x.any() and (~zeroed_x).any()
+    assert torch.equal(want[2], gx.masked_fill(zeroed_x, 0) if with_gx else gx)
+    assert not with_zeroed or (dense != 0).any()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-4)
+    assert torch.equal(got[2], want[2])
 
 
 def run(fn, x, w, a, b, bias, conv1d, train_w=False):
@@ -97,6 +138,38 @@ def test_fast_lora_layer_equals_unfused(request, monkeypatch, backend, conv1d, t
     _, zeroed = lora.merge_flip_lora(w, a, b, 0.5, conv1d, torch.float32, W_SPEC, KEYS[1],
                                      torch.tensor(2), True)  # fmt: skip
     assert zeroed.sum() > 0
+
+
+def test_lora_layer_step_takes_three_launches(triton_cpu, monkeypatch):
+    """On the Triton backend a LoRA layer's forward flips x and merges + flips W in one launch;
+    its backward merges + flips W again and then masks dX and corrects dA, dB in one more
+    launch (the values: test_fast_lora_layer_equals_unfused)."""
+    from peft_bitflip.kernels import triton_bitflip, triton_lora
+
+    counts = collections.Counter()
+    for module, name in (
+        (triton_bitflip, "_launch_single"),
+        (triton_bitflip, "_launch_pair"),
+        (triton_bitflip, "_launch_zero_by_masks"),
+        (triton_lora, "_launch_merge_flip"),
+        (triton_lora, "_launch_zeroed_correction"),
+    ):
+        real = getattr(module, name)
+
+        def counted(grid, args, config, real=real, name=name):
+            counts[name] += 1
+            real(grid, args, config)
+
+        monkeypatch.setattr(module, name, counted)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, 32, generator=gen).requires_grad_()
+    w = coarse((24, 32), gen, 8) * 0.5
+    a, b = coarse((2, 32), gen, 4).requires_grad_(), coarse((24, 2), gen, 4).requires_grad_()
+    y = layers.flipped_lora_linear(x, w, a, b, 0.5, None, X_SPEC, W_SPEC, *KEYS, torch.tensor(2))
+    assert counts == {"_launch_merge_flip": 1}
+    y.backward(torch.randn(y.shape, generator=gen))  # contiguous (sum()'s is expanded)
+    assert counts == {"_launch_merge_flip": 2, "_launch_zeroed_correction": 1}
+    assert x.grad is not None and a.grad is not None
 
 
 @pytest.mark.parametrize("conv1d", [False, True])
