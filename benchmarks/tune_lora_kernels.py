@@ -89,6 +89,8 @@ def sweep_correction():
     print("\n| shape | T | BO x BK | BT | warps | us | zeroed |")
     print("|---|---:|---|---:|---:|---:|---:|")
     triton_lora.MERGE_PRECISION, triton_lora.MERGE_BM, triton_lora.MERGE_BN = "ieee", 64, 64
+    triton_lora.MERGE_WARPS = 4
+    triton_lora._merge_config.cache_clear()  # the merge sweep's last setting was cached
     for (out_f, in_f), t in itertools.product(SHAPES, [8192, 1024]):
         w, a, b = factors(out_f, in_f)
         _, mask = merge(w, a, b, True)
