@@ -386,17 +386,21 @@ def test_cuda_direct_launches_equal_the_cpu_reference():
 @cuda
 def test_cuda_mm_float32_is_the_float32_product():
     """The LoRA gradients' rank-r products in float32 (``mm_float32``: written in float32 by
-    the matmul where this PyTorch can) equal the float64 product within bf16 input rounding."""
+    the matmul where this PyTorch can, per input dtype) equal the float64 product within the
+    float32 accumulation error, or are the 16-bit product cast where it cannot."""
     from peft_bitflip.kernels.lora import _MM_OUT_DTYPE, mm_float32
 
     torch.manual_seed(0)
-    a = torch.randn(300, 40, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(40, 70, device="cuda", dtype=torch.bfloat16)
-    got = mm_float32(a, b)
-    assert got.dtype == torch.float32 and got.shape == (300, 70)
-    want = a.double() @ b.double()
-    if _MM_OUT_DTYPE["cuda"]:  # a float32 result: float32 accumulation error only
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
-    else:  # this PyTorch has no out_dtype: the bf16 product, cast
-        assert torch.equal(got, (a @ b).float())
-    assert torch.equal(mm_float32(a.float(), b.float()), a.float() @ b.float())
+    for dtype in (torch.bfloat16, torch.float16):
+        a = torch.randn(300, 40, device="cuda", dtype=dtype)
+        b = torch.randn(40, 70, device="cuda", dtype=dtype)
+        got = mm_float32(a, b)
+        assert got.dtype == torch.float32 and got.shape == (300, 70)
+        want = a.double() @ b.double()
+        if _MM_OUT_DTYPE[dtype]:  # a float32 result: float32 accumulation error only
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+        else:  # this PyTorch has no out_dtype for it: the 16-bit product, cast
+            assert torch.equal(got, (a @ b).float())
+        assert torch.equal(mm_float32(a.float(), b.float()), a.float() @ b.float())
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 11):
+        assert _MM_OUT_DTYPE[torch.bfloat16]  # seen on the device image's torch 2.11

@@ -185,22 +185,22 @@ def merge_flip_lora_and_x(
     return wf, xf, x_mask
 
 
-_MM_OUT_DTYPE = {}  # device type -> whether torch.mm(..., out_dtype=float32) works there
+_MM_OUT_DTYPE = {}  # input dtype -> whether torch.mm(..., out_dtype=float32) works on CUDA
 
 
 def mm_float32(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` as float32.  For 16-bit CUDA inputs the product is written in float32 by the
-    matmul itself (``torch.mm(..., out_dtype=)``, where this PyTorch has it: no rounding to
-    16 bits and no cast launch); otherwise ``(a @ b).float()``."""
+    matmul itself (``torch.mm(..., out_dtype=)``, where this PyTorch has it for that dtype: no
+    rounding to 16 bits and no cast launch); otherwise ``(a @ b).float()``."""
     if a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda:
-        works = _MM_OUT_DTYPE.get("cuda")
-        if works is None:
+        works = _MM_OUT_DTYPE.get(a.dtype)
+        if works is None:  # first product of this dtype: try it once
             try:
                 out = torch.mm(a, b, out_dtype=torch.float32)
-                _MM_OUT_DTYPE["cuda"] = True
+                _MM_OUT_DTYPE[a.dtype] = True
                 return out
             except (TypeError, RuntimeError, NotImplementedError):
-                works = _MM_OUT_DTYPE["cuda"] = False
+                works = _MM_OUT_DTYPE[a.dtype] = False
         if works:
             return torch.mm(a, b, out_dtype=torch.float32)
     return (a @ b).float()
