@@ -12,6 +12,7 @@ commits on a noisy host.
 
 import argparse
 import cProfile
+import inspect
 import pstats
 import sys
 import time
@@ -66,18 +67,22 @@ def stub_kernels():
     triton_bitflip.zero_by_masks_ = lambda *a: None
     lora.backend_for = op.backend_for
 
-    def merge_flip_with_x(w, lhs, rhs, scale, out_dtype, *a, x=None, want_x_mask=False, **k):
-        w_mask = torch.empty(w.shape, dtype=torch.uint8) if a[6] else None
+    merge_params = inspect.signature(triton_lora.merge_flip_with_x).parameters
+    merge_defaults = {n: p.default for n, p in merge_params.items()}
+
+    def merge_flip_with_x(*args, **kwargs):  # cheap: no Signature.bind per call
+        a = dict(merge_defaults, **dict(zip(merge_params, args)), **kwargs)
+        w, x = a["w"], a["x"]
+        w_mask = None
+        if a["want_mask"] and a["threshold"] is not None:
+            w_mask = torch.empty(w.shape, dtype=torch.uint8)
         x_out = None if x is None else torch.empty_like(x)
-        x_mask = mask_of(x) if x is not None and want_x_mask else None
-        return torch.empty(w.shape, dtype=out_dtype), w_mask, x_out, x_mask
+        x_mask = None
+        if x is not None and a["want_x_mask"] and a["x_threshold"] is not None:
+            x_mask = mask_of(x)
+        return torch.empty(w.shape, dtype=a["out_dtype"]), w_mask, x_out, x_mask
 
-    def merge_flip_with_x_positional(*a, **k):
-        names = ("x", "x_table", "x_key", "x_threshold", "x_flips", "want_x_mask")
-        k.update(zip(names, a[13:]))
-        return merge_flip_with_x(*a[:13], **k)
-
-    triton_lora.merge_flip_with_x = merge_flip_with_x_positional
+    triton_lora.merge_flip_with_x = merge_flip_with_x
     triton_lora.subtract_zeroed_correction_ = lambda *a: None
 
 

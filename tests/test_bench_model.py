@@ -1,6 +1,7 @@
 """benchmarks/bench_model.py runs end to end at toy size on the CPU (a smoke run of the script,
 not a timing: the numbers are only checked to exist and be consistent)."""
 
+import json
 import os
 import sys
 
@@ -95,8 +96,8 @@ def test_profile_host_python_only_runs_with_the_stubbed_launchers():
 
 
 def test_bench_interleaved_runs_every_job_at_toy_size(reference_backend, tmp_path):
-    """benchmarks/bench_interleaved.py (clean and ours in alternating rounds, one process) at
-    toy size: one row per job, each ratio the ratio of the two medians."""
+    """benchmarks/bench_interleaved.py (clean and ours in alternating rounds, one process) runs
+    every job at toy size (a smoke run of the script, not a timing) and writes its rows."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
         import bench_interleaved
@@ -105,9 +106,8 @@ def test_bench_interleaved_runs_every_job_at_toy_size(reference_backend, tmp_pat
     out = tmp_path / "rows.json"
     argv = ["--tiny", "--device", "cpu", "--batch", "2", "--seq", "16", "--rounds", "3"]
     rows = bench_interleaved.main(argv + ["--steps", "1", "--warmup", "1", "--out", str(out)])
-    assert out.exists()
     assert [r["job"] for r in rows] == ["lora", "train", "forward"]
+    assert json.loads(out.read_text())["cells"] == rows
     for r in rows:
         assert r["rounds"] == 3 and r["clean_ms"] > 0 and r["ours_ms"] > 0
-        assert r["ratio"] == r["ours_ms"] / r["clean_ms"]
         assert r["round_ratio_min"] <= r["round_ratio_median"] <= r["round_ratio_max"]

@@ -469,14 +469,18 @@ def key_word(k: int) -> int:
     return k - (1 << 32) if k >= (1 << 31) else k
 
 
+def stream_args(key: tuple[int, int], threshold: float | None) -> tuple[int, int, float]:
+    """A tensor's stream-key words (see :func:`key_word`) and zero-out threshold (0.0 when
+    None: then the kernel does not read it), as every flip kernel takes them."""
+    return key_word(key[0]), key_word(key[1]), float(threshold) if threshold is not None else 0.0
+
+
 def flip_args(table, call, next_call, k0, k1, threshold) -> tuple:
     """The runtime arguments that follow the tensors of :func:`_bitflip_kernel` (and of the
     LoRA merge kernel): flip table, call index, the tensor that receives call + 1 (the call
-    index itself when None: not written), the stream key's words, the zero-out threshold (0.0
-    when None: then the kernel does not read it)."""
-    t = float(threshold) if threshold is not None else 0.0
+    index itself when None: not written), then :func:`stream_args`."""
     nxt = call if next_call is None else next_call
-    return table, call, nxt, key_word(k0), key_word(k1), t
+    return (table, call, nxt) + stream_args((k0, k1), threshold)
 
 
 _launch_single = KernelLauncher(_bitflip_kernel)
@@ -740,16 +744,12 @@ def launch_pair(
             x if x_mask is None else x_mask,
             x.numel(),
             x_table,
-            key_word(x_key[0]),
-            key_word(x_key[1]),
-            float(x_threshold) if x_threshold is not None else 0.0,
+            *stream_args(x_key, x_threshold),
             w,
             w_out,
             w.numel(),
             w_table,
-            key_word(w_key[0]),
-            key_word(w_key[1]),
-            float(w_threshold) if w_threshold is not None else 0.0,
+            *stream_args(w_key, w_threshold),
             call,
             call if next_call is None else next_call,
             programs_x,

@@ -37,8 +37,8 @@ from .triton_bitflip import (
     flip_and_zero,
     flip_args,
     flip_constexprs,
-    key_word,
     store_next_call,
+    stream_args,
 )
 
 
@@ -418,11 +418,11 @@ def merge_flip_with_x(
         x_part, factors is not None,
     )  # fmt: skip
     x_args = (
-        (x, x_out, x if x_mask is None else x_mask, x.numel(), x_table, key_word(x_key[0]),
-         key_word(x_key[1]), float(x_threshold) if x_threshold is not None else 0.0)
+        (x, x_out, x if x_mask is None else x_mask, x.numel(), x_table)
+        + stream_args(x_key, x_threshold)
         if x is not None
         else (w, w, w, 0, table, 0, 0, 0.0)
-    )  # fmt: skip
+    )
     _launch_merge_flip(
         (programs,),
         (
