@@ -16,6 +16,7 @@ import inspect
 import pstats
 import sys
 import time
+import types
 
 import torch
 import triton
@@ -24,7 +25,7 @@ from peft import LoraConfig, get_peft_model
 
 import peft_bitflip as pb
 from peft_bitflip.functional import apply_flip_spec
-from peft_bitflip.kernels import lora, op, triton_bitflip, triton_lora
+from peft_bitflip.kernels import launcher, lora, op, triton_bitflip, triton_lora
 from peft_bitflip.kernels.sampling import ceil_div, flip_table, zero_mask_size
 from peft_bitflip.spec import FlipSpec
 
@@ -90,11 +91,68 @@ BITFLIP = pb.BitflipConfig.original_default()
 LORA = dict(r=8, lora_alpha=16, target_modules=["0"], lora_dropout=0.0)
 
 
+class _StubJit:
+    """A ``@triton.jit`` function's parameters with a JIT call that returns a compiled kernel
+    whose launch does nothing: :class:`KernelLauncher`'s own cost on the CPU."""
+
+    def __init__(self, fn):
+        self.__name__ = fn.__name__
+        self.params = getattr(fn, "params", None) or self._params(fn)
+
+    @staticmethod
+    def _params(fn):
+        """The parameters as a JITFunction lists them (under TRITON_INTERPRET=1 there is none)."""
+        plain = fn.kwargs.get("do_not_specialize") or ()
+        return [
+            types.SimpleNamespace(
+                name=p.name,
+                is_constexpr="constexpr" in str(p.annotation),
+                do_not_specialize=p.name in plain,
+                default=None if p.default is inspect.Parameter.empty else p.default,
+            )
+            for p in inspect.signature(fn.fn).parameters.values()
+        ]
+
+    def __getitem__(self, grid):
+        kernel = types.SimpleNamespace(function=None, packed_metadata=None, run=lambda *a: None)
+        return lambda *args, **config: kernel
+
+
+def launcher_us(timed) -> float:
+    """Host us per launch spent in ``KernelLauncher`` (cache key, lookup, argument tuple) for
+    the LoRA forward's merge + flip + x launch (30 arguments), the compiled kernel stubbed."""
+    captured = []
+    real = triton_lora._launch_merge_flip
+    triton_lora._launch_merge_flip = lambda grid, args, config: captured.append(
+        (grid, args, config)
+    )
+    try:
+        w, x = torch.randn(64, 64, dtype=torch.bfloat16), torch.randn(4, 64, dtype=torch.bfloat16)
+        a, b = torch.randn(8, 64), torch.randn(64, 8)
+        spec = FlipSpec(2**-16, 2**-16, 1.25)
+        table = flip_table(spec.effective_p_exp, spec.effective_p_frac, w.dtype, w.device)
+        call = torch.zeros((), dtype=torch.int64)
+        triton_lora.merge_flip_with_x(
+            w, b, a, 2.0, w.dtype, table, call, 1, 2, 1.25, True, False, call.clone(), x=x,
+            x_table=table, x_key=(3, 4), x_threshold=30.0, x_flips=True, want_x_mask=True,
+        )  # fmt: skip
+    finally:
+        triton_lora._launch_merge_flip = real
+    grid, args, config = captured[0]
+    stub = launcher.KernelLauncher(_StubJit(triton_lora._merge_flip_kernel))
+    saved = launcher._ENABLED, launcher._RUNTIME
+    knobs = types.SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None)
+    launcher._ENABLED, launcher._RUNTIME = True, (knobs, lambda: 0, lambda device: 0)
+    try:
+        return timed(lambda: stub(grid, args, config))
+    finally:
+        launcher._ENABLED, launcher._RUNTIME = saved
+
+
 def python_only(n=40000):
     """Per-call Python cost (us) of a bit-flip layer's forward and forward + backward, and of
     a bit-flip LoRA layer next to PEFT's LoRA layer (r=8; the input needs a gradient, as in
     every layer of a model but the first)."""
-    stub_kernels()
     spec_x, spec_w = FlipSpec(2**-16, 2**-16, 30.0), FlipSpec(2**-16, 2**-16, 1.25)
     layer = pb.BitflipLinear(64, 64)
     layer.init_bitflip("layer", spec_x, spec_w)
@@ -113,6 +171,10 @@ def python_only(n=40000):
             best = min(best, (time.perf_counter() - t0) / (n // rounds) * 1e6)
         return best
 
+    # before stub_kernels replaces merge_flip_with_x: its arguments for the launcher row
+    print(f"{'KernelLauncher':14s} one merge + flip + x launch (kernel stubbed) "
+          f"{launcher_us(timed):7.2f} us")  # fmt: skip
+    stub_kernels()
     lora_models = {}
     for name, config in (
         ("bitflip-LoRA", pb.BitflipLoraConfig.from_bitflip_config(BITFLIP, **LORA)),

@@ -7,7 +7,9 @@ float32 A/B, r = 32, the original's weight fault model p = 2^-16, threshold 1.25
 * zeroed correction (``triton_lora.subtract_zeroed_correction_``): tile shape and rows per loop
   step, on the mask the merge kernel produces, at T = 8192 and 1024 rows.
 
-    python benchmarks/tune_lora_kernels.py
+* ``parts``: the merge launch with parts switched off, next to the flip kernel and a copy.
+
+    python benchmarks/tune_lora_kernels.py [accuracy] [merge] [parts] [correction]
 """
 
 from __future__ import annotations
@@ -40,34 +42,59 @@ def merge(w, a, b, want_mask):
     return triton_lora.merge_flip(w, b, a, 2.0, w.dtype, table, call, k0, k1, T_W, True, want_mask)
 
 
-def sweep_merge():
-    print("| shape | precision | BM x BN | warps | mask | us | GB/s | clone GB/s |")
-    print("|---|---|---|---:|---|---:|---:|---:|")
-    for out_f, in_f in SHAPES:
+# the module's settings as shipped (the sweeps reset them to these when done)
+TUNED = dict(
+    singles=triton_lora.MERGE_SINGLES,
+    bm=triton_lora.MERGE_BM,
+    bn=triton_lora.MERGE_BN,
+    warps=triton_lora.MERGE_WARPS,
+)
+
+
+def sweep_merge(shapes=SHAPES[:1]):
+    """The merge + flip launch per setting: tile shape, warps, ``singles`` (how many groups
+    holding a flip a tile takes singly through the gap sampling), mask or not; then the
+    precision of the rank-r product."""
+    print("| shape | singles | BM x BN | warps | mask | precision | us | GB/s | clone GB/s |")
+    print("|---|---:|---|---:|---|---|---:|---:|---:|")
+    tiles = [(16, 32), (16, 64), (32, 32), (32, 64), (64, 64)]
+    settings = list(itertools.product([1, 4], tiles, [2, 4]))
+    for out_f, in_f in shapes:
         w, a, b = factors(out_f, in_f)
         clone_us = do_bench(lambda: w.clone()) * 1e3
         clone_gbs = 2 * w.numel() * 2 / clone_us / 1e3
-        configs = list(
-            itertools.product(
-                ["ieee"],
-                [(64, 64), (32, 128), (128, 64), (64, 128), (128, 128)],
-                [4, 8],
-                [False, True],
-            )
-        ) + [("tf32x3", (64, 64), 4, True), ("tf32", (64, 64), 4, True)]
-        for prec, (bm, bn), warps, want_mask in configs:
-            triton_lora.MERGE_PRECISION = prec
-            triton_lora.MERGE_BM, triton_lora.MERGE_BN, triton_lora.MERGE_WARPS = bm, bn, warps
-            triton_lora._merge_config.cache_clear()  # the configs are cached per setting
-            try:
-                us = do_bench(lambda: merge(w, a, b, want_mask)) * 1e3
-            except Exception as e:  # noqa: BLE001 - out of resources etc.: report, go on
-                print(f"| {out_f}x{in_f} | {prec} | {bm}x{bn} | {warps} | {want_mask} | "
-                      f"failed: {type(e).__name__} | | |")  # fmt: skip
-                continue
-            moved = w.numel() * (4 + (1 if want_mask else 0))
-            print(f"| {out_f}x{in_f} | {prec} | {bm}x{bn} | {warps} | {want_mask} | {us:.0f} | "
-                  f"{moved / us / 1e3:.0f} | {clone_gbs:.0f} |", flush=True)  # fmt: skip
+        for (singles, (bm, bn), warps), want_mask in itertools.product(settings, [False, True]):
+            row = dict(singles=singles, bm=bm, bn=bn, warps=warps)
+            timed_merge(w, a, b, want_mask, "ieee", row, clone_gbs)
+    w, a, b = factors(*shapes[0])
+    for prec in ["tf32x3", "tf32"]:
+        timed_merge(w, a, b, True, prec, TUNED, clone_gbs)
+    set_merge(TUNED, "ieee")
+
+
+def set_merge(row, prec):
+    """Set the merge kernel's module constants and drop the launch configs cached for others."""
+    triton_lora.MERGE_PRECISION = prec
+    triton_lora.MERGE_SINGLES = row["singles"]
+    triton_lora.MERGE_BM, triton_lora.MERGE_BN = row["bm"], row["bn"]
+    triton_lora.MERGE_WARPS = row["warps"]
+    triton_lora._merge_config.cache_clear()  # the configs are cached per setting
+
+
+def timed_merge(w, a, b, want_mask, prec, row, clone_gbs):
+    set_merge(row, prec)
+    out_f, in_f = w.shape
+    head = (
+        f"| {out_f}x{in_f} | {row['singles']} | {row['bm']}x{row['bn']} | "
+        f"{row['warps']} | {want_mask} | {prec} |"
+    )
+    try:
+        us = do_bench(lambda: merge(w, a, b, want_mask)) * 1e3
+    except Exception as e:  # noqa: BLE001 - out of resources etc.: report, go on
+        print(f"{head} failed: {type(e).__name__} | | |", flush=True)
+        return
+    moved = w.numel() * (4 + (1 if want_mask else 0))
+    print(f"{head} {us:.1f} | {moved / us / 1e3:.0f} | {clone_gbs:.0f} |", flush=True)
 
 
 def merge_accuracy():
@@ -83,14 +110,49 @@ def merge_accuracy():
         m, _ = triton_lora.merge_flip(w, b, a, 2.0, w.dtype, table, call, 0, 0, None, False, False)
         print(f"merge precision {prec}: {int((m != truth).sum())} of {m.numel()} elements differ "
               "from the once-rounded float64 result")  # fmt: skip
+    set_merge(TUNED, "ieee")
+
+
+def merge_parts():
+    """Where the merge kernel's time goes, per shape: the full launch (flips, zero-out, mask),
+    without the mask, without flips and zero-out (merge only), with a rank-1 product, next to
+    the flip kernel alone on W (with zero-out) and ``W.clone()``; GB/s as in the sweep."""
+    from peft_bitflip.kernels import triton_bitflip
+
+    print("\n| shape | launch | us | GB/s |")
+    print("|---|---|---:|---:|")
+    table = flip_table(P, P, torch.bfloat16, torch.device("cuda"))
+    call = torch.zeros((), dtype=torch.int64, device="cuda")
+    k0, k1 = pb.stream_key(0, "tune", "w")
+    for out_f, in_f in SHAPES:
+        w, a, b = factors(out_f, in_f)
+        a1, b1 = a[:1].contiguous(), b[:, :1].contiguous()
+        rows = {
+            "merge + flip + zero + mask": (lambda: merge(w, a, b, True), 5),
+            "merge + flip + zero": (lambda: merge(w, a, b, False), 4),
+            "merge only (no flips, no zero-out)": (
+                lambda: triton_lora.merge_flip(
+                    w, b, a, 2.0, w.dtype, table, call, k0, k1, None, False, False
+                ),
+                4,
+            ),
+            "merge + flip + zero, rank 1": (lambda: merge(w, a1, b1, False), 4),
+            "flip kernel alone (zero-out)": (
+                lambda: triton_bitflip.launch(w, table, call, k0, k1, T_W, True),
+                4,
+            ),
+            "W.clone()": (lambda: w.clone(), 4),
+        }
+        for name, (fn, bytes_per_elem) in rows.items():
+            us = do_bench(fn) * 1e3
+            gbs = w.numel() * bytes_per_elem / us / 1e3
+            print(f"| {out_f}x{in_f} | {name} | {us:.1f} | {gbs:.0f} |", flush=True)
 
 
 def sweep_correction():
     print("\n| shape | T | BO x BK | BT | warps | us | zeroed |")
     print("|---|---:|---|---:|---:|---:|---:|")
-    triton_lora.MERGE_PRECISION, triton_lora.MERGE_BM, triton_lora.MERGE_BN = "ieee", 64, 64
-    triton_lora.MERGE_WARPS = 4
-    triton_lora._merge_config.cache_clear()  # the merge sweep's last setting was cached
+    set_merge(TUNED, "ieee")
     for (out_f, in_f), t in itertools.product(SHAPES, [8192, 1024]):
         w, a, b = factors(out_f, in_f)
         _, mask = merge(w, a, b, True)
@@ -121,5 +183,7 @@ if __name__ == "__main__":
         merge_accuracy()
     if "merge" in parts:
         sweep_merge()
+    if "parts" in parts:
+        merge_parts()
     if "correction" in parts:
         sweep_correction()

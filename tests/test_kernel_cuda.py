@@ -207,33 +207,31 @@ def test_cuda_graph_of_an_eager_forward_advances_the_counter_on_each_replay():
     assert not torch.equal(outs[0], outs[1])
 
 
-def _assert_inductor_equals_eager(eager):
-    """torch.compile (inductor) of a copy of ``eager`` (bf16, on the GPU, input width 512)
-    gives its outputs bit for bit and its gradients, two training steps, then a no-grad call."""
+def _assert_inductor_equals_eager(eager, mode=None):
+    """torch.compile (inductor, ``mode``) of a copy of ``eager`` (bf16, on the GPU, input width
+    512) gives its outputs bit for bit and its gradients, three training steps (the compiled
+    copy runs first), then a no-grad call."""
     import copy
 
     twin = copy.deepcopy(eager)
-    compiled = torch.compile(twin, fullgraph=True)
+    compiled = torch.compile(twin, fullgraph=True, mode=mode)
     x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16) * 2
     twins = dict(twin.named_parameters())
-    for _ in range(2):
-        ye, yc = eager(x), compiled(x)
+    for _ in range(3):
+        yc = compiled(x)
+        ye = eager(x)
         assert torch.equal(ye, yc)
-        ye.float().square().mean().backward()
         yc.float().square().mean().backward()
+        ye.float().square().mean().backward()
         for name, pe in eager.named_parameters():
             if pe.requires_grad:  # the loss's backward is inductor's: close, not equal
                 torch.testing.assert_close(twins[name].grad, pe.grad, msg=name)
                 pe.grad = twins[name].grad = None
     with torch.no_grad():
-        assert torch.equal(eager(x), compiled(x))
+        assert torch.equal(compiled(x), eager(x))
 
 
-@cuda
-def test_cuda_inductor_compiled_layers_equal_eager():
-    """torch.compile (inductor) of a model of bit-flip layers: the fused layer ops in the graph
-    give the eager model's outputs and gradients, step after step."""
-
+def _flipped_net():
     torch.manual_seed(0)
     net = torch.nn.Sequential(
         torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 256, bias=False)
@@ -243,15 +241,10 @@ def test_cuda_inductor_compiled_layers_equal_eager():
         w_p_exp=1e-3, w_p_frac=1e-3, w_zero_out_t=0.04,
     )  # fmt: skip
     pb.apply_bitflip(net, cfg)
-    eager = net.to("cuda", torch.bfloat16)
-    _assert_inductor_equals_eager(eager)
+    return net.to("cuda", torch.bfloat16)
 
 
-@cuda
-def test_cuda_inductor_compiled_lora_equals_eager():
-    """torch.compile (inductor) of a bit-flip LoRA model: the fused LoRA ops in the graph give
-    the eager model's outputs and adapter gradients.  (First passed on an H200, 2026-12-03.)"""
-
+def _flipped_lora_net():
     from peft import get_peft_model
 
     torch.manual_seed(0)
@@ -261,11 +254,41 @@ def test_cuda_inductor_compiled_lora_equals_eager():
         x_p_exp=1e-3, x_p_frac=1e-3, x_zero_out_t=3.0,
         w_p_exp=1e-3, w_p_frac=1e-3, w_zero_out_t=0.04,
     )  # fmt: skip
-    eager = get_peft_model(net.to("cuda", torch.bfloat16), cfg)
-    for name, p in eager.named_parameters():
+    model = get_peft_model(net.to("cuda", torch.bfloat16), cfg)
+    for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
-    _assert_inductor_equals_eager(eager)
+    return model
+
+
+@cuda
+def test_cuda_inductor_compiled_layers_equal_eager():
+    """torch.compile (inductor) of a model of bit-flip layers: the fused layer ops in the graph
+    give the eager model's outputs and gradients, step after step."""
+    _assert_inductor_equals_eager(_flipped_net())
+
+
+@cuda
+def test_cuda_inductor_compiled_lora_equals_eager():
+    """torch.compile (inductor) of a bit-flip LoRA model: the fused LoRA ops in the graph give
+    the eager model's outputs and adapter gradients.  (First passed on an H200, 2026-12-03.)"""
+    _assert_inductor_equals_eager(_flipped_lora_net())
+
+
+@cuda
+@pytest.mark.parametrize("lora", [False, True], ids=["layers", "lora"])
+def test_cuda_graphs_with_new_flip_tables_equal_eager(lora):
+    """torch.compile(mode="reduce-overhead") (CUDA graphs) of a model whose flip tables do not
+    exist yet: the layers create them during the graphs' warm-up, outside the graphs' memory
+    pool (a table kept in the pool failed inductor's pool check in a fresh process, and replays
+    could overwrite it); steps equal the eager model's."""
+    from peft_bitflip.kernels import sampling
+
+    torch._dynamo.reset()
+    sampling._DEVICE_TABLES.clear()
+    _assert_inductor_equals_eager(
+        _flipped_lora_net() if lora else _flipped_net(), "reduce-overhead"
+    )
 
 
 def _every_kernel_once(xg, w, call):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import torch
 
@@ -69,6 +70,38 @@ def gap_table(p: float, n: int) -> tuple[int, ...]:
 
 
 _DEVICE_TABLES: dict = {}
+
+
+def _cached_device_tensor(values, device: torch.device) -> torch.Tensor:
+    """An int64 tensor of ``values`` on ``device`` that a cache may keep for the process.
+
+    On CUDA it is allocated by another thread: while CUDA graphs are warmed up or captured
+    (``torch.compile(mode="reduce-overhead")``, ``torch.cuda.graph``) the allocations of the
+    current thread or stream go to the graph's private memory pool, whose memory is reused by
+    later replays unless the graph tracks the tensor; a table kept there would be overwritten.
+    """
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.int64, device=device)
+    made, failed = [], []
+
+    def make():
+        try:
+            with torch.cuda.device(device):
+                made.append(torch.tensor(values, dtype=torch.int64, device=device))
+                torch.cuda.current_stream(device).synchronize()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            failed.append(e)
+
+    worker = threading.Thread(target=make, name="peft_bitflip-table")
+    worker.start()
+    worker.join()
+    if failed:
+        raise failed[0]
+    t = made[0]
+    t.record_stream(torch.cuda.current_stream(device))  # not reused under our kernels if evicted
+    return t
+
+
 _MAX_CACHED_TABLES = 1024
 
 
@@ -82,7 +115,7 @@ def flip_table(p_exp: float, p_frac: float, dtype: torch.dtype, device) -> torch
     if t is None:
         n_e, n_f = field_sizes(dtype)
         values = gap_table(float(p_exp), n_e) + gap_table(float(p_frac), n_f)
-        t = torch.tensor(values, dtype=torch.int64, device=device)
+        t = _cached_device_tensor(values, device)
         if len(_DEVICE_TABLES) >= _MAX_CACHED_TABLES:
             _DEVICE_TABLES.pop(next(iter(_DEVICE_TABLES)))
         _DEVICE_TABLES[key] = t

@@ -2,11 +2,12 @@
 
 * ``merge_flip``: ``flip(W + s * L @ R)`` reading ``W`` once — the LoRA product of a tile is
   formed in registers (float32, IEEE), added to ``W`` in float32, rounded to ``W``'s dtype and
-  then to the output dtype and stored; the stored tile is then flipped and zeroed again in
-  slices of 64 groups with the shared fault model
-  (:func:`~peft_bitflip.kernels.triton_bitflip.flip_and_zero`); optionally writes a uint8 mask
-  of the zeroed elements.  ``L @ R`` is ``B @ A`` for an ``nn.Linear`` weight
-  ``(out, in)`` and ``A^T @ B^T`` for a Conv1D weight ``(in, out)`` (strides say which).
+  then to the output dtype, flipped and zeroed in registers with the shared fault model
+  (:func:`~peft_bitflip.kernels.triton_bitflip.flip_and_zero`; tiles of 16 x 64 elements, up to
+  ``MERGE_SINGLES`` groups holding a flip taken singly through the gap sampling) and stored;
+  optionally writes a uint8 mask of the zeroed elements.  ``L @ R`` is ``B @ A`` for an
+  ``nn.Linear`` weight ``(out, in)`` and ``A^T @ B^T`` for a Conv1D weight ``(in, out)``
+  (strides say which).
   ``merge_flip_with_x`` also flips the layer's input in the same launch (the forward: one
   launch per layer instead of two).
 * ``subtract_zeroed_correction_``: for LoRA gradients.  Where the weight flip zeroed an element
@@ -81,9 +82,9 @@ def _merge_flip_tile(
     N_ROUNDS: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
-    SUB: tl.constexpr,
     RP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SINGLES: tl.constexpr,
 ):
     """Tile (pid_m, pid_n) of ``flip(W + scale * L @ R)`` (BM x BN elements of the (M, N)
     weight), with its zeroed mask when WANT_MASK.  WRITE_FACTORS: the tiles of the first
@@ -120,28 +121,23 @@ def _merge_flip_tile(
     inb = (rm[:, None] < M) & (rn[None, :] < N)
     w = tl.load(w_ptr + offs, mask=inb, other=0.0)
     merged = (w.to(tl.float32) + delta).to(w_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offs, merged, mask=inb)
     if HAS_FLIPS or HAS_ZERO:
-        # Flip the stored tile again in slices of SUB rows (ROWS_PER_PROGRAM groups): a slice
-        # without a flip is settled by one Philox draw per group, and only slices holding a
-        # flip run the gap-sampling loop (over the whole tile at once, most tiles would).
-        tl.debug_barrier()  # the tile's stores are visible to every thread of the program
-        R: tl.constexpr = SUB * BN // G
-        cols = tl.arange(0, G)
-        for s in range(0, BM // SUB):
-            rs = pid_m * BM + s * SUB + tl.arange(0, SUB).to(tl.int64)
-            offs_s = tl.reshape(rs[:, None] * N + rn[None, :], (R, G))
-            inb_s = tl.reshape((rs[:, None] < M) & (rn[None, :] < N), (R, G))
-            v = tl.load(out_ptr + offs_s, mask=inb_s, other=0)
-            # groups of G consecutive elements of a row (N % G == 0)
-            y, keep = flip_and_zero(
-                v, tl.min(offs_s, axis=1) // G, cols, call_ptr, k0, k1, table_ptr, threshold,
-                HAS_FLIPS, HAS_ZERO, ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F,
-                N_ROUNDS,
-            )  # fmt: skip
-            tl.store(out_ptr + offs_s, y, mask=inb_s)
-            if WANT_MASK:
-                tl.store(mask_ptr + offs_s, (~keep).to(tl.uint8), mask=inb_s)
+        # The whole tile in registers as BM * BN / G groups of G consecutive elements of a row
+        # (N % G == 0): one Philox draw per group settles the groups without a flip, and up to
+        # SINGLES groups holding one go singly through the gap sampling.
+        R: tl.constexpr = BM * BN // G
+        offs_g = tl.reshape(offs, (R, G))
+        inb_g = tl.reshape(inb, (R, G))
+        y, keep = flip_and_zero(
+            tl.reshape(merged, (R, G)), tl.min(offs_g, axis=1) // G, tl.arange(0, G), call_ptr,
+            k0, k1, table_ptr, threshold, HAS_FLIPS, HAS_ZERO, ELEM_BITS, N_EXP, N_FRAC, N_E,
+            N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
+        )  # fmt: skip
+        tl.store(out_ptr + offs_g, y, mask=inb_g)
+        if WANT_MASK:
+            tl.store(mask_ptr + offs_g, (~keep).to(tl.uint8), mask=inb_g)
+    else:
+        tl.store(out_ptr + offs, merged, mask=inb)
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "x_k0", "x_k1", "programs_x"])
@@ -198,9 +194,9 @@ def _merge_flip_kernel(
     N_ROUNDS: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
-    SUB: tl.constexpr,
     RP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    MERGE_SINGLES: tl.constexpr,
 ):
     """A LoRA layer's forward flips in one launch (1-D grid): with WITH_X the first
     ``programs_x`` programs flip the input x (blocks of X_ROWS groups, as the flip kernel does,
@@ -223,7 +219,7 @@ def _merge_flip_kernel(
             tile % tiles_m, tile // tiles_m, w_ptr, l_ptr, r_ptr, out_ptr, mask_ptr, ls_ptr,
             rs_ptr, M, N, RANK, scale, l_s0, l_s1, r_s0, r_s1, table_ptr, call_ptr, k0, k1,
             threshold, HAS_FLIPS, HAS_ZERO, WANT_MASK, WRITE_FACTORS, ELEM_BITS, N_EXP, N_FRAC,
-            G, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, BM, BN, SUB, RP, DOT_PRECISION,
+            G, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, BM, BN, RP, DOT_PRECISION, MERGE_SINGLES,
         )  # fmt: skip
 
 
@@ -349,8 +345,10 @@ def _rank_pad(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-MERGE_BM, MERGE_BN, MERGE_WARPS = 64, 64, 4
+# tuned on the H200 (benchmarks/tune_lora_kernels.py merge, docs/benchmarks.md)
+MERGE_BM, MERGE_BN, MERGE_WARPS = 16, 64, 4
 MERGE_PRECISION = "ieee"  # of the rank-r product B @ A in the merge
+MERGE_SINGLES = 4  # a tile with at most this many groups holding a flip takes them singly
 MERGE_X_ROWS = ROWS_PER_PROGRAM  # groups of x per program when the merge launch flips x too
 CORRECTION_BO, CORRECTION_BK, CORRECTION_BT, CORRECTION_WARPS = 64, 64, 32, 4
 
@@ -473,9 +471,9 @@ def _merge_config(
         SINGLES=SINGLE_GROUPS,
         BM=MERGE_BM,
         BN=MERGE_BN,
-        SUB=max(1, ROWS_PER_PROGRAM * group_size(out_dtype) // MERGE_BN),
         RP=_rank_pad(rank),
         DOT_PRECISION=MERGE_PRECISION,
+        MERGE_SINGLES=MERGE_SINGLES,
         num_warps=MERGE_WARPS,
         **flip_constexprs(out_dtype, has_flips, has_zero),
     )
