@@ -5,6 +5,8 @@ import json
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -112,3 +114,45 @@ def test_bench_interleaved_runs_every_job_at_toy_size(reference_backend, tmp_pat
     for r in rows:
         assert r["rounds"] == 3 and r["clean_ms"] > 0 and r["ours_ms"] > 0
         assert r["round_ratio_min"] <= r["round_ratio_median"] <= r["round_ratio_max"]
+
+
+def test_kernel_resources_compiles_the_launches_for_hopper():
+    """benchmarks/kernel_resources.py compiles each captured launch for sm_90 without a GPU and
+    reports the cubin's registers (at most 255 per thread), stack and shared memory.  (A
+    subprocess without TRITON_INTERPRET: the kernels must be JIT functions to compile.)"""
+    import subprocess
+
+    triton = pytest.importorskip("triton")
+    tools = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
+    if not os.path.exists(os.path.join(tools, "cuobjdump")):
+        pytest.skip("this Triton has no bundled cuobjdump")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT
+    script = os.path.join(ROOT, "benchmarks", "kernel_resources.py")
+    run = subprocess.run(
+        [sys.executable, script], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert run.returncode == 0, run.stderr
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0][0].strip() == "launch"
+    body = rows[1:]  # (the separator row does not start with "| ")
+    assert len(body) == 5  # four merge launches at the shipped tile, the paired flip kernel
+    for cells in body:
+        warps, registers, stack, shared = (int(c) for c in cells[2:])
+        assert warps > 0 and 0 < registers <= 255 and stack >= 0 and shared >= 0
+
+
+def test_saved_for_backward_counts_what_a_lora_step_keeps(reference_backend):
+    """benchmarks/saved_for_backward.py at toy size (eager): it sees the tensors each step saves
+    for backward, and a bit-flip LoRA step keeps less than PEFT's (PEFT keeps a float32 copy
+    of each layer input for its float32 adapters; ours keeps flip(x) in bf16 and x's packed
+    zero mask)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import saved_for_backward
+    finally:
+        sys.path.pop(0)
+    argv = ["--hidden", "64", "--layers", "2", "--seq", "32", "--vocab", "256", "--device", "cpu"]
+    totals = saved_for_backward.main(argv + ["--modes", "eager", "--top", "1"])
+    clean, ours = totals[("eager", "clean")], totals[("eager", "ours")]
+    assert 0 < ours < clean

@@ -1,0 +1,179 @@
+"""Registers, stack and shared memory of our Triton kernels as launched by the layers, compiled
+for a GPU architecture without a GPU (Triton's compiler and its bundled ptxas / cuobjdump).
+
+Each row captures the arguments and launch config that a host function (the LoRA forward's
+merge + flip + x launch, backward's merge with mask and scaled factors, the paired flip
+kernel) passes to its launcher, on small CPU tensors, then compiles that specialisation for
+``--arch`` (default sm_90, Hopper) and reads the cubin's resource usage.  A lead for tuning
+(registers limit how many programs an SM holds; a stack frame means spills), not a timing:
+the Triton here may not be the one on the GPU machine.
+
+    python benchmarks/kernel_resources.py [--arch 90] [--merge-tiles 16x64,32x64,64x64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from peft_bitflip.kernels import triton_bitflip, triton_lora
+from peft_bitflip.kernels.sampling import flip_table
+
+_DTYPES = {
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float32: "fp32",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
+
+
+def triton_type(value) -> str:
+    """The signature type Triton gives a runtime argument."""
+    if isinstance(value, torch.Tensor):
+        return "*" + _DTYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(1 << 31) <= value < (1 << 31) else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(value).__name__}")
+
+
+def captured_launch(module, launcher_name: str, host_call):
+    """(kernel, args, config) that ``host_call()`` passes to ``module.<launcher_name>``."""
+    launcher = getattr(module, launcher_name)
+    seen = []
+    setattr(module, launcher_name, lambda grid, args, config: seen.append((args, config)))
+    try:
+        host_call()
+    finally:
+        setattr(module, launcher_name, launcher)
+    (args, config), *_ = seen
+    return launcher.fn, args, config
+
+
+def resources(kernel, args, config, arch: int) -> dict:
+    """Compile ``kernel`` for these arguments and constexprs; its registers, stack frame and
+    shared memory (bytes) as the cubin reports them."""
+    fn = getattr(kernel, "fn", kernel)  # the Python function (also under the interpreter)
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    names = list(inspect.signature(fn).parameters)
+    options = {k: config[k] for k in ("num_warps", "num_stages") if k in config}
+    signature = {
+        n: triton_type(args[i]) if i < len(args) else "constexpr" for i, n in enumerate(names)
+    }
+    constexprs = {(i,): config[n] for i, n in enumerate(names) if n in config}
+    compiled = triton.compile(
+        ASTSource(kernel, signature, constexprs=constexprs),
+        target=GPUTarget("cuda", arch, 32),
+        options=options,
+    )
+    tools = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        report = subprocess.run(
+            [os.path.join(tools, "cuobjdump"), "--dump-resource-usage", f.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    line = next(line for line in report.splitlines() if "REG:" in line)
+    fields = dict(item.split(":") for item in line.split() if ":" in item)
+    return {
+        "registers": int(fields["REG"]),
+        "stack": int(fields["STACK"]),
+        "shared": compiled.metadata.shared,
+        "warps": options.get("num_warps", 4),
+    }
+
+
+def launches():
+    """name -> function returning (kernel, args, config) of one launch at the 1B Llama's
+    shapes (5632 x 2048 bf16 weight, r = 32, the original fault model), on CPU tensors."""
+    w = torch.zeros(5632, 2048, dtype=torch.bfloat16)
+    a, b = torch.zeros(32, 2048), torch.zeros(5632, 32)
+    x = torch.zeros(1024, 2048, dtype=torch.bfloat16)
+    table = flip_table(2**-16, 2**-16, torch.bfloat16, "cpu")
+    call = torch.zeros((), dtype=torch.int64)
+
+    def merge(want_mask, with_x, factors):
+        def host():
+            triton_lora.merge_flip_with_x(
+                w, b, a, 2.0, w.dtype, table, call, 1, 2, 1.25, True, want_mask,
+                None if factors else call.clone(),
+                **(dict(x=x, x_table=table, x_key=(3, 4), x_threshold=30.0, x_flips=True,
+                        want_x_mask=True) if with_x else {}),
+                factors=(torch.zeros(5632, 32, dtype=w.dtype), torch.zeros(32, 2048,
+                         dtype=w.dtype)) if factors else None,
+            )  # fmt: skip
+
+        return lambda: captured_launch(triton_lora, "_launch_merge_flip", host)
+
+    def pair():
+        def host():
+            triton_bitflip.launch_pair(
+                x, w, table, table, call, (3, 4), (1, 2), 30.0, 1.25, True, True, True,
+                call.clone(),
+            )  # fmt: skip
+
+        return captured_launch(triton_bitflip, "_launch_pair", host)
+
+    return {
+        "LoRA forward: merge + flip W, flip x (+ x mask)": merge(False, True, False),
+        "LoRA backward: merge + flip W, mask, scaled factors": merge(True, False, True),
+        "merge + flip W": merge(False, False, False),
+        "merge + flip W, mask": merge(True, False, False),
+        "paired flip of x (+ mask) and W": pair,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
+    ap.add_argument(
+        "--merge-tiles",
+        default=None,
+        help="comma-separated BMxBN tiles of the merge kernel to compare (default: as shipped)",
+    )
+    args = ap.parse_args()
+    tiles = [(triton_lora.MERGE_BM, triton_lora.MERGE_BN)]
+    if args.merge_tiles:
+        tiles = [tuple(int(v) for v in t.split("x")) for t in args.merge_tiles.split(",")]
+    print(f"Triton {triton.__version__}, sm_{args.arch}")
+    print("| launch | merge tile | warps | registers | stack bytes | shared bytes |")
+    print("|---|---|---:|---:|---:|---:|")
+    shipped = triton_lora.MERGE_BM, triton_lora.MERGE_BN
+    try:
+        for name, make in launches().items():
+            for bm, bn in tiles if "merge" in name else [(None, None)]:
+                if bm is not None:
+                    triton_lora.MERGE_BM, triton_lora.MERGE_BN = bm, bn
+                    triton_lora._merge_config.cache_clear()
+                r = resources(*make(), args.arch)
+                tile = "-" if bm is None else f"{bm}x{bn}"
+                print(
+                    f"| {name} | {tile} | {r['warps']} | {r['registers']} | {r['stack']} | "
+                    f"{r['shared']} |",
+                    flush=True,
+                )
+    finally:
+        triton_lora.MERGE_BM, triton_lora.MERGE_BN = shipped
+        triton_lora._merge_config.cache_clear()
+
+
+if __name__ == "__main__":
+    main()
