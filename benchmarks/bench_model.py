@@ -244,6 +244,9 @@ def time_steps(step, device, warmup: int, steps: int):
 
 
 def cleanup():
+    """Free what a cell held before the next one: compiled code and CUDA-graph trees too (global
+    state that can keep the previous cell's graph pools and inputs alive), then cached blocks."""
+    torch._dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
