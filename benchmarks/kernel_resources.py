@@ -67,10 +67,7 @@ def captured_launch(module, launcher_name: str, host_call):
 def resources(kernel, args, config, arch: int) -> dict:
     """Compile ``kernel`` for these arguments and constexprs; its registers, stack frame and
     shared memory (bytes) as the cubin reports them."""
-    fn = getattr(kernel, "fn", kernel)  # the Python function (also under the interpreter)
-    while hasattr(fn, "fn"):
-        fn = fn.fn
-    names = list(inspect.signature(fn).parameters)
+    names = list(inspect.signature(kernel.fn).parameters)  # the Python function's
     options = {k: config[k] for k in ("num_warps", "num_stages") if k in config}
     signature = {
         n: triton_type(args[i]) if i < len(args) else "constexpr" for i, n in enumerate(names)

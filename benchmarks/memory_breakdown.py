@@ -18,15 +18,15 @@ import gc
 import torch
 from bench_model import make_variant, model_config, step_fn
 
-OURS = ("peft_bitflip/", "/peft/", "/transformers/", "torch/_inductor/", "torch/optim/")
+SITES = ("peft_bitflip/", "/peft/", "/transformers/", "torch/_inductor/", "torch/optim/")
 
 
 def where(frames) -> str:
-    """The innermost frame of a block's allocation stack inside one of OURS (else the first
-    Python frame), as file:line function."""
+    """The innermost frame of a block's allocation stack in one of SITES (our code, PEFT,
+    transformers, inductor, torch.optim; else the first Python frame), as file:line function."""
     for f in frames:
         name = f.get("filename", "")
-        if any(k in name for k in OURS):
+        if any(k in name for k in SITES):
             short = name.split("site-packages/")[-1]
             return f"{short}:{f.get('line')} {f.get('name')}"
     return "other" if not frames else f"{frames[0].get('filename')}:{frames[0].get('line')}"

@@ -6,6 +6,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -156,3 +157,30 @@ def test_saved_for_backward_counts_what_a_lora_step_keeps(reference_backend):
     totals = saved_for_backward.main(argv + ["--modes", "eager", "--top", "1"])
     clean, ours = totals[("eager", "clean")], totals[("eager", "ours")]
     assert 0 < ours < clean
+
+
+def test_kernel_resources_captures_the_launches_the_layers_make():
+    """kernel_resources.py compiles what the host functions pass to their launchers: the LoRA
+    backward's merge launch carries the uint8 mask and the two bf16 scaled-factor buffers and
+    asks for both, the forward's carries x; the argument types are Triton's (pointers by
+    dtype, 32-bit ints, fp32 scalars)."""
+    pytest.importorskip("triton")
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import kernel_resources as kr
+    finally:
+        sys.path.pop(0)
+    rows = kr.launches()
+    _, args, config = rows["LoRA backward: merge + flip W, mask, scaled factors"]()
+    types = [kr.triton_type(a) for a in args]
+    assert config["WANT_MASK"] and config["WRITE_FACTORS"] and not config["WITH_X"]
+    assert types[:7] == ["*bf16", "*fp32", "*fp32", "*bf16", "*u8", "*bf16", "*bf16"]
+    assert [args[i].shape for i in (5, 6)] == [(5632, 32), (32, 2048)]
+    _, args, config = rows["LoRA forward: merge + flip W, flip x (+ x mask)"]()
+    assert config["WITH_X"] and config["X_MASK"] and not config["WANT_MASK"]
+    assert any(isinstance(a, torch.Tensor) and a.shape == (1024, 2048) for a in args)
+    assert set(kr.triton_type(a) for a in args if not isinstance(a, torch.Tensor)) <= {
+        "i32",
+        "fp32",
+    }
+    assert kr.triton_type(1 << 40) == "i64" and kr.triton_type(True) == "i1"
