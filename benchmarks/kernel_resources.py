@@ -14,7 +14,6 @@ the Triton here may not be the one on the GPU machine.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import subprocess
 import tempfile
@@ -22,33 +21,12 @@ import tempfile
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
+from triton.runtime.jit import native_specialize_impl
 
 from peft_bitflip.kernels import triton_bitflip, triton_lora
 from peft_bitflip.kernels.sampling import flip_table
-
-_DTYPES = {
-    torch.bfloat16: "bf16",
-    torch.float16: "fp16",
-    torch.float32: "fp32",
-    torch.int64: "i64",
-    torch.int32: "i32",
-    torch.uint8: "u8",
-    torch.bool: "i1",
-}
-
-
-def triton_type(value) -> str:
-    """The signature type Triton gives a runtime argument."""
-    if isinstance(value, torch.Tensor):
-        return "*" + _DTYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(1 << 31) <= value < (1 << 31) else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for {type(value).__name__}")
 
 
 def captured_launch(module, launcher_name: str, host_call):
@@ -64,17 +42,41 @@ def captured_launch(module, launcher_name: str, host_call):
     return launcher.fn, args, config
 
 
+def specialisation(kernel, args, config) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of a launch as Triton's JIT makes them: runtime
+    arguments typed and specialised as ``kernel[grid](*args)`` would (an integer equal to 1
+    becomes a constant; pointers, and integers divisible by 16 unless listed in
+    ``do_not_specialize``, get the divisibility hint that lets loads and stores vectorise),
+    the config's constexprs after them."""
+    if hasattr(kernel, "params"):  # a JITFunction
+        plain = {p.name for p in kernel.params if p.do_not_specialize}
+        names = [p.name for p in kernel.params]
+    else:  # under TRITON_INTERPRET=1: an InterpretedFunction
+        plain = set(kernel.kwargs.get("do_not_specialize") or ())
+        names = list(kernel.arg_names)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(names):
+        if i >= len(args):
+            signature[name] = "constexpr"
+            if name in config:
+                constexprs[(i,)] = config[name]
+            continue
+        ty, key = native_specialize_impl(CUDABackend, args[i], False, name not in plain, True)
+        signature[name] = ty
+        if ty == "constexpr":
+            constexprs[(i,)] = key
+        elif isinstance(key, str):
+            attrs[(i,)] = CUDABackend.parse_attr(key)
+    return signature, constexprs, attrs
+
+
 def resources(kernel, args, config, arch: int) -> dict:
     """Compile ``kernel`` for these arguments and constexprs; its registers, stack frame and
     shared memory (bytes) as the cubin reports them."""
-    names = list(inspect.signature(kernel.fn).parameters)  # the Python function's
     options = {k: config[k] for k in ("num_warps", "num_stages") if k in config}
-    signature = {
-        n: triton_type(args[i]) if i < len(args) else "constexpr" for i, n in enumerate(names)
-    }
-    constexprs = {(i,): config[n] for i, n in enumerate(names) if n in config}
+    signature, constexprs, attrs = specialisation(kernel, args, config)
     compiled = triton.compile(
-        ASTSource(kernel, signature, constexprs=constexprs),
+        ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", arch, 32),
         options=options,
     )

@@ -8,8 +8,9 @@ float32 A/B, r = 32, the original's weight fault model p = 2^-16, threshold 1.25
   step, on the mask the merge kernel produces, at T = 8192 and 1024 rows.
 
 * ``parts``: the merge launch with parts switched off, next to the flip kernel and a copy.
+* ``precision``: the merge launch per precision of the rank-r product and tile shape.
 
-    python benchmarks/tune_lora_kernels.py [accuracy] [merge] [parts] [correction]
+    python benchmarks/tune_lora_kernels.py [accuracy] [merge] [parts] [precision] [correction]
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ TUNED = dict(
     bn=triton_lora.MERGE_BN,
     warps=triton_lora.MERGE_WARPS,
 )
+SHIPPED_PRECISION = triton_lora.MERGE_PRECISION
 
 
 def sweep_merge(shapes=SHAPES[:1]):
@@ -65,11 +67,11 @@ def sweep_merge(shapes=SHAPES[:1]):
         clone_gbs = 2 * w.numel() * 2 / clone_us / 1e3
         for (singles, (bm, bn), warps), want_mask in itertools.product(settings, [False, True]):
             row = dict(singles=singles, bm=bm, bn=bn, warps=warps)
-            timed_merge(w, a, b, want_mask, "ieee", row, clone_gbs)
+            timed_merge(w, a, b, want_mask, SHIPPED_PRECISION, row, clone_gbs)
     w, a, b = factors(*shapes[0])
     for prec in ["tf32x3", "tf32"]:
         timed_merge(w, a, b, True, prec, TUNED, clone_gbs)
-    set_merge(TUNED, "ieee")
+    set_merge(TUNED, SHIPPED_PRECISION)
 
 
 def set_merge(row, prec):
@@ -110,7 +112,7 @@ def merge_accuracy():
         m, _ = triton_lora.merge_flip(w, b, a, 2.0, w.dtype, table, call, 0, 0, None, False, False)
         print(f"merge precision {prec}: {int((m != truth).sum())} of {m.numel()} elements differ "
               "from the once-rounded float64 result")  # fmt: skip
-    set_merge(TUNED, "ieee")
+    set_merge(TUNED, SHIPPED_PRECISION)
 
 
 def merge_parts():
@@ -149,29 +151,87 @@ def merge_parts():
             print(f"| {out_f}x{in_f} | {name} | {us:.1f} | {gbs:.0f} |", flush=True)
 
 
-def sweep_correction():
-    print("\n| shape | T | BO x BK | BT | warps | us | zeroed |")
-    print("|---|---:|---|---:|---:|---:|---:|")
-    set_merge(TUNED, "ieee")
-    for (out_f, in_f), t in itertools.product(SHAPES, [8192, 1024]):
+PRECISIONS = ["ieee", "tf32x3"]
+PRECISION_TILES = [(16, 64), (32, 64), (64, 64)]
+
+
+def sweep_precision(shape=SHAPES[0]):
+    """The merge launch per precision of the rank-r product (tl.dot with float32 FMAs or TF32x3
+    tensor-core products) and tile shape: merge only, merge + flip + zero-out, and with the
+    mask."""
+    from peft_bitflip.kernels import triton_bitflip
+
+    print("\n| shape | precision | BM x BN | warps | launch | us | GB/s |")
+    print("|---|---|---|---:|---|---:|---:|")
+    w, a, b = factors(*shape)
+    table = flip_table(P, P, w.dtype, w.device)
+    call = torch.zeros((), dtype=torch.int64, device="cuda")
+    k0, k1 = pb.stream_key(0, "tune", "w")
+    clone_us = do_bench(lambda: w.clone()) * 1e3
+    print(f"| {shape[0]}x{shape[1]} | | | | W.clone() | {clone_us:.1f} | |")
+    flip_us = do_bench(lambda: triton_bitflip.launch(w, table, call, k0, k1, T_W, True)) * 1e3
+    print(f"| {shape[0]}x{shape[1]} | | | | flip kernel alone | {flip_us:.1f} | |")
+    launches = {
+        "merge only": (
+            lambda: triton_lora.merge_flip(
+                w, b, a, 2.0, w.dtype, table, call, k0, k1, None, False, False
+            ),
+            4,
+        ),
+        "merge + flip + zero": (lambda: merge(w, a, b, False), 4),
+        "merge + flip + zero + mask": (lambda: merge(w, a, b, True), 5),
+    }
+    for prec, (bm, bn), warps in itertools.product(PRECISIONS, PRECISION_TILES, [4]):
+        set_merge(dict(TUNED, bm=bm, bn=bn, warps=warps), prec)
+        for name, (fn, per_elem) in launches.items():
+            try:
+                us = do_bench(fn) * 1e3
+            except Exception as e:  # noqa: BLE001 - out of resources etc.: report, go on
+                print(f"| | {prec} | {bm}x{bn} | {warps} | {name} | failed: {type(e).__name__} | |")
+                continue
+            print(f"| {shape[0]}x{shape[1]} | {prec} | {bm}x{bn} | {warps} | {name} | {us:.1f} | "
+                  f"{w.numel() * per_elem / us / 1e3:.0f} |", flush=True)  # fmt: skip
+    set_merge(TUNED, SHIPPED_PRECISION)
+
+
+def sweep_correction(shapes=SHAPES, tokens=(8192, 1024)):
+    """The correction launch per mask tile (BO x BK), how many zeroed weights a tile takes
+    singly (0: every tile that holds one forms the dense product, the kernel before the
+    single path), rows per step of that path (BTS) and warps, on the mask the merge kernel
+    produces; ``zeroed`` = zeroed weights in the mask."""
+    print("\n| shape | T | BO x BK | singles | BTS | warps | us | zeroed |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    set_merge(TUNED, SHIPPED_PRECISION)
+    shipped = (
+        triton_lora.CORRECTION_BO, triton_lora.CORRECTION_BK, triton_lora.CORRECTION_SINGLES,
+        triton_lora.CORRECTION_BTS, triton_lora.CORRECTION_WARPS,
+    )  # fmt: skip
+    settings = [(64, 64, 0, 1024, 4)] + list(
+        itertools.product([64], [64, 256], [4], [256, 1024], [4, 8])
+    )  # the first: singly never, the kernel before the single path
+    for (out_f, in_f), t in itertools.product(shapes, tokens):
         w, a, b = factors(out_f, in_f)
         _, mask = merge(w, a, b, True)
         g = torch.randn(t, out_f, device="cuda", dtype=torch.bfloat16)
         x = torch.randn(t, in_f, device="cuda", dtype=torch.bfloat16)
-        for (bo, bk), bt, warps in itertools.product(
-            [(64, 64), (32, 32), (16, 16), (32, 64)], [32, 64], [4, 8]
-        ):
-            triton_lora.CORRECTION_BO, triton_lora.CORRECTION_BK = bo, bk
-            triton_lora.CORRECTION_BT, triton_lora.CORRECTION_WARPS = bt, warps
-            triton_lora._correction_config.cache_clear()
+        for bo, bk, singles, bts, warps in settings:
+            set_correction(bo, bk, singles, bts, warps)
             da = torch.zeros(a.shape, device="cuda")
             db = torch.zeros(b.shape, device="cuda")
             us = (
                 do_bench(lambda: triton_lora.subtract_zeroed_correction_(da, db, mask, g, x, a, b))
                 * 1e3
             )
-            print(f"| {out_f}x{in_f} | {t} | {bo}x{bk} | {bt} | {warps} | "
-                  f"{us:.0f} | {int(mask.sum())} |", flush=True)  # fmt: skip
+            print(f"| {out_f}x{in_f} | {t} | {bo}x{bk} | {singles} | {bts} | {warps} | "
+                  f"{us:.1f} | {int(mask.sum())} |", flush=True)  # fmt: skip
+    set_correction(*shipped)
+
+
+def set_correction(bo, bk, singles, bts, warps):
+    triton_lora.CORRECTION_BO, triton_lora.CORRECTION_BK = bo, bk
+    triton_lora.CORRECTION_SINGLES, triton_lora.CORRECTION_BTS = singles, bts
+    triton_lora.CORRECTION_WARPS = warps
+    triton_lora._correction_config.cache_clear()
 
 
 if __name__ == "__main__":
@@ -185,5 +245,7 @@ if __name__ == "__main__":
         sweep_merge()
     if "parts" in parts:
         merge_parts()
+    if "precision" in parts:
+        sweep_precision()
     if "correction" in parts:
         sweep_correction()

@@ -427,3 +427,40 @@ def test_cuda_mm_float32_is_the_float32_product():
         assert torch.equal(mm_float32(a.float(), b.float()), a.float() @ b.float())
     if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 11):
         assert _MM_OUT_DTYPE[torch.bfloat16]  # seen on the device image's torch 2.11
+
+
+@cuda
+@pytest.mark.parametrize("singles", [0, 4, 1 << 20])
+def test_cuda_zeroed_correction_paths_equal_the_reference(monkeypatch, singles):
+    """The LoRA gradients' correction at zeroed weights on the GPU against the dense CPU
+    reference, with the zeroed weights of each mask tile all through the dense tile product
+    (singles=0), as shipped (at most 4 per tile singly), or all singly: a sparse mask (most
+    tiles hold none or one) and a dense one (every tile holds several), a transposed (Conv1D)
+    mask view, and more rows than one step of the single path takes."""
+    from peft_bitflip.kernels import lora, triton_lora
+
+    monkeypatch.setattr(triton_lora, "CORRECTION_SINGLES", singles)
+    triton_lora._correction_config.cache_clear()
+    gen = torch.Generator().manual_seed(5)
+    t, n_out, n_in, r = 1500, 200, 136, 8
+    g = torch.randn(t, n_out, generator=gen).to(torch.bfloat16)
+    x = torch.randn(t, n_in, generator=gen).to(torch.bfloat16)
+    a, b = torch.randn(r, n_in, generator=gen), torch.randn(n_out, r, generator=gen)
+    try:
+        for density, transposed in ((0.0005, False), (0.02, False), (0.02, True)):
+            if transposed:
+                zeroed = (torch.rand(n_in, n_out, generator=gen) < density).to(torch.uint8).t()
+            else:
+                zeroed = (torch.rand(n_out, n_in, generator=gen) < density).to(torch.uint8)
+            assert zeroed.sum() > 0
+            want = [torch.zeros(a.shape), torch.zeros(b.shape)]
+            lora.subtract_zeroed_correction_(*want, zeroed, g.float(), x.float(), a, b, scale=0.5)
+            got = [torch.zeros(a.shape, device="cuda"), torch.zeros(b.shape, device="cuda")]
+            lora.subtract_zeroed_correction_(
+                *got, zeroed.cuda(), g.cuda(), x.cuda(), a.cuda(), b.cuda(), scale=0.5
+            )
+            for got_t, want_t in zip(got, want):
+                assert want_t.abs().max() > 0
+                torch.testing.assert_close(got_t.cpu(), want_t, rtol=1e-4, atol=1e-3)
+    finally:
+        triton_lora._correction_config.cache_clear()

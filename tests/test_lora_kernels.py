@@ -63,13 +63,21 @@ def test_merge_flip_kernel_equals_reference(triton_cpu, monkeypatch, conv1d, out
     assert not torch.equal(ref, lora.merge_lora_weight(w, a, b, 0.5, conv1d).to(out_dtype))
 
 
-@pytest.mark.parametrize("with_zeroed", [True, False])
-@pytest.mark.parametrize("with_gx", [True, False])
+@pytest.mark.parametrize(
+    "with_zeroed, with_gx, singles",
+    [(True, True, 0), (True, True, 64), (True, False, 0), (True, False, 64), (False, True, 0)],
+)
 def test_zeroed_correction_kernel_equals_dense_reference(
-    triton_cpu, monkeypatch, with_zeroed, with_gx
+    triton_cpu, monkeypatch, with_zeroed, with_gx, singles
 ):
     """The backward's one launch (correction subtracted from dA, dB in place; dX zeroed where
-    x's packed mask says) against the dense reference, with either part or both."""
+    x's packed mask says) against the dense reference, with either part or both; the zeroed
+    weights of a mask tile through the dense tile product (singles=0) or one by one."""
+    from peft_bitflip.kernels import triton_lora
+
+    monkeypatch.setattr(triton_lora, "CORRECTION_SINGLES", singles)
+    monkeypatch.setattr(triton_lora, "CORRECTION_BTS", 16)  # several steps over the 50 rows
+    triton_lora._correction_config.cache_clear()
     gen = torch.Generator().manual_seed(1)
     t, n_out, n_in, r = 50, 70, 90, 6
     g, x = torch.randn(t, n_out, generator=gen), torch.randn(t, n_in, generator=gen)
@@ -102,6 +110,7 @@ def test_zeroed_correction_kernel_equals_dense_reference(
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-4)
     assert torch.equal(got[2], want[2])
+    triton_lora._correction_config.cache_clear()
 
 
 def run(fn, x, w, a, b, bias, conv1d, train_w=False):

@@ -11,10 +11,12 @@
   ``merge_flip_with_x`` also flips the layer's input in the same launch (the forward: one
   launch per layer instead of two).
 * ``subtract_zeroed_correction_``: for LoRA gradients.  Where the weight flip zeroed an element
-  ``(o, k)``, the product ``Z[o, k] = sum_t dY[t, o] * X[t, k]`` is formed (only tiles holding
-  such an element do any work) and ``Z @ A^T`` / ``B^T @ Z`` are subtracted from the float32
-  gradients of B and A in place; the same launch zeroes the input gradient where x's packed
-  zero mask says (the backward: one launch for both).
+  ``(o, k)``, the product ``Z[o, k] = sum_t dY[t, o] * X[t, k]`` is formed and ``Z @ A^T`` /
+  ``B^T @ Z`` are subtracted from the float32 gradients of B and A in place (float32 atomics).
+  Only tiles of the mask holding such an element do work: a few zeroed elements are taken
+  singly (two columns of T values each), more form a dense tile product.  The same launch
+  zeroes the input gradient where x's packed zero mask says (the backward: one launch for
+  both).
 
 Each kernel runs on a 1-D grid: the first programs do the x part, the rest the weight tiles.
 """
@@ -117,27 +119,36 @@ def _merge_flip_tile(
                 mask=(rr[:, None] < RANK) & (rn[None, :] < N),
             )
     delta = tl.dot(lt, rt, input_precision=DOT_PRECISION) * scale
-    offs = rm[:, None] * N + rn[None, :]
-    inb = (rm[:, None] < M) & (rn[None, :] < N)
-    w = tl.load(w_ptr + offs, mask=inb, other=0.0)
-    merged = (w.to(tl.float32) + delta).to(w_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty)
     if HAS_FLIPS or HAS_ZERO:
-        # The whole tile in registers as BM * BN / G groups of G consecutive elements of a row
-        # (N % G == 0): one Philox draw per group settles the groups without a flip, and up to
+        # The whole tile in registers as R = BM * BN / G groups of G consecutive elements of a
+        # row (N % G == 0), addressed as groups (so that loads and stores take G elements at a
+        # time): one Philox draw per group settles the groups without a flip, and up to
         # SINGLES groups holding one go singly through the gap sampling.
-        R: tl.constexpr = BM * BN // G
-        offs_g = tl.reshape(offs, (R, G))
-        inb_g = tl.reshape(inb, (R, G))
+        GPR: tl.constexpr = BN // G  # groups per tile row
+        R: tl.constexpr = BM * GPR
+        r = tl.arange(0, R)
+        row = pid_m * BM + r // GPR
+        col0 = pid_n * BN + (r % GPR) * G  # the group's first column
+        groups = row * (N // G) + col0 // G  # int64 group indices
+        cols = tl.arange(0, G)
+        offs_g = groups[:, None] * G + cols[None, :]
+        inb_g = (row < M)[:, None] & ((col0[:, None] + cols[None, :]) < N)
+        w = tl.load(w_ptr + offs_g, mask=inb_g, other=0.0)
+        merged = (w.to(tl.float32) + tl.reshape(delta, (R, G))).to(w_ptr.dtype.element_ty)
         y, keep = flip_and_zero(
-            tl.reshape(merged, (R, G)), tl.min(offs_g, axis=1) // G, tl.arange(0, G), call_ptr,
-            k0, k1, table_ptr, threshold, HAS_FLIPS, HAS_ZERO, ELEM_BITS, N_EXP, N_FRAC, N_E,
-            N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
+            merged.to(out_ptr.dtype.element_ty), groups, cols, call_ptr, k0, k1, table_ptr,
+            threshold, HAS_FLIPS, HAS_ZERO, ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E,
+            STEPS_F, N_ROUNDS, SINGLES,
         )  # fmt: skip
         tl.store(out_ptr + offs_g, y, mask=inb_g)
         if WANT_MASK:
             tl.store(mask_ptr + offs_g, (~keep).to(tl.uint8), mask=inb_g)
     else:
-        tl.store(out_ptr + offs, merged, mask=inb)
+        offs = rm[:, None] * N + rn[None, :]
+        inb = (rm[:, None] < M) & (rn[None, :] < N)
+        w = tl.load(w_ptr + offs, mask=inb, other=0.0)
+        merged = (w.to(tl.float32) + delta).to(w_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs, merged.to(out_ptr.dtype.element_ty), mask=inb)
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "x_k0", "x_k1", "programs_x"])
@@ -224,6 +235,107 @@ def _merge_flip_kernel(
 
 
 @triton.jit
+def _zeroed_correction_dense(
+    ro,
+    rk,
+    zeroed,
+    g_ptr,
+    x_ptr,
+    a_ptr,
+    b_ptr,
+    da_ptr,
+    db_ptr,
+    T,
+    OUT,
+    IN,
+    RANK,
+    scale,
+    PRECISION: tl.constexpr,
+    BO: tl.constexpr,
+    BK: tl.constexpr,
+    BT: tl.constexpr,
+    RP: tl.constexpr,
+):
+    """On the (BO, BK) tile of rows ``ro`` and columns ``rk`` (int64) with its mask ``zeroed``:
+    Z = scale * zeroed * (g^T x) as one dense product over all T rows; da[:, k] -= B[o]^T Z,
+    db[o, :] -= Z A[:, k]^T (float32 atomics)."""
+    acc = tl.zeros((BO, BK), tl.float32)
+    rt = tl.arange(0, BT).to(tl.int64)
+    for t0 in range(0, T, BT):
+        t = t0 + rt
+        gt = tl.load(
+            g_ptr + t[:, None] * OUT + ro[None, :],
+            mask=(t[:, None] < T) & (ro[None, :] < OUT),
+            other=0.0,
+        )
+        xt = tl.load(
+            x_ptr + t[:, None] * IN + rk[None, :],
+            mask=(t[:, None] < T) & (rk[None, :] < IN),
+            other=0.0,
+        )
+        acc = tl.dot(tl.trans(gt), xt, acc, input_precision=PRECISION)
+    z = tl.where(zeroed, acc, 0.0) * scale
+    rr = tl.arange(0, RP)
+    a = tl.load(
+        a_ptr + rr[:, None] * IN + rk[None, :],
+        mask=(rr[:, None] < RANK) & (rk[None, :] < IN),
+        other=0.0,
+    ).to(tl.float32)
+    b = tl.load(
+        b_ptr + ro[:, None] * RANK + rr[None, :],
+        mask=(ro[:, None] < OUT) & (rr[None, :] < RANK),
+        other=0.0,
+    ).to(tl.float32)
+    db = tl.dot(z, tl.trans(a), input_precision="ieee")  # (BO, RP)
+    da = tl.dot(tl.trans(b), z, input_precision="ieee")  # (RP, BK)
+    tl.atomic_add(
+        db_ptr + ro[:, None] * RANK + rr[None, :],
+        -db,
+        mask=(ro[:, None] < OUT) & (rr[None, :] < RANK),
+    )
+    tl.atomic_add(
+        da_ptr + rr[:, None] * IN + rk[None, :],
+        -da,
+        mask=(rr[:, None] < RANK) & (rk[None, :] < IN),
+    )
+
+
+@triton.jit
+def _zeroed_correction_one(
+    o,
+    k,
+    g_ptr,
+    x_ptr,
+    a_ptr,
+    b_ptr,
+    da_ptr,
+    db_ptr,
+    T,
+    OUT,
+    IN,
+    RANK,
+    scale,
+    BTS: tl.constexpr,
+    RP: tl.constexpr,
+):
+    """One zeroed weight (o, k): z = scale * sum_t g[t, o] * x[t, k] (float32, BTS rows per
+    step); db[o, :] -= z * A[:, k], da[:, k] -= z * B[o, :] (float32 atomics)."""
+    rt = tl.arange(0, BTS).to(tl.int64)
+    part = tl.zeros((BTS,), tl.float32)
+    for t0 in range(0, T, BTS):
+        t = t0 + rt
+        gv = tl.load(g_ptr + t * OUT + o, mask=t < T, other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + t * IN + k, mask=t < T, other=0.0).to(tl.float32)
+        part += gv * xv
+    z = tl.sum(part, axis=0) * scale
+    rr = tl.arange(0, RP)
+    a_k = tl.load(a_ptr + rr * IN + k, mask=rr < RANK, other=0.0).to(tl.float32)
+    b_o = tl.load(b_ptr + o * RANK + rr, mask=rr < RANK, other=0.0).to(tl.float32)
+    tl.atomic_add(db_ptr + o * RANK + rr, -(z * a_k), mask=rr < RANK)
+    tl.atomic_add(da_ptr + rr * IN + k, -(b_o * z), mask=rr < RANK)
+
+
+@triton.jit
 def _zeroed_correction_tile(
     pid_o,
     pid_k,
@@ -245,54 +357,36 @@ def _zeroed_correction_tile(
     BO: tl.constexpr,
     BK: tl.constexpr,
     BT: tl.constexpr,
+    BTS: tl.constexpr,
     RP: tl.constexpr,
+    SINGLES: tl.constexpr,
 ):
-    """On the (BO, BK) tile (pid_o, pid_k): Z = scale * mask * (g^T x); da[:, k] -= B[o]^T Z,
-    db[o, :] -= Z A[:, k]^T (float32 atomics).  A tile without a zeroed weight does nothing."""
+    """The correction on the (BO, BK) tile (pid_o, pid_k) of the zeroed mask.  A tile with no
+    zeroed weight only reads its mask; one with at most SINGLES of them takes each alone
+    (:func:`_zeroed_correction_one`: two columns of T values, not a (BO, BK) product over
+    all T rows); more, and the tile forms the dense product (:func:`_zeroed_correction_dense`)."""
     ro = pid_o * BO + tl.arange(0, BO).to(tl.int64)
     rk = pid_k * BK + tl.arange(0, BK).to(tl.int64)
     inb = (ro[:, None] < OUT) & (rk[None, :] < IN)
     zeroed = tl.load(mask_ptr + ro[:, None] * m_so + rk[None, :] * m_sk, mask=inb, other=0) != 0
-    if tl.max(zeroed.to(tl.int32)) > 0:
-        acc = tl.zeros((BO, BK), tl.float32)
-        rt = tl.arange(0, BT).to(tl.int64)
-        for t0 in range(0, T, BT):
-            t = t0 + rt
-            gt = tl.load(
-                g_ptr + t[:, None] * OUT + ro[None, :],
-                mask=(t[:, None] < T) & (ro[None, :] < OUT),
-                other=0.0,
-            )
-            xt = tl.load(
-                x_ptr + t[:, None] * IN + rk[None, :],
-                mask=(t[:, None] < T) & (rk[None, :] < IN),
-                other=0.0,
-            )
-            acc = tl.dot(tl.trans(gt), xt, acc, input_precision=PRECISION)
-        z = tl.where(zeroed, acc, 0.0) * scale
-        rr = tl.arange(0, RP)
-        a = tl.load(
-            a_ptr + rr[:, None] * IN + rk[None, :],
-            mask=(rr[:, None] < RANK) & (rk[None, :] < IN),
-            other=0.0,
-        ).to(tl.float32)
-        b = tl.load(
-            b_ptr + ro[:, None] * RANK + rr[None, :],
-            mask=(ro[:, None] < OUT) & (rr[None, :] < RANK),
-            other=0.0,
-        ).to(tl.float32)
-        db = tl.dot(z, tl.trans(a), input_precision="ieee")  # (BO, RP)
-        da = tl.dot(tl.trans(b), z, input_precision="ieee")  # (RP, BK)
-        tl.atomic_add(
-            db_ptr + ro[:, None] * RANK + rr[None, :],
-            -db,
-            mask=(ro[:, None] < OUT) & (rr[None, :] < RANK),
-        )
-        tl.atomic_add(
-            da_ptr + rr[:, None] * IN + rk[None, :],
-            -da,
-            mask=(rr[:, None] < RANK) & (rk[None, :] < IN),
-        )
+    n = tl.sum(zeroed.to(tl.int32))
+    if n > 0:
+        if n <= SINGLES:
+            flat = tl.arange(0, BO)[:, None] * BK + tl.arange(0, BK)[None, :]
+            while tl.max(zeroed.to(tl.int32)) > 0:
+                i = tl.min(tl.where(zeroed, flat, BO * BK))  # the next zeroed weight
+                zeroed = zeroed & (flat != i)
+                o = (pid_o * BO + i // BK).to(tl.int64)
+                k = (pid_k * BK + i % BK).to(tl.int64)
+                _zeroed_correction_one(
+                    o, k, g_ptr, x_ptr, a_ptr, b_ptr, da_ptr, db_ptr, T, OUT, IN, RANK, scale,
+                    BTS, RP,
+                )  # fmt: skip
+        else:
+            _zeroed_correction_dense(
+                ro, rk, zeroed, g_ptr, x_ptr, a_ptr, b_ptr, da_ptr, db_ptr, T, OUT, IN, RANK,
+                scale, PRECISION, BO, BK, BT, RP,
+            )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["programs_gx"])
@@ -322,7 +416,9 @@ def _zeroed_correction_kernel(
     BO: tl.constexpr,
     BK: tl.constexpr,
     BT: tl.constexpr,
+    BTS: tl.constexpr,
     RP: tl.constexpr,
+    SINGLES: tl.constexpr,
 ):
     """A LoRA layer's backward corrections in one launch (1-D grid): with WITH_GX the first
     ``programs_gx`` programs set the input gradient to 0 where x's packed zero mask has a bit
@@ -337,7 +433,8 @@ def _zeroed_correction_kernel(
         tiles_o = tl.cdiv(OUT, BO)
         _zeroed_correction_tile(
             tile % tiles_o, tile // tiles_o, mask_ptr, g_ptr, x_ptr, a_ptr, b_ptr, da_ptr,
-            db_ptr, T, OUT, IN, RANK, m_so, m_sk, scale, PRECISION, BO, BK, BT, RP,
+            db_ptr, T, OUT, IN, RANK, m_so, m_sk, scale, PRECISION, BO, BK, BT, BTS, RP,
+            SINGLES,
         )  # fmt: skip
 
 
@@ -350,7 +447,11 @@ MERGE_BM, MERGE_BN, MERGE_WARPS = 16, 64, 4
 MERGE_PRECISION = "ieee"  # of the rank-r product B @ A in the merge
 MERGE_SINGLES = 4  # a tile with at most this many groups holding a flip takes them singly
 MERGE_X_ROWS = ROWS_PER_PROGRAM  # groups of x per program when the merge launch flips x too
+# the correction (tuned on the H200, tune_lora_kernels.py correction): (BO, BK) tiles of the
+# zeroed mask per program; a tile with at most CORRECTION_SINGLES zeroed weights takes them
+# singly (BTS rows per step), more and it forms the dense product (BT rows per step)
 CORRECTION_BO, CORRECTION_BK, CORRECTION_BT, CORRECTION_WARPS = 64, 64, 32, 4
+CORRECTION_SINGLES, CORRECTION_BTS = 4, 1024
 
 
 def merge_flip(
@@ -491,7 +592,9 @@ def _correction_config(fp32: bool, rank: int, g_x) -> dict:
         BO=CORRECTION_BO,
         BK=CORRECTION_BK,
         BT=CORRECTION_BT,
+        BTS=CORRECTION_BTS,
         RP=_rank_pad(rank),
+        SINGLES=CORRECTION_SINGLES,
         num_warps=CORRECTION_WARPS,
     )
 
