@@ -131,12 +131,25 @@ def launches():
 
         return captured_launch(triton_bitflip, "_launch_pair", host)
 
+    def correction():
+        def host():
+            g = torch.zeros(1024, 5632, dtype=torch.bfloat16)
+            da, db = torch.zeros(a.shape), torch.zeros(b.shape)
+            mask = torch.zeros(5632, 2048, dtype=torch.uint8)
+            x_mask = torch.zeros(x.numel() // 8, dtype=torch.uint8)
+            triton_lora.subtract_zeroed_correction_(
+                da, db, mask, g, x, a, b, torch.zeros_like(x), x_mask, 8
+            )
+
+        return captured_launch(triton_lora, "_launch_zeroed_correction", host)
+
     return {
         "LoRA forward: merge + flip W, flip x (+ x mask)": merge(False, True, False),
         "LoRA backward: merge + flip W, mask, scaled factors": merge(True, False, True),
         "merge + flip W": merge(False, False, False),
         "merge + flip W, mask": merge(True, False, False),
         "paired flip of x (+ mask) and W": pair,
+        "LoRA backward: zeroed-weight correction (+ dX mask)": correction,
     }
 
 

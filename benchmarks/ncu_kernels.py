@@ -101,7 +101,7 @@ def main(argv=None):
         fn()
     if args.device == "cpu":
         print("ran:", ", ".join(name for name, _ in rows))
-        return
+        return [name for name, _ in rows]
     torch.cuda.synchronize()
     torch.cuda.profiler.start()
     for _, fn in rows:
@@ -111,6 +111,7 @@ def main(argv=None):
     print(torch.cuda.get_device_name(), f"W {out_f}x{in_f} bf16, {args.tokens} tokens")
     for i, (name, fn) in enumerate(rows):
         print(f"{i}: {name}: {do_bench(fn) * 1e3:.1f} us", flush=True)
+    return [name for name, _ in rows]
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def test_kernel_resources_compiles_the_launches_for_hopper():
     rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ")]
     assert rows[0][0].strip() == "launch"
     body = rows[1:]  # (the separator row does not start with "| ")
-    assert len(body) == 5  # four merge launches at the shipped tile, the paired flip kernel
+    assert len(body) == 6  # four merge launches at the shipped tile, paired flip, correction
     for cells in body:
         warps, registers, stack, shared = (int(c) for c in cells[2:])
         assert warps > 0 and 0 < registers <= 255 and stack >= 0 and shared >= 0
@@ -187,3 +187,18 @@ def test_kernel_resources_captures_the_launches_the_layers_make():
     _, args, config = rows["LoRA forward: merge + flip W, flip x (+ x mask)"]()
     assert config["WITH_X"] and config["X_MASK"] and not config["WANT_MASK"]
     assert any(isinstance(a, torch.Tensor) and a.shape == (1024, 2048) for a in args)
+
+
+def test_ncu_kernels_launches_each_kernel_on_the_interpreter(needs_interpreter):
+    """benchmarks/ncu_kernels.py at toy size on the CPU: every row launches (the merge in its
+    forms, the flip kernels, the correction on the merge's own mask), and ``--only`` keeps the
+    rows asked for, in the script's order."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import ncu_kernels
+    finally:
+        sys.path.pop(0)
+    argv = ["--device", "cpu", "--shape", "64x64", "--tokens", "16"]
+    names = ncu_kernels.main(argv)
+    assert len(names) == 8 and names[0] == "clone W" and names[-1] == "correction"
+    assert ncu_kernels.main(argv + ["--only", "7,2"]) == [names[2], names[7]]
