@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import tempfile
 
@@ -72,7 +73,8 @@ def specialisation(kernel, args, config) -> tuple[dict, dict, dict]:
 
 def resources(kernel, args, config, arch: int) -> dict:
     """Compile ``kernel`` for these arguments and constexprs; its registers, stack frame and
-    shared memory (bytes) as the cubin reports them."""
+    shared memory (bytes) as the cubin reports them, and its global-store instructions in the
+    PTX (a static count, and how many of them store 16 bytes or more: ``.v4`` / ``.v8``)."""
     options = {k: config[k] for k in ("num_warps", "num_stages") if k in config}
     signature, constexprs, attrs = specialisation(kernel, args, config)
     compiled = triton.compile(
@@ -92,7 +94,10 @@ def resources(kernel, args, config, arch: int) -> dict:
         ).stdout
     line = next(line for line in report.splitlines() if "REG:" in line)
     fields = dict(item.split(":") for item in line.split() if ":" in item)
+    stores = re.findall(r"\bst\.global[.\w]*", compiled.asm["ptx"])
     return {
+        "stores": len(stores),
+        "wide_stores": sum(".v4" in st or ".v8" in st for st in stores),
         "registers": int(fields["REG"]),
         "stack": int(fields["STACK"]),
         "shared": compiled.metadata.shared,
@@ -166,8 +171,11 @@ def main():
     if args.merge_tiles:
         tiles = [tuple(int(v) for v in t.split("x")) for t in args.merge_tiles.split(",")]
     print(f"Triton {triton.__version__}, sm_{args.arch}")
-    print("| launch | merge tile | warps | registers | stack bytes | shared bytes |")
-    print("|---|---|---:|---:|---:|---:|")
+    print(
+        "| launch | merge tile | warps | registers | stack bytes | shared bytes "
+        "| PTX global stores (16-byte) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---|")
     shipped = triton_lora.MERGE_BM, triton_lora.MERGE_BN
     try:
         for name, make in launches().items():
@@ -179,7 +187,7 @@ def main():
                 tile = "-" if bm is None else f"{bm}x{bn}"
                 print(
                     f"| {name} | {tile} | {r['warps']} | {r['registers']} | {r['stack']} | "
-                    f"{r['shared']} |",
+                    f"{r['shared']} | {r['stores']} ({r['wide_stores']}) |",
                     flush=True,
                 )
     finally:

@@ -119,8 +119,10 @@ def test_bench_interleaved_runs_every_job_at_toy_size(reference_backend, tmp_pat
 
 def test_kernel_resources_compiles_the_launches_for_hopper():
     """benchmarks/kernel_resources.py compiles each captured launch for sm_90 without a GPU and
-    reports the cubin's registers (at most 255 per thread), stack and shared memory.  (A
-    subprocess without TRITON_INTERPRET: the kernels must be JIT functions to compile.)"""
+    reports the cubin's registers (at most 255 per thread), stack and shared memory; the merge
+    launches and the paired flip kernel store their flipped tiles 16 bytes at a time (the
+    merge once stored its tile 2 bytes per instruction, half the sectors wasted on the GPU).
+    (A subprocess without TRITON_INTERPRET: the kernels must be JIT functions to compile.)"""
     import subprocess
 
     triton = pytest.importorskip("triton")
@@ -139,8 +141,12 @@ def test_kernel_resources_compiles_the_launches_for_hopper():
     body = rows[1:]  # (the separator row does not start with "| ")
     assert len(body) == 6  # four merge launches at the shipped tile, paired flip, correction
     for cells in body:
-        warps, registers, stack, shared = (int(c) for c in cells[2:])
+        warps, registers, stack, shared = (int(c) for c in cells[2:6])
         assert warps > 0 and 0 < registers <= 255 and stack >= 0 and shared >= 0
+        stores, wide = (int(v) for v in cells[6].replace("(", " ").replace(")", " ").split())
+        assert 0 <= wide <= stores
+        if "merge" in cells[0] or "paired" in cells[0]:
+            assert wide >= 1, cells
 
 
 def test_saved_for_backward_counts_what_a_lora_step_keeps(reference_backend):
