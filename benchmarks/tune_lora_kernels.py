@@ -7,13 +7,10 @@ float32 A/B, r = 32, the original's weight fault model p = 2^-16, threshold 1.25
 * zeroed correction (``triton_lora.subtract_zeroed_correction_``): tile shape and rows per loop
   step, on the mask the merge kernel produces, at T = 8192 and 1024 rows.
 
-* ``chunks``: the merge launch with MT tiles of a tile column per program (R's strip loaded
-  once for them), per tile shape and warps, on the three shapes.
 * ``parts``: the merge launch with parts switched off, next to the flip kernel and a copy.
 * ``precision``: the merge launch per precision of the rank-r product and tile shape.
 
-    python benchmarks/tune_lora_kernels.py [accuracy] [merge] [chunks] [parts] [precision]
-        [correction]
+    python benchmarks/tune_lora_kernels.py [accuracy] [merge] [parts] [precision] [correction]
 """
 
 from __future__ import annotations
@@ -52,7 +49,6 @@ TUNED = dict(
     bm=triton_lora.MERGE_BM,
     bn=triton_lora.MERGE_BN,
     warps=triton_lora.MERGE_WARPS,
-    mt=triton_lora.MERGE_MT,
 )
 SHIPPED_PRECISION = triton_lora.MERGE_PRECISION
 
@@ -61,8 +57,8 @@ def sweep_merge(shapes=SHAPES[:1]):
     """The merge + flip launch per setting: tile shape, warps, ``singles`` (how many groups
     holding a flip a tile takes singly through the gap sampling), mask or not; then the
     precision of the rank-r product."""
-    print(f"| shape | singles | BM x BN | warps | mask | precision | MT | us | GB/s | {CLONE} |")
-    print("|---|---:|---|---:|---|---|---:|---:|---:|---:|")
+    print("| shape | singles | BM x BN | warps | mask | precision | us | GB/s | clone GB/s |")
+    print("|---|---:|---|---:|---|---|---:|---:|---:|")
     tiles = [(16, 32), (16, 64), (32, 32), (32, 64), (64, 64)]
     settings = list(itertools.product([1, 4], tiles, [2, 4]))
     for out_f, in_f in shapes:
@@ -70,32 +66,11 @@ def sweep_merge(shapes=SHAPES[:1]):
         clone_us = do_bench(lambda: w.clone()) * 1e3
         clone_gbs = 2 * w.numel() * 2 / clone_us / 1e3
         for (singles, (bm, bn), warps), want_mask in itertools.product(settings, [False, True]):
-            row = dict(TUNED, singles=singles, bm=bm, bn=bn, warps=warps)
+            row = dict(singles=singles, bm=bm, bn=bn, warps=warps)
             timed_merge(w, a, b, want_mask, SHIPPED_PRECISION, row, clone_gbs)
     w, a, b = factors(*shapes[0])
     for prec in ["tf32x3", "tf32"]:
         timed_merge(w, a, b, True, prec, TUNED, clone_gbs)
-    set_merge(TUNED, SHIPPED_PRECISION)
-
-
-CLONE = "clone GB/s"
-
-
-def sweep_chunks(shapes=SHAPES):
-    """The merge + flip launch (with and without the mask) per MT (tiles of one tile column per
-    program), tile shape and warps, on each shape; MT = 1 is one tile per program."""
-    print(f"\n| shape | singles | BM x BN | warps | mask | precision | MT | us | GB/s | {CLONE} |")
-    print("|---|---:|---|---:|---|---|---:|---:|---:|---:|")
-    settings = [((16, 64), 4), ((16, 64), 2), ((32, 64), 4)]
-    for out_f, in_f in shapes:
-        w, a, b = factors(out_f, in_f)
-        clone_us = do_bench(lambda: w.clone()) * 1e3
-        clone_gbs = 2 * w.numel() * 2 / clone_us / 1e3
-        for ((bm, bn), warps), mt, want_mask in itertools.product(
-            settings, [1, 2, 4, 8], [False, True]
-        ):
-            row = dict(TUNED, bm=bm, bn=bn, warps=warps, mt=mt)
-            timed_merge(w, a, b, want_mask, SHIPPED_PRECISION, row, clone_gbs)
     set_merge(TUNED, SHIPPED_PRECISION)
 
 
@@ -105,7 +80,6 @@ def set_merge(row, prec):
     triton_lora.MERGE_SINGLES = row["singles"]
     triton_lora.MERGE_BM, triton_lora.MERGE_BN = row["bm"], row["bn"]
     triton_lora.MERGE_WARPS = row["warps"]
-    triton_lora.MERGE_MT = row["mt"]
     triton_lora._merge_config.cache_clear()  # the configs are cached per setting
 
 
@@ -114,7 +88,7 @@ def timed_merge(w, a, b, want_mask, prec, row, clone_gbs):
     out_f, in_f = w.shape
     head = (
         f"| {out_f}x{in_f} | {row['singles']} | {row['bm']}x{row['bn']} | "
-        f"{row['warps']} | {want_mask} | {prec} | {row['mt']} |"
+        f"{row['warps']} | {want_mask} | {prec} |"
     )
     try:
         us = do_bench(lambda: merge(w, a, b, want_mask)) * 1e3
@@ -269,8 +243,6 @@ if __name__ == "__main__":
         merge_accuracy()
     if "merge" in parts:
         sweep_merge()
-    if "chunks" in parts:
-        sweep_chunks()
     if "parts" in parts:
         merge_parts()
     if "precision" in parts:

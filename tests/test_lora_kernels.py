@@ -30,23 +30,9 @@ def triton_cpu(needs_interpreter, monkeypatch):
     monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", "triton")
 
 
-@pytest.fixture(params=[1, 3], ids=["1-tile", "3-tiles"])
-def merge_tiles_per_program(request, monkeypatch):
-    """The merge kernel with 1 or 3 tiles of a tile column per program (3: the last chunk of
-    a 72-row weight, 5 tiles of 16 rows, runs past it)."""
-    from peft_bitflip.kernels import triton_lora
-
-    monkeypatch.setattr(triton_lora, "MERGE_MT", request.param)
-    triton_lora._merge_config.cache_clear()
-    yield request.param
-    triton_lora._merge_config.cache_clear()  # after monkeypatch restores MERGE_MT
-
-
 @pytest.mark.parametrize("conv1d", [False, True])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_merge_flip_kernel_equals_reference(
-    triton_cpu, monkeypatch, merge_tiles_per_program, conv1d, out_dtype
-):
+def test_merge_flip_kernel_equals_reference(triton_cpu, monkeypatch, conv1d, out_dtype):
     gen = torch.Generator().manual_seed(0)
     w = coarse((40, 72) if conv1d else (72, 40), gen, 8)  # 2nd dim: a multiple of 8, not 64
     a, b = coarse((2, 40), gen, 4), coarse((72, 2), gen, 4)  # A (r, in), B (out, r)

@@ -49,9 +49,9 @@ from .triton_bitflip import (
 def _merge_flip_tile(
     pid_m,
     pid_n,
-    rt,
     w_ptr,
     l_ptr,
+    r_ptr,
     out_ptr,
     mask_ptr,
     ls_ptr,
@@ -62,6 +62,8 @@ def _merge_flip_tile(
     scale,
     l_s0,
     l_s1,
+    r_s0,
+    r_s1,
     table_ptr,
     call_ptr,
     k0,
@@ -87,16 +89,20 @@ def _merge_flip_tile(
     SINGLES: tl.constexpr,
 ):
     """Tile (pid_m, pid_n) of ``flip(W + scale * L @ R)`` (BM x BN elements of the (M, N)
-    weight), with its zeroed mask when WANT_MASK; ``rt`` is the tile column's R strip
-    (RP x BN, float32, :func:`_r_strip`).  WRITE_FACTORS: the tiles of the first column / row
-    also store ``scale * L`` (M, RANK) and ``scale * R`` (RANK, N), contiguous, rounded to
-    their buffers' dtype (the scaled factors the LoRA gradients multiply with)."""
+    weight), with its zeroed mask when WANT_MASK.  WRITE_FACTORS: the tiles of the first
+    column / row also store ``scale * L`` (M, RANK) and ``scale * R`` (RANK, N), contiguous,
+    rounded to their buffers' dtype (the scaled factors the LoRA gradients multiply with)."""
     rm = pid_m * BM + tl.arange(0, BM).to(tl.int64)
     rn = pid_n * BN + tl.arange(0, BN).to(tl.int64)
     rr = tl.arange(0, RP)
     lt = tl.load(
         l_ptr + rm[:, None] * l_s0 + rr[None, :] * l_s1,
         mask=(rm[:, None] < M) & (rr[None, :] < RANK),
+        other=0.0,
+    ).to(tl.float32)
+    rt = tl.load(
+        r_ptr + rr[:, None] * r_s0 + rn[None, :] * r_s1,
+        mask=(rr[:, None] < RANK) & (rn[None, :] < N),
         other=0.0,
     ).to(tl.float32)
     if WRITE_FACTORS:
@@ -143,18 +149,6 @@ def _merge_flip_tile(
         w = tl.load(w_ptr + offs, mask=inb, other=0.0)
         merged = (w.to(tl.float32) + delta).to(w_ptr.dtype.element_ty)
         tl.store(out_ptr + offs, merged.to(out_ptr.dtype.element_ty), mask=inb)
-
-
-@triton.jit
-def _r_strip(r_ptr, pid_n, N, RANK, r_s0, r_s1, BN: tl.constexpr, RP: tl.constexpr):
-    """R's columns of tile column ``pid_n``: (RP x BN) float32, zero past RANK and N."""
-    rn = pid_n * BN + tl.arange(0, BN).to(tl.int64)
-    rr = tl.arange(0, RP)
-    return tl.load(
-        r_ptr + rr[:, None] * r_s0 + rn[None, :] * r_s1,
-        mask=(rr[:, None] < RANK) & (rn[None, :] < N),
-        other=0.0,
-    ).to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "x_k0", "x_k1", "programs_x"])
@@ -214,13 +208,12 @@ def _merge_flip_kernel(
     RP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     MERGE_SINGLES: tl.constexpr,
-    MT: tl.constexpr,
 ):
     """A LoRA layer's forward flips in one launch (1-D grid): with WITH_X the first
     ``programs_x`` programs flip the input x (blocks of X_ROWS groups, as the flip kernel does,
-    X_MASK: with its packed zero mask); the others each take MT tiles of one tile column of
-    the merged weight (:func:`_merge_flip_tile`; R's strip loaded once for them; chunks in
-    column-major order).  WRITE_NEXT_CALL: program 0 also stores the call index + 1."""
+    X_MASK: with its packed zero mask); the others each take a tile of the merged weight
+    (:func:`_merge_flip_tile`, tiles in column-major order).  WRITE_NEXT_CALL: program 0 also
+    stores the call index + 1."""
     store_next_call(call_ptr, next_call_ptr, WRITE_NEXT_CALL)
     pid = tl.program_id(0).to(tl.int64)
     if pid < programs_x:
@@ -231,20 +224,14 @@ def _merge_flip_kernel(
                 G, X_ROWS, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
             )  # fmt: skip
     else:
-        chunk = pid - programs_x
-        chunks_m = tl.cdiv(tl.cdiv(M, BM), MT)
-        pid_n = chunk // chunks_m
-        rt = _r_strip(r_ptr, pid_n, N, RANK, r_s0, r_s1, BN, RP)  # once for MT tiles
-        for i in tl.range(0, MT):
-            pid_m = (chunk % chunks_m) * MT + i
-            if pid_m * BM < M:  # the last chunk of a column may run past the weight
-                _merge_flip_tile(
-                    pid_m, pid_n, rt, w_ptr, l_ptr, out_ptr, mask_ptr, ls_ptr, rs_ptr, M, N,
-                    RANK, scale, l_s0, l_s1, table_ptr, call_ptr, k0, k1, threshold,
-                    HAS_FLIPS, HAS_ZERO, WANT_MASK, WRITE_FACTORS, ELEM_BITS, N_EXP, N_FRAC, G,
-                    N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, BM, BN, RP, DOT_PRECISION,
-                    MERGE_SINGLES,
-                )  # fmt: skip
+        tile = pid - programs_x
+        tiles_m = tl.cdiv(M, BM)
+        _merge_flip_tile(
+            tile % tiles_m, tile // tiles_m, w_ptr, l_ptr, r_ptr, out_ptr, mask_ptr, ls_ptr,
+            rs_ptr, M, N, RANK, scale, l_s0, l_s1, r_s0, r_s1, table_ptr, call_ptr, k0, k1,
+            threshold, HAS_FLIPS, HAS_ZERO, WANT_MASK, WRITE_FACTORS, ELEM_BITS, N_EXP, N_FRAC,
+            G, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, BM, BN, RP, DOT_PRECISION, MERGE_SINGLES,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -459,7 +446,6 @@ def _rank_pad(rank: int) -> int:
 MERGE_BM, MERGE_BN, MERGE_WARPS = 16, 64, 4
 MERGE_PRECISION = "ieee"  # of the rank-r product B @ A in the merge
 MERGE_SINGLES = 4  # a tile with at most this many groups holding a flip takes them singly
-MERGE_MT = 1  # merge tiles of one tile column per program (R's strip loaded once for them)
 MERGE_X_ROWS = ROWS_PER_PROGRAM  # groups of x per program when the merge launch flips x too
 # the correction (tuned on the H200, tune_lora_kernels.py correction): (BO, BK) tiles of the
 # zeroed mask per program; a tile with at most CORRECTION_SINGLES zeroed weights takes them
@@ -522,7 +508,7 @@ def merge_flip_with_x(
             size = zero_mask_size(x.numel(), x.dtype)
             x_mask = torch.empty(size, dtype=torch.uint8, device=x.device)
         programs_x = ceil_div(x.numel(), MERGE_X_ROWS * group_size(x.dtype))
-    programs = programs_x + ceil_div(ceil_div(m, MERGE_BM), MERGE_MT) * ceil_div(n, MERGE_BN)
+    programs = programs_x + ceil_div(m, MERGE_BM) * ceil_div(n, MERGE_BN)
     if programs == 0:
         write_next_call(call, next_call)
         return out, mask, x_out, x_mask
@@ -589,7 +575,6 @@ def _merge_config(
         RP=_rank_pad(rank),
         DOT_PRECISION=MERGE_PRECISION,
         MERGE_SINGLES=MERGE_SINGLES,
-        MT=MERGE_MT,
         num_warps=MERGE_WARPS,
         **flip_constexprs(out_dtype, has_flips, has_zero),
     )
