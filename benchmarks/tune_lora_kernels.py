@@ -181,7 +181,7 @@ def sweep_precision(shape=SHAPES[0]):
         "merge + flip + zero": (lambda: merge(w, a, b, False), 4),
         "merge + flip + zero + mask": (lambda: merge(w, a, b, True), 5),
     }
-    for prec, (bm, bn), warps in itertools.product(PRECISIONS, PRECISION_TILES, [4]):
+    for prec, (bm, bn), warps in itertools.product(PRECISIONS, PRECISION_TILES, [TUNED["warps"]]):
         set_merge(dict(TUNED, bm=bm, bn=bn, warps=warps), prec)
         for name, (fn, per_elem) in launches.items():
             try:

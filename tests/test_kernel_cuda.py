@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from bitstats import INT_VIEW, assert_binomial, group_counts
@@ -440,27 +442,26 @@ def test_cuda_zeroed_correction_paths_equal_the_reference(monkeypatch, singles):
     from peft_bitflip.kernels import lora, triton_lora
 
     monkeypatch.setattr(triton_lora, "CORRECTION_SINGLES", singles)
-    triton_lora._correction_config.cache_clear()
+    # a config cache of this test's own (restored with the constant, also if it fails)
+    fresh = functools.cache(triton_lora._correction_config.__wrapped__)
+    monkeypatch.setattr(triton_lora, "_correction_config", fresh)
     gen = torch.Generator().manual_seed(5)
     t, n_out, n_in, r = 1500, 200, 136, 8
     g = torch.randn(t, n_out, generator=gen).to(torch.bfloat16)
     x = torch.randn(t, n_in, generator=gen).to(torch.bfloat16)
     a, b = torch.randn(r, n_in, generator=gen), torch.randn(n_out, r, generator=gen)
-    try:
-        for density, transposed in ((0.0005, False), (0.02, False), (0.02, True)):
-            if transposed:
-                zeroed = (torch.rand(n_in, n_out, generator=gen) < density).to(torch.uint8).t()
-            else:
-                zeroed = (torch.rand(n_out, n_in, generator=gen) < density).to(torch.uint8)
-            assert zeroed.sum() > 0
-            want = [torch.zeros(a.shape), torch.zeros(b.shape)]
-            lora.subtract_zeroed_correction_(*want, zeroed, g.float(), x.float(), a, b, scale=0.5)
-            got = [torch.zeros(a.shape, device="cuda"), torch.zeros(b.shape, device="cuda")]
-            lora.subtract_zeroed_correction_(
-                *got, zeroed.cuda(), g.cuda(), x.cuda(), a.cuda(), b.cuda(), scale=0.5
-            )
-            for got_t, want_t in zip(got, want):
-                assert want_t.abs().max() > 0
-                torch.testing.assert_close(got_t.cpu(), want_t, rtol=1e-4, atol=1e-3)
-    finally:
-        triton_lora._correction_config.cache_clear()
+    for density, transposed in ((0.0005, False), (0.02, False), (0.02, True)):
+        if transposed:
+            zeroed = (torch.rand(n_in, n_out, generator=gen) < density).to(torch.uint8).t()
+        else:
+            zeroed = (torch.rand(n_out, n_in, generator=gen) < density).to(torch.uint8)
+        assert zeroed.sum() > 0
+        want = [torch.zeros(a.shape), torch.zeros(b.shape)]
+        lora.subtract_zeroed_correction_(*want, zeroed, g.float(), x.float(), a, b, scale=0.5)
+        got = [torch.zeros(a.shape, device="cuda"), torch.zeros(b.shape, device="cuda")]
+        lora.subtract_zeroed_correction_(
+            *got, zeroed.cuda(), g.cuda(), x.cuda(), a.cuda(), b.cuda(), scale=0.5
+        )
+        for got_t, want_t in zip(got, want):
+            assert want_t.abs().max() > 0
+            torch.testing.assert_close(got_t.cpu(), want_t, rtol=1e-4, atol=1e-3)

@@ -5,6 +5,7 @@ LoRA layer path against the unfused one on both backends."""
 from __future__ import annotations
 
 import collections
+import functools
 
 import pytest
 import torch
@@ -77,7 +78,9 @@ def test_zeroed_correction_kernel_equals_dense_reference(
 
     monkeypatch.setattr(triton_lora, "CORRECTION_SINGLES", singles)
     monkeypatch.setattr(triton_lora, "CORRECTION_BTS", 16)  # several steps over the 50 rows
-    triton_lora._correction_config.cache_clear()
+    # a config cache of this test's own (restored with the constants, also if it fails)
+    fresh = functools.cache(triton_lora._correction_config.__wrapped__)
+    monkeypatch.setattr(triton_lora, "_correction_config", fresh)
     gen = torch.Generator().manual_seed(1)
     t, n_out, n_in, r = 50, 70, 90, 6
     g, x = torch.randn(t, n_out, generator=gen), torch.randn(t, n_in, generator=gen)
@@ -110,7 +113,6 @@ def test_zeroed_correction_kernel_equals_dense_reference(
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-4)
     assert torch.equal(got[2], want[2])
-    triton_lora._correction_config.cache_clear()
 
 
 def run(fn, x, w, a, b, bias, conv1d, train_w=False):
