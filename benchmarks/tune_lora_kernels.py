@@ -106,7 +106,7 @@ def merge_accuracy():
     truth = (w.double() + 2.0 * (b.double() @ a.double())).to(torch.bfloat16)
     table = flip_table(0.0, 0.0, w.dtype, w.device)
     call = torch.zeros((), dtype=torch.int64, device="cuda")
-    for prec in ["ieee", "tf32x3", "tf32"]:
+    for prec in ACCURACY_PRECISIONS:
         triton_lora.MERGE_PRECISION = prec
         triton_lora._merge_config.cache_clear()
         m, _ = triton_lora.merge_flip(w, b, a, 2.0, w.dtype, table, call, 0, 0, None, False, False)
@@ -151,14 +151,18 @@ def merge_parts():
             print(f"| {out_f}x{in_f} | {name} | {us:.1f} | {gbs:.0f} |", flush=True)
 
 
-PRECISIONS = ["ieee", "tf32x3"]
+# tl.dot's float32 precisions: ieee (FMAs), tf32x3 / bf16x6 (tensor-core products of 3 TF32 /
+# 6 bfloat16 parts, float32 accumulation), bf16x3 and tf32 (fewer parts: less accurate)
+PRECISIONS = ["ieee", "tf32x3", "bf16x6"]
+ACCURACY_PRECISIONS = ["ieee", "tf32x3", "bf16x6", "bf16x3", "tf32"]
 PRECISION_TILES = [(16, 64), (32, 64), (64, 64)]
+PRECISION_WARPS = [2, 4]
 
 
 def sweep_precision(shape=SHAPES[0]):
-    """The merge launch per precision of the rank-r product (tl.dot with float32 FMAs or TF32x3
-    tensor-core products) and tile shape: merge only, merge + flip + zero-out, and with the
-    mask."""
+    """The merge launch per precision of the rank-r product (tl.dot with float32 FMAs, or
+    TF32x3 / BF16x6 tensor-core products), tile shape and warps: merge only, merge + flip +
+    zero-out, and with the mask."""
     from peft_bitflip.kernels import triton_bitflip
 
     print("\n| shape | precision | BM x BN | warps | launch | us | GB/s |")
@@ -181,7 +185,7 @@ def sweep_precision(shape=SHAPES[0]):
         "merge + flip + zero": (lambda: merge(w, a, b, False), 4),
         "merge + flip + zero + mask": (lambda: merge(w, a, b, True), 5),
     }
-    for prec, (bm, bn), warps in itertools.product(PRECISIONS, PRECISION_TILES, [TUNED["warps"]]):
+    for prec, (bm, bn), warps in itertools.product(PRECISIONS, PRECISION_TILES, PRECISION_WARPS):
         set_merge(dict(TUNED, bm=bm, bn=bn, warps=warps), prec)
         for name, (fn, per_elem) in launches.items():
             try:
