@@ -579,8 +579,12 @@ class BitflipLayerMixin:
         None), so both see the same flips.
         """
         if torch.compiler.is_compiling():
-            call = call_snapshot(self.bitflip_calls)  # not a clone: see call_snapshot
-            self.bitflip_calls.add_(1)
+            counter = self.bitflip_calls
+            # with gradients the index must reach backward from before the increment (an
+            # opaque snapshot: see call_snapshot); without, a plain clone, which inductor
+            # computes in the increment's kernel instead of a launch of its own
+            call = call_snapshot(counter) if torch.is_grad_enabled() else counter.clone()
+            counter.add_(1)
             return call, None
         phase = _checkpoint_phase()
         if phase == "recompute" and self._pending_calls:

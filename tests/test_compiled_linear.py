@@ -23,6 +23,15 @@ def _cpu_reference(reference_backend):
     pass
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles its own models: dynamo's caches (and its recompile limit, 8 per code
+    object, which the layers' shared forward would reach over this file) start empty."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 X_SPEC = FlipSpec(0.02, 0.02, 3.0)  # many flips and zeroed elements at this size
 W_SPEC = FlipSpec(0.02, 0.01, 0.2)
 KEYS = (pb.stream_key(0, "l", "x"), pb.stream_key(0, "l", "w"))
@@ -162,6 +171,37 @@ def test_compiled_no_grad_forward_and_stats_fall_back_alike():
     counts = [r.read()["all"] for r in recorders]
     assert counts[0].as_tuple() == counts[1].as_tuple() and counts[0].exp_flips > 0
     assert torch.equal(eager(x), compiled(x))  # and compiled again without statistics
+
+
+@pytest.mark.parametrize("backend", ["graph", "inductor"])
+def test_compiled_no_grad_forward_takes_the_call_without_a_snapshot(backend):
+    """Without gradients the compiled forward takes the call index as a plain clone of the
+    counter (no opaque ``call_snapshot``: inductor computes it with the increment, one launch
+    less per layer).  The op must still see the value from before the increment: each call
+    equals the eager model's, and the counters advance alike."""
+    eager = mlp()
+    twin = copy.deepcopy(eager)
+    recorder = GraphRecorder()
+    compiled = torch.compile(
+        twin, backend=recorder.backend if backend == "graph" else "inductor", fullgraph=True
+    )
+    x = torch.randn(5, 24, generator=torch.Generator().manual_seed(3)) * 2
+    outs = []
+    with torch.no_grad():
+        for _ in range(3):
+            ye, yc = eager(x), compiled(x)
+            assert torch.equal(ye, yc)
+            outs.append(yc)
+    assert not torch.equal(outs[0], outs[1])
+    calls = [int(m.bitflip_calls) for m in (*eager, *twin) if isinstance(m, pb.BitflipLinear)]
+    assert calls == [3] * 4
+    if backend == "graph":
+        fw = ops_in(recorder.forward)
+        assert fw.count("peft_bitflip.flipped_linear.default") == 2
+        assert "peft_bitflip.call_snapshot.default" not in fw
+        # with gradients the snapshot stays (backward needs the index past the increment)
+        compiled(x).sum().backward()
+        assert ops_in(recorder.forward[-1:]).count("peft_bitflip.call_snapshot.default") == 2
 
 
 def test_inductor_backward_draws_the_forward_flips():
