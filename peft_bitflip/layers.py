@@ -582,7 +582,7 @@ class BitflipLayerMixin:
             counter = self.bitflip_calls
             # with gradients the index must reach backward from before the increment (an
             # opaque snapshot: see call_snapshot); without, a plain clone, which inductor
-            # computes in the increment's kernel instead of a launch of its own
+            # folds away (the op reads the counter before the graph's increment)
             call = call_snapshot(counter) if torch.is_grad_enabled() else counter.clone()
             counter.add_(1)
             return call, None

@@ -176,8 +176,8 @@ def test_compiled_no_grad_forward_and_stats_fall_back_alike():
 @pytest.mark.parametrize("backend", ["graph", "inductor"])
 def test_compiled_no_grad_forward_takes_the_call_without_a_snapshot(backend):
     """Without gradients the compiled forward takes the call index as a plain clone of the
-    counter (no opaque ``call_snapshot``: inductor computes it with the increment, one launch
-    less per layer).  The op must still see the value from before the increment: each call
+    counter (no opaque ``call_snapshot``, which inductor cannot fold away: one op less per
+    layer).  The op must still see the value from before the increment: each call
     equals the eager model's, and the counters advance alike."""
     eager = mlp()
     twin = copy.deepcopy(eager)
