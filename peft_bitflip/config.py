@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import numbers
 import os
 import re
 import warnings
@@ -37,7 +36,7 @@ from dataclasses import dataclass, field, fields
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .spec import FlipSpec, validate_probability, validate_threshold
+from .spec import FlipSpec, validate_probability, validate_seed, validate_threshold
 
 __all__ = [
     "DEFAULT_RULE_KEY",
@@ -57,7 +56,6 @@ DEFAULT_RULE_KEY = "default"
 """The special ``layer_name_to_config`` key used for modules that match no other rule."""
 
 QUANT_METHOD = "bitflip"
-MAX_SEED = 2**63
 ORIGINAL_P = 2.0**-16  # the original's released probability, 1.52587890625e-05
 ORIGINAL_LORA_DEFAULTS = {"r": 32, "lora_alpha": 32}
 _SEED_WARNING = (
@@ -165,12 +163,7 @@ class BitflipConfig(QuantizationConfigMixin):
         """
         for key in RULE_KEYS:
             setattr(self, key, _validate_value(key, key, getattr(self, key)))
-        seed = self.seed
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an int in [0, 2**63), got {seed!r}")
-        if not 0 <= int(seed) < MAX_SEED:
-            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-        self.seed = int(seed)
+        self.seed = validate_seed("seed", self.seed)
         if not isinstance(self.compat_snap, bool):
             raise TypeError(f"compat_snap must be a bool, got {self.compat_snap!r}")
         if self.quant_method != QUANT_METHOD:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import numbers
 
 import torch
 from torch import Tensor
@@ -17,7 +18,7 @@ from .kernels.op import (
     zero_by_masks_impl,
 )
 from .kernels.sampling import flip_table, group_size, write_next_call, zero_mask_size
-from .spec import FlipSpec, check_dtype
+from .spec import FlipSpec, check_dtype, validate_seed
 
 __all__ = [
     "bitflip",
@@ -40,13 +41,38 @@ def stream_key(seed: int, *parts: int | str) -> tuple[int, int]:
 
     Parts are e.g. a module name, ``"x"``/``"w"`` and a data-parallel rank.  The key is a
     BLAKE2b hash of their text, stable across processes and machines, so different names give
-    independent streams and equal names give equal streams.
+    independent streams and equal names give equal streams.  ``seed``: an int in [0, 2**63), as
+    :class:`~peft_bitflip.config.BitflipConfig` takes it; integer parts of any integer type
+    (numpy's too) name the same stream as the equal ``int``.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    seed = validate_seed("seed", seed)
+    parts = [_plain(p) for p in parts]
     text = "\x1f".join([str(seed)] + [f"{type(p).__name__}:{p}" for p in parts])
-    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    try:
+        data = text.encode()
+    except UnicodeEncodeError:
+        bad = next(p for p in parts if isinstance(p, str) and not _is_utf8(p))
+        raise ValueError(
+            f"stream name {bad!r} is not valid text (it holds a lone surrogate, which UTF-8 "
+            "cannot encode); name the stream with a valid str or an int"
+        ) from None
+    digest = hashlib.blake2b(data, digest_size=8).digest()
     return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
+
+
+def _plain(part):
+    """A stream-name part as the plain int / str it equals (numpy ints, str subclasses)."""
+    if isinstance(part, numbers.Integral) and not isinstance(part, bool):
+        return int(part)
+    return str(part) if isinstance(part, str) else part
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _call_tensor(call, device: torch.device) -> Tensor:
@@ -56,9 +82,27 @@ def _call_tensor(call, device: torch.device) -> Tensor:
         if call.numel() != 1 or call.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"call must be an int or a one-element integer tensor, got {call!r}")
         return call.reshape(())
-    if isinstance(call, bool) or not isinstance(call, int) or not 0 <= call <= _MAX_CALL:
+    if (
+        isinstance(call, bool)
+        or not isinstance(call, numbers.Integral)
+        or not 0 <= int(call) <= _MAX_CALL
+    ):
         raise ValueError(f"call must be an int in [0, 2**32), got {call!r}")
-    return torch.tensor(call, dtype=torch.int64, device=device)
+    return torch.tensor(int(call), dtype=torch.int64, device=device)
+
+
+def _checked_call(call):
+    """``call`` with a tensor's value range-checked (a host sync; the layers' counters skip this
+    check): an index outside [0, 2**32) would alias another call's flips."""
+    if isinstance(call, Tensor) and not torch.compiler.is_compiling():
+        _call_tensor(call, call.device)  # type and shape
+        value = int(call.reshape(()).item())
+        if not 0 <= value <= _MAX_CALL:
+            raise ValueError(
+                f"call must be an int in [0, 2**32), got a tensor holding {value} (an index "
+                "outside that range would reuse the flips of another call)"
+            )
+    return call
 
 
 def apply_flip_spec(
@@ -277,8 +321,9 @@ def bitflip(
     Args:
         x: float32, bfloat16 or float16 tensor of any shape.
         seed, stream: name the random stream (see :func:`stream_key`).
-        call: call index within the stream (an int in [0, 2**32) or an integer tensor).
+        call: call index within the stream: an int in [0, 2**32) or a one-element integer
+            tensor holding one (its value is checked, which waits for the device).
         compat_snap: snap p to the original's ``0.5**ceil(log2(1/p))``, n in [1, 24].
     """
     spec = FlipSpec(p_exp, p_frac, zero_out_threshold, compat_snap)
-    return apply_flip_spec(x, spec, stream_key(seed, stream), call)
+    return apply_flip_spec(x, spec, stream_key(seed, stream), _checked_call(call))

@@ -22,8 +22,11 @@ To load a saved flipped checkpoint with other settings, use :func:`load_config_w
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+import weakref
 
+import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -57,7 +60,9 @@ class BitflipHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        # the model is still on the meta device: only the module classes change
+        # the model is still on the meta device: only the module classes change;
+        # from_pretrained gave it a deep copy of the config: no further copy is needed
+        _OWN_CONFIG[model] = model.config
         apply_bitflip(model, self.quantization_config)
         return model
 
@@ -70,6 +75,7 @@ class BitflipHfQuantizer(HfQuantizer):
             # clean checkpoint) was left as uninitialised memory: such streams start at call 0
             if not getattr(calls, "_is_hf_initialized", False):
                 calls.zero_()
+        _check_loaded_counters(model)
         model.is_quantized = False  # plain float weights: allow .half(), full training, ...
         return model
 
@@ -93,6 +99,28 @@ class BitflipHfQuantizer(HfQuantizer):
         return True
 
 
+def _check_loaded_counters(model) -> None:
+    """Refuse counters outside [0, 2**32) (an edited or corrupt checkpoint): such a call index
+    would reuse the flips of other calls, silently."""
+    by_device: dict = {}
+    for name, layer in bitflip_layers(model):
+        calls = layer.bitflip_calls
+        if calls.device.type != "meta":  # (offloaded: not loaded here)
+            by_device.setdefault(calls.device, []).append((name, calls))
+    bad = []
+    for layers in by_device.values():  # one transfer per device
+        values = torch.stack([c.reshape(()) for _, c in layers]).tolist()
+        bad += [f"{n}.bitflip_calls = {v}" for (n, _), v in zip(layers, values) if v < 0 or v >> 32]
+    if bad:
+        raise ValueError(
+            "the checkpoint holds bit-flip call counters outside [0, 2**32): "
+            + ", ".join(bad[:5])
+            + (" ..." if len(bad) > 5 else "")
+            + ". Counters count forward calls and cannot be negative; fix or delete them "
+            "(a missing counter starts at 0)."
+        )
+
+
 def register() -> None:
     """Register ``quant_method="bitflip"`` with transformers (idempotent)."""
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not BitflipConfig:
@@ -103,15 +131,36 @@ def register() -> None:
         register_quantizer(QUANT_METHOD)(BitflipHfQuantizer)
 
 
+_OWN_CONFIG: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its config
+
+
+def _own_config(model: PreTrainedModel) -> None:
+    """Give ``model`` a config object of its own (a shallow copy, once), so that writing the
+    BitflipConfig into it does not reach other models built from the same config object
+    (``LlamaForCausalLM(cfg)`` keeps ``cfg`` itself).  The submodules that hold the model's
+    config object (``model.model``, attention layers, ...) get the copy too."""
+    config = model.config
+    if _OWN_CONFIG.get(model) is config:
+        return
+    own = copy.copy(config)
+    for module in model.modules():
+        if module.__dict__.get("config") is config:
+            module.config = own
+    _OWN_CONFIG[model] = own
+
+
 def attach_bitflip_config(model: nn.Module, config: BitflipConfig) -> None:
     """Record ``config`` on a transformers model so ``save_pretrained`` writes it to config.json.
 
     Called by :func:`~peft_bitflip.apply_bitflip` and the PEFT tuner; a no-op for modules that
     are not ``PreTrainedModel``.  The model is marked the way ``from_pretrained`` marks it
     (``hf_quantizer``, ``quantization_method``) but not ``is_quantized`` (weights stay float).
+    The first call gives the model a copy of its config object to write to (the model and its
+    submodules use the copy; the config object it was built from is left unchanged).
     """
     if not isinstance(model, PreTrainedModel):
         return
+    _own_config(model)
     model.config.quantization_config = config
     model.hf_quantizer = BitflipHfQuantizer(config, pre_quantized=True)
     model.quantization_method = QUANT_METHOD

@@ -19,6 +19,7 @@ applies to every element, flipped or not.  ``zero_out_threshold=None`` disables 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,11 +32,14 @@ __all__ = [
     "snap_probability",
     "validate_probability",
     "validate_threshold",
+    "validate_seed",
     "check_dtype",
+    "MAX_SEED",
 ]
 
 COMPAT_MIN_HALVES = 1
 COMPAT_MAX_HALVES = 24  # the original kernel asserts n <= 24, i.e. p >= 2**-24
+MAX_SEED = 2**63  # seeds are in [0, 2**63): an int64, as config.json and torch store them
 
 
 @dataclass(frozen=True)
@@ -65,9 +69,15 @@ def check_dtype(dtype: torch.dtype, name: str = "x") -> BitLayout:
         ) from None
 
 
+def _is_real(value) -> bool:
+    """A real number (``int``, ``float``, numpy scalars, ...), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, str))
+
+
 def validate_probability(name: str, p) -> float:
-    """Return ``p`` as a float in [0, 1]; raise ``TypeError``/``ValueError`` naming ``name``."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
+    """Return ``p`` as a float in [0, 1]; raise ``TypeError``/``ValueError`` naming ``name``.
+    Any real number type is accepted (numpy scalars too), bools are not."""
+    if not _is_real(p):
         raise TypeError(f"{name} must be a float in [0, 1], got {p!r} ({type(p).__name__})")
     p = float(p)
     if math.isnan(p) or not 0.0 <= p <= 1.0:
@@ -79,12 +89,22 @@ def validate_threshold(name: str, t) -> float | None:
     """Return ``t`` as a float >= 0 (``inf`` allowed) or ``None``; raise naming ``name``."""
     if t is None:
         return None
-    if isinstance(t, bool) or not isinstance(t, (int, float)):
+    if not _is_real(t):
         raise TypeError(f"{name} must be None or a float >= 0, got {t!r} ({type(t).__name__})")
     t = float(t)
     if math.isnan(t) or t < 0:
         raise ValueError(f"{name} must be None or a float >= 0, got {t!r}")
     return t
+
+
+def validate_seed(name: str, seed) -> int:
+    """Return ``seed`` as an int in [0, 2**63) (any integer type, numpy's too; not a bool);
+    raise ``TypeError``/``ValueError`` naming ``name``.  The one check of every seed."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an int in [0, 2**63), got {seed!r}")
+    if not 0 <= int(seed) < MAX_SEED:
+        raise ValueError(f"{name} must be an int in [0, 2**63), got {seed!r}")
+    return int(seed)
 
 
 def snap_probability(p: float) -> float:

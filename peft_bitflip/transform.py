@@ -3,18 +3,29 @@
 ``apply_bitflip(model, config)`` turns every ``nn.Linear`` (and transformers' GPT-2 ``Conv1D``)
 whose name the config does not skip into a bit-flip layer, in place: the module keeps its
 parameters, hooks and device; only its class changes.  ``remove_bitflip(model)`` turns them back.
-Subclasses of ``nn.Linear`` (quantised or adapter layers) are left alone: flipping them would
-not mean what the fault model says.
+Subclasses of ``nn.Linear`` (quantised or adapter layers, ``nn.MultiheadAttention``'s
+``out_proj``) are left alone: flipping them would not mean what the fault model says.  The
+summary names every linear-like module left clean, with the reason.
 
 On a transformers ``PreTrainedModel`` the config is also recorded as
 ``model.config.quantization_config``, so ``save_pretrained`` writes it to ``config.json`` and
 ``from_pretrained`` rebuilds the flips (see ``hf_quantizer.py``); ``remove_bitflip`` removes it.
+
+PEFT models: modules are named as in the model without PEFT's wrappers (a LoRA layer's
+``base_layer`` by the LoRA layer's name, a ``modules_to_save`` copy by the module it replaces),
+so a merged model draws the same flips; LoRA factors and other adapter parts are never made
+bit-flip layers.  On a ``PeftModel`` the config is recorded on its base model and in its
+``BitflipLoraConfig`` adapters.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .config import BitflipConfig
@@ -32,21 +43,107 @@ def _bitflip_class(module: nn.Module):
     return None
 
 
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _walk(module: nn.Module, name: str, out: list, seen: set, adapter_of=None) -> None:
+    """Append (name, module, adapter_of) for ``module`` and below, named as without PEFT's
+    wrappers: a tuner layer's ``base_layer`` and a ``modules_to_save`` wrapper's modules take
+    the wrapper's name; the other parts of a tuner layer (LoRA factors, ...) come with
+    ``adapter_of`` set to that tuner layer (they are never made bit-flip layers)."""
+    if id(module) in seen:  # shared modules: the first name, as named_modules() gives
+        return
+    seen.add(id(module))
+    out.append((name, module, adapter_of))
+    if adapter_of is None and isinstance(module, BaseTunerLayer):
+        for child_name, child in module.named_children():
+            if child_name == "base_layer":
+                _walk(child, name, out, seen)
+            else:
+                _walk(child, _join(name, child_name), out, seen, module)
+    elif adapter_of is None and isinstance(module, AuxiliaryTrainingWrapper):
+        for child in module.children():  # original_module; the copies in modules_to_save
+            for m in child.values() if isinstance(child, nn.ModuleDict) else [child]:
+                _walk(m, name, out, seen)
+    else:
+        for child_name, child in module.named_children():
+            _walk(child, _join(name, child_name), out, seen, adapter_of)
+
+
+def _walk_model(model: nn.Module) -> list[tuple[str, nn.Module, object]]:
+    out: list = []
+    _walk(model, "", out, set())
+    return out
+
+
+def _is_candidate(module: nn.Module, adapter_of) -> bool:
+    return adapter_of is None and (
+        _bitflip_class(module) is not None or isinstance(module, BitflipLayerMixin)
+    )
+
+
 def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every plain ``nn.Linear`` / ``Conv1D`` or existing bit-flip layer."""
-    return [
-        (n, m)
-        for n, m in model.named_modules()
-        if _bitflip_class(m) is not None or isinstance(m, BitflipLayerMixin)
-    ]
+    """(name, module) of every plain ``nn.Linear`` / ``Conv1D`` or existing bit-flip layer;
+    in PEFT layers only the base layers and ``modules_to_save`` copies, named as in the model
+    without PEFT's wrappers (a copy shares the name of the module it replaces)."""
+    return [(n, m) for n, m, adapter_of in _walk_model(model) if _is_candidate(m, adapter_of)]
+
+
+_MHA_REASON = (
+    "out_proj of nn.MultiheadAttention, which computes with out_proj.weight in "
+    "F.multi_head_attention_forward and never calls out_proj.forward: a bit-flip layer there "
+    "would flip nothing (its input projections are not modules either)"
+)
+
+
+def _unsupported_reason(module: nn.Module, adapter_of) -> str | None:
+    """Why a linear-like module that is no candidate stays clean (None: not linear-like, or a
+    factor of a bit-flip LoRA layer, flipped within the merged weight W + s*B@A)."""
+    kinds = (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)
+    if not isinstance(module, kinds) or _is_candidate(module, adapter_of):
+        return None
+    if adapter_of is not None:
+        from .tuner import BitflipLoraLinear  # imports this module
+
+        if isinstance(adapter_of, BitflipLoraLinear):
+            return None
+        return (
+            f"adapter part of a PEFT {type(adapter_of).__name__} layer: its output is added "
+            "unflipped (BitflipLoraConfig flips the merged weight W + s*B@A instead)"
+        )
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return _MHA_REASON
+    cls = type(module)
+    return (
+        f"unsupported subclass {cls.__qualname__} ({cls.__module__}) of "
+        f"{'nn.Linear' if isinstance(module, nn.Linear) else 'Conv1D'}: its forward need not "
+        "be the plain product (quantised or adapter layers), so flips would not mean what the "
+        "fault model says"
+    )
+
+
+def _config_reason(config: BitflipConfig, name: str) -> str:
+    if config.is_skipped(name):
+        return f"skip_modules={config.skip_modules}"
+    pattern = config.match_rule(name)
+    if pattern is None:
+        return "no layer_name_to_config rule matches it, and there is no 'default'"
+    return f"layer_name_to_config[{pattern!r}] is None"
 
 
 @dataclass
 class BitflipSummary:
-    """Which modules got which settings, and which were left clean."""
+    """Which modules got which settings, and which linear-like modules were left clean.
+
+    ``skipped``: the modules the config leaves clean (``skip_modules``, a ``None`` rule, no
+    matching rule); ``clean``: every linear-like module left clean, name -> reason (those of
+    ``skipped``, ``nn.Linear`` subclasses such as ``nn.MultiheadAttention``'s ``out_proj``, the
+    factors of a plain PEFT LoRA layer)."""
 
     flipped: dict[str, tuple[FlipSpec, FlipSpec]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    clean: dict[str, str] = field(default_factory=dict)
 
     def groups(self) -> dict[tuple[FlipSpec, FlipSpec], list[str]]:
         out: dict = {}
@@ -55,18 +152,71 @@ class BitflipSummary:
         return out
 
     def __str__(self) -> str:
-        lines = [f"bit flips on {len(self.flipped)} modules, {len(self.skipped)} left clean"]
+        lines = [f"bit flips on {len(self.flipped)} modules, {len(self.clean)} left clean"]
         for (xs, ws), names in self.groups().items():
             lines.append(
                 f"  {len(names)} modules: x(p_exp={xs.p_exp:g}, p_frac={xs.p_frac:g}, "
                 f"t={xs.zero_out_threshold}) w(p_exp={ws.p_exp:g}, p_frac={ws.p_frac:g}, "
                 f"t={ws.zero_out_threshold}) e.g. {names[0]}"
             )
-        if self.skipped:
-            lines.append(
-                f"  clean: {', '.join(self.skipped[:8])}{' ...' if len(self.skipped) > 8 else ''}"
-            )
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in self.clean.items():
+            by_reason.setdefault(reason, []).append(name)
+        for reason, names in by_reason.items():
+            lines.append(f"  clean: {', '.join(names)} -- {reason}")
         return "\n".join(lines)
+
+
+_WARNED_NO_ZERO_OUT: set = set()  # the situations warned about in this process
+_NO_ZERO_OUT = (
+    "exponent flips without zero-out on {what} of {n} module(s), e.g. {example}: exponent "
+    "flips without zero-out produce Inf/NaN (a flipped top exponent bit turns ~1.0 into ~1e38 "
+    "in fp32/bf16 and Inf in fp16); set x_zero_out_t / w_zero_out_t (see calibrate_zero_out)"
+)
+
+
+def _warn_no_zero_out(flipped: dict[str, tuple[FlipSpec, FlipSpec]]) -> None:
+    """Warn, once per process and set of tensors (x, w, both), where exponent bits flip without
+    a zero-out threshold: a config without threshold keys has zero-out off."""
+    names: dict[str, list[str]] = {}
+    for name, specs in flipped.items():
+        for tensor, spec in zip(("x", "w"), specs):
+            if spec.effective_p_exp > 0 and spec.zero_out_threshold is None:
+                names.setdefault(tensor, []).append(name)
+    situation = tuple(t for t in ("x", "w") if t in names)
+    if not situation or situation in _WARNED_NO_ZERO_OUT:
+        return
+    _WARNED_NO_ZERO_OUT.add(situation)
+    what = " and ".join({"x": "x (layer inputs)", "w": "w (weights)"}[t] for t in situation)
+    modules = list(dict.fromkeys(n for t in situation for n in names[t]))
+    message = _NO_ZERO_OUT.format(what=what, n=len(modules), example=modules[0])
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _peft_parts(model: nn.Module):
+    """(the model to flip, the PEFT adapter configs to keep in sync or None, the PEFT tuner or
+    None) of ``model``: a ``PeftModel``, a PEFT tuner model or any other module."""
+    if isinstance(model, PeftModel):
+        tuner = model.base_model
+        if isinstance(tuner, BaseTuner):
+            return tuner.model, model.peft_config, tuner
+        return tuner, model.peft_config, None  # prompt learning: the base model itself
+    if isinstance(model, BaseTuner):
+        return model.model, model.peft_config, model
+    return model, None, None
+
+
+def _refuse_bitflip_lora_inside(walked) -> None:
+    """A model inside a bit-flip LoRA PeftModel: its BitflipLoraConfig would not follow."""
+    from .tuner import BitflipLoraLinear  # imports this module
+
+    inside = [n for n, m, _ in walked if isinstance(m, BitflipLoraLinear)]
+    if inside:
+        raise ValueError(
+            f"this model holds bit-flip LoRA layers ({inside[0]}, ...) of a PeftModel: call "
+            "apply_bitflip on the PeftModel itself, so that its BitflipLoraConfig adapters "
+            "(what adapter_config.json saves) take the new fault model too"
+        )
 
 
 def apply_bitflip(
@@ -77,20 +227,32 @@ def apply_bitflip(
     Module names are relative to ``model`` and are what ``config``'s regex rules match and what
     the random streams are named by.  Applying again updates settings in place and keeps the
     call counters.  With ``check_rules`` a rule that matches no module raises ``ValueError``.
-    A transformers model records ``config`` in ``model.config.quantization_config``.
+    A transformers model records ``config`` in ``model.config.quantization_config`` (on a
+    config object of its own: other models built from the same config object stay clean).
+
+    On a PEFT ``PeftModel`` the layers of its base model are flipped, named as in the base
+    model; LoRA factors are never flipped; ``config`` is recorded on the base model (what a
+    merged model saves) and in every ``BitflipLoraConfig`` adapter (what the adapter saves).
+    Warns once per process when exponent bits flip without a zero-out threshold.
     """
     if not isinstance(config, BitflipConfig):
         raise TypeError(f"config must be a BitflipConfig, got {type(config).__name__}")
-    candidates = candidate_modules(model)
+    root, peft_configs, tuner = _peft_parts(model)
+    walked = _walk_model(root)
+    if peft_configs is None:
+        _refuse_bitflip_lora_inside(walked)
+    candidates = [(n, m) for n, m, adapter_of in walked if _is_candidate(m, adapter_of)]
     if check_rules:
-        config.check_rules_match([n for n, _ in candidates])
+        config.check_rules_match(list(dict.fromkeys(n for n, _ in candidates)))
     summary = BitflipSummary()
     for name, module in candidates:
         specs = config.resolve(name)
         if specs is None:
             if isinstance(module, BitflipLayerMixin):
                 _restore(module)
-            summary.skipped.append(name)
+            if name not in summary.clean:
+                summary.skipped.append(name)
+                summary.clean[name] = _config_reason(config, name)
             continue
         x_spec, w_spec = specs
         if isinstance(module, BitflipLayerMixin):
@@ -103,9 +265,20 @@ def apply_bitflip(
             module._bitflip_original_class = original
             module.init_bitflip(name, x_spec, w_spec, config.seed)
         summary.flipped[name] = (x_spec, w_spec)
+    for name, module, adapter_of in walked:
+        if name not in summary.flipped and name not in summary.clean:
+            reason = _unsupported_reason(module, adapter_of)
+            if reason is not None:
+                summary.clean[name] = reason
     from .hf_quantizer import attach_bitflip_config  # imports this module
 
-    attach_bitflip_config(model, config)
+    attach_bitflip_config(root, config)
+    for adapter_config in (peft_configs or {}).values():
+        if hasattr(adapter_config, "set_bitflip_config"):  # a BitflipLoraConfig
+            adapter_config.set_bitflip_config(config)
+    if tuner is not None and hasattr(tuner, "bitflip_summary"):
+        tuner.bitflip_summary = summary
+    _warn_no_zero_out(summary.flipped)
     return summary
 
 
@@ -136,5 +309,5 @@ def remove_bitflip(model: nn.Module) -> int:
     layers = bitflip_layers(model)
     for _, m in layers:
         _restore(m)
-    detach_bitflip_config(model)
+    detach_bitflip_config(_peft_parts(model)[0])
     return len(layers)

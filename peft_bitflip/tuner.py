@@ -13,7 +13,8 @@ dtype, by the forward and by ``merge`` alike.  With one active adapter the layer
 path (:func:`~peft_bitflip.layers.flipped_lora_linear`: one kernel pass merges, flips and zeroes
 the weight; A and B get rank-r gradients).  LoRA dropout does not fit this formulation (there
 is no separate LoRA input path), so ``lora_dropout`` must be 0; DoRA and other LoRA variants
-are not supported.
+are not supported.  ``lora_bias=True`` adds ``s * lora_B.bias`` to the (unflipped) bias ``b``
+(the general path; ``merge`` folds it into the base bias, which must exist).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from .config import RULE_KEYS, BitflipConfig
 from .kernels.lora import merge_lora_weight, merged_lora_weight
 from .layers import BitflipLayerMixin
-from .transform import apply_bitflip
+from .transform import apply_bitflip, candidate_modules
 
 PEFT_TYPE = "BITFLIP_LORA"
 BITFLIP_FIELDS = RULE_KEYS  # x_p_exp, x_p_frac, x_zero_out_t, w_p_exp, w_p_frac, w_zero_out_t
@@ -71,8 +72,18 @@ class BitflipLoraConfig(LoraConfig):
             )
         if self.use_dora:
             raise ValueError("use_dora=True is not supported by BitflipLoraConfig")
-        cfg = self.bitflip_config()  # validates every bit-flip field
-        self.layer_name_to_config = cfg.to_dict()["layer_name_to_config"]  # ordered list form
+        self.set_bitflip_config(self.bitflip_config())  # validates and normalises the fields
+
+    def set_bitflip_config(self, bitflip: BitflipConfig) -> None:
+        """Set the bit-flip fields to ``bitflip``'s fault model (plain floats and ints, the
+        rules in their ordered list form), as ``apply_bitflip`` on a PeftModel does."""
+        d = bitflip.to_dict()
+        for k in BITFLIP_FIELDS:
+            setattr(self, k, d[k])
+        self.bitflip_seed = d["seed"]
+        self.compat_snap = d["compat_snap"]
+        self.layer_name_to_config = d["layer_name_to_config"]
+        self.skip_modules = d["skip_modules"]
 
     def bitflip_config(self) -> BitflipConfig:
         """The model-level :class:`BitflipConfig` these fields describe."""
@@ -99,7 +110,8 @@ class BitflipLoraConfig(LoraConfig):
 
 
 class BitflipLoraLinear(LoraLinear):
-    """LoRA layer over a bit-flip layer: ``flip(x) @ flip(W + sum_a s_a B_a @ A_a)^T + b``."""
+    """LoRA layer over a bit-flip layer: ``flip(x) @ flip(W + sum_a s_a B_a @ A_a)^T + b'``,
+    ``b' = b + sum_a s_a lora_B_a.bias`` (adapters with ``lora_bias=True``; not flipped)."""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)
@@ -116,7 +128,8 @@ class BitflipLoraLinear(LoraLinear):
         if not adapters:
             return base.flipped_forward(x, base.weight, base.bias)
 
-        if len(adapters) == 1:  # the fast path: merge + flip in one pass, rank-r gradients
+        biased = [a for a in adapters if self.lora_B[a].bias is not None]
+        if len(adapters) == 1 and not biased:  # the fast path: merge + flip in one pass
             a = adapters[0]
             return base.flipped_lora_forward(
                 x, self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a]
@@ -128,10 +141,14 @@ class BitflipLoraLinear(LoraLinear):
                 weight = self._merged(weight, adapter)
             return weight
 
-        # the merged weight is built again in backward instead of being kept (flipped_linear)
+        # the merged weight is built again in backward instead of being kept (flipped_linear);
+        # the LoRA biases join the (unflipped) bias, with autograd to lora_B's bias
         params = [base.weight]
         params += [m[a].weight for a in adapters for m in (self.lora_A, self.lora_B)]
-        return base.flipped_forward(x, merged_weight, base.bias, weight_params=params)
+        bias = base.bias
+        for a in biased:
+            bias = self._merged_bias(bias, a)
+        return base.flipped_forward(x, merged_weight, bias, weight_params=params)
 
     def _merged(self, weight: torch.Tensor, adapter: str) -> torch.Tensor:
         """``weight + s B @ A`` for ``adapter`` (float32 sum rounded to weight's dtype)."""
@@ -143,14 +160,31 @@ class BitflipLoraLinear(LoraLinear):
             self.get_base_layer()._is_conv1d,
         )
 
+    def _merged_bias(self, bias: torch.Tensor | None, adapter: str) -> torch.Tensor:
+        """``bias + s * lora_B.bias`` of ``adapter`` (float32 sum rounded to bias's dtype, or to
+        the weight's where the base layer has no bias), by the forward and ``merge`` alike."""
+        extra = self.lora_B[adapter].bias.float() * self.scaling[adapter]
+        if bias is None:
+            return extra.to(self.get_base_layer().weight.dtype)
+        return (bias.float() + extra).to(bias.dtype)
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Fold adapters into the base weight with the arithmetic the forward uses, so the merged
-        layer gives the adapter layer's output for the same seed."""
+        """Fold adapters into the base weight (and LoRA biases into the base bias) with the
+        arithmetic the forward uses, so the merged layer gives the adapter layer's output for
+        the same seed.  A LoRA bias needs a base bias to fold into (as in PEFT)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base = self.get_base_layer()
         for name in adapter_names:
             if name not in self.lora_A:
                 continue
+            has_bias = self.lora_B[name].bias is not None
+            if has_bias and base.bias is None:
+                raise ValueError(
+                    f"cannot merge adapter {name!r} (lora_bias=True) into a layer with no bias: "
+                    "the merged model's architecture has no bias parameter to hold s * "
+                    "lora_B.bias (a bias added here would be dropped when the checkpoint is "
+                    "reloaded). Keep the adapter unmerged, or train it with lora_bias=False."
+                )
             with torch.no_grad():
                 merged = merged_lora_weight(
                     base.weight,
@@ -159,9 +193,14 @@ class BitflipLoraLinear(LoraLinear):
                     self.scaling[name],
                     base._is_conv1d,
                 )
-            if safe_merge and not torch.isfinite(merged).all():
+                bias = self._merged_bias(base.bias, name) if has_bias else None
+            if safe_merge and not (
+                torch.isfinite(merged).all() and (bias is None or torch.isfinite(bias).all())
+            ):
                 raise ValueError(f"NaNs detected in the merged weights of adapter {name!r}")
             base.weight.data = merged
+            if bias is not None:
+                base.bias.data = bias
             self.merged_adapters.append(name)
 
     def __repr__(self) -> str:
@@ -169,15 +208,35 @@ class BitflipLoraLinear(LoraLinear):
 
 
 def _check_model_fault_model(model, wanted: BitflipConfig) -> None:
-    """Refuse to silently replace the fault model a loaded checkpoint carries in config.json."""
-    existing = getattr(getattr(model, "config", None), "quantization_config", None)
-    if isinstance(existing, dict) and existing.get("quant_method") == wanted.quant_method:
-        existing = BitflipConfig.from_dict(existing)
-    if isinstance(existing, BitflipConfig) and existing != wanted:
+    """Refuse to silently replace the fault model the model's bit-flip layers carry (a loaded
+    checkpoint's config.json, an earlier ``apply_bitflip``).  The layers decide, not
+    ``model.config``: a model without bit-flip layers carries no fault model, whatever its
+    config object says (another model built from the same config object may have set it)."""
+    candidates = candidate_modules(model)
+    if not any(isinstance(m, BitflipLayerMixin) for _, m in candidates):
+        return
+    differences = []
+    for name, m in candidates:
+        specs = wanted.resolve(name)
+        if not isinstance(m, BitflipLayerMixin):
+            if specs is not None:
+                differences.append(f"{name}: clean in the model, flipped by the adapter's")
+        elif specs is None:
+            differences.append(f"{name}: flipped in the model, clean by the adapter's")
+        elif specs != (m.x_spec, m.w_spec) or m.bitflip_seed != wanted.seed:
+            differences.append(
+                f"{name}: model x {m.x_spec}, w {m.w_spec}, seed {m.bitflip_seed}; adapter x "
+                f"{specs[0]}, w {specs[1]}, seed {wanted.seed}"
+            )
+    if differences:
+        existing = getattr(getattr(model, "config", None), "quantization_config", None)
         raise ValueError(
             "the model already carries a BitflipConfig (from config.json or apply_bitflip) that "
-            f"differs from the BitflipLoraConfig's fault model:\n  model: {existing}\n  "
-            f"adapter: {wanted}\nUse BitflipLoraConfig.from_bitflip_config("
+            "differs from the BitflipLoraConfig's fault model:\n  "
+            + "\n  ".join(differences[:3])
+            + (f"\n  ... ({len(differences)} modules differ)" if len(differences) > 3 else "")
+            + (f"\n  model: {existing}" if isinstance(existing, BitflipConfig) else "")
+            + f"\n  adapter: {wanted}\nUse BitflipLoraConfig.from_bitflip_config("
             "model.config.quantization_config, r=..., ...) to keep the model's, or call "
             "peft_bitflip.apply_bitflip(model, new_config) first to change it."
         )
