@@ -21,6 +21,11 @@ What it does:
       bitflip/{x_,w_,}exp_flips    sign/exponent bits that flipped
       bitflip/{x_,w_,}frac_flips   mantissa bits that flipped
       bitflip/{x_,w_,}zeroed       elements set to 0 by zero-out
+      bitflip/outputs              output elements the bit-flip layers computed
+      bitflip/nonfinite_outputs    of them NaN or +-Inf (zero-out caps x and W, not x W: an
+                                   fp16 output can overflow, see docs/statistics.md)
+      bitflip/nonfinite_output_rate  nonfinite_outputs / outputs
+      bitflip/nonfinite_loss       1 if a training loss since the previous log was NaN/Inf
       bitflip/p_scale              the schedule factor f of the last step
       bitflip/{x,w}_p_{exp,frac}   the flip probability in use (largest over the layers)
 
@@ -34,6 +39,13 @@ What it does:
   (``all_reduce=True``).  Trainer calls integrations (TensorBoard, W&B, ...) before callbacks
   added with ``callbacks=[...]``/``add_callback``; use :func:`add_bitflip_callback` so that they
   see the statistics (``state.log_history`` gets them either way).
+* **Non-finite losses.**  The callback watches the loss of every training forward (a forward
+  hook on the model: one on-device check, read at log time) and the logged loss.  The first
+  time one is NaN/Inf it says so once (``warnings.warn`` and the logger), in one line with the
+  reason: exponent flips without zero-out in some layers, else the share of the bit-flip
+  layers' output elements that were NaN/Inf (each rank checks its own losses).  Trainer's
+  ``logging_nan_inf_filter`` (on by default) logs a finite loss for such steps; the warning and
+  ``bitflip/nonfinite_loss`` do not.
 * **Schedule.**  Every flip probability of the model (``p_exp`` and ``p_frac`` of inputs and
   weights) is multiplied by ``f(step)`` in [0, 1] at the start of each optimizer step
   (``step`` = optimizer steps completed, ``state.global_step``); the targets are the layers'
@@ -51,9 +63,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import numbers
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from transformers import DefaultFlowCallback, TrainerCallback
@@ -71,6 +84,10 @@ PREFIX = "bitflip/"
 SCHEDULE_KINDS = ("constant", "linear", "step")
 STATE_VERSION = 1
 _STAT_FIELDS = ("elements", "exp_bits", "frac_bits", "exp_flips", "frac_flips", "zeroed")
+EXP_WITHOUT_ZERO_OUT = (
+    "exponent flips without zero-out produce Inf/NaN; set a zero-out threshold "
+    "(x_zero_out_t / w_zero_out_t)"
+)
 
 
 def _check_steps(steps, name: str = "schedule_steps") -> int:
@@ -128,13 +145,24 @@ def _scaled(spec: FlipSpec, f: float) -> FlipSpec:
     return dataclasses.replace(spec, p_exp=spec.p_exp * f, p_frac=spec.p_frac * f)
 
 
-def stats_to_logs(stats: dict[str, TensorFlipStats]) -> dict[str, int]:
+def stats_to_logs(stats: dict[str, TensorFlipStats]) -> dict[str, int | float]:
     """``{"bitflip/x_exp_flips": ..., ...}`` from :meth:`FlipStatsRecorder.read`'s totals."""
     out = {}
     for kind, prefix in (("x", "x_"), ("w", "w_"), ("all", "")):
         for field in _STAT_FIELDS:
             out[f"{PREFIX}{prefix}{field}"] = getattr(stats[kind], field)
+    if "y" in stats:
+        y = stats["y"]
+        out[PREFIX + "outputs"] = y.elements
+        out[PREFIX + "nonfinite_outputs"] = y.nonfinite
+        out[PREFIX + "nonfinite_output_rate"] = y.nonfinite_rate
     return out
+
+
+def _model_loss(output):
+    """The ``loss`` of a model output (a ``ModelOutput`` or dict), else None."""
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) else None
 
 
 class BitflipCallback(TrainerCallback, ExportableState):
@@ -190,6 +218,11 @@ class BitflipCallback(TrainerCallback, ExportableState):
         self._targets: dict[str, tuple[FlipSpec, FlipSpec]] = {}
         self._recorder: FlipStatsRecorder | None = None
         self._scale: float | None = None
+        self._loss_hook = None  # the model's forward hook that watches the training loss
+        self._watching = False  # inside a training step
+        self._bad_losses: torch.Tensor | None = None  # non-finite losses since the last log
+        self._seen_losses = 0  # losses seen since the last log
+        self._said_nonfinite = False
 
     # -- the schedule ---------------------------------------------------------------------
 
@@ -293,6 +326,81 @@ class BitflipCallback(TrainerCallback, ExportableState):
             warnings.warn(msg, stacklevel=2)
             logger.warning(msg)
 
+    # -- non-finite losses ----------------------------------------------------------------
+
+    def _watch_loss(self, module, args, output) -> None:
+        """Forward hook: count the training forwards and those whose loss is NaN/Inf (on the
+        device, no host synchronisation)."""
+        loss = _model_loss(output) if self._watching else None
+        if loss is None:
+            return
+        bad = (~torch.isfinite(loss.detach())).any().to(torch.int64)
+        self._bad_losses = (
+            bad if self._bad_losses is None else self._bad_losses + bad.to(self._bad_losses.device)
+        )
+        self._seen_losses += 1
+
+    def _nonfinite_reason(self, outputs: TensorFlipStats | None) -> str:
+        """Why losses may be non-finite: exponent flips without zero-out, or the share of
+        NaN/Inf outputs of the bit-flip layers (``outputs``: their counts, None if off)."""
+        bare = [
+            (name, kind)
+            for name, layer in self._layers
+            for kind in ("x", "w")
+            if getattr(layer, f"{kind}_spec").effective_p_exp > 0
+            and getattr(layer, f"{kind}_spec").zero_out_threshold is None
+        ]
+        if bare:
+            names = list(dict.fromkeys(n for n, _ in bare))  # in module order
+            kinds = " and ".join(
+                word
+                for kind, word in (("x", "inputs"), ("w", "weights"))
+                if (names[0], kind) in bare
+            )
+            return (
+                f"{EXP_WITHOUT_ZERO_OUT} ({len(names)} of {len(self._layers)} bit-flip layers, "
+                f"e.g. the {kinds} of {names[0]})"
+            )
+        if outputs is None:
+            return (
+                "zero-out is on for every exponent flip; the bit-flip layers' non-finite outputs "
+                "are not counted (log_stats=False)"
+            )
+        counted = (
+            f"{100 * outputs.nonfinite_rate:.3g}% of the bit-flip layers' output elements were "
+            f"NaN/Inf ({outputs.nonfinite} of {outputs.elements})"
+        )
+        if outputs.nonfinite:
+            return (
+                f"{counted}: zero-out caps inputs and weights, not their products (bounds in "
+                "docs/statistics.md)"
+            )
+        return f"{counted}: the non-finite values arose outside the bit-flip layers"
+
+    def _check_loss(self, state, logs: dict, outputs: TensorFlipStats | None) -> int:
+        """1 if a training loss since the last log was NaN/Inf (said once), else 0."""
+        bad = int(self._bad_losses) if self._bad_losses is not None else 0
+        seen, self._bad_losses, self._seen_losses = self._seen_losses, None, 0
+        logged = logs.get("loss")
+        logged_bad = isinstance(logged, numbers.Real) and not math.isfinite(logged)
+        if not (bad or logged_bad):
+            return 0
+        if not self._said_nonfinite:
+            self._said_nonfinite = True
+            if bad:
+                where = f"{bad} of {seen} training batches since the last log"
+            else:
+                where = f"the logged loss is {logged}"
+            if bad and not logged_bad:
+                where += "; Trainer's logging_nan_inf_filter logged a finite loss instead"
+            msg = (
+                f"BitflipCallback: non-finite training loss at step {state.global_step} "
+                f"({where}): {self._nonfinite_reason(outputs)}"
+            )
+            warnings.warn(msg, stacklevel=2)
+            logger.warning(msg)
+        return 1
+
     # -- Trainer events -------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -327,26 +435,37 @@ class BitflipCallback(TrainerCallback, ExportableState):
         if self._recorder is not None:
             self._recorder.stop()
         self._recorder = FlipStatsRecorder(model) if self.log_stats else None
+        if self._loss_hook is not None:
+            self._loss_hook.remove()
+        self._loss_hook = model.register_forward_hook(torch.compiler.disable(self._watch_loss))
+        self._bad_losses, self._seen_losses, self._said_nonfinite = None, 0, False
         self._apply_scale(self.scale_at(state.global_step))  # evaluation before step 1 too
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._apply_scale(self.scale_at(state.global_step))
+        self._watching = True
         if self._recorder is not None:
             self._recorder.start()
 
     def on_step_end(self, args, state, control, **kwargs):
+        self._watching = False
         if self._recorder is not None:
             self._recorder.stop()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self._recorder is None or logs is None or "loss" not in logs:
+        if logs is None or "loss" not in logs:
+            return
+        if self._recorder is None:
+            self._check_loss(state, logs, None)
             return
         history = state.log_history[-1] if state.log_history else None
         if history is not None and not all(
             k in history and (history[k] is v or history[k] == v) for k, v in logs.items()
         ):
             history = None  # not the entry Trainer.log appended for these logs
-        entries = stats_to_logs(self._recorder.read(reset=True, all_reduce=self.all_reduce))
+        stats = self._recorder.read(reset=True, all_reduce=self.all_reduce)
+        entries = stats_to_logs(stats)
+        entries[PREFIX + "nonfinite_loss"] = self._check_loss(state, logs, stats["y"])
         entries[PREFIX + "p_scale"] = self._scale
         for kind in ("x", "w"):
             for group in ("exp", "frac"):
@@ -359,8 +478,12 @@ class BitflipCallback(TrainerCallback, ExportableState):
             history.update(entries)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._watching = False
         if self._recorder is not None:
             self._recorder.stop()
+        if self._loss_hook is not None:
+            self._loss_hook.remove()
+            self._loss_hook = None
         if self._layers is not None:
             self._apply_scale(1.0)  # back to the target settings
 

@@ -14,8 +14,12 @@ the module's parameters and add:
 * ``bitflip_enabled``: switch flips off without removing the layer (see ``disable_bitflips``);
 * ``bitflip_stats``: ``None`` (default: nothing is counted, no cost) or a
   :class:`~peft_bitflip.stats.FlipStatsAccumulator` that receives the true counts of flipped bits
-  and zeroed elements of every forward (see :class:`~peft_bitflip.stats.FlipStatsRecorder`).
-  The recomputation of a checkpointed region is not counted again.
+  and zeroed elements of every forward, and of the NaN / +-Inf elements of its output (see
+  :class:`~peft_bitflip.stats.FlipStatsRecorder`).  The recomputation of a checkpointed region
+  is not counted again.
+
+On the ``meta`` device (shape inference, ``accelerate.init_empty_weights``) a layer returns the
+clean layer's meta result: no flips, its counter unchanged, nothing counted.
 
 Activation checkpointing (non-reentrant, the transformers default): a forward that runs again
 during backward to recompute activations reuses the call index of the original forward, so the
@@ -158,7 +162,8 @@ def flipped_linear(
     weight's gradient on to ``weight_params``.
 
     ``stats``: an optional :class:`~peft_bitflip.stats.FlipStatsAccumulator` that counts what
-    the two flips did (outside autograd; the result is the same with or without it).
+    the two flips did and the NaN / +-Inf elements of the output (outside autograd; the result
+    is the same with or without it).
 
     ``next_call``: an optional 0-dim int64 tensor that receives ``call + 1`` (see
     :func:`~peft_bitflip.functional.apply_flip_specs`): the layers' counters.
@@ -226,10 +231,12 @@ def flipped_linear_unfused(
         x, weight = x.to(compute), weight.to(compute)
         bias = None if bias is None else bias.to(compute)
     xf, wf = apply_flip_specs(x, weight, x_spec, w_spec, x_key, w_key, call, next_call)
+    out = linear(xf, wf, bias, conv1d)
     if stats is not None:
         stats.record("x", x, xf, x_spec, x_key, call)
         stats.record("w", weight, wf, w_spec, w_key, call)
-    return linear(xf, wf, bias, conv1d)
+        stats.record_output(out)
+    return out
 
 
 def _built_weight(build, compute, device_type):
@@ -289,10 +296,11 @@ class _FlippedLinear(torch.autograd.Function):
         xf, wf, x_mask = flip_specs_masked(
             x, weight, x_spec, w_spec, x_key, w_key, call, need_x and not recompute, next_call
         )
+        out = linear(xf, wf, bias, conv1d)
         if stats is not None:
             stats.record("x", x, xf, x_spec, x_key, call)
             stats.record("w", weight, wf, w_spec, w_key, call)
-        out = linear(xf, wf, bias, conv1d)
+            stats.record_output(out)
         kept = (x if need_x or need_w else None) if recompute else (xf if need_w else None)
         ctx.save_for_backward(kept, x_mask, None if build is not None else weight, call)
         ctx.x_meta = (x.shape, x.dtype)
@@ -432,11 +440,13 @@ def lora_forward(
             weight, lora_a, lora_b, scale, conv1d, out_dtype, w_spec, w_key, call, False, w_next
         )
         xf, x_mask = apply_flip_spec_masked(x, x_spec, x_key, call, need_x, x_next)
+    out = linear(xf, wf, bias, conv1d)
     if stats is not None:
         merged = merged_lora_weight(weight, lora_a, lora_b, scale, conv1d).to(out_dtype)
         stats.record("x", x, xf, x_spec, x_key, call)
         stats.record("w", merged, wf, w_spec, w_key, call)
-    return linear(xf, wf, bias, conv1d), (xf if need_factors else None), x_mask
+        stats.record_output(out)
+    return out, (xf if need_factors else None), x_mask
 
 
 def lora_grads(
@@ -516,6 +526,17 @@ class _FlippedLoraLinear(torch.autograd.Function):
         )  # fmt: skip
         grad_bias = g2.sum(0) if need_bias else None
         return grad_x, grad_w, grad_a, grad_b, grad_bias, None, None, None
+
+
+def _on_meta(*tensors) -> bool:
+    """Whether any of ``tensors`` (tensors or other objects, which are ignored) is on meta."""
+    return any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in tensors)
+
+
+def _meta_linear(x, weight, bias, conv1d):
+    """The clean :func:`linear` on the meta device: its result's shape and dtype, no data."""
+    x, weight = x.to("meta"), weight.to("meta")
+    return linear(x, weight, None if bias is None else bias.to("meta"), conv1d)
 
 
 class BitflipLayerMixin:
@@ -617,6 +638,8 @@ class BitflipLayerMixin:
         ``weight_params``, see :func:`flipped_linear`)."""
         if not self.bitflip_enabled:
             return linear(x, weight() if callable(weight) else weight, bias, self._is_conv1d)
+        if _on_meta(x, self.weight, weight):
+            return _meta_linear(x, weight() if callable(weight) else weight, bias, self._is_conv1d)
         stats = self.bitflip_stats
         if stats is not None and torch.compiler.is_compiling():
             # counting is host-side work: a layer that records statistics runs eagerly (a
@@ -645,6 +668,11 @@ class BitflipLayerMixin:
                 self.bias,
                 weight_params=[self.weight, lora_a, lora_b],
             )
+        if _on_meta(x, self.weight, lora_a, lora_b):
+            merged = merge_lora_weight(
+                *(t.to("meta") for t in (self.weight, lora_a, lora_b)), scale, self._is_conv1d
+            )
+            return _meta_linear(x, merged, self.bias, self._is_conv1d)
         stats = self.bitflip_stats
         if stats is not None and torch.compiler.is_compiling():  # as in flipped_forward
             return _eager_flipped_lora_forward(self, x, lora_a, lora_b, scale)
