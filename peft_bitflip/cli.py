@@ -1,4 +1,5 @@
-"""``peft-bitflip`` command line: ``demo``, ``eval``, ``generate``, ``sweep``, ``compare``.
+"""``peft-bitflip`` command line: ``demo``, ``eval``, ``generate``, ``sweep``, ``compare``,
+``attribute``.
 
 Every model subcommand takes a checkpoint path or Hub id and flip settings: by default the
 checkpoint's own (config.json), or ``--bitflip_config FILE`` (a BitflipConfig JSON, a model's
@@ -82,8 +83,51 @@ def parse_threshold(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"not a threshold (number or 'none'): {text!r}") from None
 
 
+def parse_seed(text: str) -> int:
+    """A flip or sampling seed: an int in [0, 2**63)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a seed (an int >= 0): {text!r}") from None
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**63), got {v}")
+    return v
+
+
+def parse_count(text: str) -> int:
+    """An int >= 0 (0 means 'all' where a flag says so)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an int >= 0: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def parse_positive(text: str) -> int:
+    v = parse_count(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError("must be >= 1, got 0")
+    return v
+
+
+def parse_margin(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a margin (a number >= 1): {text!r}") from None
+    if not (v >= 1.0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"the margin must be a finite number >= 1, got {text}")
+    return v
+
+
 def add_flip_arguments(parser: argparse.ArgumentParser, *, clean_flag: bool = True) -> None:
-    g = parser.add_argument_group("flips (default: the checkpoint's own config.json settings)")
+    g = parser.add_argument_group(
+        "flips (default: the checkpoint's config.json; a flag sets that value for every module, "
+        "on top of --bitflip_config, else the checkpoint's config, else the original's "
+        "p = 2^-16, thresholds 30 / 1.25)"
+    )
     g.add_argument(
         "--bitflip_config",
         default=None,
@@ -92,21 +136,47 @@ def add_flip_arguments(parser: argparse.ArgumentParser, *, clean_flag: bool = Tr
     )
     for key in FLIP_FLAGS:
         kind = parse_threshold if key.endswith("_t") else parse_probability
+        what = "zero-out threshold (|v| >= t -> 0; 'none' = off)" if key.endswith("_t") else (
+            "flip probability per bit (1.5e-5 or 2^-16)"
+        )
         g.add_argument(
             f"--{key}",
             type=kind,
             default=argparse.SUPPRESS,
-            help="overrides the file / checkpoint value",
+            help=f"{'input' if key[0] == 'x' else 'weight'} {what}",
         )
-    g.add_argument("--bitflip_seed", type=int, default=argparse.SUPPRESS)
+    g.add_argument("--bitflip_seed", type=parse_seed, default=argparse.SUPPRESS)
     if clean_flag:
         g.add_argument("--clean", action="store_true", help="evaluate without flips")
+
+
+def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(
+        "calibrated zero-out (thresholds from the model's own per-layer maxima)"
+    )
+    g.add_argument(
+        "--calibrate_zero_out",
+        type=parse_margin,
+        default=None,
+        metavar="MARGIN",
+        help="set every layer's x and W threshold to MARGIN x its maximum |x| (calibration "
+        "text, flips off) and |w| (e.g. 2)",
+    )
+    g.add_argument(
+        "--calibration_file",
+        default=None,
+        help="text for the calibration (default: the training split of the evaluation data, "
+        "else the embedded corpus)",
+    )
+    g.add_argument("--calibration_batches", type=parse_positive, default=8)
 
 
 def read_bitflip_file(path: str):
     """A :class:`BitflipConfig` from a JSON, YAML (original meta) or TOML (original LoRA) file."""
     from .config import BitflipConfig, read_original_toml
 
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--bitflip_config {path!r} does not exist")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".json":
         return BitflipConfig.from_json_file(path)
@@ -117,22 +187,32 @@ def read_bitflip_file(path: str):
     raise ValueError(f"--bitflip_config {path!r}: expected a .json, .yaml or .toml file")
 
 
-def flips_from_args(args, base=None):
-    """The run's BitflipConfig: ``--clean`` gives None; file and inline flags override
-    ``base``; with neither, ``base`` (``None`` stands for the checkpoint's own settings)."""
+def flips_from_args(args, checkpoint=None, *, default=None):
+    """The run's fault model: a ``BitflipConfig`` or ``None`` (clean).
+
+    ``--clean`` gives None.  Without a file or inline flag: ``checkpoint`` (the checkpoint's
+    own config, None for a clean checkpoint), else ``default``.  Otherwise the flags set their
+    value for every module (per-module rules lose that key) on top of ``--bitflip_config``,
+    else ``checkpoint``, else the original's fault model (p = 2^-16, thresholds 30 / 1.25).
+    """
     from .config import BitflipConfig
-    from .evaluation import KEEP
 
     if getattr(args, "clean", False):
         return None
-    cfg = read_bitflip_file(args.bitflip_config) if args.bitflip_config else base
+    file_cfg = read_bitflip_file(args.bitflip_config) if args.bitflip_config else None
     inline = {k: getattr(args, k) for k in FLIP_FLAGS if hasattr(args, k)}
     if hasattr(args, "bitflip_seed"):
         inline["seed"] = args.bitflip_seed
-    if not inline:
-        return KEEP if cfg is None else cfg
-    values = cfg.to_dict() if isinstance(cfg, BitflipConfig) else {}
+    if file_cfg is None and not inline:
+        return checkpoint if checkpoint is not None else default
+    base = file_cfg or checkpoint or BitflipConfig.original_default()
+    values = base.to_dict()
     values.update(inline)
+    if values["layer_name_to_config"] is not None:
+        values["layer_name_to_config"] = [
+            [pat, None if rule is None else {k: v for k, v in rule.items() if k not in inline}]
+            for pat, rule in values["layer_name_to_config"]
+        ]
     return BitflipConfig.from_dict(values)
 
 
@@ -148,9 +228,47 @@ def add_data_arguments(parser):
     g.add_argument("--dataset_name", default=None)
     g.add_argument("--dataset_config_name", default=None)
     g.add_argument("--validation_file", default=None, help=".txt/.json/.jsonl/.csv file")
-    g.add_argument("--block_size", type=int, default=256, help="tokens per block")
-    g.add_argument("--batch_size", type=int, default=8)
-    g.add_argument("--max_batches", type=int, default=32, help="first N batches (0: all)")
+    g.add_argument("--train_file", default=None, help="its training split (calibration text)")
+    g.add_argument("--block_size", type=parse_positive, default=256, help="tokens per block")
+    g.add_argument("--batch_size", type=parse_positive, default=8)
+    g.add_argument("--max_batches", type=parse_count, default=32, help="first N batches (0: all)")
+
+
+def check_text_file(path: str, flag: str) -> None:
+    """Raise an error naming ``path`` unless it is a non-empty UTF-8 text file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path!r} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    if not head.strip():
+        raise ValueError(f"{flag} {path!r} is empty")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if len(head) < (1 << 20) or e.start < len(head) - 4:  # not a character cut at the end
+            raise ValueError(f"{flag} {path!r} is not UTF-8 text ({e.reason} at byte "
+                             f"{e.start})") from None
+    if b"\x00" in head:
+        raise ValueError(f"{flag} {path!r} is a binary file, not text")
+
+
+def check_data_arguments(args) -> None:
+    for flag in ("validation_file", "train_file", "calibration_file"):
+        path = getattr(args, flag, None)
+        if path:
+            check_text_file(path, f"--{flag}")
+
+
+def _blocks_of(raw, tokenizer, block_size: int, what: str):
+    from . import data
+
+    blocks = data.tokenize_and_group(raw, tokenizer, block_size)
+    if len(blocks) == 0:
+        raise ValueError(
+            f"the {what} text gives no block of {block_size} tokens; use a smaller "
+            "--block_size or more text"
+        )
+    return blocks
 
 
 def validation_blocks(args, tokenizer):
@@ -164,22 +282,80 @@ def validation_blocks(args, tokenizer):
         )
     else:
         raw = data.load_text_datasets(args.dataset_name, args.dataset_config_name)
-    return data.tokenize_and_group(raw["validation"], tokenizer, args.block_size)
+    return _blocks_of(raw["validation"], tokenizer, args.block_size, "validation")
+
+
+def calibration_blocks(args, tokenizer):
+    """Blocks for ``--calibrate_zero_out``: ``--calibration_file``, else ``--train_file``,
+    else the training split of ``--dataset_name`` / the embedded corpus (never the validation
+    text when a training split exists)."""
+    from . import data
+
+    block_size = getattr(args, "block_size", 256)
+    path = args.calibration_file or getattr(args, "train_file", None)
+    if path:
+        raw = data.load_text_datasets(train_file=path, validation_file=path)
+    elif getattr(args, "validation_file", None):
+        raise ValueError(
+            "--calibrate_zero_out with --validation_file needs --calibration_file or "
+            "--train_file: calibrating on the evaluation text would hide its own outliers"
+        )
+    else:
+        raw = data.load_text_datasets(
+            getattr(args, "dataset_name", None), getattr(args, "dataset_config_name", None)
+        )
+    return _blocks_of(raw["train"], tokenizer, block_size, "calibration")
+
+
+def calibrated(args, model, tokenizer, base):
+    """``base`` with thresholds calibrated on ``model`` (see ``--calibrate_zero_out``)."""
+    from .calibration import calibrate_zero_out
+
+    blocks = calibration_blocks(args, tokenizer)
+    cfg = calibrate_zero_out(
+        model,
+        blocks,
+        margin=args.calibrate_zero_out,
+        base=base,
+        batch_size=getattr(args, "batch_size", 8),
+        max_batches=args.calibration_batches,
+    )
+    n_tok = min(len(blocks), args.calibration_batches * getattr(args, "batch_size", 8))
+    print(
+        f"calibrated zero-out on {n_tok} blocks: margin {args.calibrate_zero_out:g}, "
+        f"{_describe(cfg)}"
+    )
+    return cfg
 
 
 def _max_batches(args):
     return None if args.max_batches == 0 else args.max_batches
 
 
-def _describe(flips) -> str:
-    from .evaluation import KEEP
+def _range(values) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "off"
+    lo, hi = min(vals), max(vals)
+    return f"{lo:g}" if lo == hi else f"{lo:g}..{hi:g}"
 
+
+def _describe(flips, seeds=None) -> str:
+    """The resolved fault model in one line (``seeds``: the flip seeds of a row that
+    averages several, in place of the config's one seed)."""
     if flips is None:
-        return "none"
-    if flips == KEEP:
-        return "checkpoint's"
-    vals = [f"{k}={getattr(flips, k):g}" for k in FLIP_FLAGS if getattr(flips, k) is not None]
-    return ", ".join(vals) + f", seed={flips.seed}"
+        return "none (clean)"
+    rules = flips.layer_name_to_config or {}
+    parts = []
+    for t in ("x", "w"):
+        p_exp, p_frac = getattr(flips, f"{t}_p_exp"), getattr(flips, f"{t}_p_frac")
+        key = f"{t}_zero_out_t"
+        ts = [r.get(key) for r in rules.values() if r and key in r]
+        thr = f"per layer {_range(ts)}" if ts else _range([getattr(flips, key)])
+        parts.append(f"{t}: p_exp={p_exp:g}, p_frac={p_frac:g}, zero-out {thr}")
+    tail = f", {len(rules)} per-module rules" if rules else ""
+    seed = f"seeds={','.join(map(str, seeds))}" if seeds else f"seed={flips.seed}"
+    return "; ".join(parts) + f"; {seed}{tail}"
 
 
 def _write_json(path, obj):
@@ -189,6 +365,49 @@ def _write_json(path, obj):
         f.write("\n")
 
 
+def _checked_model(path: str) -> None:
+    """Fail before anything runs if ``path`` is not a causal-LM checkpoint."""
+    from transformers import AutoConfig
+
+    from .evaluation import check_causal_lm, check_model_source
+
+    check_model_source(path)
+    check_causal_lm(AutoConfig.from_pretrained(path), path)
+
+
+def _resolved_flips(args, path, default=None):
+    """The fault model of a run on checkpoint ``path`` (see :func:`flips_from_args`)."""
+    from .evaluation import checkpoint_bitflip_config
+
+    _checked_model(path)
+    return flips_from_args(args, checkpoint_bitflip_config(path), default=default)
+
+
+def _load(args, path, flips, *, calibrate: bool):
+    """(model, tokenizer, flips) of ``path`` under ``flips``, thresholds calibrated if asked."""
+    from .evaluation import load_model, reset_streams
+    from .transform import apply_bitflip
+
+    dtype = TORCH_DTYPES[args.dtype]
+    if not (calibrate and flips is not None):
+        model, tok = load_model(path, flips, dtype=dtype, device=args.device)
+        return model, tok, flips
+    model, tok = load_model(path, None, dtype=dtype, device=args.device)
+    flips = calibrated(args, model, tok, flips)
+    apply_bitflip(model, flips)
+    reset_streams(model)
+    return model, tok, flips
+
+
+def _nonfinite_metrics(results: dict) -> list[str]:
+    bad = []
+    for task, metrics in (results.get("results") or {}).items():
+        for name, value in metrics.items():
+            if isinstance(value, float) and not math.isfinite(value) and "stderr" not in name:
+                bad.append(f"{task}/{name}")
+    return bad
+
+
 # ---------------------------------------------------------------------- subcommands
 
 
@@ -196,10 +415,12 @@ def eval_command(args) -> int:
     """lm-eval tasks on a model with or without flips."""
     from lm_eval.utils import make_table
 
-    from .evaluation import lm_eval_results, load_model
+    from .diagnosis import nonfinite_reason
+    from .evaluation import lm_eval_results
 
-    flips = flips_from_args(args)
-    model, tok = load_model(args.model, flips, dtype=TORCH_DTYPES[args.dtype], device=args.device)
+    check_data_arguments(args)
+    flips = _resolved_flips(args, args.model)
+    model, tok, flips = _load(args, args.model, flips, calibrate=bool(args.calibrate_zero_out))
     print(f"model {args.model}, flips: {_describe(flips)}")
     metadata = json.loads(args.metadata) if args.metadata else None
     results = lm_eval_results(
@@ -213,11 +434,18 @@ def eval_command(args) -> int:
         metadata=metadata,
     )
     print(make_table(results))
+    bad = _nonfinite_metrics(results)
+    reason = nonfinite_reason(model) if bad else None
+    if bad:
+        print(f"WARNING: non-finite results ({', '.join(bad)}): {reason}")
     if args.save_dir:
         out = {
             "model": args.model,
             "flips": _describe(flips),
+            "bitflip_config": None if flips is None else flips.to_dict(),
             "results": results["results"],
+            "nonfinite": bad,
+            "reason": reason,
             "config": results.get("config"),
         }
         _write_json(os.path.join(args.save_dir, "results.json"), out)
@@ -227,10 +455,13 @@ def eval_command(args) -> int:
 
 def generate_command(args) -> int:
     """Text generation under flips (the original's hf-gen)."""
-    from .evaluation import generate_text, load_model
+    from .evaluation import generate_text
 
-    flips = flips_from_args(args)
-    model, tok = load_model(args.model, flips, dtype=TORCH_DTYPES[args.dtype], device=args.device)
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty: give some text to continue")
+    check_data_arguments(args)
+    flips = _resolved_flips(args, args.model)
+    model, tok, flips = _load(args, args.model, flips, calibrate=bool(args.calibrate_zero_out))
     response = generate_text(
         model,
         tok,
@@ -252,14 +483,34 @@ def generate_command(args) -> int:
     return 0
 
 
+def _data_source(args) -> str:
+    if args.validation_file:
+        return os.path.abspath(args.validation_file)
+    return args.dataset_name or "embedded corpus"
+
+
 def sweep_command(args) -> int:
     """Perplexity over a grid of error rates and seeds; CSV, summary JSON and PNG plot."""
-    from .evaluation import load_model, plot_sweep, summarize_sweep, sweep
+    from .config import BitflipConfig
+    from .diagnosis import EXP_WITHOUT_ZERO_OUT
+    from .evaluation import load_model, plot_sweep, summarize_sweep, sweep, sweep_grid
 
+    sweep_grid(args.p, args.targets, args.fields, args.seeds)  # fail before loading anything
+    check_data_arguments(args)
+    _checked_model(args.model)
     model, tok = load_model(args.model, None, dtype=TORCH_DTYPES[args.dtype], device=args.device)
     blocks = validation_blocks(args, tok)
+    zero_out = None
+    if args.calibrate_zero_out:
+        zero_out = calibrated(args, model, tok, BitflipConfig())
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "sweep.csv")
+    settings = {
+        "model": args.model,
+        "data": _data_source(args),
+        "block_size": args.block_size,
+        "calibrate_zero_out": args.calibrate_zero_out,
+    }
     points = sweep(
         model,
         blocks,
@@ -269,19 +520,36 @@ def sweep_command(args) -> int:
         seeds=args.seeds,
         x_zero_out_t=args.x_zero_out_t,
         w_zero_out_t=args.w_zero_out_t,
+        zero_out=zero_out,
         batch_size=args.batch_size,
         max_batches=_max_batches(args),
         csv_path=csv_path,
+        settings=settings,
     )
     rows = summarize_sweep(points)
-    _write_json(os.path.join(args.out, "summary.json"), {"model": args.model, "rows": rows})
-    plot_sweep(rows, os.path.join(args.out, "sweep.png"), title=f"{args.model}")
+    note = ""
+    if any(r["diverged"] for r in rows):
+        unguarded = zero_out is None and (args.x_zero_out_t is None or args.w_zero_out_t is None)
+        exp = any(f in ("exp", "both") for f in args.fields)
+        note = EXP_WITHOUT_ZERO_OUT if unguarded and exp else "non-finite loss under flips"
+    _write_json(
+        os.path.join(args.out, "summary.json"),
+        {"model": args.model, "settings": settings, "rows": rows, "note": note or None},
+    )
+    plot_sweep(rows, os.path.join(args.out, "sweep.png"), title=f"{args.model}", note=note)
     print(f"{'p':>10} {'target':>6} {'field':>5} {'ppl mean':>12} {'sd':>10} seeds")
     for r in rows:
+        if r["diverged"]:
+            mean = f"diverged ({r['diverged']}/{r['seeds']} seeds, "
+            mean += f"{r['nonfinite_share']:.0%} of batches)"
+            print(f"{r['p']:>10.3g} {r['target']:>6} {r['field']:>5} {mean}")
+            continue
         print(
             f"{r['p']:>10.3g} {r['target']:>6} {r['field']:>5} {r['ppl_mean']:>12.4g} "
             f"{r['ppl_std']:>10.3g} {r['seeds']}"
         )
+    if note:
+        print(f"diverged points: {note}")
     print(f"wrote {csv_path}, summary.json and sweep.png in {args.out}")
     return 0
 
@@ -291,9 +559,16 @@ def compare_command(args) -> int:
     import statistics
 
     from .config import BitflipConfig
-    from .evaluation import compare_table, load_model, perplexity
+    from .diagnosis import nonfinite_reason
+    from .evaluation import compare_table, perplexity
 
-    flips = flips_from_args(args, base=BitflipConfig.original_default())
+    # every input is checked before the first measurement
+    check_data_arguments(args)
+    for path in [args.clean_model, *args.finetuned]:
+        _checked_model(path)
+    flips = _resolved_flips(args, args.clean_model, default=BitflipConfig.original_default())
+    if flips is None:
+        raise ValueError(f"{args.clean_model} carries no flips and none were given")
     settings = [("clean", args.clean_model, None), ("flipped", args.clean_model, flips)]
     for path in args.finetuned:
         settings.append(("flipped + fine-tuned", path, flips))
@@ -301,35 +576,45 @@ def compare_command(args) -> int:
     blocks = None
     for name, path, cfg in settings:
         seeds = [None] if cfg is None else args.seeds
-        ppl = []
+        results = []
         for seed in seeds:
             run_cfg = (
                 None if cfg is None else BitflipConfig.from_dict({**cfg.to_dict(), "seed": seed})
             )
-            model, tok = load_model(
-                path, run_cfg, dtype=TORCH_DTYPES[args.dtype], device=args.device
-            )
+            model, tok, used = _load(args, path, run_cfg, calibrate=bool(args.calibrate_zero_out))
             if blocks is None:
                 blocks = validation_blocks(args, tok)
             r = perplexity(
                 model, blocks, batch_size=args.batch_size, max_batches=_max_batches(args)
             )
-            ppl.append(r["perplexity"])
+            if r["diverged"] and not r["reason"]:
+                r["reason"] = nonfinite_reason(model)
+            results.append(r)
             del model
-        finite = all(math.isfinite(v) for v in ppl)
+        ppl = [r["perplexity"] for r in results]
+        diverged = sum(r["diverged"] for r in results)
+        reasons = [r["reason"] for r in results if r["reason"]]
         rows.append(
             {
                 "setting": name,
                 "model": path,
-                "flips": _describe(cfg),
-                "ppl_mean": statistics.fmean(ppl) if finite else math.inf,
-                "ppl_std": statistics.stdev(ppl) if finite and len(ppl) > 1 else 0.0,
+                "flips": _describe(used, [s for s in seeds if s is not None]),
+                "bitflip_config": None if used is None else {
+                    **used.to_dict(), "seed": None if len(seeds) > 1 else used.seed
+                },
+                "ppl_mean": statistics.fmean(ppl) if not diverged else math.inf,
+                "ppl_std": statistics.stdev(ppl) if not diverged and len(ppl) > 1 else 0.0,
                 "seeds": len(ppl),
+                "flip_seeds": [s for s in seeds if s is not None],
                 "perplexities": ppl,
+                "diverged": diverged,
+                "reason": reasons[0] if reasons else None,
             }
         )
     table = compare_table(rows)
     print(table)
+    for reason in sorted({r["reason"] for r in rows if r["reason"]}):
+        print(f"diverged: {reason}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "compare.md"), "w", encoding="utf-8") as f:
@@ -339,30 +624,68 @@ def compare_command(args) -> int:
     return 0
 
 
+def attribute_command(args) -> int:
+    """Clean / zero-out alone / flips alone / both: what the fault model's damage is made of."""
+    from .attribution import attribute, attribution_markdown
+    from .config import BitflipConfig
+    from .evaluation import load_model
+
+    check_data_arguments(args)
+    flips = _resolved_flips(args, args.model, default=BitflipConfig.original_default())
+    model, tok = load_model(args.model, None, dtype=TORCH_DTYPES[args.dtype], device=args.device)
+    blocks = validation_blocks(args, tok)
+    print(f"model {args.model}; fault model: {_describe(flips)}")
+    cal = calibrated(args, model, tok, flips) if args.calibrate_zero_out else None
+    report = attribute(
+        model,
+        blocks,
+        flips,
+        seeds=args.seeds,
+        calibrated=cal,
+        batch_size=args.batch_size,
+        max_batches=_max_batches(args),
+        progress=True,
+    )
+    report.update(model=args.model, data=_data_source(args), block_size=args.block_size)
+    text = attribution_markdown(report, top=args.top)
+    print(text)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "attribution.md"), "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        _write_json(os.path.join(args.output_dir, "attribution.json"), report)
+        print(f"wrote attribution.md and attribution.json in {args.output_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``peft-bitflip`` command line (subcommands demo, eval, generate, sweep, compare)."""
+    """The ``peft-bitflip`` command line (subcommands demo, eval, generate, sweep, compare,
+    attribute)."""
     parser = argparse.ArgumentParser(
         prog="peft-bitflip", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="flip a random tensor and check the flip rates (offline)")
-    d.add_argument("--n", type=int, default=1 << 20, help="number of elements")
+    d.add_argument("--n", type=parse_positive, default=1 << 20, help="number of elements")
     d.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    d.add_argument("--p", type=float, nargs="+", default=[0.5, 2**-6, 1e-3, 2**-16])
+    d.add_argument(
+        "--p", type=parse_probability, nargs="+", default=[0.5, 2**-6, 1e-3, 2**-16]
+    )
     d.add_argument("--threshold", type=float, default=30.0, help="zero-out threshold")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=parse_seed, default=0)
     d.set_defaults(func=demo)
 
     e = sub.add_parser("eval", help="lm-eval tasks with or without flips")
     add_model_arguments(e)
     add_flip_arguments(e)
+    add_calibration_arguments(e)
     e.add_argument(
         "--tasks",
         default="wikitext",
         help="comma-separated lm-eval tasks; bitflip_text_ppl runs offline",
     )
-    e.add_argument("--batch_size", type=int, default=8)
+    e.add_argument("--batch_size", type=parse_positive, default=8)
     e.add_argument("--limit", type=float, default=None)
     e.add_argument("--max_length", type=int, default=None)
     e.add_argument("--num_fewshot", type=int, default=None)
@@ -373,13 +696,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text under flips")
     add_model_arguments(g)
     add_flip_arguments(g)
+    add_calibration_arguments(g)
     g.add_argument("--prompt", default="London is")
-    g.add_argument("--max_new_tokens", type=int, default=128)
+    g.add_argument("--max_new_tokens", type=parse_positive, default=128)
     g.add_argument("--do_sample", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top_k", type=int, default=50)
     g.add_argument("--top_p", type=float, default=0.9)
-    g.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    g.add_argument("--seed", type=parse_seed, default=0, help="seed of the sampler")
     g.add_argument("--save_dir", default=None)
     g.set_defaults(func=generate_command)
 
@@ -394,10 +718,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--targets", nargs="+", choices=["x", "w", "both"], default=["both"])
     w.add_argument("--fields", nargs="+", choices=["exp", "frac", "both"], default=["both"])
-    w.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    w.add_argument("--seeds", type=parse_seed, nargs="+", default=[0, 1, 2])
     w.add_argument("--x_zero_out_t", type=parse_threshold, default=30.0)
     w.add_argument("--w_zero_out_t", type=parse_threshold, default=1.25)
-    w.add_argument("--out", default="sweep_out", help="directory (an existing CSV is resumed)")
+    add_calibration_arguments(w)
+    w.add_argument(
+        "--out",
+        default="sweep_out",
+        help="directory (an existing CSV of the same settings is resumed)",
+    )
     w.set_defaults(func=sweep_command)
 
     c = sub.add_parser("compare", help="clean / flipped / flipped + fine-tuned table")
@@ -405,10 +734,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--finetuned", nargs="*", default=[], help="fine-tuned checkpoint(s)")
     add_model_arguments(c, model_positional=False)
     add_flip_arguments(c, clean_flag=False)
+    add_calibration_arguments(c)
     add_data_arguments(c)
-    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    c.add_argument("--seeds", type=parse_seed, nargs="+", default=[0, 1, 2])
     c.add_argument("--out", default=None)
     c.set_defaults(func=compare_command)
+
+    a = sub.add_parser(
+        "attribute",
+        help="what the damage is made of: clean, zero-out alone, flips alone, both; cuts per "
+        "layer",
+    )
+    add_model_arguments(a)
+    add_flip_arguments(a, clean_flag=False)
+    add_calibration_arguments(a)
+    add_data_arguments(a)
+    a.add_argument("--seeds", type=parse_seed, nargs="+", default=[0, 1, 2], help="flip seeds")
+    a.add_argument("--top", type=parse_count, default=10, help="layers listed by cuts")
+    a.add_argument("--output_dir", default=None, help="writes attribution.md and .json")
+    a.set_defaults(func=attribute_command)
     return parser
 
 

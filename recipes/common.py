@@ -19,6 +19,7 @@ import torch
 
 import peft_bitflip
 from peft_bitflip import data
+from peft_bitflip.cli import parse_margin as _margin
 from peft_bitflip.cli import parse_probability as _probability
 from peft_bitflip.cli import parse_threshold as _threshold
 from peft_bitflip.config import RULE_KEYS, BitflipConfig, read_original_toml
@@ -163,6 +164,18 @@ def build_parser(description: str, *, default_output_dir: str) -> argparse.Argum
         help="round p down to a power of two like the original kernel",
     )
     g.add_argument(
+        "--calibrate_zero_out",
+        type=_margin,
+        default=None,
+        metavar="MARGIN",
+        help="replace the zero-out thresholds by MARGIN x each layer's own maximum |x| (first "
+        "--calibration_batches training batches, flips off) and |w| (peft_bitflip."
+        "calibration.calibrate_zero_out; e.g. 2)",
+    )
+    g.add_argument(
+        "--calibration_batches", type=int, default=8, help="batches for --calibrate_zero_out"
+    )
+    g.add_argument(
         "--bitflip_warmup_steps",
         type=int,
         default=0,
@@ -283,6 +296,8 @@ def parse_args(
         parser.error("--train_tokens and --tokens_per_param must be >= 0")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
+    if args.calibration_batches < 1:
+        parser.error("--calibration_batches must be >= 1")
     return args
 
 
@@ -313,6 +328,34 @@ def bitflip_settings(args) -> tuple[BitflipConfig, dict, bool]:
         use_lora = False
     config = BitflipConfig(**values, seed=args.bitflip_seed, compat_snap=args.compat_snap)
     return config, lora, use_lora
+
+
+def calibrate(args, model, flips: BitflipConfig, train_blocks) -> BitflipConfig:
+    """``flips`` with thresholds calibrated on ``model`` (``--calibrate_zero_out``), else
+    ``flips``.  Calibrates on the first ``--calibration_batches`` training batches with flips
+    off, before any adapter is added; every process computes the same thresholds."""
+    if not args.calibrate_zero_out:
+        return flips
+    from peft_bitflip.calibration import calibrate_zero_out
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    n = min(len(train_blocks), args.calibration_batches * args.per_device_train_batch_size)
+    cfg = calibrate_zero_out(
+        model,
+        torch.tensor(train_blocks.select(range(n))["input_ids"]),
+        margin=args.calibrate_zero_out,
+        base=flips,
+        batch_size=args.per_device_train_batch_size,
+    )
+    ts = [r for r in (cfg.layer_name_to_config or {}).values() if r]
+    x_t = [r["x_zero_out_t"] for r in ts]
+    w_t = [r["w_zero_out_t"] for r in ts]
+    print(
+        f"calibrated zero-out (margin {args.calibrate_zero_out:g}, {n} blocks): x thresholds "
+        f"{min(x_t):.4g}..{max(x_t):.4g}, W thresholds {min(w_t):.4g}..{max(w_t):.4g}"
+    )
+    return cfg
 
 
 def target_modules(args):

@@ -63,6 +63,7 @@ def main(argv=None) -> dict:
     training_args.max_steps = plan["max_steps"]
 
     # the fault model + LoRA (flips on every linear layer except lm_head)
+    flips = common.calibrate(args, model, flips, blocks["train"])
     if use_lora:
         model = get_peft_model(model, common.lora_config(args, flips, lora))
     else:

@@ -133,6 +133,14 @@ def main(argv=None) -> dict:
     plan = common.plan_steps(args, num_params=num_params, block_size=block_size, world=world)
     sft_args.max_steps = plan["max_steps"]
     sft_args.max_length = block_size
+    if args.calibrate_zero_out:  # thresholds from the model's own maxima on training text
+        from datasets import Dataset
+
+        n = args.calibration_batches * args.per_device_train_batch_size * 4
+        head = sft_data["train"].select(range(min(n, len(sft_data["train"]))))
+        texts = Dataset.from_dict({"text": _texts_for_tokenizer(head, kind, n)})
+        blocks = data.tokenize_and_group(texts, tokenizer, block_size)
+        flips = common.calibrate(args, model, flips, blocks)
     peft_config = common.lora_config(args, flips, lora) if use_lora else None
     if not use_lora:
         peft_bitflip.apply_bitflip(model, flips)

@@ -129,7 +129,7 @@ def test_eval_command_offline_task(ckpt, tmp_path, capsys):
     flipped = json.loads((out / "results.json").read_text())
     key = "bits_per_byte,none"
     assert flipped["results"]["bitflip_text_ppl"][key] > clean["results"]["bitflip_text_ppl"][key]
-    assert "w_p_exp=0.0078125" in flipped["flips"] and clean["flips"] == "checkpoint's"
+    assert "w: p_exp=0.0078125" in flipped["flips"] and clean["flips"] == "none (clean)"
     assert "bitflip_text_ppl" in capsys.readouterr().out
 
 
@@ -152,7 +152,7 @@ def test_generate_command_writes_the_response(ckpt, tmp_path, capsys):
     assert main(args) == 0  # same seeds: same response
     assert (tmp_path / "prompt-response.txt").read_text() == text
     assert main([*args, "--x_p_exp", "0.05", "--x_p_frac", "0.05", "--no-do_sample"]) == 0
-    assert "x_p_exp=0.05" in capsys.readouterr().out
+    assert "x: p_exp=0.05" in capsys.readouterr().out
 
 
 def test_sweep_command_csv_plot_and_resume(ckpt, tmp_path, capsys):
