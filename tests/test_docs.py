@@ -91,7 +91,7 @@ def test_documented_command_parses(path, words):
         from peft_bitflip.cli import build_parser
 
         build_parser().parse_args(argv)
-    elif program == "peft-bitflip-lm-eval":
+    elif program in ("peft-bitflip-lm-eval", "lm_eval"):  # the stock CLI works via the hook
         cli = pytest.importorskip("lm_eval._cli")
         with mock.patch.object(sys, "argv", ["lm_eval", *argv]):
             cli.HarnessCLI().parse_args()
@@ -162,7 +162,8 @@ def test_checkpoint_guide_snippets_run(tiny_checkpoint, tmp_path, monkeypatch, r
     monkeypatch.chdir(tmp_path)
     snippets = [textwrap.dedent(b) for b in blocks("docs/checkpoints.md", ("python",))]
     snippets = [b for b in snippets if "push_to_hub" not in b]
-    assert len(snippets) == 3
+    assert len(snippets) == 4
+    stock, snippets = snippets[0], snippets[1:]
     tokenizer = data.train_tokenizer(["a small text to train a tokenizer on"] * 8, vocab_size=300)
     namespace = {"base": tiny_llama(), "tokenizer": tokenizer}
     run_snippet(snippets[0].replace("path/or/hub-id", tiny_checkpoint), namespace)
@@ -176,6 +177,8 @@ def test_checkpoint_guide_snippets_run(tiny_checkpoint, tmp_path, monkeypatch, r
     run_snippet(snippets[2], namespace)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert reloaded.config.quantization_config.x_p_exp == 2**-16
+    run_snippet(stock, namespace)  # the stock calls on the merged checkpoint
+    assert bitflip_layers(namespace["model"]) and bitflip_layers(namespace["generate"].model)
 
 
 def test_callback_snippet_runs(tmp_path, reference_backend):
