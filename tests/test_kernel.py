@@ -473,8 +473,9 @@ def test_meta_tensors():
     assert y.shape == (4, 8) and y.dtype == torch.bfloat16 and y.device.type == "meta"
 
 
-def test_torch_compile_full_graph_without_recompiles(reference_backend):
-    torch._dynamo.reset()
+def test_torch_compile_full_graph_without_recompiles(reference_backend, monkeypatch):
+    monkeypatch.setenv("PEFT_BITFLIP_CPU_COMPILE", "0")  # the CPU path's own compiled loops
+    torch._dynamo.reset()  # are graphs of their own; count only f's
     from torch._dynamo.utils import counters
 
     counters.clear()
@@ -559,3 +560,22 @@ def test_group_layout_constants():
         assert g * layout.n_bits == 128
         assert field_sizes(dtype) == (g * layout.n_exp, g * layout.n_frac)
         assert layout.n_exp + layout.n_frac == layout.n_bits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_cpu_path_equals_the_eager_reference(reference_backend, monkeypatch, dtype):
+    """Tensors of >= 2^20 elements take the torch.compile'd CPU loops (Philox from one int64
+    product per multiply, the fused zero-out); they must give the eager reference's bits, at a
+    small p (first draw only) and a large one (many gap-loop iterations of compiled draws)."""
+    if not reference.cpu_path("cpu").compiled:
+        pytest.skip("torch.compile is not available here (the eager path runs)")
+    n = reference._COMPILE_FROM + 13
+    x = (torch.randn(n, generator=torch.Generator().manual_seed(3)) * 8).to(dtype)
+    for p_exp, p_frac, t in ((2**-16, 2**-10, 30.0), (0.3, 0.05, 4.0), (1e-3, 0.0, None)):
+        compiled = pb.bitflip(x, p_exp, p_frac, t, seed=7, stream="big", call=2)
+        monkeypatch.setenv("PEFT_BITFLIP_CPU_COMPILE", "0")
+        eager = pb.bitflip(x, p_exp, p_frac, t, seed=7, stream="big", call=2)
+        monkeypatch.delenv("PEFT_BITFLIP_CPU_COMPILE")
+        ints = torch.int16 if dtype == torch.bfloat16 else torch.int32
+        assert torch.equal(compiled.view(ints), eager.view(ints))  # bit for bit, NaNs too
+        assert not torch.equal(compiled, x)  # something flipped

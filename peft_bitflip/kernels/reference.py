@@ -3,7 +3,8 @@
 Runs on any device with plain integer tensor ops (uint32 arithmetic emulated in int64).  It
 is the CPU path when the Triton interpreter is not enabled, and the oracle in the tests.
 Only groups that hold a flip enter the gap-sampling loop, so its cost at small p is one
-Philox draw per group.
+Philox draw per group: that first draw runs as one compiled loop on the CPU (``torch.compile``;
+eager where compiling is off or fails), and flips are applied only to the elements they hit.
 """
 
 from __future__ import annotations
@@ -35,25 +36,214 @@ def _mulhilo(m: int, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = PHILOX_ROUNDS):
+def _mulhilo_wrapping(m: int, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_mulhilo` from one int64 product: ``a * m < 2^64`` wraps to the same 64-bit
+    pattern in two's complement, so masking recovers both words (the compiled CPU path; checked
+    against :func:`_mulhilo` when it is compiled)."""
+    prod = a * m
+    return (prod >> 32) & _M32, prod & _M32
+
+
+def philox4x32(
+    c0, c1, c2, c3, k0: int, k1: int, rounds: int = PHILOX_ROUNDS, mulhilo=_mulhilo
+):
     """Philox4x32 on int64 tensors that hold uint32 values; same round function as the kernel."""
     for _ in range(rounds):
-        hi0, lo0 = _mulhilo(PHILOX_M0, c0)
-        hi1, lo1 = _mulhilo(PHILOX_M1, c2)
+        hi0, lo0 = mulhilo(PHILOX_M0, c0)
+        hi1, lo1 = mulhilo(PHILOX_M1, c2)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         k0 = (k0 + PHILOX_W0) & _M32
         k1 = (k1 + PHILOX_W1) & _M32
     return c0, c1, c2, c3
 
 
-def _uniforms(groups: torch.Tensor, iteration: int, call: int, k0: int, k1: int):
-    """The 63-bit uniforms (exp field, frac field) of ``groups`` at ``iteration``."""
+def _uniforms(groups: torch.Tensor, iteration, call, k0, k1, mulhilo=_mulhilo):
+    """The 63-bit uniforms (exp field, frac field) of ``groups`` at ``iteration`` (``iteration``,
+    ``call``, ``k0``, ``k1``: ints or 0-dim int64 tensors)."""
     c0 = groups & _M32
     c1 = groups >> 32
-    c2 = torch.full_like(groups, iteration)
-    c3 = torch.full_like(groups, call & _M32)
-    w0, w1, w2, w3 = philox4x32(c0, c1, c2, c3, k0, k1)
+    c2 = torch.zeros_like(groups) + iteration
+    c3 = torch.zeros_like(groups) + (call & _M32)
+    w0, w1, w2, w3 = philox4x32(c0, c1, c2, c3, k0, k1, mulhilo=mulhilo)
     return ((w0 >> 1) << 32) | w1, ((w2 >> 1) << 32) | w3
+
+
+def _first_draw(first, n: int, call, k0, k1, last_e, last_f, mulhilo=_mulhilo):
+    """(exp field holds a flip, frac field holds a flip) for groups ``first .. first + n - 1``:
+    the first draw of every group compared with the tables' last entries (P(no flip in the
+    field)).  All arguments but ``n`` are 0-dim int64 tensors.  The cost of the reference at
+    small p."""
+    groups = torch.arange(n, dtype=torch.int64, device=first.device) + first
+    u_e, u_f = _uniforms(groups, 0, call, k0, k1, mulhilo)
+    return u_e <= last_e, u_f <= last_f
+
+
+def _first_draw_wrapping(first, n: int, call, k0, k1, last_e, last_f):
+    """:func:`_first_draw` with :func:`_mulhilo_wrapping` (what the CPU path compiles)."""
+    return _first_draw(first, n, call, k0, k1, last_e, last_f, _mulhilo_wrapping)
+
+
+def _uniforms_wrapping(groups, iteration, call, k0, k1):
+    """:func:`_uniforms` with :func:`_mulhilo_wrapping` (what the CPU path compiles)."""
+    return _uniforms(groups, iteration, call, k0, k1, _mulhilo_wrapping)
+
+
+def _keep_values(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``y`` where ``|y| < t`` in float32, else 0 (NaN and Inf too)."""
+    return torch.where(y.to(torch.float32).abs() < t, y, torch.zeros_like(y))
+
+
+class _CpuPath:
+    """The three hot functions of the CPU reference, each compiled by ``torch.compile`` into one
+    loop (Philox with one int64 product per multiply) unless ``PEFT_BITFLIP_CPU_COMPILE=0``;
+    eager where compiling is off or fails (with a warning, once).  Integer ops only: the
+    compiled draws are checked bit for bit against the eager ones when they are compiled."""
+
+    def __init__(self):
+        self.first_draw = _first_draw
+        self.draw = _uniforms
+        self.keep_values = _keep_values
+        self.compiled = False
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls) -> _CpuPath:
+        import warnings
+
+        path = cls()
+        try:
+            first = torch.compile(_first_draw_wrapping, dynamic=True)
+            draw = torch.compile(_uniforms_wrapping, dynamic=True)
+            keep = torch.compile(_keep_values, dynamic=True)
+            z = torch.zeros((), dtype=torch.int64)
+            keys = (z + 3, z + 0x9E3779B9, z + 0xFFFFFFF1)
+            for n in (257, 1031):  # compile now (two sizes: the dynamic graph), and check it
+                lasts = (z + (1 << 61), z + (1 << 62))
+                want = _first_draw(z + (1 << 33) - 7, n, *keys, *lasts)
+                got = first(z + (1 << 33) - 7, n, *keys, *lasts)
+                idx = torch.arange(n, dtype=torch.int64) * 7919 + (1 << 40)
+                want += _uniforms(idx, z + 2, *keys)
+                got += draw(idx, z + 2, *keys)
+                if not all(torch.equal(a, b) for a, b in zip(want, got)):
+                    raise RuntimeError("the compiled draws differ from the eager ones")
+                y = torch.randn(n) * 4
+                y[0] = float("nan")
+                if not torch.equal(keep(y, z.float() + 2.5), _keep_values(y, z.float() + 2.5)):
+                    raise RuntimeError("the compiled zero-out differs from the eager one")
+            path.first_draw, path.draw, path.keep_values = first, draw, keep
+            path.compiled = True
+        except Exception as e:  # noqa: BLE001 - any compiler problem: stay correct, only slower
+            warnings.warn(
+                f"peft_bitflip: torch.compile of the CPU flip path failed ({type(e).__name__}: "
+                f"{str(e)[:200]}); flips on the CPU run eagerly (bit-identical, several times "
+                "slower). PEFT_BITFLIP_CPU_COMPILE=0 skips the attempt.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return path
+
+
+_EAGER = _CpuPath()
+_MIN_COMPILED = 64  # smaller inputs run eagerly: dynamo would specialise sizes 0 and 1
+_COMPILE_FROM = 1 << 20  # elements of a tensor from which the compiled path is used (and built:
+# compiling takes seconds, which only large tensors repay)
+_CPU_PATH: list = []
+_CHUNK_GROUPS = 1 << 22  # groups per first-draw pass (two bool outputs of 4 MiB)
+
+
+def cpu_path(device) -> _CpuPath:
+    """The functions the reference runs on ``device`` for tensors of at least
+    ``_COMPILE_FROM`` elements: compiled on the CPU (built on first use), eager elsewhere or
+    with ``PEFT_BITFLIP_CPU_COMPILE=0``."""
+    import os
+
+    device = torch.device(device)
+    if device.type != "cpu" or os.environ.get("PEFT_BITFLIP_CPU_COMPILE", "1") == "0":
+        return _EAGER
+    if not _CPU_PATH:
+        _CPU_PATH.append(_CpuPath.build())
+    return _CPU_PATH[0]
+
+
+def _draw(fns: _CpuPath, idx, iteration, keys, word: int):
+    """Field ``word``'s uniforms of groups ``idx`` at ``iteration`` (compiled when worth it)."""
+    if idx.numel() == 0:
+        return idx
+    draw = fns.draw if idx.numel() >= _MIN_COMPILED else _uniforms
+    return draw(idx, iteration, *keys)[word]
+
+
+@torch.no_grad()
+def sparse_flips(
+    n_elements: int,
+    dtype: torch.dtype,
+    table: torch.Tensor,
+    call: int,
+    k0: int,
+    k1: int,
+    device=None,
+    start: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(element indices relative to ``start``, int64 XOR masks holding the unsigned pattern) of
+    the elements of ``[start, start + n_elements)`` with at least one flipped bit, in
+    increasing order.  ``start`` must be a multiple of the group size."""
+    layout = check_dtype(dtype)
+    g = group_size(dtype)
+    if start % g:
+        raise ValueError(f"start must be a multiple of the group size {g}, got {start}")
+    n_e, n_f = field_sizes(dtype)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    table = table.to(device=device, dtype=torch.int64)
+    n_groups = (n_elements + g - 1) // g
+    first = start // g
+    tables = (table[:n_e], table[n_e:])
+    # the first draw of every group: which fields hold a flip (most don't at small p)
+    fns = cpu_path(device) if n_elements >= _COMPILE_FROM else _EAGER
+    scalars = [
+        torch.tensor(v, dtype=torch.int64, device=device) for v in (call, k0, k1)
+    ] + [tables[0][-1], tables[1][-1]]
+    idx_e, idx_f = [], []
+    for c in range(0, n_groups, _CHUNK_GROUPS):
+        n = min(_CHUNK_GROUPS, n_groups - c)
+        first_t = torch.tensor(first + c, dtype=torch.int64, device=device)
+        draw = fns.first_draw if n >= _MIN_COMPILED else _first_draw
+        a_e, a_f = draw(first_t, n, *scalars)
+        idx_e.append(a_e.nonzero().view(-1) + (first + c))
+        idx_f.append(a_f.nonzero().view(-1) + (first + c))
+    elems, bits = [], []
+    fields = (
+        (0, torch.cat(idx_e), tables[0], layout.n_exp, layout.n_bits - layout.n_exp),
+        (1, torch.cat(idx_f), tables[1], layout.n_frac, 0),
+    )
+    keys = scalars[:3]
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    for word, idx, t, per_elem, shift in fields:
+        n_field = t.numel()
+        u = _draw(fns, idx, zero, keys, word)
+        pos = torch.zeros_like(idx)
+        it = 0
+        while idx.numel():
+            gap = torch.searchsorted(t, u, side="left")  # number of j with t[j] < u
+            q = pos + gap
+            take = q < n_field
+            idx, q = idx[take], q[take]
+            elems.append((idx - first) * g + q // per_elem)
+            bits.append(torch.ones_like(q) << (q % per_elem + shift))
+            pos = q + 1
+            more = pos < n_field
+            idx, pos = idx[more], pos[more]
+            it += 1
+            u = _draw(fns, idx, zero + it, keys, word)
+    if not elems:
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return empty, empty
+    elem, bit = torch.cat(elems), torch.cat(bits)
+    keep = elem < n_elements  # the padding of the last group
+    elem, bit = elem[keep], bit[keep]
+    unique, inverse = torch.unique(elem, sorted=True, return_inverse=True)
+    # each (element, bit) is drawn at most once, so the sum of an element's bits is their XOR
+    masks = torch.zeros_like(unique).index_add_(0, inverse, bit)
+    return unique, masks
 
 
 def flip_masks(
@@ -71,41 +261,10 @@ def flip_masks(
     ``start`` must be a multiple of the group size; it lets tests check the tail of tensors
     with more than 2^31 elements without materialising the whole mask.
     """
-    layout = check_dtype(dtype)
-    g = group_size(dtype)
-    if start % g:
-        raise ValueError(f"start must be a multiple of the group size {g}, got {start}")
-    n_e, n_f = field_sizes(dtype)
-    table = table.to(device=device, dtype=torch.int64)
-    n_groups = (n_elements + g - 1) // g
-    groups = torch.arange(n_groups, dtype=torch.int64, device=device) + start // g
-    masks = torch.zeros(n_groups * g, dtype=torch.int64, device=device)
-    first = start // g
-    u_e, u_f = _uniforms(groups, 0, call, k0, k1)
-    fields = (
-        (0, u_e, table[:n_e], layout.n_exp, layout.n_bits - layout.n_exp),
-        (1, u_f, table[n_e:], layout.n_frac, 0),
-    )
-    for word, u, t, per_elem, shift in fields:
-        n_field = t.numel()
-        active = u <= t[-1]
-        idx = groups[active]
-        u = u[active]
-        pos = torch.zeros_like(idx)
-        it = 0
-        while idx.numel():
-            gap = torch.searchsorted(t, u, side="left")  # number of j with t[j] < u
-            q = pos + gap
-            take = q < n_field
-            idx, q = idx[take], q[take]
-            elem = (idx - first) * g + q // per_elem
-            masks[elem] ^= 1 << (q % per_elem + shift)
-            pos = q + 1
-            more = pos < n_field
-            idx, pos = idx[more], pos[more]
-            it += 1
-            u = _uniforms(idx, it, call, k0, k1)[word]
-    return masks[:n_elements]
+    elem, masks = sparse_flips(n_elements, dtype, table, call, k0, k1, device, start)
+    out = torch.zeros(n_elements, dtype=torch.int64, device=masks.device)
+    out[elem] = masks
+    return out
 
 
 def bitflip_reference(
@@ -122,11 +281,13 @@ def bitflip_reference(
     flat = x.contiguous().view(-1)
     y = flat
     if has_flips and flat.numel():
-        ints = flat.view(_INT_VIEW[layout.n_bits])
-        m = flip_masks(flat.numel(), x.dtype, table, call, k0, k1, device=x.device)
-        half = 1 << (layout.n_bits - 1)
-        m = torch.where(m >= half, m - 2 * half, m).to(ints.dtype)  # unsigned -> signed view
-        y = (ints ^ m).view(x.dtype)
+        elem, m = sparse_flips(flat.numel(), x.dtype, table, call, k0, k1, device=x.device)
+        if elem.numel():
+            half = 1 << (layout.n_bits - 1)
+            m = torch.where(m >= half, m - 2 * half, m)  # unsigned -> signed view
+            y = flat.clone()
+            ints = y.view(_INT_VIEW[layout.n_bits])
+            ints[elem] = ints[elem] ^ m.to(ints.dtype)
     y = zero_out(y, threshold)
     return y.view(x.shape) if y is not flat else flat.clone().view(x.shape)
 
@@ -137,10 +298,13 @@ def keep_mask(y: torch.Tensor, threshold: float) -> torch.Tensor:
     return y.to(torch.float32).abs() < t
 
 
+@torch.no_grad()
 def zero_out(y: torch.Tensor, threshold: float | None) -> torch.Tensor:
     if threshold is None:
         return y
-    return torch.where(keep_mask(y, threshold), y, torch.zeros((), dtype=y.dtype, device=y.device))
+    t = torch.tensor(threshold, dtype=torch.float32, device=y.device)
+    keep = cpu_path(y.device).keep_values if y.numel() >= _COMPILE_FROM else _keep_values
+    return keep(y, t)
 
 
 def bitflip_backward_reference(
