@@ -44,7 +44,6 @@ def test_profile_model_sorts_kernels_and_runs_at_toy_size(reference_backend, tmp
     cells = profile_model.main(argv + ["--trace", str(tmp_path / "traces")])
     assert out.exists() and [c["variant"] for c in cells] == ["clean", "ours"]
     import gzip
-    import json
 
     for variant in ("clean", "ours"):  # one gzipped Chrome trace per cell, with our layers
         trace = tmp_path / "traces" / f"forward_{variant}_b2.json.gz"
@@ -56,31 +55,13 @@ def test_profile_model_sorts_kernels_and_runs_at_toy_size(reference_backend, tmp
     assert "| 2 | forward | ours |" in profile_model.markdown(cells)
 
 
-def test_host_in_model_runs_at_toy_size(reference_backend, capsys):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import host_in_model
-    finally:
-        sys.path.pop(0)
-    argv = ["--tiny", "--device", "cpu", "--batch", "1", "--seq", "8", "--steps", "1"]
-    rows = host_in_model.main(argv + ["--rounds", "1"])
-    assert [(r["gc"], r["variant"]) for r in rows] == [
-        (True, "clean"), (True, "ours"), (False, "clean"), (False, "ours")
-    ]  # fmt: skip
-    assert all(r["wall_ms"] >= r["host_ms"] > 0 for r in rows)
-    import gc
-
-    assert gc.isenabled()  # the script leaves the collector on
-    assert "peft_bitflip" in capsys.readouterr().out  # the cProfile ran over our layers
-
-
 def test_profile_host_python_only_runs_with_the_stubbed_launchers():
     """profile_host.py --python-only replaces the Triton launchers by stubs; if a launcher's
     arguments or results change and the stubs no longer match, the layer calls fail here.
     (A subprocess: the stubs replace module attributes for the rest of the process.)"""
     import subprocess
 
-    script = os.path.join(ROOT, "benchmarks", "profile_host.py")
+    script = os.path.join(ROOT, "benchmarks", "tuning", "profile_host.py")
     env = dict(os.environ, PYTHONPATH=ROOT)
     run = subprocess.run(
         [sys.executable, script, "--python-only", "--calls", "200"],
@@ -99,28 +80,10 @@ def test_profile_host_python_only_runs_with_the_stubbed_launchers():
     assert all(float(r[3]) > 0 for r in rows[5:])
 
 
-def test_bench_interleaved_runs_every_job_at_toy_size(reference_backend, tmp_path):
-    """benchmarks/bench_interleaved.py (clean and ours in alternating rounds, one process) runs
-    every job at toy size (a smoke run of the script, not a timing) and writes its rows."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import bench_interleaved
-    finally:
-        sys.path.pop(0)
-    out = tmp_path / "rows.json"
-    argv = ["--tiny", "--device", "cpu", "--batch", "2", "--seq", "16", "--rounds", "3"]
-    rows = bench_interleaved.main(argv + ["--steps", "1", "--warmup", "1", "--out", str(out)])
-    assert [r["job"] for r in rows] == ["lora", "train", "forward"]
-    assert json.loads(out.read_text())["cells"] == rows
-    for r in rows:
-        assert r["rounds"] == 3 and r["clean_ms"] > 0 and r["ours_ms"] > 0
-        assert r["round_ratio_min"] <= r["round_ratio_median"] <= r["round_ratio_max"]
-
-
 def test_kernel_resources_compiles_the_launches_for_hopper():
-    """benchmarks/kernel_resources.py compiles each captured launch for sm_90 without a GPU and
-    reports the cubin's registers (at most 255 per thread), stack and shared memory; the merge
-    launches and the paired flip kernel store their flipped tiles 16 bytes at a time (the
+    """benchmarks/tuning/kernel_resources.py compiles each captured launch for sm_90 without a
+    GPU and reports the cubin's registers (at most 255 per thread), stack and shared memory; the
+    merge launches and the paired flip kernel store their flipped tiles 16 bytes at a time (the
     merge once stored its tile 2 bytes per instruction, half the sectors wasted on the GPU).
     (A subprocess without TRITON_INTERPRET: the kernels must be JIT functions to compile.)"""
     import subprocess
@@ -131,7 +94,7 @@ def test_kernel_resources_compiles_the_launches_for_hopper():
         pytest.skip("this Triton has no bundled cuobjdump")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT
-    script = os.path.join(ROOT, "benchmarks", "kernel_resources.py")
+    script = os.path.join(ROOT, "benchmarks", "tuning", "kernel_resources.py")
     run = subprocess.run(
         [sys.executable, script], capture_output=True, text=True, env=env, timeout=600
     )
@@ -149,29 +112,13 @@ def test_kernel_resources_compiles_the_launches_for_hopper():
             assert wide >= 1, cells
 
 
-def test_saved_for_backward_counts_what_a_lora_step_keeps(reference_backend):
-    """benchmarks/saved_for_backward.py at toy size (eager): it sees the tensors each step saves
-    for backward, and a bit-flip LoRA step keeps less than PEFT's (PEFT keeps a float32 copy
-    of each layer input for its float32 adapters; ours keeps flip(x) in bf16 and x's packed
-    zero mask)."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import saved_for_backward
-    finally:
-        sys.path.pop(0)
-    argv = ["--hidden", "64", "--layers", "2", "--seq", "32", "--vocab", "256", "--device", "cpu"]
-    totals = saved_for_backward.main(argv + ["--modes", "eager", "--top", "1"])
-    clean, ours = totals[("eager", "clean")], totals[("eager", "ours")]
-    assert 0 < ours < clean
-
-
 def test_kernel_resources_captures_the_launches_the_layers_make():
     """kernel_resources.py compiles what the host functions pass to their launchers: the LoRA
     backward's merge launch carries the uint8 mask and the two bf16 scaled-factor buffers and
     asks for both, the forward's carries x; the argument types are Triton's (pointers by
     dtype, 32-bit ints, fp32 scalars)."""
     pytest.importorskip("triton")
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "tuning"))
     try:
         import kernel_resources as kr
     finally:
@@ -196,10 +143,10 @@ def test_kernel_resources_captures_the_launches_the_layers_make():
 
 
 def test_ncu_kernels_launches_each_kernel_on_the_interpreter(needs_interpreter):
-    """benchmarks/ncu_kernels.py at toy size on the CPU: every row launches (the merge in its
+    """benchmarks/tuning/ncu_kernels.py at toy size on the CPU: every row launches (the merge in its
     forms, the flip kernels, the correction on the merge's own mask), and ``--only`` keeps the
     rows asked for, in the script's order."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "tuning"))
     try:
         import ncu_kernels
     finally:

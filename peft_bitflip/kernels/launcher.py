@@ -16,8 +16,8 @@ The direct call uses Triton's internal launcher signature, so it is used only wi
 Triton releases it was checked against (:data:`CHECKED_TRITON`), on CUDA, outside the
 interpreter and while no launch hooks are installed (profilers such as Proton add them); in
 every other case, and when ``PEFT_BITFLIP_DIRECT_LAUNCH=0``, each launch goes through the JIT.
-``tests/test_kernel_cuda.py`` checks direct launches against the CPU reference bit for bit, and
-``benchmarks/launch_ab.py`` a layer step both ways.
+``tests/test_kernel_cuda.py`` checks direct launches against the CPU reference bit for bit
+(the speed gain: docs/benchmarks.md, "Design decisions").
 """
 
 from __future__ import annotations

@@ -458,7 +458,7 @@ def _zero_by_masks_kernel(
 
 
 MASK_ROWS_PER_PROGRAM = 1024  # groups per program of the mask-zeroing kernel
-ROWS_PER_PROGRAM = 64  # tuned on H100 (benchmarks/tune_kernel.py): best at p <= 2^-16
+ROWS_PER_PROGRAM = 64  # tuned on H100 (benchmarks/tuning/tune_kernel.py): best at p <= 2^-16
 NUM_WARPS = 2
 SINGLE_GROUPS = 1  # a block with at most this many groups holding a flip takes them singly
 

@@ -442,8 +442,8 @@ def _rank_pad(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-# tuned on the H200 (benchmarks/tune_lora_kernels.py merge, docs/benchmarks.md; 2 warps: 7-9 %
-# faster than 4 for the W-only and forward launches in benchmarks/ncu_kernels.py, "12-03R")
+# tuned on the H200 (benchmarks/tuning/tune_lora_kernels.py merge, docs/benchmarks.md; 2 warps:
+# 7-9 % faster than 4 for the W-only and forward launches in benchmarks/tuning/ncu_kernels.py)
 MERGE_BM, MERGE_BN, MERGE_WARPS = 16, 64, 2
 MERGE_PRECISION = "ieee"  # of the rank-r product B @ A in the merge
 MERGE_SINGLES = 4  # a tile with at most this many groups holding a flip takes them singly

@@ -6,7 +6,7 @@ peak allocated bytes of that step, memory reserved, the bytes of the live blocks
 the innermost frame in our code, PEFT, transformers or inductor that allocated them (the
 largest groups), and inductor's cudagraph counters (skips, copied inputs).
 
-    python benchmarks/memory_breakdown.py --job lora --batch 1 --compile-mode reduce-overhead
+    python benchmarks/tuning/memory_breakdown.py --job lora --batch 1 --compile-mode reduce-overhead
 """
 
 from __future__ import annotations
@@ -14,9 +14,13 @@ from __future__ import annotations
 import argparse
 import collections
 import gc
+import os
+import sys
 
 import torch
-from bench_model import make_variant, model_config, step_fn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench_model
+from bench_model import make_variant, model_config, step_fn  # noqa: E402
 
 SITES = ("peft_bitflip/", "/peft/", "/transformers/", "torch/_inductor/", "torch/optim/")
 

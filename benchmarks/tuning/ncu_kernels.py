@@ -6,7 +6,7 @@ launch per row, in the order printed (bf16 weight 5632 x 2048, r = 32, the origi
 model: p = 2^-16, thresholds 1.25 for W and 30 for x; x has ``--tokens`` rows):
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight \\
-        --section Occupancy --section WarpStateStats python benchmarks/ncu_kernels.py
+        --section Occupancy --section WarpStateStats python benchmarks/tuning/ncu_kernels.py
 
 Without ncu it prints the rows and each launch's median time (``triton.testing.do_bench``).
 """

@@ -10,7 +10,8 @@ float32 A/B, r = 32, the original's weight fault model p = 2^-16, threshold 1.25
 * ``parts``: the merge launch with parts switched off, next to the flip kernel and a copy.
 * ``precision``: the merge launch per precision of the rank-r product and tile shape.
 
-    python benchmarks/tune_lora_kernels.py [accuracy] [merge] [parts] [precision] [correction]
+    python benchmarks/tuning/tune_lora_kernels.py [accuracy] [merge] [parts] [precision] \
+        [correction]
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ kernel) passes to its launcher, on small CPU tensors, then compiles that special
 (registers limit how many programs an SM holds; a stack frame means spills), not a timing:
 the Triton here may not be the one on the GPU machine.
 
-    python benchmarks/kernel_resources.py [--arch 90] [--merge-tiles 16x64,32x64,64x64]
+    python benchmarks/tuning/kernel_resources.py [--arch 90] [--merge-tiles 16x64,32x64,64x64]
 """
 
 from __future__ import annotations
