@@ -22,9 +22,7 @@ To load a saved flipped checkpoint with other settings, use :func:`load_config_w
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
-import weakref
 
 import torch
 from torch import nn
@@ -34,6 +32,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 
 from .config import QUANT_METHOD, BitflipConfig
 from .layers import bitflip_layers
+from .model_config import attach_bitflip_config, config_is_own, detach_bitflip_config
 from .transform import apply_bitflip, remove_bitflip
 
 __all__ = [
@@ -62,7 +61,7 @@ class BitflipHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         # the model is still on the meta device: only the module classes change;
         # from_pretrained gave it a deep copy of the config: no further copy is needed
-        _OWN_CONFIG[model] = model.config
+        config_is_own(model)
         apply_bitflip(model, self.quantization_config)
         return model
 
@@ -129,50 +128,6 @@ def register() -> None:
     if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not BitflipHfQuantizer:
         AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
         register_quantizer(QUANT_METHOD)(BitflipHfQuantizer)
-
-
-_OWN_CONFIG: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its config
-
-
-def _own_config(model: PreTrainedModel) -> None:
-    """Give ``model`` a config object of its own (a shallow copy, once), so that writing the
-    BitflipConfig into it does not reach other models built from the same config object
-    (``LlamaForCausalLM(cfg)`` keeps ``cfg`` itself).  The submodules that hold the model's
-    config object (``model.model``, attention layers, ...) get the copy too."""
-    config = model.config
-    if _OWN_CONFIG.get(model) is config:
-        return
-    own = copy.copy(config)
-    for module in model.modules():
-        if module.__dict__.get("config") is config:
-            module.config = own
-    _OWN_CONFIG[model] = own
-
-
-def attach_bitflip_config(model: nn.Module, config: BitflipConfig) -> None:
-    """Record ``config`` on a transformers model so ``save_pretrained`` writes it to config.json.
-
-    Called by :func:`~peft_bitflip.apply_bitflip` and the PEFT tuner; a no-op for modules that
-    are not ``PreTrainedModel``.  The model is marked the way ``from_pretrained`` marks it
-    (``hf_quantizer``, ``quantization_method``) but not ``is_quantized`` (weights stay float).
-    The first call gives the model a copy of its config object to write to (the model and its
-    submodules use the copy; the config object it was built from is left unchanged).
-    """
-    if not isinstance(model, PreTrainedModel):
-        return
-    _own_config(model)
-    model.config.quantization_config = config
-    model.hf_quantizer = BitflipHfQuantizer(config, pre_quantized=True)
-    model.quantization_method = QUANT_METHOD
-
-
-def detach_bitflip_config(model: nn.Module) -> None:
-    """Undo :func:`attach_bitflip_config` (the model saves as a clean model again)."""
-    if not isinstance(model, PreTrainedModel):
-        return
-    quantizer = getattr(model, "hf_quantizer", None)
-    if isinstance(quantizer, BitflipHfQuantizer):
-        quantizer.remove_quantization_config(model)
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from torch import nn
 
 from .config import BitflipConfig
 from .layers import BitflipConv1D, BitflipLayerMixin, BitflipLinear, Conv1D, bitflip_layers
+from .model_config import attach_bitflip_config, detach_bitflip_config
 from .spec import FlipSpec
 
 __all__ = ["BitflipSummary", "apply_bitflip", "remove_bitflip", "candidate_modules"]
@@ -104,9 +105,7 @@ def _unsupported_reason(module: nn.Module, adapter_of) -> str | None:
     if not isinstance(module, kinds) or _is_candidate(module, adapter_of):
         return None
     if adapter_of is not None:
-        from .tuner import BitflipLoraLinear  # imports this module
-
-        if isinstance(adapter_of, BitflipLoraLinear):
+        if getattr(adapter_of, "flips_merged_weight", False):  # a BitflipLoraLinear
             return None
         return (
             f"adapter part of a PEFT {type(adapter_of).__name__} layer: its output is added "
@@ -208,9 +207,7 @@ def _peft_parts(model: nn.Module):
 
 def _refuse_bitflip_lora_inside(walked) -> None:
     """A model inside a bit-flip LoRA PeftModel: its BitflipLoraConfig would not follow."""
-    from .tuner import BitflipLoraLinear  # imports this module
-
-    inside = [n for n, m, _ in walked if isinstance(m, BitflipLoraLinear)]
+    inside = [n for n, m, _ in walked if getattr(m, "flips_merged_weight", False)]
     if inside:
         raise ValueError(
             f"this model holds bit-flip LoRA layers ({inside[0]}, ...) of a PeftModel: call "
@@ -270,8 +267,6 @@ def apply_bitflip(
             reason = _unsupported_reason(module, adapter_of)
             if reason is not None:
                 summary.clean[name] = reason
-    from .hf_quantizer import attach_bitflip_config  # imports this module
-
     attach_bitflip_config(root, config)
     for adapter_config in (peft_configs or {}).values():
         if hasattr(adapter_config, "set_bitflip_config"):  # a BitflipLoraConfig
@@ -304,8 +299,6 @@ def _restore(module: BitflipLayerMixin) -> None:
 
 def remove_bitflip(model: nn.Module) -> int:
     """Turn every bit-flip layer of ``model`` back into its original class; returns how many."""
-    from .hf_quantizer import detach_bitflip_config  # imports this module
-
     layers = bitflip_layers(model)
     for _, m in layers:
         _restore(m)

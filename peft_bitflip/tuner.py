@@ -113,6 +113,8 @@ class BitflipLoraLinear(LoraLinear):
     """LoRA layer over a bit-flip layer: ``flip(x) @ flip(W + sum_a s_a B_a @ A_a)^T + b'``,
     ``b' = b + sum_a s_a lora_B_a.bias`` (adapters with ``lora_bias=True``; not flipped)."""
 
+    flips_merged_weight = True  # the transform leaves its factors clean: they are flipped in W'
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)
         if kwargs.pop("adapter_names", None) is not None:

@@ -45,6 +45,8 @@ def _run_python(script: str, cwd, plugin_on_path: bool = True) -> subprocess.Com
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([TESTS, ROOT] if plugin_on_path else [TESTS]),
+        # without the plugin = as if peft-bitflip were not installed: its autoload hook is off too
+        **({} if plugin_on_path else {"PEFT_BITFLIP_AUTOLOAD": "0"}),
         "PEFT_BITFLIP_CPU_BACKEND": "reference",
         "HF_HUB_OFFLINE": "1",
     }

@@ -69,7 +69,8 @@ def _lm_eval(command: list[str], ckpt, out, cwd, data_file, plugin=True):
         "--output_path",
         str(out),
     ]
-    env = _env() if plugin else {**_env(), "PYTHONPATH": ""}
+    # plugin=False: as if peft-bitflip were not installed (not on the path, autoload hook off)
+    env = _env() if plugin else {**_env(), "PYTHONPATH": "", "PEFT_BITFLIP_AUTOLOAD": "0"}
     return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True)
 
 
@@ -94,7 +95,7 @@ def test_wrapper_cli_evaluates_with_flips_and_perplexity_rises_with_p(checkpoint
 
 
 def test_stock_lm_eval_refuses_a_bitflip_checkpoint_loudly(checkpoints, tmp_path):
-    """Without the plugin (not importable at all), lm-eval fails naming the method."""
+    """Without the plugin (autoload off, not on the path), lm-eval fails naming the method."""
     from peft_bitflip.lm_eval_tasks import TASK_DIR
 
     stock = [sys.executable, "-c", "from lm_eval.__main__ import cli_evaluate as c; c()"]
