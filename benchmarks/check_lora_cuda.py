@@ -7,7 +7,7 @@ import sys
 import torch
 
 import peft_bitflip as pb
-from peft_bitflip import layers
+from peft_bitflip import flipped_linear
 from peft_bitflip.spec import FlipSpec
 
 torch.manual_seed(0)
@@ -21,7 +21,7 @@ ok = True
 for name, ws in [("original 2^-16, t=1.25", FlipSpec(2**-16, 2**-16, 1.25)),
                  ("many zeroed: 2^-8, t=0.03", FlipSpec(2**-8, 2**-8, 0.03))]:  # fmt: skip
     outs = []
-    for fn in (layers.flipped_lora_linear, layers.flipped_lora_linear_unfused):
+    for fn in (flipped_linear.flipped_lora_linear, flipped_linear.flipped_lora_linear_unfused):
         x, a, b = (t.clone().requires_grad_() for t in (x0, a0, b0))
         y = fn(
             x,

@@ -1,18 +1,18 @@
 """The fused bit-flip linear layer as two ``torch.library`` ops, for ``torch.compile``.
 
-In eager mode a layer runs :class:`~peft_bitflip.layers._FlippedLinear`, an autograd Function
-that keeps ``flip(x)``, x's packed zero mask and ``W`` for backward and flips ``W`` again
+In eager mode a layer runs :class:`~peft_bitflip.flipped_linear._FlippedLinear`, an autograd
+Function that keeps ``flip(x)``, x's packed zero mask and ``W`` for backward and flips ``W`` again
 there.  Dynamo does not trace into its kernel launches, so these ops carry the same forward
 and backward into a compiled graph as two opaque nodes:
 
 * ``peft_bitflip::flipped_linear`` -> ``(y, flip(x) or an empty tensor, x's zero mask or an
   empty tensor)``: the layer's forward (one flip launch for x and W, then the matmul);
 * ``peft_bitflip::flipped_linear_backward`` -> ``(dX, dW, db)`` (empty where not wanted): the
-  layer's backward (:func:`~peft_bitflip.layers.linear_grads`).
+  layer's backward (:func:`~peft_bitflip.linear_ops.linear_grads`).
 
 The fused bit-flip LoRA layer (one adapter merged into the weight) has the same pair,
 ``peft_bitflip::flipped_lora_linear`` / ``flipped_lora_linear_backward`` (the forward and
-backward of :class:`~peft_bitflip.layers._FlippedLoraLinear`).
+backward of :class:`~peft_bitflip.flipped_linear._FlippedLoraLinear`).
 
 Compiled graphs thereby keep what the eager layer keeps (no flipped weight per layer, as the
 unfused form under compile kept) and run the same kernels, and CUDA graphs capture both.  The
@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .kernels.sampling import zero_mask_size
+from .linear_ops import linear, linear_grads, lora_forward, lora_grads
 from .spec import FlipSpec
 
 __all__ = ["compiled_flipped_linear", "compiled_flipped_lora_linear"]
@@ -66,7 +67,6 @@ def flipped_linear_op(
     x and W stream keys, ``[x_k0, x_k1, w_k0, w_k1]``.  ``keep_input``: backward keeps the
     input x instead (read by the autograd setup only)."""
     from .functional import flip_specs_masked
-    from .layers import linear
 
     x_spec, w_spec = _spec(x_p_exp, x_p_frac, x_t), _spec(w_p_exp, w_p_frac, w_t)
     xf, wf, x_mask = flip_specs_masked(
@@ -117,7 +117,6 @@ def flipped_linear_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dX, dW, db)`` of :func:`flipped_linear_op` (empty tensors where not wanted), as the
     eager layer's backward computes them."""
-    from .layers import linear_grads
 
     x_spec, w_spec = _spec(x_p_exp, x_p_frac, x_t), _spec(w_p_exp, w_p_frac, w_t)
     g2 = grad_out.reshape(-1, grad_out.size(-1))
@@ -181,8 +180,8 @@ def compiled_flipped_linear(
 ):
     """The layer's ``flip(x) @ flip(W)^T + b`` through :func:`flipped_linear_op` (what a
     compiled graph holds; also callable in eager mode).  Keeps for backward what
-    :class:`~peft_bitflip.layers._FlippedLinear` keeps.  ``x`` and ``weight`` must already be
-    in the compute dtype (the caller applies an autocast)."""
+    :class:`~peft_bitflip.flipped_linear._FlippedLinear` keeps.  ``x`` and ``weight`` must
+    already be in the compute dtype (the caller applies an autocast)."""
     grad = torch.is_grad_enabled()
     need_x = grad and x.requires_grad
     need_w = grad and weight.requires_grad
@@ -225,9 +224,8 @@ def flipped_lora_linear_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(flip(x) @ flip(W + scale B@A)^T + b, flip(x) if keep_flipped_x, x's packed zero mask
     if keep_x_mask and x has a threshold)`` (empty tensors for the parts not kept), as the eager
-    fused LoRA layer computes it (:func:`~peft_bitflip.layers.lora_forward`).  ``x`` is in the
+    fused LoRA layer computes it (:func:`~peft_bitflip.linear_ops.lora_forward`).  ``x`` is in the
     compute dtype; ``keep_input``: backward keeps the input x (x is not flipped)."""
-    from .layers import lora_forward
 
     x_spec, w_spec = _spec(x_p_exp, x_p_frac, x_t), _spec(w_p_exp, w_p_frac, w_t)
     out, xf, x_mask = lora_forward(
@@ -274,8 +272,7 @@ def flipped_lora_linear_backward_op(
     need_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dX, dW, dA, dB, db)`` of :func:`flipped_lora_linear_op` (empty where not wanted), as
-    the eager layer's backward computes them (:func:`~peft_bitflip.layers.lora_grads`)."""
-    from .layers import lora_grads
+    the eager layer's backward computes them (:func:`~peft_bitflip.linear_ops.lora_grads`)."""
 
     w_spec = _spec(w_p_exp, w_p_frac, w_t)
     g2 = grad_out.reshape(-1, grad_out.size(-1))
@@ -340,7 +337,7 @@ def compiled_flipped_lora_linear(
 ):
     """The fused LoRA layer through :func:`flipped_lora_linear_op` (what a compiled graph holds;
     also callable in eager mode).  Keeps for backward what
-    :class:`~peft_bitflip.layers._FlippedLoraLinear` keeps: flip(x) (x itself when x is not
+    :class:`~peft_bitflip.flipped_linear._FlippedLoraLinear` keeps: flip(x) (x itself when x is not
     flipped), x's zero mask, W, A, B, not the merged weight.  ``x`` must already be in the
     compute dtype."""
     grad = torch.is_grad_enabled()

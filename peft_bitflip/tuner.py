@@ -10,11 +10,11 @@ so the adapter is trained through the fault model, and after ``merge_and_unload(
 layer (still a bit-flip layer, holding ``W + s * B @ A``) gives the same output for the same seed.
 ``W + s * B @ A`` is formed as ``float32(W) + float32(B) @ float32(A) * s`` rounded to W's
 dtype, by the forward and by ``merge`` alike.  With one active adapter the layer takes the fast
-path (:func:`~peft_bitflip.layers.flipped_lora_linear`: one kernel pass merges, flips and zeroes
-the weight; A and B get rank-r gradients).  LoRA dropout does not fit this formulation (there
-is no separate LoRA input path), so ``lora_dropout`` must be 0; DoRA and other LoRA variants
-are not supported.  ``lora_bias=True`` adds ``s * lora_B.bias`` to the (unflipped) bias ``b``
-(the general path; ``merge`` folds it into the base bias, which must exist).
+path (:func:`~peft_bitflip.flipped_linear.flipped_lora_linear`: one kernel pass merges, flips
+and zeroes the weight; A and B get rank-r gradients).  LoRA dropout does not fit this formulation
+(there is no separate LoRA input path), so ``lora_dropout`` must be 0; DoRA and other LoRA
+variants are not supported.  ``lora_bias=True`` adds ``s * lora_B.bias`` to the (unflipped)
+bias ``b`` (the general path; ``merge`` folds it into the base bias, which must exist).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import torch
 
 import peft_bitflip as pb
 from peft_bitflip import functional as F
-from peft_bitflip.layers import flipped_linear_unfused, flipped_lora_linear_unfused
+from peft_bitflip.flipped_linear import flipped_linear_unfused, flipped_lora_linear_unfused
 from peft_bitflip.spec import FlipSpec
 
 X_SPEC = FlipSpec(0.02, 0.02, 3.0)

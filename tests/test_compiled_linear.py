@@ -14,7 +14,7 @@ from torch._dynamo.backends.common import aot_autograd
 
 import peft_bitflip as pb
 from peft_bitflip.compiled_linear import compiled_flipped_linear
-from peft_bitflip.layers import flipped_linear_unfused
+from peft_bitflip.flipped_linear import flipped_linear_unfused
 from peft_bitflip.spec import FlipSpec
 
 

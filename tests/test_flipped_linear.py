@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import peft_bitflip as pb
+import peft_bitflip.flipped_linear
 from peft_bitflip import layers
-from peft_bitflip.layers import flipped_linear, flipped_linear_unfused
+from peft_bitflip.flipped_linear import flipped_linear, flipped_linear_unfused
 from peft_bitflip.spec import FlipSpec
 
 
@@ -188,7 +189,8 @@ FAST_FORMS = {name: getattr(layers, name) for name in ("flipped_linear", "flippe
 def use_unfused_forms(monkeypatch, unfused: bool):
     """Route the layers through the unfused reference forms (or the fast paths)."""
     for name, fast in FAST_FORMS.items():
-        monkeypatch.setattr(layers, name, getattr(layers, name + "_unfused") if unfused else fast)
+        unfused_form = getattr(peft_bitflip.flipped_linear, name + "_unfused")
+        monkeypatch.setattr(layers, name, unfused_form if unfused else fast)
 
 
 def test_lora_layer_gradients_match_the_unfused_form(monkeypatch):

@@ -155,7 +155,7 @@ def test_cuda_layer_counter_written_by_the_flip_kernel(specs):
     """A BitflipLinear on the GPU: each forward (no_grad, with grad, LoRA) advances its
     counter by one, written by the flip kernel, and flips as the CPU reference does at that
     call index."""
-    from peft_bitflip.layers import flipped_linear_unfused
+    from peft_bitflip.flipped_linear import flipped_linear_unfused
 
     x_spec, w_spec = pb.FlipSpec(0.01, 0.01, 3.0), pb.FlipSpec(0.01, 0.01, 0.2)
     x_spec = pb.FlipSpec() if specs == "only w" else x_spec

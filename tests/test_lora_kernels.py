@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import peft_bitflip as pb
-from peft_bitflip import layers
+from peft_bitflip import flipped_linear
 from peft_bitflip.kernels import lora
 from peft_bitflip.spec import FlipSpec
 
@@ -137,8 +137,8 @@ def test_fast_lora_layer_equals_unfused(request, monkeypatch, backend, conv1d, t
     w = coarse((32, 24) if conv1d else (24, 32), gen, 8) * 0.5  # the merge is exact (see coarse)
     a, b = coarse((2, 32), gen, 4), coarse((24, 2), gen, 4)
     bias = torch.randn(24, generator=gen)
-    fast = run(layers.flipped_lora_linear, x, w, a, b, bias, conv1d, train_w)
-    plain = run(layers.flipped_lora_linear_unfused, x, w, a, b, bias, conv1d, train_w)
+    fast = run(flipped_linear.flipped_lora_linear, x, w, a, b, bias, conv1d, train_w)
+    plain = run(flipped_linear.flipped_lora_linear_unfused, x, w, a, b, bias, conv1d, train_w)
     assert torch.equal(fast[0], plain[0])  # the same flips and zero-outs
     for got, want in zip(fast[1:], plain[1:]):
         assert (got is None) == (want is None)
@@ -176,7 +176,9 @@ def test_lora_layer_step_takes_three_launches(triton_cpu, monkeypatch):
     x = torch.randn(3, 5, 32, generator=gen).requires_grad_()
     w = coarse((24, 32), gen, 8) * 0.5
     a, b = coarse((2, 32), gen, 4).requires_grad_(), coarse((24, 2), gen, 4).requires_grad_()
-    y = layers.flipped_lora_linear(x, w, a, b, 0.5, None, X_SPEC, W_SPEC, *KEYS, torch.tensor(2))
+    y = flipped_linear.flipped_lora_linear(
+        x, w, a, b, 0.5, None, X_SPEC, W_SPEC, *KEYS, torch.tensor(2)
+    )
     assert counts == {"_launch_merge_flip": 1}
     y.backward(torch.randn(y.shape, generator=gen))  # contiguous (sum()'s is expanded)
     assert counts == {"_launch_merge_flip": 2, "_launch_zeroed_correction": 1}
@@ -196,7 +198,7 @@ def test_the_compile_op_gives_the_fast_layer(reference_backend, conv1d, train_w,
         return compiled_flipped_lora_linear(x, w, a, b, scale, bias, x_spec, *rest)
 
     def fast(x, w, a, b, scale, bias, _xs, *rest):
-        return layers.flipped_lora_linear(x, w, a, b, scale, bias, x_spec, *rest)
+        return flipped_linear.flipped_lora_linear(x, w, a, b, scale, bias, x_spec, *rest)
 
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(3, 5, 32, generator=gen) * 2
