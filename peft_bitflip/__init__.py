@@ -9,6 +9,7 @@ from .layers import BitflipConv1D, BitflipLinear, disable_bitflips, recompute_fl
 from .peft_registry import register as _register_peft
 from .spec import FlipSpec, snap_probability
 from .stats import FlipStatsRecorder, TensorFlipStats
+from .training_faults import TrainingFaultCallback, TrainingFaults
 from .transform import BitflipSummary, apply_bitflip, remove_bitflip
 from .tuner import BitflipLoraConfig, BitflipLoraModel
 
@@ -22,6 +23,8 @@ __all__ = [
     "FlipSchedule",
     "FlipStatsRecorder",
     "TensorFlipStats",
+    "TrainingFaultCallback",
+    "TrainingFaults",
     "add_bitflip_callback",
     "BitflipConfig",
     "BitflipConv1D",

@@ -1,0 +1,280 @@
+"""Training-step faults: flips in dX, dW, AdamW's moments and the parameters, at their rates,
+from their own streams, counted, and the same after a resume."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from bitstats import assert_binomial, group_counts
+from torch import nn
+
+from peft_bitflip.spec import FlipSpec
+from peft_bitflip.training_faults import (
+    TrainingFaultHooks,
+    TrainingFaults,
+    parse_training_faults,
+)
+
+P = 0.02  # per bit: ~20 flips per 1k bits, enough trials in a 64x64 tensor for 5-sigma checks
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64))
+
+
+def _batch(step: int):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(32, 64, generator=g), torch.randn(32, 64, generator=g)
+
+
+def _train(model, optimizer, steps, start=0):
+    for step in range(start, start + steps):
+        x, y = _batch(step)
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def test_grad_w_flips_the_gradient_the_optimizer_sees_at_its_rate():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hooks = TrainingFaults(grad_w=FlipSpec(p_exp=P, p_frac=P)).attach(model, opt)
+    seen = {}
+    opt.register_step_pre_hook(  # runs after ours: the gradient the update uses
+        lambda o, a, k: seen.update({id(p): p.grad.clone() for p in model.parameters()})
+    )
+    x, y = _batch(0)
+    ((model(x) - y) ** 2).mean().backward()
+    clean = {id(p): p.grad.clone() for p in model.parameters()}
+    opt.step()
+    exp = frac = n = 0
+    for p in model.parameters():
+        e, f = group_counts(clean[id(p)], seen[id(p)])
+        exp, frac, n = exp + e, frac + f, n + p.numel()
+    assert_binomial(exp, n * 9, P, what="grad_w exp")
+    assert_binomial(frac, n * 23, P, what="grad_w frac")
+    counts = hooks.counts()["grad_w"]
+    assert (counts["exp_flips"], counts["frac_flips"]) == (exp, frac)
+    assert (counts["exp_bits"], counts["frac_bits"]) == (n * 9, n * 23)
+
+
+@pytest.mark.parametrize("site", ["exp_avg", "exp_avg_sq", "param"])
+def test_adamw_state_and_parameter_flips_after_the_update(site):
+    clean_model, faulty_model = _model(), _model()
+    clean_opt = torch.optim.AdamW(clean_model.parameters(), lr=1e-3)
+    faulty_opt = torch.optim.AdamW(faulty_model.parameters(), lr=1e-3)
+    hooks = TrainingFaults(**{site: FlipSpec(p_exp=P, p_frac=P)}).attach(faulty_model, faulty_opt)
+    _train(clean_model, clean_opt, 1)
+    _train(faulty_model, faulty_opt, 1)
+    exp = frac = n = 0
+    for pc, pf in zip(clean_model.parameters(), faulty_model.parameters()):
+        a, b = (
+            (pc, pf) if site == "param" else (clean_opt.state[pc][site], faulty_opt.state[pf][site])
+        )
+        e, f = group_counts(a.detach(), b.detach())
+        exp, frac, n = exp + e, frac + f, n + a.numel()
+        if site != "param":  # the other tensors untouched
+            assert _bits_equal(pc.detach(), pf.detach())
+    assert_binomial(exp, n * 9, P, what=f"{site} exp")
+    assert_binomial(frac, n * 23, P, what=f"{site} frac")
+    assert hooks.counts()[site]["exp_flips"] == exp and hooks.step == 1
+
+
+def test_grad_x_flips_what_a_layer_passes_back_to_its_input():
+    model = _model()
+    faults = TrainingFaults(grad_x=FlipSpec(p_exp=0.0, p_frac=P), modules=r"^2$")
+    hooks = TrainingFaultHooks(faults, model, optimizer=None)
+    assert list(hooks.layers) == ["2"]
+    x, y = _batch(0)
+
+    def d_hidden(with_faults: bool) -> torch.Tensor:
+        h = model[1](model[0](x))
+        grads = []
+        h.register_hook(grads.append)
+        ((model[2](h) - y) ** 2).mean().backward()
+        return grads[0]
+
+    flipped = d_hidden(True)
+    hooks.remove()
+    clean = d_hidden(False)
+    exp, frac = group_counts(clean, flipped)
+    assert exp == 0
+    assert_binomial(frac, clean.numel() * 23, P, what="grad_x frac")
+
+
+def test_streams_differ_by_site_tensor_and_seed_and_repeat_with_the_seed():
+    def flipped_grads(seed):
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        TrainingFaults(grad_w=FlipSpec(p_frac=0.2), seed=seed).attach(model, opt)
+        out = []
+        opt.register_step_pre_hook(
+            lambda o, a, k: out.extend(p.grad.clone() for p in model.parameters())
+        )
+        _train(model, opt, 1)
+        return out
+
+    a, b, c = flipped_grads(0), flipped_grads(0), flipped_grads(1)
+    assert all(_bits_equal(u, v) for u, v in zip(a, b))
+    assert not _bits_equal(a[0], c[0])
+    # the two weights draw different flips: their XOR patterns with the clean grads differ
+    model = _model()
+    _train(model, torch.optim.SGD(model.parameters(), lr=0.0), 1)  # lr 0: grads are clean
+    x, y = _batch(0)
+    ((model(x) - y) ** 2).mean().backward()
+    clean = [p.grad for p in model.parameters()]
+    patterns = [(u.view(torch.int32) ^ g.view(torch.int32)) for u, g in zip(a, clean)]
+    assert not torch.equal(patterns[0], patterns[2])
+
+
+def test_a_resumed_run_draws_the_same_flips():
+    faults = TrainingFaults(
+        grad_w=FlipSpec(p_frac=1e-3), exp_avg=FlipSpec(p_frac=1e-3), param=FlipSpec(p_frac=1e-3)
+    )
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    faults.attach(model, opt)
+    _train(model, opt, 4)
+
+    first = _model()
+    first_opt = torch.optim.AdamW(first.parameters(), lr=1e-3)
+    hooks = faults.attach(first, first_opt)
+    _train(first, first_opt, 2)
+    saved = (
+        copy.deepcopy(first.state_dict()),
+        copy.deepcopy(first_opt.state_dict()),
+        hooks.state_dict(),
+    )
+    resumed = _model(seed=7)  # other initial weights: everything comes from the checkpoint
+    resumed.load_state_dict(saved[0])
+    resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=1e-3)
+    resumed_opt.load_state_dict(saved[1])
+    again = faults.attach(resumed, resumed_opt)
+    again.load_state_dict(saved[2])
+    assert again.step == 2
+    _train(resumed, resumed_opt, 2, start=2)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert _bits_equal(a.detach(), b.detach())
+    with pytest.raises(ValueError, match="differ"):
+        TrainingFaults(grad_w=FlipSpec(p_frac=0.5)).attach(resumed, resumed_opt).load_state_dict(
+            saved[2]
+        )
+
+
+def test_zero_out_threshold_of_a_site():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    faults = TrainingFaults(grad_w=FlipSpec(p_exp=0.05, zero_out_threshold=1.0))
+    hooks = faults.attach(model, opt)
+    seen = []
+    opt.register_step_pre_hook(
+        lambda o, a, k: seen.extend(p.grad.clone() for p in model.parameters())
+    )
+    _train(model, opt, 1)
+    for g in seen:
+        assert torch.isfinite(g).all() and g.abs().max() < 1.0
+    assert hooks.counts()["grad_w"]["zeroed"] > 0
+
+
+def test_parse_training_faults():
+    f = parse_training_faults("grad_w=2^-10, exp_avg_sq.exp=1e-6, exp_avg_sq.t=100", seed=3)
+    assert f.grad_w == FlipSpec(2**-10, 2**-10)
+    assert f.exp_avg_sq == FlipSpec(1e-6, 0.0, 100.0)
+    assert f.active_sites == ("grad_w", "exp_avg_sq") and f.seed == 3
+    assert TrainingFaults.from_dict(f.to_dict()) == f
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("grad=1e-3", "site=p"),
+        ("grad_w.mant=1e-3", "site=p"),
+        ("grad_w=lots", "'lots' is not a number"),
+        ("grad_w=1.5", "p_exp"),
+        ("param=nan", "p_exp"),
+        ("grad_w", "site=p"),
+    ],
+)
+def test_bad_training_fault_flags_are_named(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_training_faults(text)
+
+
+def test_bad_attach_arguments_are_named():
+    model = _model()
+    with pytest.raises(ValueError, match="need the optimizer"):
+        TrainingFaults(grad_w=FlipSpec(p_frac=0.1)).attach(model)
+    with pytest.raises(ValueError, match=r"modules='attn' matches no module"):
+        TrainingFaults(grad_x=FlipSpec(p_frac=0.1), modules="attn").attach(model)
+    with pytest.raises(ValueError, match="not a regular expression"):
+        TrainingFaults(modules="(")
+    with pytest.raises(ValueError, match="unknown TrainingFaults field"):
+        TrainingFaults.from_dict({"grad_y": None})
+
+
+def _trainer(model, out, faults):
+    from tiny_models import VOCAB
+    from transformers import Trainer, TrainingArguments
+
+    from peft_bitflip.training_faults import TrainingFaultCallback
+
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randint(0, VOCAB, (12, 16), generator=g)
+    data = [{"input_ids": r.tolist(), "labels": r.tolist()} for r in rows]
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=4, per_device_train_batch_size=2, learning_rate=5e-3,
+        logging_steps=1, save_steps=2, use_cpu=True, report_to=[], disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    callbacks = [] if faults is None else [TrainingFaultCallback(faults)]
+    return Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+
+
+def test_trainer_callback_logs_rates_and_resumes_the_same_flips(tmp_path):
+    from tiny_models import tiny_llama
+
+    faults = TrainingFaults(exp_avg=FlipSpec(p_frac=0.01), grad_w=FlipSpec(p_frac=0.01))
+    torch.manual_seed(0)
+    full_model = tiny_llama()
+    full = _trainer(full_model, tmp_path / "full", faults)
+    full.train()
+    logs = [e for e in full.state.log_history if "loss" in e]
+    n = sum(p.numel() for p in full_model.parameters())
+    for entry in logs:  # one optimizer step per log: the rate of that step's flips
+        assert_binomial(round(entry["train_faults/grad_w_frac_flips"]), n * 23, 0.01, what="grad_w")
+        assert entry["train_faults/grad_w_exp_flips"] == 0
+        assert entry["train_faults/exp_avg_frac_rate"] > 0
+
+    torch.manual_seed(1)
+    resumed_model = tiny_llama()  # other weights: the checkpoint restores them
+    resumed = _trainer(resumed_model, tmp_path / "resumed", faults)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    for (name, a), b in zip(full_model.named_parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_the_fault_model_guide_snippet_runs(tmp_path):
+    from test_docs import blocks
+    from tiny_models import tiny_llama
+
+    (code,) = [b for b in blocks("docs/fault-model.md", ("python",)) if "TrainingFaults" in b]
+    model = tiny_llama()
+    trainer = _trainer(model, tmp_path, None)
+    namespace = {
+        "trainer": trainer,
+        "model": model,
+        "optimizer": torch.optim.AdamW(model.parameters()),
+    }
+    exec(code, namespace)
+    added = [
+        c for c in trainer.callback_handler.callbacks if type(c).__name__ == "TrainingFaultCallback"
+    ]
+    assert len(added) == 1 and added[0].faults.active_sites == ("grad_w", "exp_avg_sq")
+    assert namespace["hooks"].faults.active_sites == ("grad_w", "exp_avg_sq")
