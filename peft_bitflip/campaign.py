@@ -668,7 +668,7 @@ def campaign_markdown(result: CampaignResult, title: str = "") -> str:
     what the interval is."""
     rows = ranked(result.rows)
     lines = [f"## {title}", ""] if title else []
-    methods = sorted({r["interval"] for r in rows})
+    methods = sorted({r["interval"] for r in rows} - {"none"})
     lines += [
         f"Golden run: loss {result.golden_loss:.4f} nats/token (perplexity "
         f"{_exp(result.golden_loss):.2f}) on {result.tokens:,} predicted tokens. Intervals: "
@@ -758,22 +758,25 @@ def plot_campaign_heatmap(rows: Sequence[dict], path: str, title: str = "") -> N
     vmax = vmax if vmax > 0 else 1.0
     linthresh = max(vmax * 1e-3, 1e-6)
     height = max(2.5, 0.28 * len(groups) + 1.5)
+    cmap = matplotlib.colormaps["RdBu_r"].copy()
+    cmap.set_bad("lightgrey")  # no finite unit (every unit diverged) or not measured
     fig, ax = plt.subplots(figsize=(1.4 * len(columns) + 2.8, height))
     im = ax.imshow(
-        np.ma.masked_invalid(grid), aspect="auto", cmap="RdBu_r",
+        np.ma.masked_invalid(grid), aspect="auto", cmap=cmap,
         norm=SymLogNorm(linthresh=linthresh, vmin=-vmax, vmax=vmax), interpolation="nearest",
     )  # fmt: skip
     for i in range(len(groups)):
         for j in range(len(columns)):
             if due[i, j] > 0:
                 ax.text(j, i, f"x {due[i, j]:.0%}", ha="center", va="center", fontsize=7,
-                        color="black", fontweight="bold")  # fmt: skip
+                        color="black", fontweight="bold",
+                        bbox={"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 1})  # fmt: skip
     ax.set_xticks(range(len(columns)), columns)
     ax.set_yticks(range(len(groups)), groups, fontsize=7 if len(groups) > 12 else None)
     ax.set_xlabel("tensor and bit group")
     ax.set_ylabel("site")
     fig.colorbar(im, ax=ax, label="Δ loss vs golden (nats/token)")
-    note = "x k%: diverged (share of units with non-finite logits or loss)"
+    note = "x k%: share of units with non-finite logits or loss (DUE); grey: no finite unit"
     ax.set_title((title + "\n" if title else "") + note, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -227,8 +227,8 @@ def test_cli_writes_table_heatmap_and_resumes(tmp_path):
     out = tmp_path / "out"
     argv = ["campaign", "--model", str(tmp_path / "m"), "--text", str(text), "--sites",
             "attn_mlp", "--site_regex", r"b1=model\.layers\.1\..*", "--p", "2^-8", "--bits",
-            "frac", "--seeds", "0", "1", "--block_size", "32", "--batch_size", "2", "--tokens", "128", "--out",
-            str(out)]  # fmt: skip
+            "frac", "--seeds", "0", "1", "--block_size", "32", "--batch_size", "2", "--tokens",
+            "128", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((out / "campaign.json").read_text())
     assert report["complete"] and len(report["rows"]) == 3 * 2  # attn, mlp, b1
