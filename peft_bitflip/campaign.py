@@ -29,6 +29,7 @@ continues where a killed one stopped (the sweep's CSV machinery).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -406,6 +407,66 @@ def _specs_for(site: Site, p: float, zero_out: BitflipConfig | None, name: str):
 # ---------------------------------------------------------------------- the campaign
 
 
+class _BlockPrefix:
+    """The golden run's output of every decoder block, per batch, so that a site run skips the
+    blocks before the site's first one (they compute exactly the golden values: nothing flips
+    there).  ``stack`` is ``None`` when the sites' modules do not sit in one numbered
+    ``ModuleList`` of blocks; then nothing is skipped."""
+
+    def __init__(self, model: torch.nn.Module, sites: Sequence[Site]):
+        self.stack = None
+        self.outputs: list[list] = []
+        prefixes = {m.group(1) for s in sites for n in s.modules if (m := _BLOCK.match(n))}
+        if len(prefixes) == 1:
+            stack = model.get_submodule(prefixes.pop())
+            if isinstance(stack, torch.nn.ModuleList) and len(stack):
+                self.stack = stack
+                self.outputs = [[] for _ in stack]
+
+    def first_block(self, site: Site) -> int:
+        """The index of the site's first block (0: nothing to skip)."""
+        if self.stack is None:
+            return 0
+        found = [m for n in site.modules if (m := _BLOCK.match(n))]
+        if len(found) < len(site.modules):
+            return 0
+        return min(int(m.group(2)) for m in found)
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Keep every block's output while the golden run runs."""
+        if self.stack is None:
+            yield
+            return
+
+        def keeper(j):
+            return lambda module, args, output: self.outputs[j].append(output)
+
+        handles = [blk.register_forward_hook(keeper(j)) for j, blk in enumerate(self.stack)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def skipping(self, first: int, batch: int):
+        """Blocks ``0 .. first - 1`` return the golden output of block ``first - 1`` on
+        ``batch`` without computing (``first`` = 0: nothing is skipped)."""
+        if first <= 0 or self.stack is None:
+            yield
+            return
+        cached = self.outputs[first - 1][batch]
+        skipped = list(self.stack)[:first]
+        for blk in skipped:
+            blk.forward = lambda *args, **kwargs: cached
+        try:
+            yield
+        finally:
+            for blk in skipped:
+                del blk.forward
+
+
 @dataclass
 class CampaignResult:
     """``rows``: one summary per site (see :func:`summarize_campaign`), in site order;
@@ -437,6 +498,7 @@ def campaign(
     settings: dict | None = None,
     max_minutes: float | None = None,
     count_flips: bool = True,
+    reuse_prefix: bool = True,
     progress: bool = True,
 ) -> CampaignResult:
     """Flip one site at a time and compare with the golden run; see the module doc.
@@ -449,6 +511,9 @@ def campaign(
     resuming under other settings raises ``ValueError`` naming them).  ``max_minutes``: stop
     before a (site, seed) that would end past the budget (from the mean time of those done
     so far); the result then has ``complete=False`` and summarises what was measured.
+    ``reuse_prefix``: a site confined to blocks k.. starts from the golden run's output of
+    block k - 1 (kept for every block and batch: one hidden state per block) instead of
+    computing the clean blocks before it again; the results are the same bit for bit.
     """
     from .layers import bitflip_layers
     from .stats import FlipStatsRecorder
@@ -502,7 +567,9 @@ def campaign(
                 done.update((u.key, u) for u in units)
         write_csv_atomic(csv_path, UNIT_COLUMNS, (u.row() for u in done.values()))
 
-    golden = golden_run(model, batches)
+    prefix = _BlockPrefix(model, sites) if reuse_prefix else None
+    with prefix.recording() if prefix is not None else contextlib.nullcontext():
+        golden = golden_run(model, batches)
     golden_sums = [float(loss.sum(dtype=torch.float64)) for loss, _ in golden]
     tokens = sum(loss.numel() for loss, _ in golden)
     golden_loss = sum(golden_sums) / tokens
@@ -545,8 +612,10 @@ def campaign(
             reset_streams(model)
             if recorder is not None:
                 recorder.reset()
+            first = prefix.first_block(site) if prefix is not None else 0
             for b, batch in enumerate(batches):
-                loss, top1, finite = _token_results(model, batch.to(device))
+                with prefix.skipping(first, b) if first else contextlib.nullcontext():
+                    loss, top1, finite = _token_results(model, batch.to(device))
                 flips = trials = zeroed = 0
                 if recorder is not None:
                     per_layer = recorder.read_per_layer(reset=True)

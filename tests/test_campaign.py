@@ -245,3 +245,26 @@ def test_cli_writes_table_heatmap_and_resumes(tmp_path):
     assert statistics.fmean(r["realised_rate"] for r in report["rows"]) == pytest.approx(
         2**-8, rel=0.2
     )
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_skipping_the_clean_blocks_before_a_site_changes_nothing(make):
+    """A site in block 1 starts from the golden output of block 0 (block 0 is not computed):
+    the units are bit-identical to running every block."""
+    model = make()
+    ids = token_ids(4, 16, seed=3)
+    sites = cp.sites_for(cp.module_groups(model, "blocks"), ["x", "w"], ["exp"])
+    zero_out = _calibrated(model, ids)
+    kwargs = dict(p=0.01, seeds=[0, 1], zero_out=zero_out, batch_size=2, progress=False)
+    first_mlp = [m for n, m in model.named_modules() if n.endswith("0.mlp")][0]
+    calls = []
+    handle = first_mlp.register_forward_pre_hook(lambda *a: calls.append(1))
+    fast = cp.campaign(model, ids, sites, **kwargs)
+    n_fast = len(calls)
+    slow = cp.campaign(model, ids, sites, reuse_prefix=False, **kwargs)
+    handle.remove()
+    # golden (2 batches) + block-0 sites (2 sites x 2 seeds x 2 batches); block-1 sites skip it
+    assert n_fast == 2 + 8 and len(calls) - n_fast == 2 + 16
+    assert fast.units == slow.units and fast.rows == slow.rows
+    assert any(u.mismatches for u in fast.units if u.site.startswith("block 1"))
+    assert not any(hasattr(m, "forward") and "forward" in vars(m) for m in model.modules())
