@@ -658,6 +658,121 @@ def attribute_command(args) -> int:
     return 0
 
 
+def campaign_command(args) -> int:
+    """Flip one site (module group x tensor x bit group) at a time against the golden run:
+    ranking table (markdown, CSV, JSON) and heatmap; resumable; a time budget."""
+    from . import data
+    from .calibration import calibrate_zero_out
+    from .campaign import (
+        campaign,
+        campaign_markdown,
+        module_groups,
+        sites_for,
+        write_campaign_outputs,
+    )
+    from .config import BitflipConfig
+    from .evaluation import load_model
+
+    check_text_file(args.text, "--text")
+    _checked_model(args.model)
+    regexes = {}
+    for item in args.site_regex or []:
+        label, sep, pattern = item.partition("=")
+        if not sep or not label or not pattern:
+            raise ValueError(f"--site_regex {item!r}: expected LABEL=REGEX")
+        regexes[label] = pattern
+    model, tok = load_model(args.model, None, dtype=TORCH_DTYPES[args.dtype], device=args.device)
+    groups = {}
+    for grouping in args.sites or ([] if regexes else ["blocks"]):
+        groups.update(module_groups(model, grouping))
+    if regexes:
+        groups.update(module_groups(model, "regex", regexes))
+    sites = sites_for(groups, args.tensors, args.bits)
+    raw = data.load_text_datasets(train_file=args.text, validation_file=args.text)
+    blocks = _blocks_of(raw["validation"], tok, args.block_size, "--text")
+    n_blocks = min(len(blocks), math.ceil(args.tokens / args.block_size))
+    ids = torch.tensor(blocks["input_ids"][:n_blocks])
+    zero_out = None
+    if args.zero_out == "calibrated":
+        zero_out = calibrate_zero_out(
+            model, ids, margin=args.zero_out_margin, base=BitflipConfig(),
+            batch_size=args.batch_size,
+        )  # fmt: skip
+    elif args.zero_out == "fixed":
+        zero_out = BitflipConfig(x_zero_out_t=args.x_zero_out_t, w_zero_out_t=args.w_zero_out_t)
+    print(
+        f"campaign: {args.model}, {len(sites)} sites x {len(set(args.seeds))} seeds on "
+        f"{n_blocks} blocks of {args.block_size} tokens, p = {args.p:g}, zero-out "
+        f"{args.zero_out}"
+    )
+    settings = {
+        "model": args.model,
+        "text": os.path.abspath(args.text),
+        "block_size": args.block_size,
+        "zero_out_mode": args.zero_out,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    result = campaign(
+        model, ids, sites, p=args.p, seeds=args.seeds, zero_out=zero_out,
+        batch_size=args.batch_size, csv_path=os.path.join(args.out, "campaign_units.csv"),
+        settings=settings, max_minutes=args.max_minutes,
+    )  # fmt: skip
+    title = f"{os.path.basename(os.path.normpath(args.model))}: p = {args.p:g}, zero-out "
+    title += args.zero_out
+    paths = write_campaign_outputs(result, args.out, title)
+    print(campaign_markdown(result, title))
+    state = "complete" if result.complete else "stopped by --max_minutes (run again to go on)"
+    print(f"{state}; {result.seconds:.1f} s; wrote {', '.join(paths)}")
+    return 0
+
+
+def add_campaign_parser(sub) -> None:
+    """The ``campaign`` subcommand's arguments."""
+    k = sub.add_parser(
+        "campaign",
+        help="fault campaign: flips confined to one site (modules x tensor x bits) at a time "
+        "against the golden run; ranking table and heatmap (resumable)",
+    )
+    k.add_argument("--model", required=True, help="checkpoint directory or Hub id (clean)")
+    k.add_argument("--text", required=True, help=".txt/.json/.jsonl/.csv text to evaluate on")
+    k.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="float32")
+    k.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    k.add_argument(
+        "--sites", nargs="+", choices=["blocks", "attn_mlp", "proj"], default=None,
+        help="module groups: each decoder block (the default without --site_regex), "
+        "attention vs MLP, each projection kind",
+    )  # fmt: skip
+    k.add_argument(
+        "--site_regex", nargs="+", metavar="LABEL=REGEX",
+        help="more groups: the modules whose name the regex full-matches",
+    )  # fmt: skip
+    k.add_argument("--tensors", nargs="+", choices=["x", "w"], default=["x", "w"])
+    k.add_argument(
+        "--bits", nargs="+", choices=["exp", "frac"], default=["exp", "frac"],
+        help="exp = sign and exponent bits, frac = mantissa bits",
+    )  # fmt: skip
+    k.add_argument("--p", type=parse_probability, default=1e-3, help="flip probability per bit")
+    k.add_argument("--seeds", type=parse_seed, nargs="+", default=[0, 1, 2])
+    k.add_argument("--block_size", type=parse_positive, default=512)
+    k.add_argument("--batch_size", type=parse_positive, default=8)
+    k.add_argument("--tokens", type=parse_positive, default=16384, help="tokens of --text used")
+    k.add_argument(
+        "--zero_out", choices=["calibrated", "fixed", "off"], default="calibrated",
+        help="zero-out of the site's tensor: calibrated = MARGIN x each layer's max |x| on the "
+        "campaign tokens / max |w| (never fires without flips); fixed = --x_zero_out_t / "
+        "--w_zero_out_t; off",
+    )  # fmt: skip
+    k.add_argument("--zero_out_margin", type=parse_margin, default=2.0)
+    k.add_argument("--x_zero_out_t", type=parse_threshold, default=30.0)
+    k.add_argument("--w_zero_out_t", type=parse_threshold, default=1.25)
+    k.add_argument(
+        "--max_minutes", type=float, default=None,
+        help="stop cleanly before a run that would end past this budget",
+    )  # fmt: skip
+    k.add_argument("--out", default="campaign_out", help="directory (resumed if it exists)")
+    k.set_defaults(func=campaign_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``peft-bitflip`` command line (subcommands demo, eval, generate, sweep, compare,
     attribute)."""
@@ -753,6 +868,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--top", type=parse_count, default=10, help="layers listed by cuts")
     a.add_argument("--output_dir", default=None, help="writes attribution.md and .json")
     a.set_defaults(func=attribute_command)
+    add_campaign_parser(sub)
     return parser
 
 

@@ -480,9 +480,11 @@ def tokens_fingerprint(ids: torch.Tensor) -> str:
     return hashlib.sha256(f"{tuple(ids.shape)}".encode() + ids.numpy().tobytes()).hexdigest()[:16]
 
 
-def _read_sweep_csv(path: str) -> list[SweepPoint]:
-    """The complete rows of a sweep CSV; rows cut short (a killed write) are dropped with a
-    warning, so they are measured again."""
+def read_csv_rows(path: str, columns: list[str], parse) -> list:
+    """The complete rows of a CSV written by :func:`write_csv_atomic`, each passed through
+    ``parse(fields)`` (which raises ``ValueError`` for a bad row).  Rows cut short (a killed
+    write of an older version) or unparsable are dropped with a warning, so they are measured
+    again; a header other than ``columns`` raises ``ValueError``."""
     if not os.path.exists(path):
         return []
     with open(path, newline="", encoding="utf-8") as f:
@@ -491,12 +493,12 @@ def _read_sweep_csv(path: str) -> list[SweepPoint]:
         return []
     lines = text.splitlines(keepends=True)
     header = next(csv.reader([lines[0]]))
-    if header != SWEEP_COLUMNS:
+    if header != columns:
         raise ValueError(
-            f"{path} is not a sweep CSV of this version (columns {header}, expected "
-            f"{SWEEP_COLUMNS}); use another output folder or delete it"
+            f"{path} is not a CSV of this kind and version (columns {header}, expected "
+            f"{columns}); use another output folder or delete it"
         )
-    points, bad = [], []
+    rows, bad = [], []
     for i, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
@@ -504,50 +506,69 @@ def _read_sweep_csv(path: str) -> list[SweepPoint]:
             if not line.endswith("\n"):
                 raise ValueError("no line end (cut short)")
             r = next(csv.reader([line]))
-            if len(r) != len(SWEEP_COLUMNS):
+            if len(r) != len(columns):
                 raise ValueError(f"{len(r)} columns")
-            point = SweepPoint(
-                float(r[0]), r[1], r[2], int(r[3]), float(r[4]), float(r[5]), int(r[6]), int(r[7])
-            )
-            if point.target not in TARGETS or point.field not in FIELDS:
-                raise ValueError("unknown target or field")
+            row = parse(r)
         except (ValueError, IndexError) as e:
             bad.append(f"line {i} ({e})")
             continue
-        points.append(point)
+        rows.append(row)
     if bad:
         warnings.warn(
             f"{path}: ignoring {len(bad)} incomplete row(s), measured again: {', '.join(bad)}",
             UserWarning,
             stacklevel=3,
         )
-    return points
+    return rows
 
 
-def _write_sweep_csv(path: str, points: Iterable[SweepPoint]) -> None:
-    """Write every point to ``path`` atomically (a temporary file, then ``os.replace``): a
-    killed process leaves either the old or the new file, never a torn row."""
+def write_csv_atomic(path: str, columns: list[str], rows: Iterable[Sequence]) -> None:
+    """Write ``columns`` and every row to ``path`` atomically (a temporary file, then
+    ``os.replace``): a killed process leaves either the old or the new file, never a torn row."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(SWEEP_COLUMNS)
-        for pt in points:
-            w.writerow(
-                [pt.p, pt.target, pt.field, pt.seed, pt.loss, pt.perplexity,
-                 pt.nonfinite_batches, pt.batches]
-            )  # fmt: skip
+        w.writerow(columns)
+        for row in rows:
+            w.writerow(row)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def _check_settings(csv_path: str, settings: dict) -> None:
-    """Record ``settings`` next to ``csv_path``, or, when the CSV already holds rows, refuse
-    to add to it if they were measured under other settings (naming each difference)."""
+def _parse_sweep_row(r: list[str]) -> SweepPoint:
+    point = SweepPoint(
+        float(r[0]), r[1], r[2], int(r[3]), float(r[4]), float(r[5]), int(r[6]), int(r[7])
+    )
+    if point.target not in TARGETS or point.field not in FIELDS:
+        raise ValueError("unknown target or field")
+    return point
+
+
+def _read_sweep_csv(path: str) -> list[SweepPoint]:
+    """The complete rows of a sweep CSV (see :func:`read_csv_rows`)."""
+    return read_csv_rows(path, SWEEP_COLUMNS, _parse_sweep_row)
+
+
+def _write_sweep_csv(path: str, points: Iterable[SweepPoint]) -> None:
+    """Write every point to ``path`` atomically (see :func:`write_csv_atomic`)."""
+    rows = (
+        [pt.p, pt.target, pt.field, pt.seed, pt.loss, pt.perplexity, pt.nonfinite_batches,
+         pt.batches]
+        for pt in points
+    )  # fmt: skip
+    write_csv_atomic(path, SWEEP_COLUMNS, rows)
+
+
+def check_settings(
+    csv_path: str, settings: dict, has_rows: bool, settings_file: str = SETTINGS_FILE
+) -> None:
+    """Record ``settings`` in ``settings_file`` next to ``csv_path``, or, when the CSV already
+    holds rows (``has_rows``), refuse to add to it if they were measured under other settings
+    (naming each difference)."""
     folder = os.path.dirname(os.path.abspath(csv_path))
-    spath = os.path.join(folder, SETTINGS_FILE)
+    spath = os.path.join(folder, settings_file)
     settings = json.loads(json.dumps(settings))  # the JSON form, as stored
-    has_rows = bool(_read_sweep_csv(csv_path)) if os.path.exists(csv_path) else False
     if os.path.exists(spath):
         with open(spath, encoding="utf-8") as f:
             old = json.load(f)
@@ -563,13 +584,19 @@ def _check_settings(csv_path: str, settings: dict) -> None:
             )
     elif has_rows:
         raise ValueError(
-            f"{csv_path} holds points but no {SETTINGS_FILE} that says how they were measured "
+            f"{csv_path} holds points but no {settings_file} that says how they were measured "
             "(an older version wrote it); use another output folder, or delete it"
         )
     os.makedirs(folder, exist_ok=True)
     with open(spath, "w", encoding="utf-8") as f:
         json.dump(settings, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def _check_settings(csv_path: str, settings: dict) -> None:
+    """:func:`check_settings` for a sweep CSV."""
+    has_rows = bool(_read_sweep_csv(csv_path)) if os.path.exists(csv_path) else False
+    check_settings(csv_path, settings, has_rows)
 
 
 def sweep(
