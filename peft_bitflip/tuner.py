@@ -28,6 +28,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from .config import RULE_KEYS, BitflipConfig
+from .experts import BitflipExpertsMixin
 from .kernels.lora import merge_lora_weight, merged_lora_weight
 from .layers import BitflipLayerMixin
 from .transform import apply_bitflip, candidate_modules
@@ -244,6 +245,16 @@ def _check_model_fault_model(model, wanted: BitflipConfig) -> None:
         )
 
 
+_EXPERTS_LORA = (
+    "BitflipLoraConfig cannot adapt the MoE expert parameter {param!r}: its experts module is "
+    "a bit-flip experts module, and a PEFT ParamWrapper adapter there would not be flipped "
+    "within the merged weight flip(W + s*B@A) that BitflipLoraConfig guarantees (nor merge "
+    "with the same arithmetic). Leave the experts out of target_parameters (adapt the "
+    "attention and shared linear layers; the experts are flipped either way), or skip them "
+    "from the fault model with skip_modules"
+)
+
+
 class BitflipLoraModel(LoraModel):
     """``LoraModel`` that first applies the fault model, then adds :class:`BitflipLoraLinear`."""
 
@@ -269,6 +280,8 @@ class BitflipLoraModel(LoraModel):
     @staticmethod
     def _create_new_module(lora_config, adapter_name, target, **kwargs):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, BitflipExpertsMixin):
+            raise ValueError(_EXPERTS_LORA.format(param=kwargs.get("parameter_name")))
         if isinstance(base, BitflipLayerMixin) and kwargs.get("parameter_name") is None:
             lora_config.fan_in_fan_out = base._is_conv1d
             return BitflipLoraLinear(
