@@ -12,6 +12,7 @@ from tiny_models import tiny_gpt_oss, tiny_mixtral, tiny_qwen2_moe, token_ids
 from transformers import AutoModelForCausalLM
 
 import peft_bitflip as pb
+from peft_bitflip.calibration import calibrate_zero_out
 from peft_bitflip.experts import BitflipExpertsMixin
 from peft_bitflip.functional import apply_flip_spec, stream_key
 from peft_bitflip.spec import FlipSpec
@@ -249,3 +250,27 @@ def test_bitflip_lora_refuses_expert_parameters():
         .sum()
         > 0
     )
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_mixtral().train()
+        pb.apply_bitflip(model, pb.BitflipConfig(x_p_frac=2**-4, w_p_frac=2**-4, w_zero_out_t=0.06))
+        if checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        ids = token_ids()
+        model(ids, labels=ids).loss.backward()
+        grads.append(_experts(model).down_proj.grad)
+        assert int(_experts(model).bitflip_calls) == 1  # the recomputation reuses the call
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_calibration_refuses_moe_experts_clearly():
+    model = tiny_mixtral()
+    with pytest.raises(
+        NotImplementedError, match="MoE experts module 'model.layers.0.mlp.experts'"
+    ):
+        calibrate_zero_out(model, token_ids(), x=False, w=True)
