@@ -122,24 +122,28 @@ class BitflipExpertsMixin(BitflipLayerMixin):
         finally:
             write_next_call(call, following)
 
-    def _expert_matmul(self, proj: str, expert: int, x, biased: bool, call, stats):
-        """flip(x) @ flip(W[expert])^T (W[expert] for a transposed layout), plus the bias
-        parameter ``{proj}_bias[expert]`` where ``biased``."""
+    def _expert_matmul(self, proj: str, expert: int, x, weights, biases, call, stats):
+        """flip(x) @ flip(W[expert])^T (W[expert] for a transposed layout), plus
+        ``biases[expert]`` unless ``biases`` is None; ``weights`` / ``biases``: the stacked
+        parameters named ``proj`` and ``proj + "_bias"``."""
         x_key, w_key = self.stream_keys(proj, expert)
-        weight = getattr(self, proj)[expert]
         out = flipped_linear(
-            x, weight, None, self.x_spec, self.w_spec, x_key, w_key, call,
+            x, weights[expert], None, self.x_spec, self.w_spec, x_key, w_key, call,
             self.is_transposed, stats, recompute_input=self.bitflip_recompute_input,
         )  # fmt: skip
-        if biased:  # added after the product, as the stock forward does
-            out = out + getattr(self, proj + "_bias")[expert]
+        if biases is not None:  # added after the product, as the stock forward does
+            out = out + biases[expert]
         return out
 
     def _flipped_experts(self, hidden_states, top_k_index, top_k_weights, call, stats):
         """The stock eager loop (experts in index order, tokens in the order it gathers them),
         with every matmul flipped."""
-        first, down = expert_weight_names(self)
         n = self.num_experts
+        # each parameter read once per forward (a PEFT ParamWrapper computes W + s*B@A per read)
+        (first, w1, b1), (down, w2, b2) = (
+            (p, getattr(self, p), getattr(self, p + "_bias") if self.has_bias else None)
+            for p in expert_weight_names(self)
+        )
         final = torch.zeros_like(hidden_states)
         with torch.no_grad():
             mask = nn.functional.one_hot(top_k_index, num_classes=n + 1).permute(2, 1, 0)
@@ -148,9 +152,9 @@ class BitflipExpertsMixin(BitflipLayerMixin):
             if e >= n:  # expert-parallel sentinel: no local expert
                 continue
             top_k_pos, token_idx = torch.where(mask[e])
-            h = self._expert_matmul(first, e, hidden_states[token_idx], self.has_bias, call, stats)
+            h = self._expert_matmul(first, e, hidden_states[token_idx], w1, b1, call, stats)
             h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-            h = self._expert_matmul(down, e, h, self.has_bias, call, stats)
+            h = self._expert_matmul(down, e, h, w2, b2, call, stats)
             if getattr(self, "has_post_expert_norm", False):
                 h = self.post_expert_norm(h)
             h = h * top_k_weights[token_idx, top_k_pos, None]

@@ -113,6 +113,10 @@ def _unsupported_reason(module: nn.Module, adapter_of) -> str | None:
     if adapter_of is not None:
         if getattr(adapter_of, "flips_merged_weight", False):  # a BitflipLoraLinear
             return None
+        if getattr(adapter_of, "parameter_name", None) is not None and isinstance(
+            adapter_of.get_base_layer(), BitflipLayerMixin
+        ):  # PEFT's ParamWrapper: the delta joins the parameter the bit-flip module reads
+            return None
         return (
             f"adapter part of a PEFT {type(adapter_of).__name__} layer: its output is added "
             "unflipped (BitflipLoraConfig flips the merged weight W + s*B@A instead)"

@@ -13,7 +13,10 @@ dtype, by the forward and by ``merge`` alike.  With one active adapter the layer
 path (:func:`~peft_bitflip.layers.flipped_lora_linear`: one kernel pass merges, flips and zeroes
 the weight; A and B get rank-r gradients).  LoRA dropout does not fit this formulation (there
 is no separate LoRA input path), so ``lora_dropout`` must be 0; DoRA and other LoRA variants
-are not supported.  ``lora_bias=True`` adds ``s * lora_B.bias`` to the (unflipped) bias ``b``
+are not supported.  MoE experts (3-D parameters, ``experts.py``) take adapters through
+``target_parameters`` (PEFT's ``ParamWrapper``): the delta joins the parameter the bit-flip
+experts read, so they flip ``W + s * B @ A`` too, with PEFT's arithmetic for the sum, which its
+merge repeats.  ``lora_bias=True`` adds ``s * lora_B.bias`` to the (unflipped) bias ``b``
 (the general path; ``merge`` folds it into the base bias, which must exist).
 """
 
@@ -246,12 +249,9 @@ def _check_model_fault_model(model, wanted: BitflipConfig) -> None:
 
 
 _EXPERTS_LORA = (
-    "BitflipLoraConfig cannot adapt the MoE expert parameter {param!r}: its experts module is "
-    "a bit-flip experts module, and a PEFT ParamWrapper adapter there would not be flipped "
-    "within the merged weight flip(W + s*B@A) that BitflipLoraConfig guarantees (nor merge "
-    "with the same arithmetic). Leave the experts out of target_parameters (adapt the "
-    "attention and shared linear layers; the experts are flipped either way), or skip them "
-    "from the fault model with skip_modules"
+    "target_modules matched a MoE experts module ({cls}), which is no linear layer: adapt its "
+    "stacked expert weights with target_parameters=['mlp.experts.gate_up_proj', "
+    "'mlp.experts.down_proj'] (PEFT's ParamWrapper: the experts then flip W + s*B@A)"
 )
 
 
@@ -280,8 +280,8 @@ class BitflipLoraModel(LoraModel):
     @staticmethod
     def _create_new_module(lora_config, adapter_name, target, **kwargs):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if isinstance(base, BitflipExpertsMixin):
-            raise ValueError(_EXPERTS_LORA.format(param=kwargs.get("parameter_name")))
+        if isinstance(base, BitflipExpertsMixin) and kwargs.get("parameter_name") is None:
+            raise ValueError(_EXPERTS_LORA.format(cls=type(base).__name__))
         if isinstance(base, BitflipLayerMixin) and kwargs.get("parameter_name") is None:
             lora_config.fan_in_fan_out = base._is_conv1d
             return BitflipLoraLinear(

@@ -228,28 +228,54 @@ def test_disable_bitflips_runs_the_stock_forward():
         assert torch.equal(_logits(model, ids), stock)
 
 
-def test_bitflip_lora_refuses_expert_parameters():
-    from peft import get_peft_model
+def _reset_counters(model):
+    for m in model.modules():
+        if isinstance(getattr(m, "bitflip_calls", None), torch.Tensor):
+            m.bitflip_calls.zero_()
+
+
+EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+LORA_FLIPS = dict(x_p_frac=2**-6, w_p_frac=2**-6, w_p_exp=2**-8, w_zero_out_t=0.06)
+
+
+def test_bitflip_lora_on_expert_parameters_flips_the_merged_weight(tmp_path):
+    from peft import PeftModel, get_peft_model
 
     cfg = pb.BitflipLoraConfig(
-        r=4, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"],
-        x_p_frac=0.01,
+        r=4, target_modules=["q_proj"], target_parameters=EXPERT_PARAMS, init_lora_weights=False,
+        **LORA_FLIPS,
     )  # fmt: skip
-    with pytest.raises(ValueError, match="gate_up_proj.*bit-flip experts module"):
-        get_peft_model(tiny_mixtral(), cfg)
-    # without expert parameters the experts are flipped under LoRA too, and train the adapter
-    model = get_peft_model(
-        tiny_mixtral(), pb.BitflipLoraConfig(r=4, target_modules=["q_proj"], x_p_frac=0.01)
-    )
-    assert EXPERTS in model.base_model.bitflip_summary.flipped
+    model = get_peft_model(tiny_mixtral(), cfg)
+    summary = model.base_model.bitflip_summary
+    assert EXPERTS in summary.flipped
+    assert not [n for n in summary.clean if "experts" in n]  # the factors are inside flip(W')
     ids = token_ids()
+    model.train()
     model(ids, labels=ids).loss.backward()
-    assert (
-        model.base_model.model.model.layers[0]
-        .self_attn.q_proj.lora_B.default.weight.grad.abs()
-        .sum()
-        > 0
-    )
+    factors = [(n, p) for n, p in model.named_parameters() if "experts" in n and p.requires_grad]
+    assert len(factors) == 2 * 2 * 2  # 2 layers x 2 parameters x (A, B)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in factors)
+    model.eval()
+    _reset_counters(model)
+    adapter = _logits(model, ids)
+    with pb.disable_bitflips(model):
+        assert not torch.equal(_logits(model, ids), adapter)
+    model.save_pretrained(tmp_path)
+    merged = copy.deepcopy(model).merge_and_unload()
+    assert isinstance(_experts(merged), BitflipExpertsMixin)
+    _reset_counters(merged)
+    assert torch.equal(_logits(merged, ids), adapter)  # flip(W + s*B@A) either way
+    reloaded = PeftModel.from_pretrained(tiny_mixtral(), tmp_path).eval()
+    _reset_counters(reloaded)
+    assert torch.equal(_logits(reloaded, ids), adapter)
+
+
+def test_bitflip_lora_refuses_the_experts_module_as_a_target_module():
+    from peft import get_peft_model
+
+    cfg = pb.BitflipLoraConfig(r=4, target_modules=["experts"], x_p_frac=0.01)
+    with pytest.raises(ValueError, match="MoE experts module.*target_parameters"):
+        get_peft_model(tiny_mixtral(), cfg)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
