@@ -15,6 +15,7 @@ import peft_bitflip as pb
 from peft_bitflip.calibration import calibrate_zero_out
 from peft_bitflip.experts import BitflipExpertsMixin
 from peft_bitflip.functional import apply_flip_spec, stream_key
+from peft_bitflip.layers import bitflip_layers
 from peft_bitflip.spec import FlipSpec
 from peft_bitflip.stats import FlipStatsRecorder, binomial_z
 
@@ -300,3 +301,30 @@ def test_calibration_refuses_moe_experts_clearly():
         NotImplementedError, match="MoE experts module 'model.layers.0.mlp.experts'"
     ):
         calibrate_zero_out(model, token_ids(), x=False, w=True)
+
+
+def test_trainer_callback_counts_the_experts(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from peft_bitflip.callback import add_bitflip_callback
+
+    model = tiny_mixtral().train()
+    p = 2**-5
+    pb.apply_bitflip(model, pb.BitflipConfig(x_p_frac=p, w_p_frac=p))
+    rows = [{"input_ids": r.tolist(), "labels": r.tolist()} for r in token_ids(4, 16, seed=2)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, logging_steps=1,
+        use_cpu=True, report_to=[], disable_tqdm=True, save_strategy="no",
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    add_bitflip_callback(trainer)
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    linear = sum(m.weight.numel() for _, m in bitflip_layers(model) if hasattr(m, "weight"))
+    per_expert = _experts(model).gate_up_proj[0].numel() + _experts(model).down_proj[0].numel()
+    for entry in logs:  # one forward per step: the linear weights and those of the hit experts
+        experts_part = entry["bitflip/w_elements"] - linear
+        assert experts_part > 0 and experts_part % per_expert == 0
+    flips = sum(e["bitflip/w_frac_flips"] for e in logs)
+    bits = sum(e["bitflip/w_frac_bits"] for e in logs)
+    assert abs(binomial_z(flips, bits, p)) < 5
