@@ -328,3 +328,20 @@ def test_trainer_callback_counts_the_experts(tmp_path):
     flips = sum(e["bitflip/w_frac_flips"] for e in logs)
     bits = sum(e["bitflip/w_frac_bits"] for e in logs)
     assert abs(binomial_z(flips, bits, p)) < 5
+
+
+def test_recompute_flipped_inputs_gives_the_same_expert_gradients():
+    model = tiny_mixtral()
+    pb.apply_bitflip(model, pb.BitflipConfig(x_p_frac=2**-4, x_zero_out_t=0.5, w_p_frac=2**-4))
+    experts = _experts(model)
+    hidden, index, weights = _routing(experts)
+    grads = []
+    for recompute in (False, True):
+        assert pb.recompute_flipped_inputs(model, recompute) == len(bitflip_layers(model))
+        experts.bitflip_calls.zero_()
+        h = hidden.clone().requires_grad_()
+        experts(h, index, weights).pow(2).sum().backward()
+        grads.append((h.grad, experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()))
+        experts.zero_grad()
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
