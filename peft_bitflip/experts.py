@@ -111,7 +111,8 @@ class BitflipExpertsMixin(BitflipLayerMixin):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         if not self.bitflip_enabled:
             return self._stock_forward(hidden_states, top_k_index, top_k_weights)
-        if hidden_states.device.type == "meta" or self.down_proj.device.type == "meta":
+        # (the parameters, not self.down_proj: under a PEFT ParamWrapper reading it sums W + dW)
+        if hidden_states.device.type == "meta" or next(self.parameters()).device.type == "meta":
             return torch.zeros_like(hidden_states, device="meta")  # shape inference only
         stats = self.bitflip_stats
         if stats is not None and _checkpoint_phase() == "recompute":
