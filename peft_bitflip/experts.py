@@ -165,6 +165,9 @@ class BitflipExpertsMixin(BitflipLayerMixin):
     def bitflip_repr(self) -> str:
         return super().bitflip_repr() + f", per-expert streams over {self.num_experts} experts"
 
+    def extra_repr(self) -> str:
+        return "bitflip(" + self.bitflip_repr() + ")"  # (the stock class has no extra_repr)
+
 
 _CLASSES: dict[type, type] = {}
 
@@ -174,7 +177,9 @@ def bitflip_experts_class(cls: type) -> type:
     module under a unique name so that pickle finds it)."""
     made = _CLASSES.get(cls)
     if made is None:
-        name = f"Bitflip{cls.__name__}_{len(_CLASSES)}"
+        name = f"Bitflip{cls.__name__}"
+        if hasattr(sys.modules[__name__], name):  # another class of that name (another model)
+            name = f"{name}_{len(_CLASSES)}"
         made = type(name, (BitflipExpertsMixin, cls), {"__module__": __name__})
         made.__qualname__ = name
         setattr(sys.modules[__name__], name, made)
