@@ -62,10 +62,22 @@ def _check_margin(margin) -> float:
 
 
 def _linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every module a BitflipConfig can wrap (or has wrapped)."""
+    """(name, module) of every module a BitflipConfig can wrap (or has wrapped); refuses MoE
+    experts modules, whose matmul inputs are not module inputs (see ``experts.py``)."""
+    from .experts import is_experts
     from .transform import candidate_modules
 
-    return candidate_modules(model)
+    modules = candidate_modules(model)
+    experts = [n for n, m in modules if is_experts(m)]
+    if experts:
+        raise NotImplementedError(
+            f"MoE experts module {experts[0]!r} ({len(experts)} in the model): the calibration "
+            "and zero-out scans read each linear layer's input and weight, and the inputs of "
+            "an expert's matmuls are computed inside the experts forward, so they are not "
+            "measured yet. Give the experts thresholds by hand (a layer_name_to_config rule "
+            "such as '.*experts') or skip them (skip_modules)"
+        )
+    return modules
 
 
 class _InputScan:

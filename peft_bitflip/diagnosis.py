@@ -53,6 +53,6 @@ def nonfinite_reason(model: torch.nn.Module) -> str:
     if unguarded:
         n = len({u.rsplit("/", 1)[0] for u in unguarded})
         return f"{EXP_WITHOUT_ZERO_OUT} ({n} of {len(layers)} flipped layers have none)"
-    if any(m.weight.dtype == torch.float16 for m in layers):
+    if any(next(m.parameters(recurse=False)).dtype == torch.float16 for m in layers):
         return FP16_OVERFLOW
     return OTHER

@@ -68,8 +68,9 @@ class BitflipHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         for _, layer in bitflip_layers(model):
             calls = layer.bitflip_calls
-            if calls.device != layer.weight.device:
-                layer.bitflip_calls = calls = calls.to(layer.weight.device)
+            device = next(layer.parameters(recurse=False)).device  # weight (experts: gate_up)
+            if calls.device != device:
+                layer.bitflip_calls = calls = calls.to(device)
             # transformers flags every tensor it loaded; a counter missing from the checkpoint (a
             # clean checkpoint) was left as uninitialised memory: such streams start at call 0
             if not getattr(calls, "_is_hf_initialized", False):

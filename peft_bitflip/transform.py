@@ -29,6 +29,7 @@ from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .config import BitflipConfig
+from .experts import bitflip_experts_class, expert_weight_names, is_experts
 from .layers import BitflipConv1D, BitflipLayerMixin, BitflipLinear, Conv1D, bitflip_layers
 from .model_config import attach_bitflip_config, detach_bitflip_config
 from .spec import FlipSpec
@@ -41,6 +42,8 @@ def _bitflip_class(module: nn.Module):
         return BitflipLinear
     if Conv1D is not None and type(module) is Conv1D:
         return BitflipConv1D
+    if is_experts(module) and not isinstance(module, BitflipLayerMixin):  # MoE (experts.py)
+        return bitflip_experts_class(type(module))
     return None
 
 
@@ -85,7 +88,8 @@ def _is_candidate(module: nn.Module, adapter_of) -> bool:
 
 
 def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every plain ``nn.Linear`` / ``Conv1D`` or existing bit-flip layer;
+    """(name, module) of every plain ``nn.Linear`` / ``Conv1D``, transformers fused-experts
+    module (``experts.py``) or existing bit-flip layer;
     in PEFT layers only the base layers and ``modules_to_save`` copies, named as in the model
     without PEFT's wrappers (a copy shares the name of the module it replaces)."""
     return [(n, m) for n, m, adapter_of in _walk_model(model) if _is_candidate(m, adapter_of)]
@@ -102,10 +106,16 @@ def _unsupported_reason(module: nn.Module, adapter_of) -> str | None:
     """Why a linear-like module that is no candidate stays clean (None: not linear-like, or a
     factor of a bit-flip LoRA layer, flipped within the merged weight W + s*B@A)."""
     kinds = (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)
-    if not isinstance(module, kinds) or _is_candidate(module, adapter_of):
+    if _is_candidate(module, adapter_of):
         return None
+    if not isinstance(module, kinds) and (adapter_of is not None or not _weights(module)):
+        return None  # no weight parameters (norm scales and biases are not weights here)
     if adapter_of is not None:
         if getattr(adapter_of, "flips_merged_weight", False):  # a BitflipLoraLinear
+            return None
+        if getattr(adapter_of, "parameter_name", None) is not None and isinstance(
+            adapter_of.get_base_layer(), BitflipLayerMixin
+        ):  # PEFT's ParamWrapper: the delta joins the parameter the bit-flip module reads
             return None
         return (
             f"adapter part of a PEFT {type(adapter_of).__name__} layer: its output is added "
@@ -113,6 +123,8 @@ def _unsupported_reason(module: nn.Module, adapter_of) -> str | None:
         )
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return _MHA_REASON
+    if not isinstance(module, kinds):
+        return _other_weights_reason(module)
     cls = type(module)
     return (
         f"unsupported subclass {cls.__qualname__} ({cls.__module__}) of "
@@ -120,6 +132,58 @@ def _unsupported_reason(module: nn.Module, adapter_of) -> str | None:
         "be the plain product (quantised or adapter layers), so flips would not mean what the "
         "fault model says"
     )
+
+
+_EMBEDDING_REASON = (
+    "embedding: a table lookup, not a matmul with an input, so the fault model (flip the input "
+    "and the weight of a matmul) does not apply; its weights are not flipped"
+)
+_ROUTER_REASON = (
+    "MoE router {cls}: its forward multiplies by its weight inside the routing (F.linear, "
+    "softmax, top-k), not through a module the transform can replace; routing stays clean"
+)
+_OTHER_REASON = (
+    "{cls} ({module}) computes with its own weight parameters ({names}) in its forward, not "
+    "through nn.Linear, Conv1D or a transformers experts module: not flipped"
+)
+
+
+def _weights(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The module's own weight parameters: what the fault model flips in nn.Linear / Conv1D /
+    experts modules, elsewhere every own parameter of >= 2 dimensions except biases."""
+    params = module._parameters
+    if isinstance(module, BitflipLayerMixin) or _bitflip_class(module) is not None:
+        names = expert_weight_names(module) if is_experts(module) else ("weight",)
+        return {n: params[n] for n in names if params.get(n) is not None}
+    return {n: p for n, p in params.items() if p is not None and p.dim() >= 2 and "bias" not in n}
+
+
+def _other_weights_reason(module: nn.Module) -> str:
+    """Why a module with weight parameters that is no linear-like module stays clean."""
+    cls = type(module)
+    if isinstance(module, nn.Embedding):
+        return _EMBEDDING_REASON
+    if "router" in cls.__name__.lower():
+        return _ROUTER_REASON.format(cls=cls.__qualname__)
+    names = ", ".join(_weights(module))
+    return _OTHER_REASON.format(cls=cls.__qualname__, module=cls.__module__, names=names)
+
+
+def _count_parameters(walked, flipped: dict) -> tuple[int, int]:
+    """(flipped weight elements, weight elements of matmul-bearing modules): every module's
+    :func:`_weights` but those of embeddings and of adapter parts (LoRA factors), each parameter
+    once (a tied one is a matmul weight if any module holding it is one, flipped if any
+    flipped module holds it)."""
+    seen: dict[int, list] = {}  # id -> [elements, matmul, flipped]
+    for name, module, adapter_of in walked:
+        if adapter_of is not None:
+            continue
+        for p in _weights(module).values():
+            entry = seen.setdefault(id(p), [p.numel(), False, False])
+            entry[1] |= not isinstance(module, nn.Embedding)
+            entry[2] |= name in flipped and _is_candidate(module, None)
+    matmul = [(n, f) for n, m, f in seen.values() if m]
+    return sum(n for n, f in matmul if f), sum(n for n, _ in matmul)
 
 
 def _config_reason(config: BitflipConfig, name: str) -> str:
@@ -136,13 +200,25 @@ class BitflipSummary:
     """Which modules got which settings, and which linear-like modules were left clean.
 
     ``skipped``: the modules the config leaves clean (``skip_modules``, a ``None`` rule, no
-    matching rule); ``clean``: every linear-like module left clean, name -> reason (those of
+    matching rule); ``clean``: every module with weights left clean, name -> reason (those of
     ``skipped``, ``nn.Linear`` subclasses such as ``nn.MultiheadAttention``'s ``out_proj``, the
-    factors of a plain PEFT LoRA layer)."""
+    factors of a plain PEFT LoRA layer, embeddings, MoE routers, other modules computing with
+    weight parameters of their own).
+
+    ``flipped_parameters`` / ``matmul_parameters``: weight elements the flips cover / of all
+    matmul-bearing modules (linear layers, experts, routers, ...; not embeddings, which are no
+    matmul; norm scales and biases are not weights); ``coverage`` is their ratio."""
 
     flipped: dict[str, tuple[FlipSpec, FlipSpec]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     clean: dict[str, str] = field(default_factory=dict)
+    flipped_parameters: int = 0
+    matmul_parameters: int = 0
+
+    @property
+    def coverage(self) -> float:
+        """Share of the matmul weight elements that are flipped (0.0 without any)."""
+        return self.flipped_parameters / self.matmul_parameters if self.matmul_parameters else 0.0
 
     def groups(self) -> dict[tuple[FlipSpec, FlipSpec], list[str]]:
         out: dict = {}
@@ -151,7 +227,11 @@ class BitflipSummary:
         return out
 
     def __str__(self) -> str:
-        lines = [f"bit flips on {len(self.flipped)} modules, {len(self.clean)} left clean"]
+        lines = [
+            f"bit flips on {len(self.flipped)} modules, {len(self.clean)} left clean; "
+            f"{self.flipped_parameters:,} of {self.matmul_parameters:,} matmul weight "
+            f"parameters flipped ({100 * self.coverage:.1f} %)"
+        ]
         for (xs, ws), names in self.groups().items():
             lines.append(
                 f"  {len(names)} modules: x(p_exp={xs.p_exp:g}, p_frac={xs.p_frac:g}, "
@@ -267,6 +347,9 @@ def apply_bitflip(
             reason = _unsupported_reason(module, adapter_of)
             if reason is not None:
                 summary.clean[name] = reason
+    summary.flipped_parameters, summary.matmul_parameters = _count_parameters(
+        walked, summary.flipped
+    )
     attach_bitflip_config(root, config)
     for adapter_config in (peft_configs or {}).values():
         if hasattr(adapter_config, "set_bitflip_config"):  # a BitflipLoraConfig

@@ -13,8 +13,11 @@ dtype, by the forward and by ``merge`` alike.  With one active adapter the layer
 path (:func:`~peft_bitflip.flipped_linear.flipped_lora_linear`: one kernel pass merges, flips
 and zeroes the weight; A and B get rank-r gradients).  LoRA dropout does not fit this formulation
 (there is no separate LoRA input path), so ``lora_dropout`` must be 0; DoRA and other LoRA
-variants are not supported.  ``lora_bias=True`` adds ``s * lora_B.bias`` to the (unflipped)
-bias ``b`` (the general path; ``merge`` folds it into the base bias, which must exist).
+variants are not supported.  MoE experts (3-D parameters, ``experts.py``) take adapters through
+``target_parameters`` (PEFT's ``ParamWrapper``): the delta joins the parameter the bit-flip
+experts read, so they flip ``W + s * B @ A`` too, with PEFT's arithmetic for the sum, which its
+merge repeats.  ``lora_bias=True`` adds ``s * lora_B.bias`` to the (unflipped) bias ``b``
+(the general path; ``merge`` folds it into the base bias, which must exist).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from .config import RULE_KEYS, BitflipConfig
+from .experts import BitflipExpertsMixin
 from .kernels.lora import merge_lora_weight, merged_lora_weight
 from .layers import BitflipLayerMixin
 from .transform import apply_bitflip, candidate_modules
@@ -244,6 +248,13 @@ def _check_model_fault_model(model, wanted: BitflipConfig) -> None:
         )
 
 
+_EXPERTS_LORA = (
+    "target_modules matched a MoE experts module ({cls}), which is no linear layer: adapt its "
+    "stacked expert weights with target_parameters=['mlp.experts.gate_up_proj', "
+    "'mlp.experts.down_proj'] (PEFT's ParamWrapper: the experts then flip W + s*B@A)"
+)
+
+
 class BitflipLoraModel(LoraModel):
     """``LoraModel`` that first applies the fault model, then adds :class:`BitflipLoraLinear`."""
 
@@ -269,6 +280,8 @@ class BitflipLoraModel(LoraModel):
     @staticmethod
     def _create_new_module(lora_config, adapter_name, target, **kwargs):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, BitflipExpertsMixin) and kwargs.get("parameter_name") is None:
+            raise ValueError(_EXPERTS_LORA.format(cls=type(base).__name__))
         if isinstance(base, BitflipLayerMixin) and kwargs.get("parameter_name") is None:
             lora_config.fan_in_fan_out = base._is_conv1d
             return BitflipLoraLinear(

@@ -32,9 +32,14 @@ def test_linear_subclasses_left_clean_are_reported_with_reasons():
     summary = pb.apply_bitflip(model, pb.BitflipConfig(x_p_frac=0.01))
     assert list(summary.flipped) == ["fc"]
     text = str(summary)
-    assert "bit flips on 1 modules, 3 left clean" in text
+    assert "bit flips on 1 modules, 4 left clean" in text
     assert "attn.out_proj" in text and "custom" in text
-    assert set(summary.clean) == {"attn.out_proj", "custom", "lm_head"}
+    # nn.MultiheadAttention multiplies by its own in_proj_weight: a weight-bearing module too
+    assert set(summary.clean) == {"attn", "attn.out_proj", "custom", "lm_head"}
+    assert "in_proj_weight" in summary.clean["attn"]
+    # weights (not biases): fc 16x16 flipped of fc, custom, lm_head, attn in_proj and out_proj
+    assert summary.flipped_parameters == 256
+    assert summary.matmul_parameters == 256 + 256 + 128 + 3 * 256 + 256
     assert "MultiheadAttention" in summary.clean["attn.out_proj"]
     assert "out_proj.forward" in summary.clean["attn.out_proj"]
     assert "_MyLinear" in summary.clean["custom"] and "subclass" in summary.clean["custom"]

@@ -73,3 +73,54 @@ def save_trained_tiny_lm(path, steps: int = 60, block: int = 64) -> None:
         opt.zero_grad()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+def _tiny_moe(config_cls, model_cls, seed: int, **extra):
+    """A 2-layer MoE causal LM of ``model_cls`` with 4 experts, 2 per token, eager experts."""
+    torch.manual_seed(seed)
+    cfg = config_cls(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_experts_per_tok=2,
+        **extra,
+    )
+    cfg._experts_implementation = "eager"  # the stock loop: the reference of the flipped one
+    model = model_cls(cfg).eval()
+    for name, p in model.named_parameters():  # init leaves gpt-oss's router and biases 0
+        if "experts" in name or "router" in name:
+            with torch.no_grad():
+                p.normal_(0.0, 0.05)
+    return model
+
+
+def tiny_mixtral(seed: int = 0):
+    """Mixtral: fused experts ``gate_up_proj`` (E, 2I, H) and ``down_proj`` (E, H, I)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return _tiny_moe(MixtralConfig, MixtralForCausalLM, seed, num_local_experts=4)
+
+
+def tiny_gpt_oss(seed: int = 0):
+    """gpt-oss: transposed experts (E, H, 2I) with biases and an interleaved gate."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    return _tiny_moe(
+        GptOssConfig, GptOssForCausalLM, seed, num_local_experts=4, head_dim=8,
+        layer_types=["full_attention", "sliding_attention"], sliding_window=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )  # fmt: skip
+
+
+def tiny_qwen2_moe(seed: int = 0):
+    """Qwen2-MoE: Mixtral-like experts plus a shared expert (an MLP of nn.Linear)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    return _tiny_moe(
+        Qwen2MoeConfig, Qwen2MoeForCausalLM, seed, num_experts=4, moe_intermediate_size=48,
+        shared_expert_intermediate_size=64,
+    )  # fmt: skip

@@ -1,0 +1,347 @@
+"""Issue 36.1: the fused experts of MoE models (transformers 5: 3-D ``gate_up_proj`` /
+``down_proj``) are flipped like linear layers: inputs and weights of every expert matmul, per
+expert streams, zero-out, straight-through backward, statistics, config.json round trip."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import tiny_gpt_oss, tiny_mixtral, tiny_qwen2_moe, token_ids
+from transformers import AutoModelForCausalLM
+
+import peft_bitflip as pb
+from peft_bitflip.calibration import calibrate_zero_out
+from peft_bitflip.experts import BitflipExpertsMixin
+from peft_bitflip.functional import apply_flip_spec, stream_key
+from peft_bitflip.layers import bitflip_layers
+from peft_bitflip.spec import FlipSpec
+from peft_bitflip.stats import FlipStatsRecorder, binomial_z
+
+MODELS = {"mixtral": tiny_mixtral, "gpt_oss": tiny_gpt_oss, "qwen2_moe": tiny_qwen2_moe}
+EXPERTS = "model.layers.0.mlp.experts"
+
+
+@pytest.fixture(autouse=True)
+def _fast_cpu_backend(reference_backend):
+    pass
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _experts(model):
+    return model.get_submodule(EXPERTS)
+
+
+def _routing(experts, tokens=12, k=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, experts.down_proj.shape[1 if not experts.is_transposed else 2])
+    index = torch.stack(
+        [torch.randperm(experts.num_experts, generator=g)[:k] for _ in range(tokens)]
+    )
+    weights = torch.rand(tokens, k, generator=g)
+    return hidden, index, weights
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_p0_equals_the_stock_experts_forward(arch):
+    model = MODELS[arch]()
+    ids = token_ids()
+    stock = _logits(model, ids)
+    stock_experts = copy.deepcopy(_experts(model))
+    summary = pb.apply_bitflip(model, pb.BitflipConfig())
+    assert isinstance(_experts(model), BitflipExpertsMixin)
+    assert isinstance(_experts(model), type(stock_experts))  # a subclass of the stock class
+    assert EXPERTS in summary.flipped
+    assert torch.equal(_logits(model, ids), stock)
+    routing = _routing(stock_experts)
+    with torch.no_grad():
+        assert torch.equal(_experts(model)(*routing), stock_experts(*routing))
+    assert int(_experts(model).bitflip_calls) == 2  # one call per forward
+    assert pb.remove_bitflip(model) == len(summary.flipped)
+    assert type(_experts(model)) is type(stock_experts)
+
+
+def _weights_zeroed(model, t):
+    """A copy of ``model`` whose flipped weights are 0 where |w| >= t (what zero-out does)."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if name.endswith(("proj", "proj.weight")) and "bias" not in name:
+                p.masked_fill_(p.abs() >= t, 0.0)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_weight_zero_out_applies_to_the_experts(arch):
+    model = MODELS[arch]()
+    t = 0.06  # cuts part of the N(0, 0.05) expert weights
+    assert (_experts(model).gate_up_proj.abs() >= t).any()
+    reference = _weights_zeroed(model, t)
+    ids = token_ids()
+    pb.apply_bitflip(model, pb.BitflipConfig(w_zero_out_t=t))
+    assert torch.equal(_logits(model, ids), _logits(reference, ids))
+    assert not torch.equal(_logits(model, ids), _logits(MODELS[arch](), ids))
+
+
+def _reference_experts(experts, name, seed, x_spec, w_spec, hidden, index, weights, call):
+    """The stock eager loop with differentiable flips (apply_flip_spec) on every expert
+    matmul's input and weight, streams named ``{name}.{proj}.{e}`` / x|w / rank 0."""
+    first = "gate_up_proj" if experts.has_gate else "up_proj"
+    out = torch.zeros_like(hidden)
+    mask = torch.nn.functional.one_hot(index, experts.num_experts + 1).permute(2, 1, 0)
+    for e in range(experts.num_experts):
+        top_k_pos, token_idx = torch.where(mask[e])
+        if not len(token_idx):
+            continue
+        h = hidden[token_idx]
+        for proj in (first, "down_proj"):
+            stream = f"{name}.{proj}.{e}"
+            xf = apply_flip_spec(h, x_spec, stream_key(seed, stream, "x", 0), call)
+            wf = apply_flip_spec(
+                getattr(experts, proj)[e], w_spec, stream_key(seed, stream, "w", 0), call
+            )
+            h = xf @ wf if experts.is_transposed else xf @ wf.t()
+            if experts.has_bias:
+                h = h + getattr(experts, proj + "_bias")[e]
+            if proj == first:
+                h = experts._apply_gate(h)
+        out.index_add_(0, token_idx, h * weights[token_idx, top_k_pos, None])
+    return out
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_forward_and_backward_equal_the_reference_rule(arch):
+    model = MODELS[arch]()
+    x_spec = FlipSpec(2**-4, 2**-3, 0.5)
+    w_spec = FlipSpec(2**-4, 2**-3, 0.06)
+    cfg = pb.BitflipConfig(
+        x_p_exp=x_spec.p_exp, x_p_frac=x_spec.p_frac, x_zero_out_t=x_spec.zero_out_threshold,
+        w_p_exp=w_spec.p_exp, w_p_frac=w_spec.p_frac, w_zero_out_t=w_spec.zero_out_threshold,
+        seed=7,
+    )  # fmt: skip
+    reference = copy.deepcopy(_experts(model))
+    pb.apply_bitflip(model, cfg)
+    experts = _experts(model)
+    hidden, index, weights = _routing(experts)
+    params = [p for n, p in experts.named_parameters() if "proj" in n]
+    ref_params = [p for n, p in reference.named_parameters() if "proj" in n]
+    grads = []
+    for module, ps in ((experts, params), (reference, ref_params)):
+        h = hidden.clone().requires_grad_()
+        if module is experts:
+            out = module(h, index, weights)
+        else:
+            out = _reference_experts(module, EXPERTS, 7, x_spec, w_spec, h, index, weights, 0)
+        out.pow(2).sum().backward()
+        grads.append((out.detach(), h.grad, [p.grad for p in ps]))
+    (out, gh, gp), (ref_out, ref_gh, ref_gp) = grads
+    assert torch.equal(out, ref_out)
+    assert not torch.equal(out, reference(hidden, index, weights))  # flips happened
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-5, atol=1e-6)
+    for g, r in zip(gp, ref_gp):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    # straight-through, zero where the forward zeroed: some weight gradients are exactly 0
+    assert (gp[0] == 0).any() and (gp[0] != 0).any()
+
+
+def test_expert_streams_are_independent():
+    model = tiny_mixtral()
+    pb.apply_bitflip(model, pb.BitflipConfig(w_p_frac=2**-4))
+    experts = _experts(model)
+    keys = [experts.stream_keys(p, e) for p in ("gate_up_proj", "down_proj") for e in range(4)]
+    flat = [k for pair in keys for k in pair]
+    assert len(set(flat)) == len(flat)  # x / w, per matmul, per expert
+    other = _experts(model).stream_keys("gate_up_proj", 0) != model.get_submodule(
+        "model.layers.1.mlp.experts"
+    ).stream_keys("gate_up_proj", 0)
+    assert other  # per module too
+    w = torch.ones(64, 32)  # the same weight in two experts flips at different positions
+    spec = experts.w_spec
+    f0 = apply_flip_spec(w, spec, keys[0][1], 0)
+    f1 = apply_flip_spec(w, spec, keys[1][1], 0)
+    assert not torch.equal(f0 != w, f1 != w)
+
+
+def test_expert_flip_rates_within_5_sigma():
+    model = tiny_mixtral()
+    p_exp, p_frac = 2**-7, 2**-5
+    pb.apply_bitflip(
+        model, pb.BitflipConfig(x_p_exp=p_exp, x_p_frac=p_frac, w_p_exp=p_exp, w_p_frac=p_frac)
+    )
+    experts = _experts(model)
+    routing = _routing(experts, tokens=32)
+    with FlipStatsRecorder(model) as rec, torch.no_grad():
+        experts(*routing)
+        stats = rec.read_per_layer()[EXPERTS]
+    hit = routing[1].unique().numel()
+    per_expert = experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()
+    assert stats["w"].elements == hit * per_expert
+    assert stats["x"].elements == 2 * 32 * (32 + 64)  # 2 experts per token: H in, I in
+    for kind in ("x", "w"):
+        s = stats[kind]
+        assert abs(binomial_z(s.exp_flips, s.exp_bits, p_exp)) < 5, (kind, s)
+        assert abs(binomial_z(s.frac_flips, s.frac_bits, p_frac)) < 5, (kind, s)
+
+
+def test_mixtral_summary_counts_parameters():
+    model = tiny_mixtral()
+    summary = pb.apply_bitflip(model, pb.BitflipConfig(x_p_frac=0.01))
+    experts = [n for n in summary.flipped if n.endswith("mlp.experts")]
+    assert experts == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    weights = {n: p.numel() for n, p in model.named_parameters() if p.dim() >= 2}
+    clean = weights["lm_head.weight"] + sum(v for n, v in weights.items() if "mlp.gate" in n)
+    total = sum(weights.values()) - weights["model.embed_tokens.weight"]
+    assert summary.matmul_parameters == total
+    assert summary.flipped_parameters == total - clean
+    assert summary.coverage > 0.9
+    assert "embedding" in summary.clean["model.embed_tokens"]
+    assert "router" in summary.clean["model.layers.0.mlp.gate"]
+    assert f"{summary.flipped_parameters:,} of {total:,}" in str(summary)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_save_and_reload_gives_identical_logits(arch, tmp_path):
+    model = MODELS[arch]()
+    pb.apply_bitflip(model, pb.BitflipConfig(x_p_frac=2**-6, w_p_frac=2**-6, w_zero_out_t=1.0))
+    ids = token_ids()
+    _logits(model, ids)  # the counters move on: the checkpoint keeps them
+    model.save_pretrained(tmp_path)
+    expected = _logits(model, ids)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(_experts(loaded), BitflipExpertsMixin)
+    assert int(_experts(loaded).bitflip_calls) == 1
+    assert torch.equal(_experts(loaded).gate_up_proj, _experts(model).gate_up_proj)
+    assert torch.equal(_logits(loaded, ids), expected)
+
+
+def test_disable_bitflips_runs_the_stock_forward():
+    model = tiny_mixtral()
+    ids = token_ids()
+    stock = _logits(model, ids)
+    pb.apply_bitflip(model, pb.BitflipConfig(x_p_frac=0.1, w_p_frac=0.1))
+    assert not torch.equal(_logits(model, ids), stock)
+    with pb.disable_bitflips(model):
+        assert torch.equal(_logits(model, ids), stock)
+
+
+def _reset_counters(model):
+    for m in model.modules():
+        if isinstance(getattr(m, "bitflip_calls", None), torch.Tensor):
+            m.bitflip_calls.zero_()
+
+
+EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+LORA_FLIPS = dict(x_p_frac=2**-6, w_p_frac=2**-6, w_p_exp=2**-8, w_zero_out_t=0.06)
+
+
+def test_bitflip_lora_on_expert_parameters_flips_the_merged_weight(tmp_path):
+    from peft import PeftModel, get_peft_model
+
+    cfg = pb.BitflipLoraConfig(
+        r=4, target_modules=["q_proj"], target_parameters=EXPERT_PARAMS, init_lora_weights=False,
+        **LORA_FLIPS,
+    )  # fmt: skip
+    model = get_peft_model(tiny_mixtral(), cfg)
+    summary = model.base_model.bitflip_summary
+    assert EXPERTS in summary.flipped
+    assert not [n for n in summary.clean if "experts" in n]  # the factors are inside flip(W')
+    ids = token_ids()
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    factors = [(n, p) for n, p in model.named_parameters() if "experts" in n and p.requires_grad]
+    assert len(factors) == 2 * 2 * 2  # 2 layers x 2 parameters x (A, B)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in factors)
+    model.eval()
+    _reset_counters(model)
+    adapter = _logits(model, ids)
+    with pb.disable_bitflips(model):
+        assert not torch.equal(_logits(model, ids), adapter)
+    model.save_pretrained(tmp_path)
+    merged = copy.deepcopy(model).merge_and_unload()
+    assert isinstance(_experts(merged), BitflipExpertsMixin)
+    _reset_counters(merged)
+    assert torch.equal(_logits(merged, ids), adapter)  # flip(W + s*B@A) either way
+    reloaded = PeftModel.from_pretrained(tiny_mixtral(), tmp_path).eval()
+    _reset_counters(reloaded)
+    assert torch.equal(_logits(reloaded, ids), adapter)
+
+
+def test_bitflip_lora_refuses_the_experts_module_as_a_target_module():
+    from peft import get_peft_model
+
+    cfg = pb.BitflipLoraConfig(r=4, target_modules=["experts"], x_p_frac=0.01)
+    with pytest.raises(ValueError, match="MoE experts module.*target_parameters"):
+        get_peft_model(tiny_mixtral(), cfg)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_mixtral().train()
+        pb.apply_bitflip(model, pb.BitflipConfig(x_p_frac=2**-4, w_p_frac=2**-4, w_zero_out_t=0.06))
+        if checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        ids = token_ids()
+        model(ids, labels=ids).loss.backward()
+        grads.append(_experts(model).down_proj.grad)
+        assert int(_experts(model).bitflip_calls) == 1  # the recomputation reuses the call
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_calibration_refuses_moe_experts_clearly():
+    model = tiny_mixtral()
+    with pytest.raises(
+        NotImplementedError, match="MoE experts module 'model.layers.0.mlp.experts'"
+    ):
+        calibrate_zero_out(model, token_ids(), x=False, w=True)
+
+
+def test_trainer_callback_counts_the_experts(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from peft_bitflip.callback import add_bitflip_callback
+
+    model = tiny_mixtral().train()
+    p = 2**-5
+    pb.apply_bitflip(model, pb.BitflipConfig(x_p_frac=p, w_p_frac=p))
+    rows = [{"input_ids": r.tolist(), "labels": r.tolist()} for r in token_ids(4, 16, seed=2)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, logging_steps=1,
+        use_cpu=True, report_to=[], disable_tqdm=True, save_strategy="no",
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    add_bitflip_callback(trainer)
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    linear = sum(m.weight.numel() for _, m in bitflip_layers(model) if hasattr(m, "weight"))
+    per_expert = _experts(model).gate_up_proj[0].numel() + _experts(model).down_proj[0].numel()
+    for entry in logs:  # one forward per step: the linear weights and those of the hit experts
+        experts_part = entry["bitflip/w_elements"] - linear
+        assert experts_part > 0 and experts_part % per_expert == 0
+    flips = sum(e["bitflip/w_frac_flips"] for e in logs)
+    bits = sum(e["bitflip/w_frac_bits"] for e in logs)
+    assert abs(binomial_z(flips, bits, p)) < 5
+
+
+def test_recompute_flipped_inputs_gives_the_same_expert_gradients():
+    model = tiny_mixtral()
+    pb.apply_bitflip(model, pb.BitflipConfig(x_p_frac=2**-4, x_zero_out_t=0.5, w_p_frac=2**-4))
+    experts = _experts(model)
+    hidden, index, weights = _routing(experts)
+    grads = []
+    for recompute in (False, True):
+        assert pb.recompute_flipped_inputs(model, recompute) == len(bitflip_layers(model))
+        experts.bitflip_calls.zero_()
+        h = hidden.clone().requires_grad_()
+        experts(h, index, weights).pow(2).sum().backward()
+        grads.append((h.grad, experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()))
+        experts.zero_grad()
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
