@@ -73,3 +73,17 @@ def save_trained_tiny_lm(path, steps: int = 60, block: int = 64) -> None:
         opt.zero_grad()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+def save_tiny_lm(path):
+    """A random tiny Llama and a small tokenizer trained on the embedded corpus, saved to
+    ``path`` (clean; fast: for tests of the command line, not of perplexities).  Returns the
+    model."""
+    from peft_bitflip.data import local_corpus, train_tokenizer
+
+    tokenizer = train_tokenizer(local_corpus()["train"]["text"][:40], vocab_size=300)
+    model = tiny_llama()
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
