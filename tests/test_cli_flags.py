@@ -127,3 +127,36 @@ def test_missing_extra_is_named(monkeypatch, ckpt):
         with pytest.raises(MissingExtraError, match=r"needs datasets.*peft-bitflip\[eval\]"):
             main(argv)
     require("x", "json")  # present: nothing raised
+
+
+class _Resolved(Exception):
+    """Stops a command once its fault model is resolved."""
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "compare", "attribute"])
+def test_one_flag_rule_in_every_subcommand(command, ckpt, monkeypatch):
+    """36.2 still holds with the new flags: a flag overrides its field on top of the
+    checkpoint's config (else the original's fault model); the rest is kept."""
+    import peft_bitflip.cli as cli
+
+    real = cli.flips_from_args
+
+    def resolved(*args, **kwargs):
+        raise _Resolved(real(*args, **kwargs))
+
+    monkeypatch.setattr(cli, "flips_from_args", resolved)
+
+    def run(path, *flags):
+        argv = [command, "--clean_model", path] if command == "compare" else [command, path]
+        with pytest.raises(_Resolved) as e:
+            main([*argv, *flags])
+        return e.value.args[0]
+
+    cfg = run(str(ckpt / "flipped"), "--x_p_exp", "2^-7")
+    assert (cfg.x_p_exp, cfg.x_zero_out_t, cfg.w_p_exp, cfg.w_zero_out_t, cfg.seed) == (
+        2**-7, 5.0, 1e-3, 2.0, 3,
+    )  # fmt: skip
+    original = pb.BitflipConfig.original_default()
+    cfg = run(str(ckpt / "clean"), "--w_zero_out_t", "none")
+    assert cfg.w_zero_out_t is None and cfg.x_p_exp == original.x_p_exp
+    assert cfg.x_zero_out_t == original.x_zero_out_t
