@@ -32,6 +32,7 @@ import torch
 
 from .config import BitflipConfig
 from .evaluation import _block_tensor, perplexity, reset_streams, with_probabilities
+from .run_record import fault_model_record
 
 __all__ = ["attribute", "attribution_markdown", "without_thresholds"]
 
@@ -126,8 +127,9 @@ def attribute(
     ``model`` is a clean model (bit-flip layers are replaced per row and removed at the end);
     ``flips``: the fault model to take apart; ``calibrated``: optional thresholds (e.g.
     :func:`~peft_bitflip.calibration.calibrate_zero_out`) for two more rows.  Returns a
-    JSON-ready dict: ``fault_model``, ``rows`` (per row: ``perplexities`` / ``losses`` per
-    seed, ``ppl_mean``, ``ppl_std``, ``diverged`` seeds, ``nonfinite_share`` of batches,
+    JSON-ready dict: ``fault_model`` (with the ``seeds`` used), ``rows`` (per row: its complete
+    ``bitflip_config``, ``perplexities`` / ``losses`` per seed, ``ppl_mean``, ``ppl_std``,
+    ``diverged`` seeds, ``nonfinite_share`` of batches,
     ``reason``), ``layers`` (per layer: ``x_max``, ``x_cut``, ``x_elements``, ``w_max``,
     ``w_cut``, ``w_elements`` and the thresholds), ``tokens``, ``zero_out_share``: the share
     of the fault model's loss increase over clean that the zero-out alone already causes.
@@ -179,7 +181,8 @@ def attribute(
         remove_bitflip(model)
     layer_rows = [{"layer": n, **v} for n, v in layers.items() if "x_t" in v or "w_t" in v]
     return {
-        "fault_model": flips.to_dict(),
+        "fault_model": fault_model_record(flips, seeds),
+        "seeds": seeds,
         "calibrated": None if calibrated is None else calibrated.to_dict(),
         "tokens": rows[0]["tokens"],
         "rows": rows,
@@ -236,6 +239,7 @@ def _row(name, cfg, random, seeds, results) -> dict:
         "w_zero_out": _describe_thresholds(cfg, "w_zero_out_t"),
         "flips": random,
         "seeds": seeds if random else [],
+        "bitflip_config": fault_model_record(cfg, seeds if random else [seeds[0]]),
         "perplexities": ppl,
         "losses": [r["loss"] for r in results],
         "ppl_mean": statistics.fmean(ppl) if finite else math.inf,

@@ -5,6 +5,9 @@ Every model subcommand takes a checkpoint path or Hub id and flip settings: by d
 checkpoint's own (config.json), or ``--bitflip_config FILE`` (a BitflipConfig JSON, a model's
 config.json, the original's meta YAML or transform_cfg TOML) and/or inline ``--x_p_exp`` ...
 flags (which override the file), or ``--clean``.
+
+One vocabulary (Trainer's where it has one): ``--output_dir`` (results folder), ``--seed`` (the
+flip seed of a single run), ``--seeds`` (the flip seeds a command averages over).
 """
 
 from __future__ import annotations
@@ -66,12 +69,16 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 
 def parse_probability(text: str) -> float:
-    """A probability: ``1.5e-5``, ``2^-16`` or ``2**-16``."""
-    t = text.strip().replace("^", "**")
+    """A probability in [0, 1]: ``1.5e-5``, ``2^-16`` or ``2**-16`` (every subcommand and the
+    recipes parse probabilities with this)."""
+    t = text.strip().replace(" ", "").replace("^", "**")
     try:
-        return 2.0 ** float(t[3:]) if t.startswith("2**") else float(t)
-    except ValueError:
+        v = 2.0 ** float(t[3:]) if t.startswith("2**") else float(t)
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"not a probability: {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"a probability must be in [0, 1], got {text!r}")
+    return v
 
 
 def parse_threshold(text: str) -> float | None:
@@ -122,7 +129,70 @@ def parse_margin(text: str) -> float:
     return v
 
 
-def add_flip_arguments(parser: argparse.ArgumentParser, *, clean_flag: bool = True) -> None:
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` that shows every default (unless the help text states it) and keeps
+    descriptions as written."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose ``--help`` shows defaults (every subcommand's parser)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of a flag, kept for one release: stores into the new flag's ``dest``
+    (as a one-element list where the new flag takes a list) and warns naming the new flag."""
+
+    def __init__(self, option_strings, dest, new_flag: str, as_list: bool = False, **kwargs):
+        kwargs.setdefault("default", argparse.SUPPRESS)
+        kwargs.setdefault("help", argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kwargs)
+        self.new_flag, self.as_list = new_flag, as_list
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(
+            f"{parser.prog}: warning: {option_string} is deprecated and will be removed in the "
+            f"next release: use {self.new_flag}",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, [values] if self.as_list else values)
+
+
+def add_deprecated_alias(parser, old: str, new: str, *, as_list: bool = False, **kwargs) -> None:
+    """Accept ``old`` as a deprecated spelling of the flag ``new`` (same ``dest``)."""
+    dest = new.lstrip("-").replace("-", "_")
+    parser.add_argument(
+        old, dest=dest, action=DeprecatedAlias, new_flag=new, as_list=as_list, **kwargs
+    )
+
+
+def add_output_dir(parser, *, default=None, old: str | None = None, help: str) -> None:
+    """``--output_dir`` (and its deprecated spelling ``old``: ``--save_dir`` / ``--out``)."""
+    parser.add_argument("--output_dir", default=default, help=help)
+    if old:
+        add_deprecated_alias(parser, old, "--output_dir")
+
+
+def add_seeds(parser, *, help: str = "flip seeds; rows with flips are averaged over them"):
+    """``--seeds``: the flip seeds a command averages over (``--bitflip_seed N`` is the
+    deprecated spelling of ``--seeds N``)."""
+    parser.add_argument("--seeds", type=parse_seed, nargs="+", default=[0, 1, 2], help=help)
+    add_deprecated_alias(parser, "--bitflip_seed", "--seeds", as_list=True, type=parse_seed)
+
+
+def add_flip_arguments(
+    parser: argparse.ArgumentParser, *, clean_flag: bool = True, seed_flag: bool = True
+) -> None:
+    """The fault-model flags.  ``seed_flag``: the command runs once and takes ``--seed`` (the
+    flip seed); commands that average over ``--seeds`` (see :func:`add_seeds`) pass False."""
     g = parser.add_argument_group(
         "flips (default: the checkpoint's config.json; a flag sets that value for every module, "
         "on top of --bitflip_config, else the checkpoint's config, else the original's "
@@ -136,16 +206,26 @@ def add_flip_arguments(parser: argparse.ArgumentParser, *, clean_flag: bool = Tr
     )
     for key in FLIP_FLAGS:
         kind = parse_threshold if key.endswith("_t") else parse_probability
-        what = "zero-out threshold (|v| >= t -> 0; 'none' = off)" if key.endswith("_t") else (
-            "flip probability per bit (1.5e-5 or 2^-16)"
+        bits = "sign/exponent" if key.endswith("_exp") else "mantissa"
+        what = (
+            "zero-out threshold (|v| >= t -> 0; 'none' = off)"
+            if key.endswith("_t")
+            else f"flip probability of each {bits} bit (1.5e-5 or 2^-16)"
         )
         g.add_argument(
             f"--{key}",
             type=kind,
             default=argparse.SUPPRESS,
-            help=f"{'input' if key[0] == 'x' else 'weight'} {what}",
+            help=f"{'input' if key[0] == 'x' else 'weight'} {what} (default: the checkpoint's)",
         )
-    g.add_argument("--bitflip_seed", type=parse_seed, default=argparse.SUPPRESS)
+    if seed_flag:
+        g.add_argument(
+            "--seed",
+            type=parse_seed,
+            default=argparse.SUPPRESS,
+            help="flip seed (default: the checkpoint's; alone it does not switch flips on)",
+        )
+        add_deprecated_alias(g, "--bitflip_seed", "--seed", type=parse_seed)
     if clean_flag:
         g.add_argument("--clean", action="store_true", help="evaluate without flips")
 
@@ -160,7 +240,7 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="MARGIN",
         help="set every layer's x and W threshold to MARGIN x its maximum |x| (calibration "
-        "text, flips off) and |w| (e.g. 2)",
+        "text, flips off) and |w| (e.g. 2; default: off)",
     )
     g.add_argument(
         "--calibration_file",
@@ -168,7 +248,9 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
         help="text for the calibration (default: the training split of the evaluation data, "
         "else the embedded corpus)",
     )
-    g.add_argument("--calibration_batches", type=parse_positive, default=8)
+    g.add_argument(
+        "--calibration_batches", type=parse_positive, default=8, help="batches of calibration text"
+    )
 
 
 def read_bitflip_file(path: str):
@@ -194,6 +276,8 @@ def flips_from_args(args, checkpoint=None, *, default=None):
     own config, None for a clean checkpoint), else ``default``.  Otherwise the flags set their
     value for every module (per-module rules lose that key) on top of ``--bitflip_config``,
     else ``checkpoint``, else the original's fault model (p = 2^-16, thresholds 30 / 1.25).
+    ``--seed`` alone never switches flips on: on a run that would be clean it only seeds
+    what else the command draws (``generate``'s sampler).
     """
     from .config import BitflipConfig
 
@@ -201,8 +285,10 @@ def flips_from_args(args, checkpoint=None, *, default=None):
         return None
     file_cfg = read_bitflip_file(args.bitflip_config) if args.bitflip_config else None
     inline = {k: getattr(args, k) for k in FLIP_FLAGS if hasattr(args, k)}
-    if hasattr(args, "bitflip_seed"):
-        inline["seed"] = args.bitflip_seed
+    if hasattr(args, "seed"):
+        inline["seed"] = args.seed
+    if file_cfg is None and checkpoint is None and default is None and set(inline) == {"seed"}:
+        return None  # a seed alone does not switch flips on
     if file_cfg is None and not inline:
         return checkpoint if checkpoint is not None else default
     base = file_cfg or checkpoint or BitflipConfig.original_default()
@@ -216,21 +302,27 @@ def flips_from_args(args, checkpoint=None, *, default=None):
     return BitflipConfig.from_dict(values)
 
 
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def add_model_arguments(parser, *, model_positional=True):
     if model_positional:
         parser.add_argument("model", help="checkpoint directory or Hub id")
-    parser.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="float32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--dtype", choices=sorted(TORCH_DTYPES), default="float32", help="weights' dtype"
+    )
+    parser.add_argument("--device", default=default_device(), help="torch device")
 
 
 def add_data_arguments(parser):
     g = parser.add_argument_group("perplexity data (default: the embedded offline corpus)")
-    g.add_argument("--dataset_name", default=None)
-    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--dataset_name", default=None, help="datasets Hub name")
+    g.add_argument("--dataset_config_name", default=None, help="its config")
     g.add_argument("--validation_file", default=None, help=".txt/.json/.jsonl/.csv file")
     g.add_argument("--train_file", default=None, help="its training split (calibration text)")
     g.add_argument("--block_size", type=parse_positive, default=256, help="tokens per block")
-    g.add_argument("--batch_size", type=parse_positive, default=8)
+    g.add_argument("--batch_size", type=parse_positive, default=8, help="blocks per batch")
     g.add_argument("--max_batches", type=parse_count, default=32, help="first N batches (0: all)")
 
 
@@ -246,8 +338,9 @@ def check_text_file(path: str, flag: str) -> None:
         head.decode("utf-8")
     except UnicodeDecodeError as e:
         if len(head) < (1 << 20) or e.start < len(head) - 4:  # not a character cut at the end
-            raise ValueError(f"{flag} {path!r} is not UTF-8 text ({e.reason} at byte "
-                             f"{e.start})") from None
+            raise ValueError(
+                f"{flag} {path!r} is not UTF-8 text ({e.reason} at byte {e.start})"
+            ) from None
     if b"\x00" in head:
         raise ValueError(f"{flag} {path!r} is a binary file, not text")
 
@@ -413,6 +506,9 @@ def _nonfinite_metrics(results: dict) -> list[str]:
 
 def eval_command(args) -> int:
     """lm-eval tasks on a model with or without flips."""
+    from .extras import require
+
+    require("peft-bitflip eval", "lm_eval", "datasets")
     from lm_eval.utils import make_table
 
     from .diagnosis import nonfinite_reason
@@ -438,7 +534,9 @@ def eval_command(args) -> int:
     reason = nonfinite_reason(model) if bad else None
     if bad:
         print(f"WARNING: non-finite results ({', '.join(bad)}): {reason}")
-    if args.save_dir:
+    if args.output_dir:
+        from .run_record import fault_model_record, run_record
+
         out = {
             "model": args.model,
             "flips": _describe(flips),
@@ -447,10 +545,32 @@ def eval_command(args) -> int:
             "nonfinite": bad,
             "reason": reason,
             "config": results.get("config"),
+            "run": run_record(
+                command=_command(args),
+                fault_model=fault_model_record(flips),
+                seeds=[] if flips is None else [flips.seed],
+                data=_lm_eval_data(args, results, metadata),
+                batch={
+                    "batch_size": args.batch_size,
+                    "limit": args.limit,
+                    "num_fewshot": args.num_fewshot,
+                },
+                settings=_run_settings(args),
+            ),
         }
-        _write_json(os.path.join(args.save_dir, "results.json"), out)
-        print(f"wrote {os.path.join(args.save_dir, 'results.json')}")
+        _write_json(os.path.join(args.output_dir, "results.json"), out)
+        print(f"wrote {os.path.join(args.output_dir, 'results.json')}")
     return 0
+
+
+def _sampling_seed(args, flips) -> int:
+    """``--sampling_seed``, else the run's flip seed (``--seed``, else the fault model's),
+    else 0."""
+    if args.sampling_seed is not None:
+        return args.sampling_seed
+    if hasattr(args, "seed"):
+        return args.seed
+    return 0 if flips is None else flips.seed
 
 
 def generate_command(args) -> int:
@@ -471,12 +591,12 @@ def generate_command(args) -> int:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
-        seed=args.seed,
+        seed=_sampling_seed(args, flips),
     )
     print(f"flips: {_describe(flips)}\n--- prompt ---\n{args.prompt}\n--- response ---\n{response}")
-    if args.save_dir:
-        os.makedirs(args.save_dir, exist_ok=True)
-        path = os.path.join(args.save_dir, "prompt-response.txt")
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        path = os.path.join(args.output_dir, "prompt-response.txt")
         with open(path, "w", encoding="utf-8") as f:
             f.write(f"{args.prompt}\n---\n{response}\n")
         print(f"wrote {path}")
@@ -489,11 +609,108 @@ def _data_source(args) -> str:
     return args.dataset_name or "embedded corpus"
 
 
+# ---------------------------------------------------------------------- run records
+
+
+def _command(args) -> list[str]:
+    """The command line of this run, as :func:`main` got it."""
+    return getattr(args, "argv", None) or ["peft-bitflip", *sys.argv[1:]]
+
+
+def _run_settings(args) -> dict:
+    """What else changes a number: dtype, device, calibrated zero-out."""
+    out = {"dtype": args.dtype, "device": str(args.device)}
+    if getattr(args, "calibrate_zero_out", None):
+        out.update(
+            calibrate_zero_out=args.calibrate_zero_out,
+            calibration_batches=args.calibration_batches,
+        )
+    return out
+
+
+def _calibration_data(args) -> dict:
+    """Where ``--calibrate_zero_out``'s text came from (see :func:`calibration_blocks`)."""
+    from .run_record import file_record
+
+    path = args.calibration_file or getattr(args, "train_file", None)
+    name = getattr(args, "dataset_name", None) or "the embedded corpus"
+    return {
+        "source": os.path.abspath(path) if path else f"training split of {name}",
+        "file": file_record(path) if path else None,
+        "sequence_length": getattr(args, "block_size", 256),
+        "max_blocks": args.calibration_batches * getattr(args, "batch_size", 8),
+    }
+
+
+def _perplexity_data(args, blocks) -> dict:
+    """The data of a perplexity run: source (file path and sha256, dataset or corpus name),
+    sequence length, the blocks and tokens evaluated and a fingerprint of those tokens."""
+    from .evaluation import _block_tensor, tokens_fingerprint
+    from .run_record import file_record
+
+    ids = _block_tensor(blocks)
+    n = ids.size(0)
+    if args.max_batches:
+        n = min(n, args.max_batches * args.batch_size)
+    data = {
+        "source": _data_source(args),
+        "file": file_record(args.validation_file) if args.validation_file else None,
+        "dataset_name": args.dataset_name,
+        "dataset_config_name": args.dataset_config_name,
+        "sequence_length": ids.size(1),
+        "blocks": n,
+        "tokens": n * ids.size(1),
+        "tokens_fingerprint": tokens_fingerprint(ids[:n]),
+    }
+    if getattr(args, "calibrate_zero_out", None):
+        data["calibration"] = _calibration_data(args)
+    return data
+
+
+def _perplexity_batch(args, data) -> dict:
+    return {
+        "batch_size": args.batch_size,
+        "max_batches": args.max_batches or None,
+        "batches": math.ceil(data["blocks"] / args.batch_size),
+    }
+
+
+def _lm_eval_data(args, results, metadata) -> dict:
+    """The data of an lm-eval run: tasks, their versions and document counts, the task
+    metadata and the sha256 of every local file it names, the model's context length."""
+    from .run_record import file_record
+
+    files = (metadata or {}).get("data_files") or []
+    files = [files] if isinstance(files, str) else list(files)
+    data = {
+        "tasks": args.tasks.split(","),
+        "task_versions": results.get("versions"),
+        "documents": results.get("n-samples"),
+        "metadata": metadata,
+        "files": [file_record(f) for f in files if os.path.isfile(f)],
+        "sequence_length": (results.get("config") or {}).get("max_length"),
+    }
+    if getattr(args, "calibrate_zero_out", None):
+        data["calibration"] = _calibration_data(args)
+    return data
+
+
 def sweep_command(args) -> int:
     """Perplexity over a grid of error rates and seeds; CSV, summary JSON and PNG plot."""
+    from .extras import require
+
+    require("peft-bitflip sweep", "datasets", "matplotlib")
     from .config import BitflipConfig
     from .diagnosis import EXP_WITHOUT_ZERO_OUT
-    from .evaluation import load_model, plot_sweep, summarize_sweep, sweep, sweep_grid
+    from .evaluation import (
+        flip_config_for,
+        load_model,
+        plot_sweep,
+        summarize_sweep,
+        sweep,
+        sweep_grid,
+    )
+    from .run_record import fault_model_record, run_record
 
     sweep_grid(args.p, args.targets, args.fields, args.seeds)  # fail before loading anything
     check_data_arguments(args)
@@ -503,8 +720,8 @@ def sweep_command(args) -> int:
     zero_out = None
     if args.calibrate_zero_out:
         zero_out = calibrated(args, model, tok, BitflipConfig())
-    os.makedirs(args.out, exist_ok=True)
-    csv_path = os.path.join(args.out, "sweep.csv")
+    os.makedirs(args.output_dir, exist_ok=True)
+    csv_path = os.path.join(args.output_dir, "sweep.csv")
     settings = {
         "model": args.model,
         "data": _data_source(args),
@@ -527,16 +744,43 @@ def sweep_command(args) -> int:
         settings=settings,
     )
     rows = summarize_sweep(points)
+    for r in rows:  # each row's fault model, complete, with the seeds it averages
+        cfg = flip_config_for(
+            r["p"], r["target"], r["field"], x_zero_out_t=args.x_zero_out_t,
+            w_zero_out_t=args.w_zero_out_t, zero_out=zero_out,
+        )  # fmt: skip
+        r["bitflip_config"] = fault_model_record(cfg, r["flip_seeds"])
+    data = _perplexity_data(args, blocks)
+    record = run_record(
+        command=_command(args),
+        fault_model={
+            "grid": {"p": args.p, "targets": args.targets, "fields": args.fields},
+            "x_zero_out_t": None if zero_out is not None else args.x_zero_out_t,
+            "w_zero_out_t": None if zero_out is not None else args.w_zero_out_t,
+            "calibrated": None if zero_out is None else zero_out.to_dict(),
+            "rows": "each row's bitflip_config",
+        },
+        seeds=sorted(set(args.seeds)),
+        data=data,
+        batch=_perplexity_batch(args, data),
+        settings=_run_settings(args),
+    )
     note = ""
     if any(r["diverged"] for r in rows):
         unguarded = zero_out is None and (args.x_zero_out_t is None or args.w_zero_out_t is None)
         exp = any(f in ("exp", "both") for f in args.fields)
         note = EXP_WITHOUT_ZERO_OUT if unguarded and exp else "non-finite loss under flips"
     _write_json(
-        os.path.join(args.out, "summary.json"),
-        {"model": args.model, "settings": settings, "rows": rows, "note": note or None},
+        os.path.join(args.output_dir, "summary.json"),
+        {
+            "model": args.model,
+            "settings": settings,
+            "rows": rows,
+            "note": note or None,
+            "run": record,
+        },
     )
-    plot_sweep(rows, os.path.join(args.out, "sweep.png"), title=f"{args.model}", note=note)
+    plot_sweep(rows, os.path.join(args.output_dir, "sweep.png"), title=f"{args.model}", note=note)
     print(f"{'p':>10} {'target':>6} {'field':>5} {'ppl mean':>12} {'sd':>10} seeds")
     for r in rows:
         if r["diverged"]:
@@ -550,7 +794,7 @@ def sweep_command(args) -> int:
         )
     if note:
         print(f"diverged points: {note}")
-    print(f"wrote {csv_path}, summary.json and sweep.png in {args.out}")
+    print(f"wrote {csv_path}, summary.json and sweep.png in {args.output_dir}")
     return 0
 
 
@@ -558,9 +802,14 @@ def compare_command(args) -> int:
     """The seed's table: clean model, clean model under flips, fine-tuned model under flips."""
     import statistics
 
+    from .extras import require
+
+    require("peft-bitflip compare", "datasets")
+
     from .config import BitflipConfig
     from .diagnosis import nonfinite_reason
     from .evaluation import compare_table, perplexity
+    from .run_record import fault_model_record, run_record
 
     # every input is checked before the first measurement
     check_data_arguments(args)
@@ -599,9 +848,7 @@ def compare_command(args) -> int:
                 "setting": name,
                 "model": path,
                 "flips": _describe(used, [s for s in seeds if s is not None]),
-                "bitflip_config": None if used is None else {
-                    **used.to_dict(), "seed": None if len(seeds) > 1 else used.seed
-                },
+                "bitflip_config": fault_model_record(used, [s for s in seeds if s is not None]),
                 "ppl_mean": statistics.fmean(ppl) if not diverged else math.inf,
                 "ppl_std": statistics.stdev(ppl) if not diverged and len(ppl) > 1 else 0.0,
                 "seeds": len(ppl),
@@ -613,22 +860,35 @@ def compare_command(args) -> int:
         )
     table = compare_table(rows)
     print(table)
+    data = _perplexity_data(args, blocks)
+    record = run_record(
+        command=_command(args),
+        fault_model=fault_model_record(flips, list(dict.fromkeys(args.seeds))),
+        seeds=list(dict.fromkeys(args.seeds)),
+        data=data,
+        batch=_perplexity_batch(args, data),
+        settings=_run_settings(args),
+    )
     for reason in sorted({r["reason"] for r in rows if r["reason"]}):
         print(f"diverged: {reason}")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "compare.md"), "w", encoding="utf-8") as f:
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "compare.md"), "w", encoding="utf-8") as f:
             f.write(table + "\n")
-        _write_json(os.path.join(args.out, "compare.json"), rows)
-        print(f"wrote compare.md and compare.json in {args.out}")
+        _write_json(os.path.join(args.output_dir, "compare.json"), {"rows": rows, "run": record})
+        print(f"wrote compare.md and compare.json in {args.output_dir}")
     return 0
 
 
 def attribute_command(args) -> int:
     """Clean / zero-out alone / flips alone / both: what the fault model's damage is made of."""
+    from .extras import require
+
+    require("peft-bitflip attribute", "datasets")
     from .attribution import attribute, attribution_markdown
     from .config import BitflipConfig
     from .evaluation import load_model
+    from .run_record import fault_model_record, run_record
 
     check_data_arguments(args)
     flips = _resolved_flips(args, args.model, default=BitflipConfig.original_default())
@@ -647,6 +907,15 @@ def attribute_command(args) -> int:
         progress=True,
     )
     report.update(model=args.model, data=_data_source(args), block_size=args.block_size)
+    data = _perplexity_data(args, blocks)
+    report["run"] = run_record(
+        command=_command(args),
+        fault_model=fault_model_record(flips, report["seeds"]),
+        seeds=report["seeds"],
+        data=data,
+        batch=_perplexity_batch(args, data),
+        settings=_run_settings(args),
+    )
     text = attribution_markdown(report, top=args.top)
     print(text)
     if args.output_dir:
@@ -775,20 +1044,24 @@ def add_campaign_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``peft-bitflip`` command line (subcommands demo, eval, generate, sweep, compare,
-    attribute)."""
-    parser = argparse.ArgumentParser(
-        prog="peft-bitflip", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    attribute); every ``--help`` shows the defaults."""
+    parser = Parser(prog="peft-bitflip", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     d = sub.add_parser("demo", help="flip a random tensor and check the flip rates (offline)")
     d.add_argument("--n", type=parse_positive, default=1 << 20, help="number of elements")
-    d.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    d.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="tensor dtype")
+    d.add_argument("--device", default=default_device(), help="torch device")
     d.add_argument(
-        "--p", type=parse_probability, nargs="+", default=[0.5, 2**-6, 1e-3, 2**-16]
+        "--p",
+        type=parse_probability,
+        nargs="+",
+        default=[0.5, 2**-6, 1e-3, 2**-16],
+        help="flip probabilities per bit (1.5e-5 or 2^-16)",
     )
-    d.add_argument("--threshold", type=float, default=30.0, help="zero-out threshold")
-    d.add_argument("--seed", type=parse_seed, default=0)
+    d.add_argument(
+        "--threshold", type=parse_threshold, default=30.0, help="zero-out threshold ('none': off)"
+    )
+    d.add_argument("--seed", type=parse_seed, default=0, help="flip seed")
     d.set_defaults(func=demo)
 
     e = sub.add_parser("eval", help="lm-eval tasks with or without flips")
@@ -800,26 +1073,33 @@ def build_parser() -> argparse.ArgumentParser:
         default="wikitext",
         help="comma-separated lm-eval tasks; bitflip_text_ppl runs offline",
     )
-    e.add_argument("--batch_size", type=parse_positive, default=8)
-    e.add_argument("--limit", type=float, default=None)
-    e.add_argument("--max_length", type=int, default=None)
-    e.add_argument("--num_fewshot", type=int, default=None)
+    e.add_argument("--batch_size", type=parse_positive, default=8, help="lm-eval batch size")
+    e.add_argument("--limit", type=float, default=None, help="documents per task (lm-eval)")
+    e.add_argument("--max_length", type=int, default=None, help="tokens (default: the model's)")
+    e.add_argument("--num_fewshot", type=int, default=None, help="as in lm-eval")
     e.add_argument("--metadata", default=None, help="JSON passed to the tasks")
-    e.add_argument("--save_dir", default=None)
+    add_output_dir(e, old="--save_dir", help="writes results.json (default: nothing written)")
     e.set_defaults(func=eval_command)
 
     g = sub.add_parser("generate", help="generate text under flips")
     add_model_arguments(g)
     add_flip_arguments(g)
     add_calibration_arguments(g)
-    g.add_argument("--prompt", default="London is")
-    g.add_argument("--max_new_tokens", type=parse_positive, default=128)
-    g.add_argument("--do_sample", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top_k", type=int, default=50)
-    g.add_argument("--top_p", type=float, default=0.9)
-    g.add_argument("--seed", type=parse_seed, default=0, help="seed of the sampler")
-    g.add_argument("--save_dir", default=None)
+    g.add_argument("--prompt", default="London is", help="text to continue")
+    g.add_argument("--max_new_tokens", type=parse_positive, default=128, help="tokens to add")
+    g.add_argument(
+        "--do_sample", action=argparse.BooleanOptionalAction, default=True, help="sample"
+    )
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--top_k", type=int, default=50, help="sampling top-k")
+    g.add_argument("--top_p", type=float, default=0.9, help="sampling top-p")
+    g.add_argument(
+        "--sampling_seed",
+        type=parse_seed,
+        default=None,
+        help="seed of the sampler (default: the run's flip seed, 0 without flips)",
+    )
+    add_output_dir(g, old="--save_dir", help="writes prompt-response.txt")
     g.set_defaults(func=generate_command)
 
     w = sub.add_parser("sweep", help="perplexity vs bit-error rate: CSV + PNG (resumable)")
@@ -830,17 +1110,32 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_probability,
         nargs="+",
         default=[0.0, 1e-9, 1e-7, 1e-6, 2**-16, 1e-4, 2**-10],
+        help="flip probabilities per bit (1.5e-5 or 2^-16)",
     )
-    w.add_argument("--targets", nargs="+", choices=["x", "w", "both"], default=["both"])
-    w.add_argument("--fields", nargs="+", choices=["exp", "frac", "both"], default=["both"])
-    w.add_argument("--seeds", type=parse_seed, nargs="+", default=[0, 1, 2])
-    w.add_argument("--x_zero_out_t", type=parse_threshold, default=30.0)
-    w.add_argument("--w_zero_out_t", type=parse_threshold, default=1.25)
-    add_calibration_arguments(w)
     w.add_argument(
-        "--out",
+        "--targets", nargs="+", choices=["x", "w", "both"], default=["both"], help="what flips"
+    )
+    w.add_argument(
+        "--fields",
+        nargs="+",
+        choices=["exp", "frac", "both"],
+        default=["both"],
+        help="which bits flip",
+    )
+    w.add_argument("--seeds", type=parse_seed, nargs="+", default=[0, 1, 2], help="flip seeds")
+    w.add_argument(
+        "--x_zero_out_t", type=parse_threshold, default=30.0, help="input threshold ('none')"
+    )
+    w.add_argument(
+        "--w_zero_out_t", type=parse_threshold, default=1.25, help="weight threshold ('none')"
+    )
+    add_calibration_arguments(w)
+    add_output_dir(
+        w,
         default="sweep_out",
-        help="directory (an existing CSV of the same settings is resumed)",
+        old="--out",
+        help="folder of sweep.csv, summary.json, sweep.png (an existing CSV of the same "
+        "settings is resumed)",
     )
     w.set_defaults(func=sweep_command)
 
@@ -848,32 +1143,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--clean_model", required=True, help="the model before fine-tuning")
     c.add_argument("--finetuned", nargs="*", default=[], help="fine-tuned checkpoint(s)")
     add_model_arguments(c, model_positional=False)
-    add_flip_arguments(c, clean_flag=False)
+    add_flip_arguments(c, clean_flag=False, seed_flag=False)
     add_calibration_arguments(c)
     add_data_arguments(c)
-    c.add_argument("--seeds", type=parse_seed, nargs="+", default=[0, 1, 2])
-    c.add_argument("--out", default=None)
+    add_seeds(c)
+    add_output_dir(c, old="--out", help="writes compare.md and compare.json")
     c.set_defaults(func=compare_command)
 
     a = sub.add_parser(
         "attribute",
-        help="what the damage is made of: clean, zero-out alone, flips alone, both; cuts per "
-        "layer",
+        help="what the damage is made of: clean, zero-out alone, flips alone, both; cuts per layer",
     )
     add_model_arguments(a)
-    add_flip_arguments(a, clean_flag=False)
+    add_flip_arguments(a, clean_flag=False, seed_flag=False)
     add_calibration_arguments(a)
     add_data_arguments(a)
-    a.add_argument("--seeds", type=parse_seed, nargs="+", default=[0, 1, 2], help="flip seeds")
+    add_seeds(a)
     a.add_argument("--top", type=parse_count, default=10, help="layers listed by cuts")
-    a.add_argument("--output_dir", default=None, help="writes attribution.md and .json")
+    add_output_dir(a, help="writes attribution.md and attribution.json")
     a.set_defaults(func=attribute_command)
     add_campaign_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = ["peft-bitflip", *argv]  # the run records' command line
     return args.func(args)
 
 

@@ -288,8 +288,11 @@ def lm_eval_results(
         num_fewshot=num_fewshot,
         log_samples=False,
         metadata=metadata,
+        batch_size=batch_size,  # recorded in results["config"] (the model is built already)
+        device=str(lm.device),
     )
     results.pop("samples", None)
+    results.setdefault("config", {})["max_length"] = lm.max_length
     return results
 
 
@@ -689,7 +692,8 @@ def summarize_sweep(points: Iterable[SweepPoint]) -> list[dict]:
     """Mean and spread over seeds: one row per (p, target, field), sorted by p.
 
     ``ppl_mean`` / ``ppl_std`` (sample standard deviation, 0 for one seed) are over the
-    seeds' perplexities, ``ppl_min`` / ``ppl_max`` their range; a seed that diverged counts as
+    seeds' perplexities (``seeds``: their number, ``flip_seeds``: which), ``ppl_min`` /
+    ``ppl_max`` their range; a seed that diverged counts as
     ``inf`` (so does the mean).  ``diverged``: seeds with any non-finite batch;
     ``nonfinite_share``: non-finite batches / batches over all seeds.
     """
@@ -707,6 +711,7 @@ def summarize_sweep(points: Iterable[SweepPoint]) -> list[dict]:
                 "target": t,
                 "field": f,
                 "seeds": len(pts),
+                "flip_seeds": sorted(pt.seed for pt in pts),
                 "ppl_mean": statistics.fmean(ppl) if finite else math.inf,
                 "ppl_std": statistics.stdev(ppl) if finite and len(ppl) > 1 else 0.0,
                 "ppl_min": min(ppl),

@@ -22,6 +22,7 @@ merge repeats.  ``lora_bias=True`` adds ``s * lora_B.bias`` to the (unflipped) b
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,9 +47,15 @@ class BitflipLoraConfig(LoraConfig):
 
     ``x_*`` act on each layer's input, ``w_*`` on its (LoRA-merged) weight; ``p_exp`` is the flip
     probability of each sign/exponent bit, ``p_frac`` of each mantissa bit; ``*_zero_out_t``
-    zeroes ``|y| >= t``, NaN and Inf (None: off).  ``bitflip_seed`` names the random streams;
-    ``layer_name_to_config`` / ``skip_modules`` are per-module rules (regex full match).  Flips act
-    on every linear layer the rules select, not only on ``target_modules``.
+    zeroes ``|y| >= t``, NaN and Inf (None: off).  ``seed`` names the random streams (as
+    ``BitflipConfig.seed``; default 0); ``layer_name_to_config`` / ``skip_modules`` are per-module
+    rules (regex full match).  Flips act on every linear layer the rules select, not only on
+    ``target_modules``.
+
+    ``bitflip_seed`` is the deprecated name of ``seed`` (removed in the next release): passing it
+    alone warns and sets ``seed``.  Both are written to ``adapter_config.json`` with the same
+    value, so the previous release (which knows only ``bitflip_seed``) reads new files and this
+    one reads old files.
     """
 
     x_p_exp: float = field(default=0.0, metadata={"help": "flip prob. of input sign/exp bits"})
@@ -57,7 +64,10 @@ class BitflipLoraConfig(LoraConfig):
     w_p_exp: float = field(default=0.0, metadata={"help": "flip prob. of weight sign/exp bits"})
     w_p_frac: float = field(default=0.0, metadata={"help": "flip prob. of weight mantissa bits"})
     w_zero_out_t: float | None = field(default=None, metadata={"help": "weight zero-out |w|>=t"})
-    bitflip_seed: int = field(default=0, metadata={"help": "seed of the flip streams"})
+    seed: int | None = field(default=None, metadata={"help": "seed of the flip streams (0)"})
+    bitflip_seed: int | None = field(
+        default=None, metadata={"help": "deprecated name of seed (kept equal to it)"}
+    )
     compat_snap: bool = field(default=False, metadata={"help": "snap p like the original"})
     layer_name_to_config: Any | None = field(
         default=None, metadata={"help": "per-module rules {regex: {x_p_exp: ...} | None}"}
@@ -76,6 +86,23 @@ class BitflipLoraConfig(LoraConfig):
             )
         if self.use_dora:
             raise ValueError("use_dora=True is not supported by BitflipLoraConfig")
+        if self.bitflip_seed is not None:
+            if self.seed is None:
+                warnings.warn(
+                    "BitflipLoraConfig: bitflip_seed is the deprecated name of seed and goes in "
+                    f"the next release: pass seed={self.bitflip_seed!r} (an adapter_config.json "
+                    "with only bitflip_seed still loads; save it again to write seed)",
+                    FutureWarning,
+                    stacklevel=3,
+                )
+                self.seed = self.bitflip_seed
+            elif self.seed != self.bitflip_seed:
+                raise ValueError(
+                    f"BitflipLoraConfig got seed={self.seed!r} and bitflip_seed="
+                    f"{self.bitflip_seed!r} (the deprecated name of seed): give only seed"
+                )
+        if self.seed is None:
+            self.seed = 0
         self.set_bitflip_config(self.bitflip_config())  # validates and normalises the fields
 
     def set_bitflip_config(self, bitflip: BitflipConfig) -> None:
@@ -84,7 +111,7 @@ class BitflipLoraConfig(LoraConfig):
         d = bitflip.to_dict()
         for k in BITFLIP_FIELDS:
             setattr(self, k, d[k])
-        self.bitflip_seed = d["seed"]
+        self.seed = self.bitflip_seed = d["seed"]  # bitflip_seed: for the previous release
         self.compat_snap = d["compat_snap"]
         self.layer_name_to_config = d["layer_name_to_config"]
         self.skip_modules = d["skip_modules"]
@@ -93,7 +120,7 @@ class BitflipLoraConfig(LoraConfig):
         """The model-level :class:`BitflipConfig` these fields describe."""
         return BitflipConfig(
             **{k: getattr(self, k) for k in BITFLIP_FIELDS},
-            seed=self.bitflip_seed,
+            seed=self.seed,
             compat_snap=self.compat_snap,
             layer_name_to_config=self.layer_name_to_config,
             skip_modules=list(self.skip_modules or []),
@@ -105,7 +132,7 @@ class BitflipLoraConfig(LoraConfig):
         d = bitflip.to_dict()
         return cls(
             **{k: d[k] for k in BITFLIP_FIELDS},
-            bitflip_seed=d["seed"],
+            seed=d["seed"],
             compat_snap=d["compat_snap"],
             layer_name_to_config=d["layer_name_to_config"],
             skip_modules=d["skip_modules"],

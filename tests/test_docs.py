@@ -38,13 +38,21 @@ def blocks(path: str, langs: tuple[str, ...]):
     return [body for lang, body in FENCE.findall(text) if lang in langs]
 
 
+def commands_of(path: str) -> list[list[str]]:
+    """The shell commands of ``path``'s bash blocks, in order, as words."""
+    out = []
+    for body in blocks(path, ("bash", "sh", "shell")):
+        for line in body.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words and not line.strip().startswith(RUN_ELSEWHERE):
+                out.append(words)
+    return out
+
+
 def shell_commands():
     for path in DOCS:
-        for body in blocks(path, ("bash", "sh", "shell")):
-            for line in body.replace("\\\n", " ").splitlines():
-                words = shlex.split(line, comments=True)
-                if words and not line.strip().startswith(RUN_ELSEWHERE):
-                    yield pytest.param(path, words, id=f"{path}: {' '.join(words)[:60]}")
+        for words in commands_of(path):
+            yield pytest.param(path, words, id=f"{path}: {' '.join(words)[:60]}")
 
 
 def strip_launcher(words: list[str]) -> list[str]:
@@ -99,6 +107,30 @@ def test_documented_command_parses(path, words):
         pytest.fail(f"{path}: no check for the command {' '.join(words)!r}")
 
 
+# Hub organisations of the models the docs name (anything else is a local folder)
+HUB_ORGS = {"HuggingFaceTB", "meta-llama", "unsloth", "path"}  # "path/to/model": a placeholder
+
+
+@pytest.mark.parametrize("path", DOCS)
+def test_documented_models_are_on_the_hub_or_made_by_an_earlier_step(path):
+    """A local checkpoint a ``peft-bitflip`` command reads (``compare --clean_model base/``)
+    is the ``--output_dir`` of a command documented before it in the same page."""
+    from peft_bitflip.cli import build_parser
+
+    made = set()
+    for words in commands_of(path):
+        words = strip_launcher(words)
+        if words[0] == "peft-bitflip" and words[1] != "demo":
+            args = build_parser().parse_args(words[1:])
+            models = [getattr(args, "model", None), getattr(args, "clean_model", None)]
+            for m in [*models, *getattr(args, "finetuned", [])]:
+                if m is None or (m.split("/")[0] in HUB_ORGS and not m.endswith("/")):
+                    continue
+                assert m.rstrip("/") in made, f"{path}: {m!r} is made by no step above it"
+        if "--output_dir" in words:
+            made.add(words[words.index("--output_dir") + 1].rstrip("/"))
+
+
 # --- Python snippets ------------------------------------------------------------------------
 
 
@@ -112,8 +144,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def run_snippet(code: str, namespace: dict) -> None:
-    if not torch.cuda.is_available():
-        code = code.replace('device="cuda"', 'device="cpu"')
+    """Run a snippet as written (on a CPU machine a hard-coded CUDA device fails)."""
     exec(compile(code, "<snippet>", "exec"), namespace)
 
 

@@ -110,7 +110,7 @@ def test_eval_command_offline_task(ckpt, tmp_path, capsys):
         json.dumps({"max_documents": 4}),
         "--batch_size",
         "4",
-        "--save_dir",
+        "--output_dir",
         str(out),
     ]
     assert main(args) == 0
@@ -143,7 +143,7 @@ def test_generate_command_writes_the_response(ckpt, tmp_path, capsys):
         "1",
         "--max_new_tokens",
         "12",
-        "--save_dir",
+        "--output_dir",
         str(tmp_path),
     ]
     assert main(args) == 0
@@ -170,7 +170,7 @@ def test_sweep_command_csv_plot_and_resume(ckpt, tmp_path, capsys):
         "64",
         "--max_batches",
         "1",
-        "--out",
+        "--output_dir",
         str(out),
     ]
     assert main(args) == 0
@@ -206,11 +206,11 @@ def test_compare_command_three_rows(ckpt, tmp_path, capsys):
         "1",
         "--block_size",
         "64",
-        "--out",
+        "--output_dir",
         str(out),
     ]
     assert main(args) == 0
-    rows = json.loads((out / "compare.json").read_text())
+    rows = json.loads((out / "compare.json").read_text())["rows"]
     assert [r["setting"] for r in rows] == ["clean", "flipped", "flipped + fine-tuned"]
     assert rows[0]["seeds"] == 1 and rows[1]["seeds"] == 2
     assert rows[1]["ppl_mean"] > rows[0]["ppl_mean"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -19,6 +20,8 @@ pytest.importorskip("lm_eval")
 ROOT = os.path.dirname(os.path.dirname(__file__))
 P_LEVELS = {"p0": 0.0, "p_mid": 0.003, "p_high": 0.03}
 N_DOCS = 6
+# lm-eval's warning for a metric_list entry without aggregation / higher_is_better
+METRIC_WARNING = re.compile(r"metric \w+ is defined, but (aggregation|higher_is_better) is not")
 
 
 def _env():
@@ -88,6 +91,7 @@ def test_wrapper_cli_evaluates_with_flips_and_perplexity_rises_with_p(checkpoint
             wrapper, checkpoints / name, tmp_path / name, tmp_path, checkpoints / "valid.txt"
         )
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert not METRIC_WARNING.findall(r.stdout + r.stderr)  # 36.6: six before
         bpb[name] = _bits_per_byte(tmp_path / name)
     # p = 0 flips nothing: exactly the clean model's number
     assert bpb["p0"] == bpb["clean"]
@@ -133,3 +137,27 @@ def test_task_loader_reads_files_and_defaults_to_the_local_corpus(tmp_path):
         load_documents(data_files=str(empty))
     metrics = process_results({"text": "two words"}, (-3.0,))
     assert metrics["word_perplexity"] == (-3.0, 2) and metrics["bits_per_byte"] == (-3.0, 9)
+
+
+def test_task_declares_lm_evals_own_aggregations(caplog):
+    """The task states each metric's aggregation and direction (no lm-eval warning) and they
+    are the ones lm-eval would pick for these metrics (the numbers do not change)."""
+    import logging
+
+    from lm_eval.api.registry import get_metric_aggregation, is_higher_better
+    from lm_eval.tasks import TaskManager
+
+    from peft_bitflip.lm_eval_tasks import TASK_DIR, TEXT_PPL_TASK
+
+    with caplog.at_level(logging.WARNING):
+        manager = TaskManager(include_path=TASK_DIR, metadata={"max_documents": 2})
+        if hasattr(manager, "load"):  # lm-eval >= 0.4.10
+            task = manager.load([TEXT_PPL_TASK])["tasks"][TEXT_PPL_TASK]
+        else:
+            task = manager.load_task_or_group([TEXT_PPL_TASK])[TEXT_PPL_TASK]
+    assert not METRIC_WARNING.findall(caplog.text)
+    names = ["word_perplexity", "byte_perplexity", "bits_per_byte"]
+    assert sorted(task.aggregation()) == sorted(names)
+    for name in names:
+        assert task.aggregation()[name] is get_metric_aggregation(name)
+        assert task.higher_is_better()[name] is is_higher_better(name) is False

@@ -90,14 +90,14 @@ def test_sweep_resume_refuses_rows_measured_under_other_thresholds(ckpt, tmp_pat
     rows instead of measuring."""
     out = tmp_path / "sw"
     args = ["sweep", str(ckpt / "clean"), "--p", "1e-3", "--seeds", "0", "--block_size", "32",
-            "--max_batches", "1", "--out", str(out)]  # fmt: skip
+            "--max_batches", "1", "--output_dir", str(out)]  # fmt: skip
     assert main(args) == 0
     with pytest.raises(ValueError, match=r"x_zero_out_t: 30.0 in the folder, None now"):
         main([*args, "--x_zero_out_t", "none"])
     with pytest.raises(ValueError, match="block_size"):
-        main([*args[:-2], "--block_size", "16", "--out", str(out)])
+        main([*args[:-2], "--block_size", "16", "--output_dir", str(out)])
     with pytest.raises(ValueError, match="max_batches"):
-        main([*args[:-2], "--max_batches", "2", "--out", str(out)])
+        main([*args[:-2], "--max_batches", "2", "--output_dir", str(out)])
     other = tmp_path / "other.txt"
     other.write_text("Some other text for the sweep. " * 200)
     with pytest.raises(ValueError, match="data"):
@@ -195,7 +195,7 @@ def test_sweep_command_without_zero_out_explains_the_divergence(ckpt, tmp_path, 
     out = tmp_path / "sw"
     assert main(["sweep", str(ckpt / "clean"), "--p", "0", "0.1", "--seeds", "0",
                  "--x_zero_out_t", "none", "--w_zero_out_t", "none", "--block_size", "32",
-                 "--max_batches", "2", "--out", str(out)]) == 0  # fmt: skip
+                 "--max_batches", "2", "--output_dir", str(out)]) == 0  # fmt: skip
     text = capsys.readouterr().out
     assert "diverged (1/1 seeds, 100% of batches)" in text and "without zero-out" in text
     summary = json.loads((out / "summary.json").read_text())
@@ -210,7 +210,7 @@ def test_encoders_are_refused_by_the_causal_lm_tools(ckpt, capsys):
     with pytest.raises(ValueError, match="encoder"):
         load_model(str(ckpt / "bert"))
     with pytest.raises(ValueError, match="not a causal language model"):
-        main(["sweep", str(ckpt / "bert"), "--p", "0", "--out", "unused"])
+        main(["sweep", str(ckpt / "bert"), "--p", "0", "--output_dir", "unused"])
     # the model-agnostic parts still work on the encoder
     bert = tiny_bert()
     summary = pb.apply_bitflip(bert, pb.BitflipConfig(x_p_frac=0.1, x_zero_out_t=10.0))
@@ -235,7 +235,7 @@ def test_adapter_folder_is_named_before_anything_is_measured(ckpt, tmp_path, cap
         main(["generate", str(tmp_path / "adapter")])
     with pytest.raises(ValueError, match="PEFT adapter folder"):
         main(["compare", "--clean_model", str(ckpt / "clean"), "--finetuned",
-              str(tmp_path / "adapter"), "--out", str(tmp_path / "cmp")])  # fmt: skip
+              str(tmp_path / "adapter"), "--output_dir", str(tmp_path / "cmp")])  # fmt: skip
     assert "| clean |" not in capsys.readouterr().out  # nothing was measured first
 
 
@@ -248,7 +248,7 @@ def test_bad_data_files_are_named(ckpt, tmp_path, content, match):
     bad.write_bytes(content)
     with pytest.raises(ValueError, match=match):
         main(["sweep", str(ckpt / "clean"), "--p", "0", "--validation_file", str(bad),
-              "--out", str(tmp_path / "o")])  # fmt: skip
+              "--output_dir", str(tmp_path / "o")])  # fmt: skip
 
 
 def test_too_little_text_for_one_block_is_named(ckpt, tmp_path):
@@ -305,8 +305,8 @@ def test_compare_records_every_seed_of_a_row(ckpt, tmp_path):
     """Regression (36.4 in part): compare wrote seed=0 for rows averaged over seeds 0 and 1."""
     out = tmp_path / "cmp"
     assert main(["compare", "--clean_model", str(ckpt / "clean"), "--seeds", "0", "1",
-                 "--block_size", "32", "--max_batches", "1", "--out", str(out)]) == 0
-    rows = json.loads((out / "compare.json").read_text())
+                 "--block_size", "32", "--max_batches", "1", "--output_dir", str(out)]) == 0
+    rows = json.loads((out / "compare.json").read_text())["rows"]
     assert "seeds=0,1" in rows[1]["flips"] and rows[1]["flip_seeds"] == [0, 1]
     assert rows[1]["bitflip_config"]["seed"] is None
 

@@ -249,3 +249,41 @@ def test_second_adapter_must_share_the_fault_model():
         model.add_adapter("other", _config(w_p_exp=0.5))
     with pytest.raises(ValueError, match="different peft types"):  # PEFT's own check
         model.add_adapter("plain", LoraConfig(r=4, target_modules=["q_proj"]))
+
+
+def test_seed_is_the_name_and_bitflip_seed_a_deprecated_alias(tmp_path):
+    """36.3: BitflipLoraConfig.seed as BitflipConfig.seed; bitflip_seed warns and still works,
+    and adapter_config.json files of either name load (both names are written)."""
+    import warnings
+
+    from peft import PeftConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new name does not warn
+        cfg = _config(seed=7)
+    assert cfg.seed == 7 and cfg.bitflip_config().seed == 7
+    assert _config().seed == 0
+    with pytest.warns(FutureWarning, match="bitflip_seed is the deprecated name of seed"):
+        old = _config(bitflip_seed=5)
+    assert old.seed == 5 and old.bitflip_config().seed == 5
+    with pytest.raises(ValueError, match="seed=7 and bitflip_seed=5"):
+        _config(seed=7, bitflip_seed=5)
+    assert pb.BitflipLoraConfig.from_bitflip_config(pb.BitflipConfig(seed=9), r=2).seed == 9
+
+    # a new file: both names, equal; reloads without a warning
+    get_peft_model(tiny_llama(), cfg).save_pretrained(tmp_path / "new")
+    saved = json.loads((tmp_path / "new" / "adapter_config.json").read_text())
+    assert saved["seed"] == saved["bitflip_seed"] == 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert PeftConfig.from_pretrained(tmp_path / "new").seed == 7
+    # the previous release knows only bitflip_seed (PEFT drops the unknown "seed"): same seed
+    previous = {k: v for k, v in saved.items() if k not in ("seed", "peft_type")}
+    with pytest.warns(FutureWarning):
+        assert pb.BitflipLoraConfig(**previous).bitflip_config().seed == 7
+    # an old file (bitflip_seed only) loads with its seed, into the same flips
+    (tmp_path / "old").mkdir()
+    old_json = {k: v for k, v in saved.items() if k != "seed"}
+    (tmp_path / "old" / "adapter_config.json").write_text(json.dumps(old_json))
+    with pytest.warns(FutureWarning):
+        assert PeftConfig.from_pretrained(tmp_path / "old").seed == 7

@@ -124,3 +124,17 @@ def tiny_qwen2_moe(seed: int = 0):
         Qwen2MoeConfig, Qwen2MoeForCausalLM, seed, num_experts=4, moe_intermediate_size=48,
         shared_expert_intermediate_size=64,
     )  # fmt: skip
+
+
+def save_tiny_lm(path):
+    """A random tiny Llama and a small tokenizer trained on the embedded corpus, saved to
+    ``path`` (clean; fast: for tests of the command line, not of perplexities).  Returns the
+    model."""
+    from peft_bitflip.data import local_corpus, train_tokenizer
+
+    tokenizer = train_tokenizer(local_corpus()["train"]["text"][:40], vocab_size=300)
+    model = tiny_llama()
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
