@@ -980,15 +980,15 @@ def campaign_command(args) -> int:
         "block_size": args.block_size,
         "zero_out_mode": args.zero_out,
     }
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.output_dir, exist_ok=True)
     result = campaign(
         model, ids, sites, p=args.p, seeds=args.seeds, zero_out=zero_out,
-        batch_size=args.batch_size, csv_path=os.path.join(args.out, "campaign_units.csv"),
+        batch_size=args.batch_size, csv_path=os.path.join(args.output_dir, "campaign_units.csv"),
         settings=settings, max_minutes=args.max_minutes,
     )  # fmt: skip
     title = f"{os.path.basename(os.path.normpath(args.model))}: p = {args.p:g}, zero-out "
     title += args.zero_out
-    paths = write_campaign_outputs(result, args.out, title)
+    paths = write_campaign_outputs(result, args.output_dir, title)
     print(campaign_markdown(result, title))
     state = "complete" if result.complete else "stopped by --max_minutes (run again to go on)"
     print(f"{state}; {result.seconds:.1f} s; wrote {', '.join(paths)}")
@@ -1038,7 +1038,7 @@ def add_campaign_parser(sub) -> None:
         "--max_minutes", type=float, default=None,
         help="stop cleanly before a run that would end past this budget",
     )  # fmt: skip
-    k.add_argument("--out", default="campaign_out", help="directory (resumed if it exists)")
+    add_output_dir(k, default="campaign_out", help="directory (resumed if it exists)")
     k.set_defaults(func=campaign_command)
 
 

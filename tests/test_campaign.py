@@ -228,7 +228,7 @@ def test_cli_writes_table_heatmap_and_resumes(tmp_path):
     argv = ["campaign", "--model", str(tmp_path / "m"), "--text", str(text), "--sites",
             "attn_mlp", "--site_regex", r"b1=model\.layers\.1\..*", "--p", "2^-8", "--bits",
             "frac", "--seeds", "0", "1", "--block_size", "32", "--batch_size", "2", "--tokens",
-            "128", "--out", str(out)]  # fmt: skip
+            "128", "--output_dir", str(out)]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((out / "campaign.json").read_text())
     assert report["complete"] and len(report["rows"]) == 3 * 2  # attn, mlp, b1
@@ -241,7 +241,7 @@ def test_cli_writes_table_heatmap_and_resumes(tmp_path):
     assert main(argv) == 0  # nothing left to do: same rows
     assert len(_units_csv(out / "campaign_units.csv")) == n_units
     with pytest.raises(ValueError, match="LABEL=REGEX"):
-        main([*argv[:5], "--site_regex", "noequals", "--out", str(tmp_path / "o2")])
+        main([*argv[:5], "--site_regex", "noequals", "--output_dir", str(tmp_path / "o2")])
     assert statistics.fmean(r["realised_rate"] for r in report["rows"]) == pytest.approx(
         2**-8, rel=0.2
     )
