@@ -770,9 +770,12 @@ SUMMARY_COLUMNS = [
 ]  # fmt: skip
 
 
-def write_campaign_outputs(result: CampaignResult, out_dir: str, title: str = "") -> list[str]:
+def write_campaign_outputs(
+    result: CampaignResult, out_dir: str, title: str = "", run: dict | None = None
+) -> list[str]:
     """``campaign.md`` (ranking), ``campaign_summary.csv`` and ``campaign.json`` (ranked rows,
-    golden run, settings) and ``campaign_heatmap.png`` in ``out_dir``; returns the paths."""
+    golden run, settings, and ``run``: the run record, see :mod:`peft_bitflip.run_record`) and
+    ``campaign_heatmap.png`` in ``out_dir``; returns the paths."""
     import json
 
     os.makedirs(out_dir, exist_ok=True)
@@ -791,6 +794,7 @@ def write_campaign_outputs(result: CampaignResult, out_dir: str, title: str = ""
                 "seconds": result.seconds,
                 "settings": result.settings,
                 "rows": rows,
+                "run": run,
             },
             f,
             indent=2,

@@ -941,6 +941,7 @@ def campaign_command(args) -> int:
     )
     from .config import BitflipConfig
     from .evaluation import load_model
+    from .run_record import fault_model_record, file_record, run_record
 
     check_text_file(args.text, "--text")
     _checked_model(args.model)
@@ -988,7 +989,20 @@ def campaign_command(args) -> int:
     )  # fmt: skip
     title = f"{os.path.basename(os.path.normpath(args.model))}: p = {args.p:g}, zero-out "
     title += args.zero_out
-    paths = write_campaign_outputs(result, args.output_dir, title)
+    record = run_record(
+        command=_command(args),
+        fault_model={
+            "sites": {s.name: list(s.modules) for s in sites},
+            "p": args.p,
+            "zero_out": fault_model_record(zero_out, args.seeds),
+        },
+        seeds=args.seeds,
+        data={**file_record(args.text), "tokens": int(ids.numel()), "block_size": args.block_size},
+        batch={"batch_size": args.batch_size},
+        settings={"dtype": args.dtype, "device": args.device, "zero_out_mode": args.zero_out,
+                  "zero_out_margin": args.zero_out_margin},
+    )  # fmt: skip
+    paths = write_campaign_outputs(result, args.output_dir, title, run=record)
     print(campaign_markdown(result, title))
     state = "complete" if result.complete else "stopped by --max_minutes (run again to go on)"
     print(f"{state}; {result.seconds:.1f} s; wrote {', '.join(paths)}")

@@ -233,6 +233,11 @@ def test_cli_writes_table_heatmap_and_resumes(tmp_path):
     report = json.loads((out / "campaign.json").read_text())
     assert report["complete"] and len(report["rows"]) == 3 * 2  # attn, mlp, b1
     assert {r["group"] for r in report["rows"]} == {"attention", "mlp", "b1"}
+    run = report["run"]  # the run record: what reproduces the file
+    assert run["seeds"] == [0, 1] and run["batch"] == {"batch_size": 2}
+    assert run["fault_model"]["p"] == 2**-8 and "b1|x|frac" in run["fault_model"]["sites"]
+    assert run["data"]["tokens"] == 128 and len(run["data"]["sha256"]) == 64
+    assert run["fault_model"]["zero_out"]["layer_name_to_config"]  # calibrated per layer
     assert (out / "campaign_heatmap.png").stat().st_size > 1000
     md = (out / "campaign.md").read_text()
     assert "| rank | site |" in md and "Golden run" in md
