@@ -69,13 +69,26 @@ def _uniforms(groups: torch.Tensor, iteration, call, k0, k1, mulhilo=_mulhilo):
     return ((w0 >> 1) << 32) | w1, ((w2 >> 1) << 32) | w3
 
 
-def _words(groups: torch.Tensor, iteration: int, call: int, k0: int, k1: int):
-    """The four uint32 words (int64 tensors) of the Philox draws of ``groups`` at ``iteration``."""
+def _words(groups: torch.Tensor, iteration, call, k0, k1, mulhilo=_mulhilo):
+    """The four uint32 words (int64 tensors) of the Philox draws of ``groups`` at ``iteration``
+    (``iteration``, ``call``, ``k0``, ``k1``: ints or 0-dim int64 tensors)."""
     c0 = groups & _M32
     c1 = groups >> 32
-    c2 = torch.full_like(groups, iteration)
-    c3 = torch.full_like(groups, call & _M32)
-    return philox4x32(c0, c1, c2, c3, k0, k1)
+    c2 = torch.zeros_like(groups) + iteration
+    c3 = torch.zeros_like(groups) + (call & _M32)
+    return philox4x32(c0, c1, c2, c3, k0, k1, mulhilo=mulhilo)
+
+
+def _dense_digit(groups, iteration, call, k0, k1, undecided, digit, mulhilo=_mulhilo):
+    """One digit of the dense comparison for ``groups``: (lanes still undecided, lanes found
+    below P) from ``undecided`` [n, 4] and P's digit word ``digit`` (0-dim tensors)."""
+    words = torch.stack(_words(groups, iteration, call, k0, k1, mulhilo), 1)
+    return undecided & ~(words ^ digit), undecided & ~words & digit
+
+
+def _dense_digit_wrapping(groups, iteration, call, k0, k1, undecided, digit):
+    """:func:`_dense_digit` with :func:`_mulhilo_wrapping` (what the CPU path compiles)."""
+    return _dense_digit(groups, iteration, call, k0, k1, undecided, digit, _mulhilo_wrapping)
 
 
 def field_word_masks(dtype: torch.dtype) -> tuple[int, int]:
@@ -101,13 +114,17 @@ def dense_masks(
     k1: int,
     device,
     first: int = 0,
+    fns: _CpuPath | None = None,
 ) -> torch.Tensor:
     """XOR masks (int64 holding the unsigned pattern, ``n_groups * G`` elements) of the dense
     fields of groups ``first .. first + n_groups - 1``: lane (word w, bit j) flips iff its
     uniform, digit k = bit j of word w of the draw at iteration ``DENSE_ITERATION + k``, is
     below ``P / 2^64`` of its field (``p_words``: unsigned P of the exp and frac field, 0 for a
-    sparse field); see :mod:`.sampling`."""
+    sparse field); see :mod:`.sampling`.  ``fns``: the CPU path whose compiled digit step runs
+    (eager when None)."""
     e_lanes, f_lanes = field_word_masks(dtype)
+    z = torch.zeros((), dtype=torch.int64, device=device)
+    keys = (z + (call & _M32), z + k0, z + k1)
     lanes = [(e_lanes, p_words[0]), (f_lanes, p_words[1])]
     start = sum(m for m, w in lanes if w)
     m64 = (1 << 64) - 1
@@ -126,11 +143,12 @@ def dense_masks(
             idx = idx[((undecided[idx] & live) != 0).any(1)]
             if not idx.numel():
                 break
-            digit = sum(m for (m, _), r in zip(lanes, rest) if r >> 63)
-            words = torch.stack(_words(groups[idx], DENSE_ITERATION + k, call, k0, k1), 1)
-            u = undecided[idx]
-            less[idx] |= u & ~words & digit
-            undecided[idx] = u & ~(words ^ digit)
+            digit = z + sum(m for (m, _), r in zip(lanes, rest) if r >> 63)
+            step = fns.dense_digit if fns is not None and idx.numel() >= _MIN_COMPILED else None
+            args = (groups[idx], z + (DENSE_ITERATION + k), *keys, undecided[idx], digit)
+            u, below = (step or _dense_digit)(*args)
+            less[idx] |= below
+            undecided[idx] = u
             rest = [(r << 1) & m64 for r in rest]
         if check_dtype(dtype).n_bits == 16:
             less = torch.stack([less & 0xFFFF, less >> 16], 2)
@@ -173,6 +191,7 @@ class _CpuPath:
         self.first_draw = _first_draw
         self.draw = _uniforms
         self.keep_values = _keep_values
+        self.dense_digit = _dense_digit
         self.compiled = False
 
     @classmethod
@@ -185,6 +204,7 @@ class _CpuPath:
             first = torch.compile(_first_draw_wrapping, dynamic=True)
             draw = torch.compile(_uniforms_wrapping, dynamic=True)
             keep = torch.compile(_keep_values, dynamic=True)
+            digit = torch.compile(_dense_digit_wrapping, dynamic=True)
             z = torch.zeros((), dtype=torch.int64)
             keys = (z + 3, z + 0x9E3779B9, z + 0xFFFFFFF1)
             for n in (257, 1031):  # compile now (two sizes: the dynamic graph), and check it
@@ -194,6 +214,9 @@ class _CpuPath:
                 idx = torch.arange(n, dtype=torch.int64) * 7919 + (1 << 40)
                 want += _uniforms(idx, z + 2, *keys)
                 got += draw(idx, z + 2, *keys)
+                lanes = (idx[:, None] * 2654435761 + torch.arange(4)) & _M32
+                want += _dense_digit(idx, z + (1 << 31) + 5, *keys, lanes, z + 0xFF80FF80)
+                got += digit(idx, z + (1 << 31) + 5, *keys, lanes, z + 0xFF80FF80)
                 if not all(torch.equal(a, b) for a, b in zip(want, got)):
                     raise RuntimeError("the compiled draws differ from the eager ones")
                 y = torch.randn(n) * 4
@@ -201,6 +224,7 @@ class _CpuPath:
                 if not torch.equal(keep(y, z.float() + 2.5), _keep_values(y, z.float() + 2.5)):
                     raise RuntimeError("the compiled zero-out differs from the eager one")
             path.first_draw, path.draw, path.keep_values = first, draw, keep
+            path.dense_digit = digit
             path.compiled = True
         except Exception as e:  # noqa: BLE001 - any compiler problem: stay correct, only slower
             warnings.warn(
@@ -351,7 +375,8 @@ def _dense_part(n_elements, dtype, table, call, k0, k1, device, start=0):
         return None
     g = group_size(dtype)
     n_groups = (n_elements + g - 1) // g
-    masks = dense_masks(n_groups, dtype, words, call, k0, k1, device, start // g)
+    fns = cpu_path(device) if n_elements >= _COMPILE_FROM else None
+    masks = dense_masks(n_groups, dtype, words, call, k0, k1, device, start // g, fns)
     return masks[:n_elements]
 
 
