@@ -3,15 +3,18 @@
 GB/s = 2 * bytes(x) / time (read x, write y), time = median of ``triton.testing.do_bench``.
 Usage (on a CUDA machine)::
 
-    python benchmarks/bench_kernel.py [--log2n 28] [--threshold 30] [--out results.md]
+    python benchmarks/bench_kernel.py [--log2n 28] [--thresholds none,30] [--out results.md]
 
-mase-triton only supports p = 0.5**n with n <= 24, so its cells are empty at 1e-9 and 1e-12.
+The ``path`` column says which path each field (exp/frac) takes at that p (sparse gap
+sampling or dense bit-sliced comparison, see docs/kernel.md).  mase-triton only supports
+p = 0.5**n with n <= 24, so its cells are empty at 0.3, 1e-9 and 1e-12.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import math
 import platform
 import sys
@@ -20,9 +23,14 @@ import torch
 import triton
 
 import peft_bitflip as pb
+from peft_bitflip.kernels.sampling import dense_words, flip_table
 
 P_VALUES = [
     ("0.5", 0.5),
+    ("0.3", 0.3),
+    ("2^-4", 2**-4),
+    ("2^-6", 2**-6),
+    ("2^-8", 2**-8),
     ("2^-10", 2**-10),
     ("2^-16", 2**-16),
     ("2^-24", 2**-24),
@@ -35,6 +43,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def gbps(fn, nbytes: int) -> float:
     ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
     return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def path_name(p: float, dtype) -> str:
+    """``exp path/frac path`` at p (both fields flipped at p), as the flip table chooses."""
+    e, f = dense_words(flip_table(p, p, dtype, "cpu"), dtype)
+    return f"{'dense' if e else 'sparse'}/{'dense' if f else 'sparse'}"
+
+
+def mase_halves(p: float) -> int | None:
+    """n with p = 0.5**n (n <= 24), mase-triton's parameter; None where it has none."""
+    n = -math.log2(p) if p > 0 else math.inf
+    return int(n) if n == int(n) and n <= 24 else None
 
 
 def mase_fn():
@@ -50,8 +70,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--log2n", type=int, default=28)
     ap.add_argument(
-        "--threshold", type=float, default=None, help="zero-out threshold (default none)"
+        "--thresholds",
+        default="none",
+        help="comma-separated zero-out thresholds, 'none' for no zero-out (default none)",
     )
+    ap.add_argument("--p", default=None, help="comma-separated subset of the p names")
     ap.add_argument("--dtypes", default="fp32,bf16,fp16")
     ap.add_argument("--no-mase", action="store_true")
     ap.add_argument("--out", default=None, help="append the markdown table to this file")
@@ -59,19 +82,22 @@ def main(argv=None):
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     n = 1 << args.log2n
     mase = None if args.no_mase else mase_fn()
-    t = args.threshold
+    thresholds = [None if v == "none" else float(v) for v in args.thresholds.split(",")]
+    p_values = P_VALUES
+    if args.p:
+        p_values = [(n, p) for n, p in P_VALUES if n in args.p.split(",")]
     cli_args = argv if argv is not None else sys.argv[1:]
     lines = [
-        f"### Kernel bandwidth, 2^{args.log2n} elements, zero-out threshold {t}",
+        f"### Kernel bandwidth, 2^{args.log2n} elements, zero-out thresholds {args.thresholds}",
         "",
         f"- device: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
         f"triton {triton.__version__}",
         f"- date: {datetime.date.today().isoformat()}; host: {platform.node()}",
         f"- command: `python benchmarks/bench_kernel.py {' '.join(cli_args)}`",
         "",
-        "| dtype | p | copy GB/s | ours GB/s | ours / copy | mase-triton GB/s | mase / copy "
-        "| ours / mase |",
-        "|---|---|---|---|---|---|---|---|",
+        "| dtype | zero-out | p | path | copy GB/s | ours GB/s | ours / copy | mase-triton GB/s "
+        "| mase / copy | ours / mase |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for dname in args.dtypes.split(","):
         dtype = DTYPES[dname]
@@ -80,18 +106,18 @@ def main(argv=None):
         out = torch.empty_like(x)
         copy = gbps(lambda: out.copy_(x), nbytes)
         call = torch.tensor(0, device="cuda")
-        for pname, p in P_VALUES:
+        for t, (pname, p) in itertools.product(thresholds, p_values):
             ours = gbps(lambda: pb.bitflip(x, p, p, t, seed=1, call=call), nbytes)
             m = None
-            if mase is not None and p >= 2**-24:
-                halves = round(-math.log2(p))
+            halves = mase_halves(p)
+            if mase is not None and halves is not None:
                 m = gbps(lambda: mase(x, halves, halves, 0, 0, t), nbytes)
             ms = f"{m:.0f}" if m else "n/a"
             mr = f"{m / copy:.1%}" if m else "n/a"
-            om = f"{ours / m:.1f}x" if m else "n/a"
+            om = f"{ours / m:.2f}x" if m else "n/a"
             lines.append(
-                f"| {dname} | {pname} | {copy:.0f} | {ours:.0f} | {ours / copy:.1%} "
-                f"| {ms} | {mr} | {om} |"
+                f"| {dname} | {t if t is not None else 'none'} | {pname} | {path_name(p, dtype)} "
+                f"| {copy:.0f} | {ours:.0f} | {ours / copy:.1%} | {ms} | {mr} | {om} |"
             )
             print(lines[-1], flush=True)
         x = out = None

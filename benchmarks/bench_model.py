@@ -11,17 +11,22 @@ variants (``--variants``): ``clean``, ``floor`` (clean, but every linear but lm_
 one empty Triton kernel before its matmul: the host cost of a single launch per layer, a lower
 bound for any eager bit-flip layer that launches a kernel; forward and train jobs only),
 ``ours`` (peft_bitflip with the original's fault model: x and W,
-every p = 2^-16, zero-out thresholds 30 / 1.25) and ``mase`` (the original formulation: every
-linear but lm_head flips x and W with mase-triton's ``random_bitflip_fn``; LoRA layers merge
-``W + s B@A`` and flip it, as NewComputeBench's ``BitFlipLinearLora``).  With ``--compile`` the
-forward, the training step and the LoRA step of clean and ours also run under ``torch.compile``.
+every p = 2^-16 or each p of ``--p``, zero-out thresholds 30 / 1.25) and ``mase`` (the original
+formulation: every linear but lm_head flips x and W with mase-triton's ``random_bitflip_fn``;
+LoRA layers merge ``W + s B@A`` and flip it, as NewComputeBench's ``BitFlipLinearLora``; only
+at p = 2^-n, n <= 24).  Clean and floor run once per batch and job, ours and mase once per p.
+With ``--compile`` the forward, the training step and the LoRA step of clean and ours also run
+under ``torch.compile``.
 
 Each cell is the median of ``--steps`` timed steps (device events) after ``--warmup`` steps;
 peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps (model, optimizer state
 and activations included).  Prints a markdown table (ratios to clean in the same run) and
-writes it with the run's metadata to ``--out``.
+writes it with the run's metadata to ``--out``; ``--doc FILE`` also writes the ours-vs-mase-vs-
+clean table per p into FILE (docs/benchmarks.md) between the markers of :data:`DOC_MARKERS`
+(appended with them where FILE has none).
 
     python benchmarks/bench_model.py                      # H100: ~1B Llama, batches 8 and 1
+    python benchmarks/bench_model.py --batches 8 --p 2^-16,2^-10,0.5 --doc docs/benchmarks.md
     python benchmarks/bench_model.py --tiny --device cpu  # smoke run of the script
 """
 
@@ -32,6 +37,7 @@ import contextlib
 import datetime
 import gc
 import json
+import math
 import platform
 import statistics
 import sys
@@ -46,8 +52,29 @@ import peft_bitflip as pb
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 P_ORIGINAL = 2**-16
-HALVES = 16  # mase-triton's p = 0.5 ** halves
 X_T, W_T = 30.0, 1.25
+DOC_MARKERS = (
+    "<!-- bench_model.py --doc: per-p table (start) -->",
+    "<!-- bench_model.py --doc: per-p table (end) -->",
+)
+
+
+def parse_p(text: str) -> list[tuple[str, float]]:
+    """``"2^-16,2^-10,0.3"`` -> [(name, p)]: ``2^-n`` or a float in (0, 1]."""
+    out = []
+    for name in text.split(","):
+        name = name.strip()
+        p = 2.0 ** float(name[2:]) if name.startswith("2^") else float(name)
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"--p: each p must be in (0, 1], got {name!r}")
+        out.append((name, p))
+    return out
+
+
+def mase_halves(p: float) -> int | None:
+    """n with p = 0.5**n (n <= 24), mase-triton's parameter; None where it has none."""
+    n = -math.log2(p)
+    return int(n) if n == int(n) and n <= 24 else None
 
 
 def model_config(tiny: bool) -> LlamaConfig:
@@ -85,10 +112,13 @@ def build_model(cfg, device, dtype):
 class MaseFlipLinear(nn.Module):
     """NewComputeBench's ``RandomBitFlipLinear`` (and ``BitFlipLinearLora`` with ``rank``)."""
 
-    def __init__(self, linear: nn.Linear, flip_fn, rank: int = 0, alpha: float = 32.0):
+    def __init__(
+        self, linear: nn.Linear, flip_fn, rank: int = 0, alpha: float = 32.0, halves: int = 16
+    ):
         super().__init__()
         self.linear = linear
         self.flip = flip_fn
+        self.halves = halves  # p = 0.5 ** halves
         self.seeds = [0, 0, 0, 0]  # x exp/frac, w exp/frac; advanced by every call as upstream
         self.rank = rank
         if rank:
@@ -103,22 +133,26 @@ class MaseFlipLinear(nn.Module):
             self.scaling = alpha / rank
 
     def forward(self, x):
-        s = self.seeds
-        xf, s[0], s[1] = self.flip(x, HALVES, HALVES, s[0], s[1], X_T)
+        s, h = self.seeds, self.halves
+        xf, s[0], s[1] = self.flip(x, h, h, s[0], s[1], X_T)
         w = self.linear.weight
         if self.rank:
             w = w + (self.lora_B @ self.lora_A) * self.scaling
-        wf, s[2], s[3] = self.flip(w, HALVES, HALVES, s[2], s[3], W_T)
+        wf, s[2], s[3] = self.flip(w, h, h, s[2], s[3], W_T)
         return F.linear(xf, wf, self.linear.bias)
 
 
-def mase_transform(model, rank: int = 0):
+def mase_transform(model, rank: int = 0, p: float = P_ORIGINAL):
     from mase_triton.random_bitflip.core import random_bitflip_fn
 
+    halves = mase_halves(p)
+    if halves is None:
+        raise ValueError(f"mase-triton has no p = {p} (only 0.5**n, n <= 24)")
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and "lm_head" not in f"{name}.{child_name}":
-                setattr(module, child_name, MaseFlipLinear(child, random_bitflip_fn, rank))
+                flip = MaseFlipLinear(child, random_bitflip_fn, rank, halves=halves)
+                setattr(module, child_name, flip)
     if rank:
         for n, p in model.named_parameters():
             p.requires_grad_("lora_" in n)
@@ -163,11 +197,12 @@ def floor_transform(model):
 # --- variants -------------------------------------------------------------------------------
 
 
-def ours_config() -> pb.BitflipConfig:
-    return pb.BitflipConfig.original_default()
+def ours_config(p: float = P_ORIGINAL) -> pb.BitflipConfig:
+    """The original's fault model (zero-out 30 / 1.25) with every p = ``p``."""
+    return pb.BitflipConfig.original_default(x_p_exp=p, x_p_frac=p, w_p_exp=p, w_p_frac=p)
 
 
-def make_variant(job: str, variant: str, cfg, device, dtype):
+def make_variant(job: str, variant: str, cfg, device, dtype, p: float = P_ORIGINAL):
     model = build_model(cfg, device, dtype)
     if job == "lora":
         from peft import LoraConfig, get_peft_model
@@ -176,16 +211,16 @@ def make_variant(job: str, variant: str, cfg, device, dtype):
         if variant == "clean":
             model = get_peft_model(model, LoraConfig(**lora))
         elif variant == "ours":
-            bl = pb.BitflipLoraConfig.from_bitflip_config(ours_config(), **lora)
+            bl = pb.BitflipLoraConfig.from_bitflip_config(ours_config(p), **lora)
             model = get_peft_model(model, bl)
         else:
-            model = mase_transform(model, rank=32)
+            model = mase_transform(model, rank=32, p=p)
     elif variant == "floor":
         floor_transform(model)
     elif variant == "ours":
-        pb.apply_bitflip(model, ours_config())
+        pb.apply_bitflip(model, ours_config(p))
     elif variant == "mase":
-        mase_transform(model)
+        mase_transform(model, p=p)
     return model
 
 
@@ -252,8 +287,8 @@ def cleanup():
         torch.cuda.empty_cache()
 
 
-def run_cell(job, variant, compiled, batch, args, cfg, device, dtype):
-    model = make_variant(job, variant, cfg, device, dtype)
+def run_cell(job, variant, compiled, batch, args, cfg, device, dtype, p=P_ORIGINAL):
+    model = make_variant(job, variant, cfg, device, dtype, p)
     ids = torch.randint(0, cfg.vocab_size, (batch, args.seq), device=device)
     step = step_fn(job, model, ids, compiled, args.compile_mode)
     try:
@@ -278,8 +313,13 @@ def main(argv=None):
     )
     ap.add_argument("--tiny", action="store_true", help="tiny model (smoke run)")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument(
+        "--p", default="2^-16", help="comma-separated p of ours and mase (2^-n or a float)"
+    )
     ap.add_argument("--out", default=None, help="write the table and metadata as JSON here")
+    ap.add_argument("--doc", default=None, help="write the per-p table into this markdown file")
     args = ap.parse_args(argv)
+    p_list = parse_p(args.p)
     device = torch.device(args.device)
     dtype = torch.bfloat16
     cfg = model_config(args.tiny)
@@ -291,13 +331,19 @@ def main(argv=None):
     cells = []
     for batch in [int(b) for b in args.batches.split(",")]:
         for job in args.jobs.split(","):
-            modes = [(v, False) for v in variants if not (v == "floor" and job == "lora")]
+            once = [v for v in variants if v in ("clean", "floor")]
+            per_p = [v for v in variants if v not in once]
+            modes = [(v, False, None) for v in once if not (v == "floor" and job == "lora")]
+            modes += [(v, False, p) for p in p_list for v in per_p]
             if args.compile:
-                modes += [("clean", True), ("ours", True)]
+                modes += [("clean", True, None)] + [("ours", True, p) for p in p_list]
             base = {}
-            for variant, compiled in modes:
+            for variant, compiled, p_named in modes:
+                if variant == "mase" and mase_halves(p_named[1]) is None:
+                    continue  # mase-triton cannot express this p
+                p = P_ORIGINAL if p_named is None else p_named[1]
                 try:
-                    ms, peak = run_cell(job, variant, compiled, batch, args, cfg, device, dtype)
+                    ms, peak = run_cell(job, variant, compiled, batch, args, cfg, device, dtype, p)
                     err = None
                 except Exception as e:  # a failing variant is reported, not fatal
                     ms = peak = None
@@ -311,6 +357,7 @@ def main(argv=None):
                     batch=batch,
                     job=job,
                     variant=variant + (" (compiled)" if compiled else ""),
+                    p=None if p_named is None else p_named[0],
                     ms=ms,
                     peak_gib=None if peak is None else peak / 2**30,
                     time_ratio=None if ms is None or not b_ms else ms / b_ms,
@@ -320,7 +367,9 @@ def main(argv=None):
                 cells.append(cell)
                 print(json.dumps(cell), flush=True)
     meta = dict(params=n_params, seq=args.seq, steps=args.steps, warmup=args.warmup)
-    report(cells, device, markdown(cells), args.out, **meta)
+    meta = report(cells, device, markdown(cells), args.out, **meta)
+    if args.doc:
+        write_doc_table(args.doc, per_p_markdown(cells, meta))
     return cells
 
 
@@ -345,6 +394,59 @@ def report(cells, device, table: str, out: str | None, **extra) -> None:
     if out:
         with open(out, "w") as f:
             json.dump(dict(meta=meta, cells=cells), f, indent=1)
+    return meta
+
+
+def per_p_markdown(cells, meta: dict) -> str:
+    """The ours-vs-mase-vs-clean table: one row per batch, job and p (eager cells), times in
+    ms and ratios to clean of the same batch and job in the same run."""
+
+    def f(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    lines = [
+        f"- device: {meta['device']}; torch {meta['torch']}; triton {meta.get('triton', 'n/a')}",
+        f"- date: {meta['date']}; params: {meta.get('params')}; seq: {meta.get('seq')}; "
+        f"median of {meta.get('steps')} steps after {meta.get('warmup')}",
+        f"- command: `{meta['command']}`",
+        "",
+        "| batch | job | p | clean ms | ours ms | ours x clean | mase ms | mase x clean |",
+        "|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
+    eager = [c for c in cells if "compiled" not in c["variant"]]
+    keys = []
+    for c in eager:
+        if c["p"] is not None and (c["batch"], c["job"], c["p"]) not in keys:
+            keys.append((c["batch"], c["job"], c["p"]))
+    for batch, job, p in keys:
+        row = {
+            c["variant"]: c
+            for c in eager
+            if c["batch"] == batch and c["job"] == job and c["p"] in (p, None)
+        }
+        clean, ours, mase = (row.get(v, {}) for v in ("clean", "ours", "mase"))
+        lines.append(
+            f"| {batch} | {job} | {p} | {f(clean.get('ms'), '.1f')} | {f(ours.get('ms'), '.1f')} "
+            f"| {f(ours.get('time_ratio'), '.3f')} | {f(mase.get('ms'), '.1f')} "
+            f"| {f(mase.get('time_ratio'), '.3f')} |"
+        )
+    return "\n".join(lines)
+
+
+def write_doc_table(path: str, table: str) -> None:
+    """Replace the text between :data:`DOC_MARKERS` in the markdown file ``path`` by
+    ``table`` (appends the markers and the table where the file has none)."""
+    start, end = DOC_MARKERS
+    with open(path) as f:
+        text = f.read()
+    block = f"{start}\n{table}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def markdown(cells) -> str:
@@ -352,12 +454,13 @@ def markdown(cells) -> str:
         return "n/a" if v is None else format(v, fmt)
 
     lines = [
-        "| batch | job | variant | ms / step | x clean | peak GiB | x clean mem |",
-        "|---:|---|---|---:|---:|---:|---:|",
+        "| batch | job | variant | p | ms / step | x clean | peak GiB | x clean mem |",
+        "|---:|---|---|---|---:|---:|---:|---:|",
     ]
     for c in cells:
         lines.append(
-            f"| {c['batch']} | {c['job']} | {c['variant']} | {f(c['ms'], '.1f')} | "
+            f"| {c['batch']} | {c['job']} | {c['variant']} | {c['p'] or '-'} | "
+            f"{f(c['ms'], '.1f')} | "
             f"{f(c['time_ratio'], '.3f')} | {f(c['peak_gib'], '.2f')} | "
             f"{f(c['mem_ratio'], '.3f')} |"
         )

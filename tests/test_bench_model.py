@@ -28,6 +28,35 @@ def test_bench_model_runs_every_job_at_toy_size(reference_backend, tmp_path):
         assert c["time_ratio"] == 1.0 if c["variant"] == "clean" else c["time_ratio"] > 0
 
 
+def test_bench_model_writes_the_per_p_table_into_the_doc(reference_backend, tmp_path):
+    """--p runs ours once per p (clean once) and --doc writes one row per job and p between
+    the markers, replacing the previous table (the text around it stays)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_model
+    finally:
+        sys.path.pop(0)
+    doc = tmp_path / "benchmarks.md"
+    start, end = bench_model.DOC_MARKERS
+    doc.write_text(f"# Benchmarks\n\nbefore\n{start}\nold table\n{end}\nafter\n")
+    argv = ["--tiny", "--device", "cpu", "--batches", "2", "--seq", "16", "--jobs", "forward"]
+    argv += ["--steps", "1", "--warmup", "1", "--p", "2^-16,0.3", "--doc", str(doc)]
+    cells = bench_model.main(argv)
+    assert [(c["variant"], c["p"]) for c in cells] == [
+        ("clean", None),
+        ("ours", "2^-16"),
+        ("ours", "0.3"),
+    ]
+    text = doc.read_text()
+    assert "old table" not in text and text.startswith("# Benchmarks\n\nbefore\n")
+    assert text.endswith(f"{end}\nafter\n")
+    rows = [line for line in text.splitlines() if line.startswith("| 2 | forward |")]
+    assert [r.split("|")[3].strip() for r in rows] == ["2^-16", "0.3"]
+    assert all(r.split("|")[7].strip() == "n/a" for r in rows)  # no mase on the CPU
+    with pytest.raises(ValueError, match="'2'"):
+        bench_model.parse_p("2")
+
+
 def test_profile_model_sorts_kernels_and_runs_at_toy_size(reference_backend, tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:

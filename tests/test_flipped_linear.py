@@ -92,6 +92,27 @@ def test_triton_kernels_in_the_layer_give_the_unfused_gradients(
 
 
 @pytest.mark.parametrize("fused_form", FUSED_FORMS)
+def test_triton_training_step_at_high_p_equals_the_unfused_form(request, monkeypatch, fused_form):
+    """At high p (x: exp sparse, frac dense; W: both fields dense) the layer's forward, the
+    backward's recompute of flip(x) and the gradient masks through the Triton kernels equal the
+    unfused form on the reference."""
+    request.getfixturevalue("needs_interpreter")
+    from peft_bitflip.kernels.sampling import dense_words, flip_table
+
+    monkeypatch.setitem(globals(), "X_SPEC", FlipSpec(1e-3, 0.3, 3.0))
+    monkeypatch.setitem(globals(), "W_SPEC", FlipSpec(0.3, 2**-4, 0.2))
+    assert dense_words(flip_table(1e-3, 0.3, torch.float32, "cpu"), torch.float32)[0] == 0
+    x, w, b = inputs()
+    plain = run(flipped_linear_unfused, x, w, b)
+    monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", "triton")
+    fused = run(fused_form, x, w, b)
+    assert torch.equal(fused[0], plain[0])
+    for a, e in zip(fused[1:], plain[1:]):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+    assert (plain[1] == 0).any() and (plain[2] == 0).any() and (plain[2] != 0).any()
+
+
+@pytest.mark.parametrize("fused_form", FUSED_FORMS)
 @pytest.mark.parametrize("grad_x,grad_w", [(False, True), (True, False)])
 def test_gradients_when_only_x_or_only_w_needs_one(fused_form, grad_x, grad_w):
     """Backward takes other branches when x (a frozen embedding's output) or W (a frozen

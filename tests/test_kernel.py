@@ -566,12 +566,13 @@ def test_group_layout_constants():
 def test_compiled_cpu_path_equals_the_eager_reference(reference_backend, monkeypatch, dtype):
     """Tensors of >= 2^20 elements take the torch.compile'd CPU loops (Philox from one int64
     product per multiply, the fused zero-out); they must give the eager reference's bits, at a
-    small p (first draw only) and a large one (many gap-loop iterations of compiled draws)."""
+    small p (first draw only), a large one (dense fields, eager, beside compiled sparse ones)
+    and a large one forced sparse (many gap-loop iterations of compiled draws)."""
     if not reference.cpu_path("cpu").compiled:
         pytest.skip("torch.compile is not available here (the eager path runs)")
     n = reference._COMPILE_FROM + 13
     x = (torch.randn(n, generator=torch.Generator().manual_seed(3)) * 8).to(dtype)
-    for p_exp, p_frac, t in ((2**-16, 2**-10, 30.0), (0.3, 0.05, 4.0), (1e-3, 0.0, None)):
+    for p_exp, p_frac, t in ((2**-16, 2**-10, 30.0), (0.3, 2**-12, 4.0), (1e-3, 0.0, None)):
         compiled = pb.bitflip(x, p_exp, p_frac, t, seed=7, stream="big", call=2)
         monkeypatch.setenv("PEFT_BITFLIP_CPU_COMPILE", "0")
         eager = pb.bitflip(x, p_exp, p_frac, t, seed=7, stream="big", call=2)
@@ -579,3 +580,8 @@ def test_compiled_cpu_path_equals_the_eager_reference(reference_backend, monkeyp
         ints = torch.int16 if dtype == torch.bfloat16 else torch.int32
         assert torch.equal(compiled.view(ints), eager.view(ints))  # bit for bit, NaNs too
         assert not torch.equal(compiled, x)  # something flipped
+    table = flip_table(0.3, 0.05, dtype, "cpu", (False, False))  # the gap loop at a large p
+    compiled = reference.bitflip_reference(x, table, 2, *KEY, 4.0)
+    monkeypatch.setenv("PEFT_BITFLIP_CPU_COMPILE", "0")
+    eager = reference.bitflip_reference(x, table, 2, *KEY, 4.0)
+    assert torch.equal(compiled.view(ints), eager.view(ints))

@@ -94,15 +94,21 @@ def test_more_than_2_31_elements():
 
 
 @cuda
-def test_cuda_one_launch_for_x_and_w_and_in_place_grad_mask_match_cpu():
-    """The layers' paired forward launch and in-place gradient mask on the GPU equal the CPU
-    reference bit for bit."""
+@pytest.mark.parametrize(
+    "xs,ws",
+    [
+        (pb.FlipSpec(2**-8, 2**-8, 2.0), pb.FlipSpec(2**-10, 2**-6, 1.5)),
+        (pb.FlipSpec(1e-3, 0.3, 3.0), pb.FlipSpec(0.3, 2**-4, 1.5)),  # dense fields
+    ],
+)
+def test_cuda_one_launch_for_x_and_w_and_in_place_grad_mask_match_cpu(xs, ws):
+    """The layers' paired forward launch and in-place gradient mask (the backward's recompute)
+    on the GPU equal the CPU reference bit for bit, at low p and at high p."""
     from peft_bitflip import functional as F
 
     torch.manual_seed(1)
     x = torch.randn(4, 300, 256, dtype=torch.bfloat16) * 2
     w = torch.randn(512, 256, dtype=torch.bfloat16)
-    xs, ws = pb.FlipSpec(2**-8, 2**-8, 2.0), pb.FlipSpec(2**-10, 2**-6, 1.5)
     kx, kw = pb.stream_key(3, "l", "x"), pb.stream_key(3, "l", "w")
     got = F.apply_flip_specs(x.cuda(), w.cuda(), xs, ws, kx, kw, 9)
     want = (F.apply_flip_spec(x, xs, kx, 9), F.apply_flip_spec(w, ws, kw, 9))
@@ -465,3 +471,65 @@ def test_cuda_zeroed_correction_paths_equal_the_reference(monkeypatch, singles):
         for got_t, want_t in zip(got, want):
             assert want_t.abs().max() > 0
             torch.testing.assert_close(got_t.cpu(), want_t, rtol=1e-4, atol=1e-3)
+
+
+DENSE_CASES = [
+    (2**-12, 2**-12, (True, True)),
+    (0.3, 0.5, (True, True)),
+    (0.3, 2**-8, (True, False)),
+    (2**-10, 2**-4, (False, True)),
+]
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p_exp,p_frac,dense", DENSE_CASES)
+def test_cuda_dense_fields_match_cpu_reference(dtype, p_exp, p_frac, dense):
+    """The dense path (each field forced dense or sparse) on the GPU equals the CPU reference
+    bit for bit: forward with and without zero-out, the masked gradient and the packed mask."""
+    from peft_bitflip.kernels import triton_bitflip
+
+    torch.manual_seed(2)
+    x = torch.randn((1 << 20) + 123, dtype=dtype) * 3
+    xg = x.cuda()
+    tab, tab_gpu = (flip_table(p_exp, p_frac, dtype, d, dense) for d in ("cpu", "cuda"))
+    for t, call in [(None, 0), (2.0, 17)]:
+        got = triton_bitflip.launch(xg, tab_gpu, torch.tensor(call, device="cuda"), 5, 9, t, True)
+        want = reference.bitflip_reference(x, tab, call, 5, 9, t)
+        assert torch.equal(_bits(got.cpu()), _bits(want)), (dtype, p_exp, p_frac, dense, t)
+    grad = torch.randn(x.shape)
+    call = torch.tensor(3, device="cuda")
+    got = triton_bitflip.launch(xg, tab_gpu, call, 5, 9, 2.0, True, grad.cuda())
+    assert torch.equal(got.cpu(), reference.bitflip_backward_reference(grad, x, tab, 3, 5, 9, 2.0))
+    y, mask = triton_bitflip.launch_with_mask(xg, tab_gpu, call, 5, 9, 2.0, True)
+    want_y, want_mask = reference.bitflip_masked_reference(x, tab, 3, 5, 9, 2.0)
+    assert torch.equal(_bits(y.cpu()), _bits(want_y)) and torch.equal(mask.cpu(), want_mask)
+
+
+@cuda
+@pytest.mark.parametrize("p", [2**-4, 0.3])
+def test_cuda_dense_flip_rates_large_tensor(p):
+    n = 1 << 24
+    x = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    y = pb.bitflip(x, p, p / 2, seed=3)
+    n_exp, n_frac = group_counts(x.cpu(), y.cpu())
+    assert_binomial(n_exp, n * 9, p, what="exp")
+    assert_binomial(n_frac, n * 7, p / 2, what="frac")
+
+
+@cuda
+def test_cuda_lora_merge_flip_at_high_p_matches_cpu():
+    """The LoRA merge + flip launch with dense fields on the GPU equals the CPU reference
+    (coarse values make W + s B@A exact on both devices)."""
+    from peft_bitflip.kernels import lora
+
+    ws, kw = pb.FlipSpec(0.3, 2**-4, 1.5), pb.stream_key(3, "l", "w")
+    gen = torch.Generator().manual_seed(0)
+    wl = torch.randint(-8, 9, (384, 256), generator=gen).float() / 8
+    a = torch.randint(-4, 5, (4, 256), generator=gen).float() / 4
+    b = torch.randint(-4, 5, (384, 4), generator=gen).float() / 4
+    args = (0.5, False, torch.bfloat16, ws, kw)
+    want_w, want_m = lora.merge_flip_lora(wl, a, b, *args, torch.tensor(7), True)
+    call = torch.tensor(7, device="cuda")
+    got_w, got_m = lora.merge_flip_lora(wl.cuda(), a.cuda(), b.cuda(), *args, call, True)
+    assert torch.equal(_bits(got_w.cpu()), _bits(want_w)) and torch.equal(got_m.cpu(), want_m)

@@ -18,6 +18,9 @@ from peft_bitflip.spec import FlipSpec
 W_SPEC = FlipSpec(0.02, 0.02, 0.75)
 X_SPEC = FlipSpec(0.01, 0.01, 3.0)
 KEYS = (pb.stream_key(0, "k", "x"), pb.stream_key(0, "k", "w"))
+# high p: W's fields both dense, x's exp field sparse and frac field dense (sampling.py)
+X_SPEC_HIGH = FlipSpec(1e-3, 0.3, 3.0)
+W_SPEC_HIGH = FlipSpec(0.3, 2**-4, 0.75)
 
 
 def coarse(shape, gen, steps):
@@ -31,19 +34,20 @@ def triton_cpu(needs_interpreter, monkeypatch):
     monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", "triton")
 
 
+@pytest.mark.parametrize("w_spec", [W_SPEC, W_SPEC_HIGH], ids=["low-p", "high-p"])
 @pytest.mark.parametrize("conv1d", [False, True])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_merge_flip_kernel_equals_reference(triton_cpu, monkeypatch, conv1d, out_dtype):
+def test_merge_flip_kernel_equals_reference(triton_cpu, monkeypatch, conv1d, out_dtype, w_spec):
     gen = torch.Generator().manual_seed(0)
     w = coarse((40, 72) if conv1d else (72, 40), gen, 8)  # 2nd dim: a multiple of 8, not 64
     a, b = coarse((2, 40), gen, 4), coarse((72, 2), gen, 4)  # A (r, in), B (out, r)
     call = torch.tensor(7)
     got, got_mask = lora.merge_flip_lora(
-        w, a, b, 0.5, conv1d, out_dtype, W_SPEC, KEYS[1], call, True
+        w, a, b, 0.5, conv1d, out_dtype, w_spec, KEYS[1], call, True
     )
     monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", "reference")
     ref, ref_mask = lora.merge_flip_lora(
-        w, a, b, 0.5, conv1d, out_dtype, W_SPEC, KEYS[1], call, True
+        w, a, b, 0.5, conv1d, out_dtype, w_spec, KEYS[1], call, True
     )
     as_int = torch.int16 if out_dtype == torch.bfloat16 else torch.int32
     assert torch.equal(got.view(as_int), ref.view(as_int))  # bit for bit
@@ -51,7 +55,7 @@ def test_merge_flip_kernel_equals_reference(triton_cpu, monkeypatch, conv1d, out
     # the backward's launch also writes s*A and s*B in the compute dtype (bit for bit: exact
     # here; the rounding of random values is checked on the GPU, whose float32 -> bfloat16
     # conversion rounds to nearest where the interpreter's truncates)
-    args = (w, a, b, 0.5, conv1d, out_dtype, W_SPEC, KEYS[1], call)
+    args = (w, a, b, 0.5, conv1d, out_dtype, w_spec, KEYS[1], call)
     want = lora.merge_flip_lora_for_grads(*args)
     monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", "triton")
     got4 = lora.merge_flip_lora_for_grads(*args)
@@ -149,6 +153,32 @@ def test_fast_lora_layer_equals_unfused(request, monkeypatch, backend, conv1d, t
     _, zeroed = lora.merge_flip_lora(w, a, b, 0.5, conv1d, torch.float32, W_SPEC, KEYS[1],
                                      torch.tensor(2), True)  # fmt: skip
     assert zeroed.sum() > 0
+
+
+def test_lora_step_at_high_p_equals_unfused_reference(triton_cpu, monkeypatch):
+    """The bit-flip LoRA step at high p (dense fields in the merge + flip launch of the forward
+    and of the backward's recompute): the Triton launches give the unfused reference's output
+    bit for bit and its gradients."""
+    from peft_bitflip.kernels.sampling import dense_words, flip_table
+
+    assert all(dense_words(flip_table(0.3, 2**-4, torch.float32, "cpu"), torch.float32))
+    monkeypatch.setitem(globals(), "X_SPEC", X_SPEC_HIGH)
+    monkeypatch.setitem(globals(), "W_SPEC", W_SPEC_HIGH)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 32, generator=gen)
+    w = coarse((24, 32), gen, 8) * 0.5
+    a, b = coarse((2, 32), gen, 4), coarse((24, 2), gen, 4)
+    bias = torch.randn(24, generator=gen)
+    fast = run(layers.flipped_lora_linear, x, w, a, b, bias, False, True)
+    monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", "reference")
+    plain = run(layers.flipped_lora_linear_unfused, x, w, a, b, bias, False, True)
+    assert torch.equal(fast[0], plain[0])
+    for got, want in zip(fast[1:], plain[1:]):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
+    _, zeroed = lora.merge_flip_lora(w, a, b, 0.5, False, torch.float32, W_SPEC_HIGH, KEYS[1],
+                                     torch.tensor(2), True)  # fmt: skip
+    assert 0 < zeroed.sum() < zeroed.numel()
 
 
 def test_lora_layer_step_takes_three_launches(triton_cpu, monkeypatch):

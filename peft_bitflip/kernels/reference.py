@@ -13,11 +13,14 @@ import torch
 
 from ..spec import check_dtype
 from .sampling import (
+    DENSE_DIGITS,
+    DENSE_ITERATION,
     PHILOX_M0,
     PHILOX_M1,
     PHILOX_ROUNDS,
     PHILOX_W0,
     PHILOX_W1,
+    dense_words,
     field_sizes,
     group_size,
 )
@@ -44,9 +47,7 @@ def _mulhilo_wrapping(m: int, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return (prod >> 32) & _M32, prod & _M32
 
 
-def philox4x32(
-    c0, c1, c2, c3, k0: int, k1: int, rounds: int = PHILOX_ROUNDS, mulhilo=_mulhilo
-):
+def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = PHILOX_ROUNDS, mulhilo=_mulhilo):
     """Philox4x32 on int64 tensors that hold uint32 values; same round function as the kernel."""
     for _ in range(rounds):
         hi0, lo0 = mulhilo(PHILOX_M0, c0)
@@ -66,6 +67,93 @@ def _uniforms(groups: torch.Tensor, iteration, call, k0, k1, mulhilo=_mulhilo):
     c3 = torch.zeros_like(groups) + (call & _M32)
     w0, w1, w2, w3 = philox4x32(c0, c1, c2, c3, k0, k1, mulhilo=mulhilo)
     return ((w0 >> 1) << 32) | w1, ((w2 >> 1) << 32) | w3
+
+
+def _words(groups: torch.Tensor, iteration, call, k0, k1, mulhilo=_mulhilo):
+    """The four uint32 words (int64 tensors) of the Philox draws of ``groups`` at ``iteration``
+    (``iteration``, ``call``, ``k0``, ``k1``: ints or 0-dim int64 tensors)."""
+    c0 = groups & _M32
+    c1 = groups >> 32
+    c2 = torch.zeros_like(groups) + iteration
+    c3 = torch.zeros_like(groups) + (call & _M32)
+    return philox4x32(c0, c1, c2, c3, k0, k1, mulhilo=mulhilo)
+
+
+def _dense_digit(groups, iteration, call, k0, k1, undecided, digit, mulhilo=_mulhilo):
+    """One digit of the dense comparison for ``groups``: (lanes still undecided, lanes found
+    below P) from ``undecided`` [n, 4] and P's digit word ``digit`` (0-dim tensors)."""
+    words = torch.stack(_words(groups, iteration, call, k0, k1, mulhilo), 1)
+    return undecided & ~(words ^ digit), undecided & ~words & digit
+
+
+def _dense_digit_wrapping(groups, iteration, call, k0, k1, undecided, digit):
+    """:func:`_dense_digit` with :func:`_mulhilo_wrapping` (what the CPU path compiles)."""
+    return _dense_digit(groups, iteration, call, k0, k1, undecided, digit, _mulhilo_wrapping)
+
+
+def field_word_masks(dtype: torch.dtype) -> tuple[int, int]:
+    """(exp lanes, frac lanes) of a group's uint32 word: the bits of the sign and exponent,
+    and of the mantissa, of the one (float32) or two (16-bit) elements it holds."""
+    layout = check_dtype(dtype)
+    frac = (1 << layout.n_frac) - 1
+    if layout.n_bits == 16:
+        frac |= frac << 16
+    return _M32 ^ frac, frac
+
+
+_DENSE_CHUNK = 1 << 20  # groups per pass of the dense comparison
+
+
+@torch.no_grad()
+def dense_masks(
+    n_groups: int,
+    dtype: torch.dtype,
+    p_words: tuple[int, int],
+    call: int,
+    k0: int,
+    k1: int,
+    device,
+    first: int = 0,
+    fns: _CpuPath | None = None,
+) -> torch.Tensor:
+    """XOR masks (int64 holding the unsigned pattern, ``n_groups * G`` elements) of the dense
+    fields of groups ``first .. first + n_groups - 1``: lane (word w, bit j) flips iff its
+    uniform, digit k = bit j of word w of the draw at iteration ``DENSE_ITERATION + k``, is
+    below ``P / 2^64`` of its field (``p_words``: unsigned P of the exp and frac field, 0 for a
+    sparse field); see :mod:`.sampling`.  ``fns``: the CPU path whose compiled digit step runs
+    (eager when None)."""
+    e_lanes, f_lanes = field_word_masks(dtype)
+    z = torch.zeros((), dtype=torch.int64, device=device)
+    keys = (z + (call & _M32), z + k0, z + k1)
+    lanes = [(e_lanes, p_words[0]), (f_lanes, p_words[1])]
+    start = sum(m for m, w in lanes if w)
+    m64 = (1 << 64) - 1
+    out = []
+    for c in range(0, n_groups, _DENSE_CHUNK):
+        n = min(_DENSE_CHUNK, n_groups - c)
+        groups = torch.arange(n, dtype=torch.int64, device=device) + (first + c)
+        undecided = torch.full((n, 4), start, dtype=torch.int64, device=device)
+        less = torch.zeros_like(undecided)
+        idx = torch.arange(n, dtype=torch.int64, device=device)
+        rest = [w for _, w in lanes]  # P's digits not yet compared, MSB first
+        for k in range(DENSE_DIGITS):
+            live = sum(m for (m, _), r in zip(lanes, rest) if r)  # lanes that can still flip
+            if not live or not idx.numel():
+                break
+            idx = idx[((undecided[idx] & live) != 0).any(1)]
+            if not idx.numel():
+                break
+            digit = z + sum(m for (m, _), r in zip(lanes, rest) if r >> 63)
+            step = fns.dense_digit if fns is not None and idx.numel() >= _MIN_COMPILED else None
+            args = (groups[idx], z + (DENSE_ITERATION + k), *keys, undecided[idx], digit)
+            u, below = (step or _dense_digit)(*args)
+            less[idx] |= below
+            undecided[idx] = u
+            rest = [(r << 1) & m64 for r in rest]
+        if check_dtype(dtype).n_bits == 16:
+            less = torch.stack([less & 0xFFFF, less >> 16], 2)
+        out.append(less.reshape(-1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=device)
 
 
 def _first_draw(first, n: int, call, k0, k1, last_e, last_f, mulhilo=_mulhilo):
@@ -103,6 +191,7 @@ class _CpuPath:
         self.first_draw = _first_draw
         self.draw = _uniforms
         self.keep_values = _keep_values
+        self.dense_digit = _dense_digit
         self.compiled = False
 
     @classmethod
@@ -115,6 +204,7 @@ class _CpuPath:
             first = torch.compile(_first_draw_wrapping, dynamic=True)
             draw = torch.compile(_uniforms_wrapping, dynamic=True)
             keep = torch.compile(_keep_values, dynamic=True)
+            digit = torch.compile(_dense_digit_wrapping, dynamic=True)
             z = torch.zeros((), dtype=torch.int64)
             keys = (z + 3, z + 0x9E3779B9, z + 0xFFFFFFF1)
             for n in (257, 1031):  # compile now (two sizes: the dynamic graph), and check it
@@ -124,6 +214,9 @@ class _CpuPath:
                 idx = torch.arange(n, dtype=torch.int64) * 7919 + (1 << 40)
                 want += _uniforms(idx, z + 2, *keys)
                 got += draw(idx, z + 2, *keys)
+                lanes = (idx[:, None] * 2654435761 + torch.arange(4)) & _M32
+                want += _dense_digit(idx, z + (1 << 31) + 5, *keys, lanes, z + 0xFF80FF80)
+                got += digit(idx, z + (1 << 31) + 5, *keys, lanes, z + 0xFF80FF80)
                 if not all(torch.equal(a, b) for a, b in zip(want, got)):
                     raise RuntimeError("the compiled draws differ from the eager ones")
                 y = torch.randn(n) * 4
@@ -131,6 +224,7 @@ class _CpuPath:
                 if not torch.equal(keep(y, z.float() + 2.5), _keep_values(y, z.float() + 2.5)):
                     raise RuntimeError("the compiled zero-out differs from the eager one")
             path.first_draw, path.draw, path.keep_values = first, draw, keep
+            path.dense_digit = digit
             path.compiled = True
         except Exception as e:  # noqa: BLE001 - any compiler problem: stay correct, only slower
             warnings.warn(
@@ -196,12 +290,16 @@ def sparse_flips(
     table = table.to(device=device, dtype=torch.int64)
     n_groups = (n_elements + g - 1) // g
     first = start // g
-    tables = (table[:n_e], table[n_e:])
+    tables = (table[:n_e], table[n_e : n_e + n_f])
+    if int(tables[0][-1]) < 0 and int(tables[1][-1]) < 0:  # no field flips in the gap sampling
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return empty, empty
     # the first draw of every group: which fields hold a flip (most don't at small p)
     fns = cpu_path(device) if n_elements >= _COMPILE_FROM else _EAGER
-    scalars = [
-        torch.tensor(v, dtype=torch.int64, device=device) for v in (call, k0, k1)
-    ] + [tables[0][-1], tables[1][-1]]
+    scalars = [torch.tensor(v, dtype=torch.int64, device=device) for v in (call, k0, k1)] + [
+        tables[0][-1],
+        tables[1][-1],
+    ]
     idx_e, idx_f = [], []
     for c in range(0, n_groups, _CHUNK_GROUPS):
         n = min(_CHUNK_GROUPS, n_groups - c)
@@ -262,9 +360,24 @@ def flip_masks(
     with more than 2^31 elements without materialising the whole mask.
     """
     elem, masks = sparse_flips(n_elements, dtype, table, call, k0, k1, device, start)
-    out = torch.zeros(n_elements, dtype=torch.int64, device=masks.device)
-    out[elem] = masks
+    out = _dense_part(n_elements, dtype, table, call, k0, k1, masks.device, start)
+    if out is None:
+        out = torch.zeros(n_elements, dtype=torch.int64, device=masks.device)
+    out[elem] ^= masks
     return out
+
+
+def _dense_part(n_elements, dtype, table, call, k0, k1, device, start=0):
+    """The dense fields' XOR masks of elements ``[start, start + n_elements)``, or None when
+    both fields are sparse."""
+    words = dense_words(table, dtype)
+    if not any(words):
+        return None
+    g = group_size(dtype)
+    n_groups = (n_elements + g - 1) // g
+    fns = cpu_path(device) if n_elements >= _COMPILE_FROM else None
+    masks = dense_masks(n_groups, dtype, words, call, k0, k1, device, start // g, fns)
+    return masks[:n_elements]
 
 
 def bitflip_reference(
@@ -281,11 +394,18 @@ def bitflip_reference(
     flat = x.contiguous().view(-1)
     y = flat
     if has_flips and flat.numel():
+        half = 1 << (layout.n_bits - 1)
+        dense = _dense_part(flat.numel(), x.dtype, table, call, k0, k1, x.device)
+        if dense is not None:
+            dense = torch.where(dense >= half, dense - 2 * half, dense)  # unsigned -> signed
+            y = flat.clone()
+            ints = y.view(_INT_VIEW[layout.n_bits])
+            ints ^= dense.to(ints.dtype)
         elem, m = sparse_flips(flat.numel(), x.dtype, table, call, k0, k1, device=x.device)
         if elem.numel():
-            half = 1 << (layout.n_bits - 1)
             m = torch.where(m >= half, m - 2 * half, m)  # unsigned -> signed view
-            y = flat.clone()
+            if y is flat:
+                y = flat.clone()
             ints = y.view(_INT_VIEW[layout.n_bits])
             ints[elem] = ints[elem] ^ m.to(ints.dtype)
     y = zero_out(y, threshold)

@@ -18,12 +18,34 @@ Both implementations follow exactly these rules, so they agree bit for bit:
   and at small p almost every group is settled by one draw and one comparison.
 
 Tables are stored as ``T[j] - 1`` in int64 so that p = 1 (``T = 2^63``) fits.
+
+**Dense fields.**  At large p the gap loop runs once per flip; a field may instead be *dense*
+(chosen per tensor and per field on the host, :func:`field_is_dense`): each of its bits flips
+iff a uniform ``U < P / 2^64`` with ``P = floor(p 2^64)`` (so to within 2^-64 of p, for p in
+(0, 1)), and the uniforms of all bits are compared bit-sliced, 32 bits per random word:
+
+* The group's 128 data bits are read as four little-endian uint32 *words* (word ``w`` holds
+  elements ``2w`` (low half) and ``2w + 1`` (high half) for 16-bit dtypes, element ``w`` for
+  float32); bit ``j`` of word ``w`` is one data bit, a *lane*.
+* Digit ``k`` (k = 0..63, weight 2^-(k+1)) of the uniform of lane (w, j) is bit ``j`` of word
+  ``w`` of the Philox draw with counter ``(group low, group high, DENSE_ITERATION + k, call)``
+  (the sparse path only uses iterations below 2^31, so no counter is shared).
+* A lane flips iff its first differing digit from P's binary expansion (MSB first) is 0 in U
+  and 1 in P; a lane equal to P in all 64 digits does not flip.  A lane's P is the P of its
+  field (exp lanes: the sign and exponent bits of their element).
+
+An implementation may stop drawing digits once every lane is decided or P has no 1 digit left
+(the remaining lanes cannot flip): the result is the same.  At ``p = 2^-n`` that is after n
+draws, at p = 0.5 after one.  A dense field's gap table holds -1 (it never flips in the gap
+sampling); the flip table ends with two int64 words, ``P`` of the exp and frac field (0 for a
+sparse field), so kernels branch on them per program.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 
 import torch
@@ -33,6 +55,8 @@ from ..spec import BitLayout, check_dtype
 GROUP_BITS = 128  # data bits per group: one Philox draw (4 words) settles a group at small p
 PHILOX_ROUNDS = 10
 U63 = 1 << 63
+DENSE_ITERATION = 1 << 31  # dense digit k draws at Philox iteration DENSE_ITERATION + k
+DENSE_DIGITS = 64  # binary digits of p compared: resolution 2^-64
 
 # Philox4x32 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11)
 PHILOX_M0 = 0xD2511F53
@@ -69,6 +93,98 @@ def gap_table(p: float, n: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+def dense_word(p: float) -> int:
+    """``P = floor(p 2^64)`` (exact for a float p in [0, 1)) as the int64 with the same bits:
+    the threshold of a dense field."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"a dense field needs 0 <= p < 1, got {p}")
+    word = int(math.ldexp(p, DENSE_DIGITS))
+    return word - (1 << 64) if word >= U63 else word
+
+
+# The cost model that picks a field's path, in units of one Philox draw per group.  Programs
+# run in lock step over COST_BLOCK_GROUPS groups (ROWS_PER_PROGRAM of triton_bitflip.py):
+# * sparse: the first draw, then one iteration per flip of the field with the most flips in
+#   the block, plus one that finds no more; an iteration is a draw, a binary search of the
+#   gap table (STEPS dependent loads) and the mask update of the block: SPARSE_ITERATION_COST;
+# * dense: one draw per digit and four 32-lane compare-and-update steps (DENSE_DIGIT_COST),
+#   for min(digits up to P's last 1, the expected largest number of digits a lane of the
+#   block needs until it differs from P: a geometric(1/2) maximum over the block's lanes).
+# Both constants are instruction-count estimates (Philox4x32-10: ~50 integer instructions).
+COST_BLOCK_GROUPS = 64
+SPARSE_ITERATION_COST = 2.5
+DENSE_DIGIT_COST = 1.3
+
+
+def _expected_max_lane_digits(lanes: int) -> float:
+    """E[max over ``lanes`` of a geometric(1/2) number of digits (>= 1)]."""
+    return sum(1.0 - (1.0 - 0.5**m) ** lanes for m in range(0, 200))
+
+
+def _expected_max_iterations(p: float, n: int, groups: int) -> float:
+    """E[max over ``groups`` fields of n bits of the gap iterations: 0 without a flip, else
+    flips + 1]."""
+    pmf = [math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)]
+    cdf, total, out = [], 0.0, 0.0
+    for v in pmf:
+        total += v
+        cdf.append(min(total, 1.0))
+    for m in range(1, n + 2):  # P(iterations < m) = P(X = 0) + P(1 <= X <= m - 2)
+        below = cdf[0] + (cdf[m - 2] - cdf[0] if m >= 2 else 0.0)
+        out += 1.0 - below**groups
+    return out
+
+
+def sparse_cost(p: float, n: int) -> float:
+    """Modelled cost (Philox draws per group) of a sparse field of n bits at p."""
+    return 1.0 + SPARSE_ITERATION_COST * _expected_max_iterations(p, n, COST_BLOCK_GROUPS)
+
+
+def dense_cost(p: float, n: int) -> float:
+    """Modelled cost (Philox draws per group) of a dense field of n bits at p."""
+    word = dense_word(p) % (1 << 64)
+    if word == 0:
+        return 0.0
+    digits = DENSE_DIGITS - ((word & -word).bit_length() - 1)  # up to P's last 1 digit
+    lanes = _expected_max_lane_digits(COST_BLOCK_GROUPS * n)
+    return DENSE_DIGIT_COST * min(digits, lanes)
+
+
+@functools.lru_cache(maxsize=4096)
+def field_is_dense(p: float, n: int) -> bool:
+    """Whether a field of ``n`` bits flipped at ``p`` takes the dense path: the cheaper one
+    by the cost model above (never at p = 0, p = 1 or p < 2^-64)."""
+    if not 0.0 < p < 1.0 or dense_word(p) == 0:
+        return False
+    return dense_cost(p, n) < sparse_cost(p, n)
+
+
+def table_values(
+    p_exp: float, p_frac: float, dtype: torch.dtype, dense: tuple[bool, bool] | None = None
+) -> tuple[int, ...]:
+    """The flip table's int64 values: ``T_E - 1``, ``T_F - 1``, then P of the exp and frac field
+    (0 where sparse).  ``dense``: force each field's path (None: :func:`field_is_dense`); a
+    dense field whose P is 0 (p < 2^-64) stays sparse."""
+    n_e, n_f = field_sizes(dtype)
+    out, words = [], []
+    for i, (p, n) in enumerate(((float(p_exp), n_e), (float(p_frac), n_f))):
+        want = field_is_dense(p, n) if dense is None else bool(dense[i]) and 0.0 < p < 1.0
+        word = dense_word(p) if want else 0
+        out += gap_table(p, n) if word == 0 else (-1,) * n
+        words.append(word)
+    return tuple(out + words)
+
+
+def dense_words(table: torch.Tensor, dtype: torch.dtype) -> tuple[int, int]:
+    """(P of the exp field, P of the frac field) of a flip table as unsigned ints (0: the field
+    is sparse); tables of gap entries only (no P words) have none."""
+    n_e, n_f = field_sizes(dtype)
+    if table.numel() < n_e + n_f + 2:
+        return 0, 0
+    e, f = table[n_e + n_f : n_e + n_f + 2].tolist()
+    return e % (1 << 64), f % (1 << 64)
+
+
 _DEVICE_TABLES: dict = {}
 
 
@@ -103,18 +219,25 @@ def _cached_device_tensor(values, device: torch.device) -> torch.Tensor:
 
 
 _MAX_CACHED_TABLES = 1024
+# PEFT_BITFLIP_DENSE=1 / 0 (read at import): every field with 0 < p < 1 dense / sparse, for
+# benchmarks; unset or "auto": the cost model decides
+FORCE_DENSE = {"1": True, "0": False}.get(os.environ.get("PEFT_BITFLIP_DENSE", "auto"))
 
 
 @torch.compiler.assume_constant_result
-def flip_table(p_exp: float, p_frac: float, dtype: torch.dtype, device) -> torch.Tensor:
-    """The int64 table ``[T_E - 1 (N_E entries), T_F - 1 (N_F entries)]`` on ``device`` (cached)."""
+def flip_table(
+    p_exp: float, p_frac: float, dtype: torch.dtype, device, dense: tuple[bool, bool] | None = None
+) -> torch.Tensor:
+    """The int64 table of :func:`table_values` (``[T_E - 1 (N_E entries), T_F - 1 (N_F
+    entries), P_E, P_F]``) on ``device`` (cached); ``dense``: force each field's path."""
     if not isinstance(device, torch.device):
         device = torch.device(device)
-    key = (float(p_exp), float(p_frac), dtype, device)
+    if dense is None and FORCE_DENSE is not None:
+        dense = (FORCE_DENSE, FORCE_DENSE)
+    key = (float(p_exp), float(p_frac), dtype, device, dense)
     t = _DEVICE_TABLES.get(key)
     if t is None:
-        n_e, n_f = field_sizes(dtype)
-        values = gap_table(float(p_exp), n_e) + gap_table(float(p_frac), n_f)
+        values = table_values(p_exp, p_frac, dtype, dense)
         t = _cached_device_tensor(values, device)
         if len(_DEVICE_TABLES) >= _MAX_CACHED_TABLES:
             _DEVICE_TABLES.pop(next(iter(_DEVICE_TABLES)))

@@ -18,6 +18,7 @@ import triton.language as tl
 from ..spec import check_dtype
 from .launcher import KernelLauncher
 from .sampling import (
+    DENSE_ITERATION,
     PHILOX_M0,
     PHILOX_M1,
     PHILOX_ROUNDS,
@@ -156,6 +157,78 @@ def _flips_of_groups(
 
 
 @triton.jit
+def _dense_step(undecided, less, r, digit):
+    """One digit of the bit-sliced comparison of 32 lanes: a lane whose random digit ``r`` is 0
+    where P's ``digit`` is 1 is below P (flips); one where they differ the other way is not."""
+    less = less | (undecided & ~r & digit)
+    return undecided & ~(r ^ digit), less
+
+
+@triton.jit
+def _dense_flips(
+    rows,
+    cols,
+    call,
+    k0,
+    k1,
+    p_e,
+    p_f,
+    ELEM_BITS: tl.constexpr,
+    N_FRAC: tl.constexpr,
+    N_ROUNDS: tl.constexpr,
+    DENSE_BASE: tl.constexpr = DENSE_ITERATION,
+):
+    """The XOR masks [R, G] of the dense fields of groups ``rows`` [R] (int64 group indices):
+    ``p_e``, ``p_f`` (uint64) are P of the exp and frac field (0: sparse, no lane).  Lane
+    (word w, bit j) of a group flips iff its uniform (digit k: bit j of word w of the draw at
+    iteration DENSE_BASE + k) is below P / 2^64 (see :mod:`.sampling`); four uint32 words per
+    group hold the lanes; the loop stops once no lane that can still flip is undecided."""
+    UINT: tl.constexpr = tl.uint16 if ELEM_BITS == 16 else tl.uint32
+    FRAC_LANES: tl.constexpr = ((1 << N_FRAC) - 1) * (0x10001 if ELEM_BITS == 16 else 1)
+    EXP_LANES: tl.constexpr = 0xFFFFFFFF ^ FRAC_LANES
+    c0, c1, zero, key0, key1 = _philox_words(rows, k0, k1)
+    lanes = tl.where(p_e != 0, EXP_LANES, 0) | tl.where(p_f != 0, FRAC_LANES, 0)
+    u0 = zero + lanes.to(tl.uint32)
+    u1 = u0
+    u2 = u0
+    u3 = u0
+    l0 = zero
+    l1 = zero
+    l2 = zero
+    l3 = zero
+    rest_e = p_e
+    rest_f = p_f
+    it = tl.full(rows.shape, DENSE_BASE, tl.uint32)  # Philox iteration of digit k
+    live = (tl.where(rest_e != 0, EXP_LANES, 0) | tl.where(rest_f != 0, FRAC_LANES, 0)).to(
+        tl.uint32
+    )
+    while tl.max((((u0 | u1 | u2 | u3) & live) != 0).to(tl.int32), axis=0) > 0:
+        digit = tl.where((rest_e >> 63) != 0, EXP_LANES, 0) | tl.where(
+            (rest_f >> 63) != 0, FRAC_LANES, 0
+        )
+        digit = digit.to(tl.uint32)
+        r0, r1, r2, r3 = _philox4x32(c0, c1, it, zero + call, key0, key1, N_ROUNDS)
+        u0, l0 = _dense_step(u0, l0, r0, digit)
+        u1, l1 = _dense_step(u1, l1, r1, digit)
+        u2, l2 = _dense_step(u2, l2, r2, digit)
+        u3, l3 = _dense_step(u3, l3, r3, digit)
+        rest_e = rest_e << 1
+        rest_f = rest_f << 1
+        it += 1
+        live = (tl.where(rest_e != 0, EXP_LANES, 0) | tl.where(rest_f != 0, FRAC_LANES, 0)).to(
+            tl.uint32
+        )
+    if ELEM_BITS == 16:  # element c: half c % 2 of word c // 2
+        w = tl.where(cols < 4, tl.where(cols < 2, l0[:, None], l1[:, None]), 0)
+        w = tl.where(cols >= 4, tl.where(cols < 6, l2[:, None], l3[:, None]), w)
+        m = (w >> ((cols % 2) * 16).to(tl.uint32)[None, :]) & 0xFFFF
+    else:  # element c: word c
+        m = tl.where(cols < 2, tl.where(cols == 0, l0[:, None], l1[:, None]), 0)
+        m = tl.where(cols >= 2, tl.where(cols == 2, l2[:, None], l3[:, None]), m)
+    return m.to(UINT)
+
+
+@triton.jit
 def flip_group_bits(
     bits,
     rows,
@@ -181,7 +254,45 @@ def flip_group_bits(
     One Philox draw per group settles every group without a flip (the fast path, on the whole
     block).  If at most SINGLES groups of the block hold a flip, they are taken one at a time
     through the gap sampling (:func:`_flips_of_groups` on a single group: the loop then costs
-    in proportion to those groups, not to the block); more, and the whole block runs it."""
+    in proportion to those groups, not to the block); more, and the whole block runs it.
+
+    Dense fields (P words at the end of the table, nonzero) are flipped by the bit-sliced
+    comparison (:func:`_dense_flips`); the gap sampling runs unless both fields are dense.
+    With both fields sparse this costs two scalar loads and a uniform branch per program."""
+    p_e = tl.load(table_ptr + (N_E + N_F)).to(tl.uint64, bitcast=True)
+    p_f = tl.load(table_ptr + (N_E + N_F + 1)).to(tl.uint64, bitcast=True)
+    if (p_e | p_f) != 0:
+        bits = bits ^ _dense_flips(
+            rows, cols, call, k0, k1, p_e, p_f, ELEM_BITS, N_FRAC, N_ROUNDS
+        )  # fmt: skip
+    if (p_e == 0) | (p_f == 0):
+        bits = _sparse_group_bits(
+            bits, rows, cols, call, k0, k1, table_ptr,
+            ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
+        )  # fmt: skip
+    return bits
+
+
+@triton.jit
+def _sparse_group_bits(
+    bits,
+    rows,
+    cols,
+    call,
+    k0,
+    k1,
+    table_ptr,
+    ELEM_BITS: tl.constexpr,
+    N_EXP: tl.constexpr,
+    N_FRAC: tl.constexpr,
+    N_E: tl.constexpr,
+    N_F: tl.constexpr,
+    STEPS_E: tl.constexpr,
+    STEPS_F: tl.constexpr,
+    N_ROUNDS: tl.constexpr,
+    SINGLES: tl.constexpr,
+):
+    """The gap sampling of :func:`flip_group_bits` (a dense field's table never flips)."""
     UINT: tl.constexpr = tl.uint16 if ELEM_BITS == 16 else tl.uint32
     c0, c1, zero, key0, key1 = _philox_words(rows, k0, k1)
     w0, w1, w2, w3 = _philox4x32(c0, c1, zero, zero + call, key0, key1, N_ROUNDS)
