@@ -169,9 +169,9 @@ def test_lora_step_at_high_p_equals_unfused_reference(triton_cpu, monkeypatch):
     w = coarse((24, 32), gen, 8) * 0.5
     a, b = coarse((2, 32), gen, 4), coarse((24, 2), gen, 4)
     bias = torch.randn(24, generator=gen)
-    fast = run(layers.flipped_lora_linear, x, w, a, b, bias, False, True)
+    fast = run(flipped_linear.flipped_lora_linear, x, w, a, b, bias, False, True)
     monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", "reference")
-    plain = run(layers.flipped_lora_linear_unfused, x, w, a, b, bias, False, True)
+    plain = run(flipped_linear.flipped_lora_linear_unfused, x, w, a, b, bias, False, True)
     assert torch.equal(fast[0], plain[0])
     for got, want in zip(fast[1:], plain[1:]):
         scale = want.abs().max().item()
