@@ -381,3 +381,33 @@ def test_trainer_flags_reach_the_trainer(tmp_path):
     assert logged == pytest.approx(cosine, rel=1e-6)  # linear would be lr * (1 - s / 4)
     with open(os.path.join(out, "adapter", "adapter_config.json")) as f:
         assert json.load(f)["r"] == 2  # the deprecated --lora_rank still sets the rank
+
+
+def test_fault_model_from_toml_yaml_and_flags(tmp_path):
+    """--transform_cfg takes the original's LoRA TOML or its pretraining meta YAML; inline
+    flags override single fields; the preset's LoRA shape applies without a TOML."""
+    import yaml
+
+    from recipes import common
+
+    def settings(*argv):
+        parser = finetune_lora.build_parser()
+        args = common.parse_args(parser, list(argv), script="finetune_lora.py", output_name="t")
+        return common.bitflip_settings(args)
+
+    rule = {"x_p_exp": 1e-3, "x_p_frac": 0.0, "w_p_exp": 0.0, "w_p_frac": 2e-3}
+    rule.update(x_zero_out_t=20.0, w_zero_out_t=None)
+    meta = tmp_path / "meta.yaml"
+    meta.write_text(
+        yaml.safe_dump({"transform_flavor": "fc", "layer_name_to_config": {"default": rule}})
+    )
+    flips, lora, use_lora = settings("--transform_cfg", str(meta), "--w_zero_out_t", "3")
+    assert (flips.x_p_exp, flips.w_p_frac, flips.x_zero_out_t) == (1e-3, 2e-3, 20.0)
+    assert flips.w_zero_out_t == 3.0 and lora == {"r": 16, "lora_alpha": 32} and use_lora
+    toml = tmp_path / "cfg.toml"
+    toml.write_text("use_lora = true\n[fc]\nx_p_exp = 1e-4\n[lora]\nr = 8\nlora_alpha = 4\n")
+    flips, lora, _ = settings(
+        "--transform_cfg", str(toml), "--lora_alpha", "2", "--bitflip_seed", "7"
+    )
+    assert flips.x_p_exp == 1e-4 and flips.w_p_exp == 0.0 and flips.seed == 7
+    assert lora == {"r": 8, "lora_alpha": 2.0}
