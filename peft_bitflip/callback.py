@@ -11,9 +11,19 @@ for the transformers ``Trainer``.
 What it does:
 
 * **Statistics.**  Every training log (the entries with ``"loss"``, written every
-  ``logging_steps``) gets the true counts of what the bit-flip layers did in the forwards of the
-  optimizer steps since the previous log (activation-checkpoint recomputation and evaluation
-  are not counted), for layer inputs (``x``), weights (``w``) and both (no prefix)::
+  ``logging_steps``) gets rates and a total, printed with the loss::
+
+      bitflip/exp_flip_rate        sign/exponent flips per sign/exponent bit (x and w)
+      bitflip/frac_flip_rate       mantissa flips per mantissa bit
+      bitflip/zeroed_rate          share of the elements set to 0 by zero-out
+      bitflip/flips_total          bits flipped since this train() call began
+      bitflip/nonfinite_loss       1 if a training loss since the previous log was NaN/Inf
+      bitflip/p_scale              the schedule factor f of the last step
+
+  and the reporting integrations (TensorBoard, W&B, ...) and ``state.log_history`` also get the
+  raw counts behind them, over the optimizer steps since the previous log (activation-checkpoint
+  recomputation and evaluation are not counted), for layer inputs (``x``), weights (``w``) and
+  both (no prefix)::
 
       bitflip/{x_,w_,}elements     elements that went through the fault model
       bitflip/{x_,w_,}exp_bits     sign+exponent bits among them (the trials of p_exp)
@@ -25,10 +35,11 @@ What it does:
       bitflip/nonfinite_outputs    of them NaN or +-Inf (zero-out caps x and W, not x W: an
                                    fp16 output can overflow, see docs/statistics.md)
       bitflip/nonfinite_output_rate  nonfinite_outputs / outputs
-      bitflip/nonfinite_loss       1 if a training loss since the previous log was NaN/Inf
-      bitflip/p_scale              the schedule factor f of the last step
       bitflip/{x,w}_p_{exp,frac}   the flip probability in use (largest over the layers)
 
+  :func:`add_bitflip_callback` places the callback before the integrations and a small
+  :class:`BitflipLogTrimmer` after them, before the printer / progress bar, which drops the raw
+  counts from the printed line.
   So ``exp_flips / exp_bits`` is the measured flip rate.  Counting runs on the device without
   host synchronisation until the log (see :class:`~peft_bitflip.stats.FlipStatsRecorder`, also
   usable without Trainer): one extra read of each flipped tensor by a Triton kernel on CUDA,
@@ -76,7 +87,7 @@ from .layers import bitflip_layers
 from .spec import FlipSpec
 from .stats import FlipStatsRecorder, TensorFlipStats
 
-__all__ = ["BitflipCallback", "FlipSchedule", "add_bitflip_callback"]
+__all__ = ["BitflipCallback", "BitflipLogTrimmer", "FlipSchedule", "add_bitflip_callback"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +95,18 @@ PREFIX = "bitflip/"
 SCHEDULE_KINDS = ("constant", "linear", "step")
 STATE_VERSION = 1
 _STAT_FIELDS = ("elements", "exp_bits", "frac_bits", "exp_flips", "frac_flips", "zeroed")
+# what the printed training log keeps (the trackers and log_history get every bitflip/ entry)
+SUMMARY_KEYS = tuple(
+    PREFIX + k
+    for k in (
+        "exp_flip_rate",
+        "frac_flip_rate",
+        "zeroed_rate",
+        "flips_total",
+        "nonfinite_loss",
+        "p_scale",
+    )
+)
 EXP_WITHOUT_ZERO_OUT = (
     "exponent flips without zero-out produce Inf/NaN; set a zero-out threshold "
     "(x_zero_out_t / w_zero_out_t)"
@@ -159,6 +182,21 @@ def stats_to_logs(stats: dict[str, TensorFlipStats]) -> dict[str, int | float]:
     return out
 
 
+def _rate(num: int, den: int) -> float:
+    return num / den if den else 0.0
+
+
+def summary_logs(stats: dict[str, TensorFlipStats], flips_total: int) -> dict[str, int | float]:
+    """The rates of :data:`SUMMARY_KEYS` from :meth:`FlipStatsRecorder.read`'s totals."""
+    a = stats["all"]
+    return {
+        PREFIX + "exp_flip_rate": _rate(a.exp_flips, a.exp_bits),
+        PREFIX + "frac_flip_rate": _rate(a.frac_flips, a.frac_bits),
+        PREFIX + "zeroed_rate": _rate(a.zeroed, a.elements),
+        PREFIX + "flips_total": flips_total,
+    }
+
+
 def _model_loss(output):
     """The ``loss`` of a model output (a ``ModelOutput`` or dict), else None."""
     loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
@@ -223,6 +261,7 @@ class BitflipCallback(TrainerCallback, ExportableState):
         self._bad_losses: torch.Tensor | None = None  # non-finite losses since the last log
         self._seen_losses = 0  # losses seen since the last log
         self._said_nonfinite = False
+        self._flips_total = 0  # bits flipped since train() began
 
     # -- the schedule ---------------------------------------------------------------------
 
@@ -439,6 +478,7 @@ class BitflipCallback(TrainerCallback, ExportableState):
             self._loss_hook.remove()
         self._loss_hook = model.register_forward_hook(torch.compiler.disable(self._watch_loss))
         self._bad_losses, self._seen_losses, self._said_nonfinite = None, 0, False
+        self._flips_total = 0
         self._apply_scale(self.scale_at(state.global_step))  # evaluation before step 1 too
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -464,7 +504,9 @@ class BitflipCallback(TrainerCallback, ExportableState):
         ):
             history = None  # not the entry Trainer.log appended for these logs
         stats = self._recorder.read(reset=True, all_reduce=self.all_reduce)
-        entries = stats_to_logs(stats)
+        self._flips_total += stats["all"].exp_flips + stats["all"].frac_flips
+        entries = summary_logs(stats, self._flips_total)
+        entries.update(stats_to_logs(stats))
         entries[PREFIX + "nonfinite_loss"] = self._check_loss(state, logs, stats["y"])
         entries[PREFIX + "p_scale"] = self._scale
         for kind in ("x", "w"):
@@ -488,13 +530,32 @@ class BitflipCallback(TrainerCallback, ExportableState):
             self._apply_scale(1.0)  # back to the target settings
 
 
+class BitflipLogTrimmer(TrainerCallback):
+    """Drops the raw ``bitflip/`` counts from ``logs`` (keeping :data:`SUMMARY_KEYS`), so that
+    callbacks after it (the printer / progress bar) show rates and totals only.  Placed by
+    :func:`add_bitflip_callback` after the reporting integrations; ``state.log_history`` keeps
+    every entry."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs:
+            for key in [k for k in logs if k.startswith(PREFIX) and k not in SUMMARY_KEYS]:
+                del logs[key]
+
+
+def _is_display(callback) -> bool:
+    """The printer or a progress bar (Trainer adds it last)."""
+    name = type(callback).__name__
+    return name.endswith(("PrinterCallback", "ProgressCallback"))
+
+
 def add_bitflip_callback(trainer, callback: BitflipCallback | None = None, **kwargs):
-    """Insert a :class:`BitflipCallback` right after Trainer's ``DefaultFlowCallback``.
+    """Insert a :class:`BitflipCallback` right after Trainer's ``DefaultFlowCallback`` and a
+    :class:`BitflipLogTrimmer` right before the printer / progress bar.
 
     There the statistics are in ``logs`` before the reporting integrations (TensorBoard, W&B,
-    ...) and the progress printer see them.  ``callback``: an instance, or ``None`` to build one
-    from ``kwargs`` (a ``BitflipCallback`` the trainer already has is moved there when neither
-    is given).  Returns the callback.
+    ...) see them, and the printed line carries rates and totals only.  ``callback``: an
+    instance, or ``None`` to build one from ``kwargs`` (a ``BitflipCallback`` the trainer
+    already has is moved there when neither is given).  Returns the callback.
     """
     callbacks = trainer.callback_handler.callbacks
     existing = [cb for cb in callbacks if isinstance(cb, BitflipCallback)]
@@ -515,4 +576,7 @@ def add_bitflip_callback(trainer, callback: BitflipCallback | None = None, **kwa
         raise TypeError(f"callback must be a BitflipCallback, got {type(callback).__name__}")
     flow = [i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)]
     callbacks.insert(flow[0] + 1 if flow else 0, callback)
+    if not any(isinstance(cb, BitflipLogTrimmer) for cb in callbacks):
+        display = [i for i, cb in enumerate(callbacks) if _is_display(cb)]
+        callbacks.insert(display[0] if display else len(callbacks), BitflipLogTrimmer())
     return callback

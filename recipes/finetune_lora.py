@@ -6,10 +6,13 @@ Re-creates the original ``run_clm_no_trainer.py`` fine-tune (NewComputeBench
 blocks of ``block_size`` tokens; the run lasts a token budget of 1 % of the model's parameter
 count (gradient accumulation and the number of processes counted); validation perplexity is
 measured with flips on, on the first ``--eval_batches`` batches per process; the merged model is
-saved with its bit-flip settings in ``config.json``, plus ``all_results.json``.
+saved with its bit-flip settings in ``config.json``, the adapter in ``adapter/``, each with a
+model card, plus ``all_results.json``.  Every ``TrainingArguments`` flag works (``--optim``,
+``--lr_scheduler_type``, ``--eval_strategy``, ``--torch_compile``, ``--deepspeed``, ...).
 
 Offline default (no arguments, or ``--preset tiny``): a tiny randomly initialised Llama and a
-tokenizer trained locally on Python's own documentation; about a minute on two CPU cores::
+tokenizer trained locally on Python's own documentation; about a minute on two CPU cores,
+written to a folder of the temporary directory unless ``--output_dir`` says where::
 
     python recipes/finetune_lora.py
     python recipes/finetune_lora.py --model_name_or_path unsloth/Llama-3.1-8B \\
@@ -29,19 +32,25 @@ if __package__ in (None, ""):  # run as a script: make ``recipes`` and the check
 
 import peft_bitflip  # noqa: E402
 from peft_bitflip import data  # noqa: E402
-from recipes import common  # noqa: E402
+from recipes import arguments, common  # noqa: E402
+
+
+def build_parser():
+    """``HfArgumentParser`` over the model, data, bit-flip and ``TrainingArguments`` flags."""
+    from transformers import TrainingArguments
+
+    return arguments.build_parser(TrainingArguments, __doc__.split("\n\n")[0])
 
 
 def main(argv=None) -> dict:
-    parser = common.build_parser(__doc__.split("\n\n")[0], default_output_dir="output/bitflip-lora")
-    args = common.parse_args(parser, argv)
+    args = common.parse_args(build_parser(), argv, script=__file__, output_name="bitflip-lora")
 
     from peft import get_peft_model
-    from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+    from transformers import Trainer, default_data_collator, set_seed
 
-    set_seed(args.seed)
+    training_args = args.train
+    set_seed(training_args.seed)
     flips, lora, use_lora = common.bitflip_settings(args)
-    training_args = TrainingArguments(**common.training_kwargs(args))
     common.one_gpu_per_process(training_args)
     world = training_args.world_size  # processes under accelerate launch / torchrun
 
@@ -54,7 +63,7 @@ def main(argv=None) -> dict:
         model = common.load_model(args, tokenizer)
         block_size = common.resolve_block_size(args, tokenizer, model)
         blocks = data.tokenize_and_group(
-            texts, tokenizer, block_size, num_proc=args.preprocessing_num_workers
+            texts, tokenizer, block_size, num_proc=args.data.preprocessing_num_workers
         )
 
     # budget: 1 % of the base model's parameters in tokens, unless steps/tokens are given
@@ -80,6 +89,11 @@ def main(argv=None) -> dict:
         processing_class=tokenizer,
     )
     common.attach_bitflip_callback(trainer, args)
+    data_info = (
+        f"{args.data.dataset_name or args.data.train_file or 'embedded pydoc corpus'}: "
+        f"{len(blocks['train'])} train / {len(blocks['validation'])} validation blocks of "
+        f"{block_size} tokens"
+    )
     if trainer.is_world_process_zero():
         common.print_setup(
             args,
@@ -90,8 +104,7 @@ def main(argv=None) -> dict:
             use_lora=use_lora,
             plan=plan,
             world=world,
-            data_info=f"{len(blocks['train'])} train / {len(blocks['validation'])} validation "
-            f"blocks of {block_size} tokens",
+            data_info=data_info,
         )
 
     results = {
@@ -101,7 +114,9 @@ def main(argv=None) -> dict:
         "world_size": world,
     }
     common.train_and_evaluate(trainer, args, plan, results)
-    return common.finish(trainer, tokenizer, args, results, use_lora=use_lora)
+    return common.finish(
+        trainer, tokenizer, args, results, flips=flips, use_lora=use_lora, data_info=data_info
+    )
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -50,7 +51,7 @@ import torch  # noqa: E402
 import peft_bitflip  # noqa: E402
 from peft_bitflip import data, evaluation, flavors  # noqa: E402
 from peft_bitflip.config import BitflipConfig  # noqa: E402
-from recipes import common  # noqa: E402
+from recipes import arguments, common, model_card  # noqa: E402
 
 # The offline embedded default: tiny flavor, pydoc corpus, tokenizer of 1024 tokens.
 TINY = {
@@ -188,7 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("run")
-    g.add_argument("--output_dir", default="output/pretrain-tiny")
+    g.add_argument(
+        "--output_dir",
+        default=None,
+        help="where the model, results and model card go (default: a folder of the "
+        "temporary directory named after the flavor)",
+    )
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--logging_steps", type=int, default=None)
     g.add_argument("--save_steps", type=int, default=500, help="checkpoint interval; 0: none")
@@ -207,11 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--disable_tqdm", action="store_true")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
     g.add_argument("--full_determinism", action="store_true", help="deterministic kernels")
+    g.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="push the saved folder (model, tokenizer, results, model card) to the Hub",
+    )
+    g.add_argument("--hub_model_id", default=None, help="default: the output folder's name")
+    g.add_argument("--hub_token", default=None)
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Command line over ``--config`` over the preset (tiny offline, else the original's)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     first = parser.parse_args(argv)
     if first.config:
@@ -228,6 +242,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.flavor = flavor
+    args.argv = argv
+    if args.output_dir is None:
+        args.output_dir = arguments.default_output_dir(f"pretrain-{flavor}")
     if args.per_device_eval_batch_size is None:
         args.per_device_eval_batch_size = args.per_device_train_batch_size
     if args.streaming is None:
@@ -367,7 +384,7 @@ def generate_cfg(args) -> dict:
 
     plan = make_plan(args, tokenizer_vocab(args), args.num_processes)
     print(describe_plan(args, plan))
-    skip = PLAN_ONLY | {"flips", "eval_flips", "eval_seed_list"}
+    skip = PLAN_ONLY | {"flips", "eval_flips", "eval_seed_list", "argv", "hub_token"}
     values = {k: v for k, v in vars(args).items() if k not in skip}
     values["plan"] = plan
     os.makedirs(os.path.dirname(os.path.abspath(args.save_path)), exist_ok=True)
@@ -496,11 +513,40 @@ def training_arguments(args, plan_steps: int = 1):
         dataloader_num_workers=args.dataloader_num_workers,
         include_num_input_tokens_seen=True,
         ddp_find_unused_parameters=False,
-        **common.run_kwargs(args, eval_steps=args.eval_steps or None),
+        push_to_hub=args.push_to_hub,
+        hub_model_id=args.hub_model_id,
+        hub_token=args.hub_token,
+        **run_kwargs(args, eval_steps=args.eval_steps or None),
     )
     if args.fsdp:
         kwargs.update(fsdp_kwargs(args.fsdp, TrainingArguments))
     return TrainingArguments(**kwargs)
+
+
+def run_kwargs(args, *, eval_steps: int | None) -> dict:
+    """Output, logging, evaluation and checkpoint cadence, activation checkpointing (non-
+    reentrant: the only variant the flip layers replay exactly), reporting and the device."""
+    from transformers import TrainingArguments
+
+    use_cpu = not torch.cuda.is_available()
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    ckpt = "activation" if "activation_checkpointing" in names else "gradient"
+    return {
+        "output_dir": args.output_dir,
+        "logging_steps": args.logging_steps,
+        "logging_first_step": True,
+        "eval_strategy": "steps" if eval_steps else "no",
+        "eval_steps": eval_steps,
+        "save_strategy": "steps" if args.save_steps else "no",
+        "save_steps": args.save_steps or 500,
+        f"{ckpt}_checkpointing": bool(args.gradient_checkpointing),
+        f"{ckpt}_checkpointing_kwargs": {"use_reentrant": False},
+        "use_cpu": use_cpu,
+        "report_to": [r.strip() for r in args.report_to.split(",") if r.strip()] or "none",
+        "run_name": os.path.basename(os.path.normpath(args.output_dir)),
+        "disable_tqdm": args.disable_tqdm or None,
+        "dataloader_pin_memory": not use_cpu,
+    }
 
 
 def fsdp_kwargs(option: str, training_arguments_cls) -> dict:
@@ -682,6 +728,24 @@ def train(args) -> dict:
             common.check_saved_config(args.output_dir)
         with open(os.path.join(args.output_dir, "all_results.json"), "w") as f:
             json.dump(results, f, indent=2, sort_keys=True, default=str)
+        model_card.write(
+            args.output_dir,
+            kind="pretrained",
+            flips=args.flips,
+            base_model=None,
+            command=shlex.join(["python", "recipes/pretrain_clm.py", *args.argv]),
+            data_info=f"{args.dataset_name or args.train_file or 'embedded pydoc corpus'}: "
+            f"{results['train_tokens']:,} training tokens in blocks of {args.seq_len}, "
+            f"{len(eval_set)} validation blocks",
+            seeds={
+                "seed": args.seed,
+                "bitflip_seed": args.bitflip_seed,
+                "eval_seeds": args.eval_seeds,
+            },  # fmt: skip
+            results={k: v for k, v in results.items() if not isinstance(v, dict)},
+        )
+        if args.push_to_hub:
+            model_card.push_folder(args.output_dir, trainer)
         print_summary(results, args.output_dir)
     return results
 

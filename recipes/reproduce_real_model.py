@@ -180,7 +180,7 @@ class RealModelStudy(Study):
         argv = [
             "--model_name_or_path", a.model, "--train_file", self.lora_data,
             "--validation_file", a.validation_file, "--block_size", str(a.block_size),
-            "--lora_rank", str(rank), "--lora_alpha", str(rank), "--bitflip_seed", str(seed),
+            "--lora_r", str(rank), "--lora_alpha", str(rank), "--bitflip_seed", str(seed),
             "--tokens_per_param", repr(a.lora_tokens_per_param * factor),
             "--per_device_train_batch_size", str(a.lora_batch_size),
             "--learning_rate", str(a.lora_lr), "--weight_decay", "0.0", "--eval_batches", "0",
@@ -193,7 +193,7 @@ class RealModelStudy(Study):
         if self.device == "cuda":
             argv += ["--bf16", "--full_determinism"]
         if a.lora_max_steps:
-            argv += ["--max_train_steps", str(a.lora_max_steps)]
+            argv += ["--max_steps", str(a.lora_max_steps)]
         return argv
 
     def lora_runs(self) -> dict:

@@ -225,7 +225,7 @@ class Study:
         argv = [
             "--model_name_or_path", base, "--tokenizer_name", tok_path,
             "--train_file", self.lora_data, "--validation_file", a.validation_file,
-            "--block_size", str(a.seq_len), "--lora_rank", str(rank), "--lora_alpha", str(rank),
+            "--block_size", str(a.seq_len), "--lora_r", str(rank), "--lora_alpha", str(rank),
             "--bitflip_seed", str(seed), "--tokens_per_param", str(a.lora_tokens_per_param),
             "--per_device_train_batch_size", str(a.lora_batch_size),
             "--learning_rate", str(a.lora_lr), "--weight_decay", "0.0",

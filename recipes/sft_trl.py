@@ -6,7 +6,8 @@ instruction data set: prompt / completion pairs (loss on the completion only), c
 ``--packing`` cut into blocks like ``finetune_lora.py``).  ``SFTTrainer(peft_config=
 BitflipLoraConfig(...))`` builds the bit-flip LoRA model.
 
-Offline default (no arguments, or ``--preset tiny``): a tiny randomly initialised Llama, a
+Every TRL ``SFTConfig`` flag works (``--packing``, ``--completion_only_loss``, ``--optim``,
+...).  Offline default (no arguments, or ``--preset tiny``): a tiny randomly initialised Llama, a
 tokenizer trained locally, and a small instruction set built from Python's documentation
 ("Explain the Python topic 'X'." -> the topic's first paragraph)::
 
@@ -26,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make ``recipes`` and the check
 
 import peft_bitflip  # noqa: E402
 from peft_bitflip import data  # noqa: E402
-from recipes import common  # noqa: E402
+from recipes import arguments, common  # noqa: E402
 
 # a minimal chat template for tokenizers that have none (the locally trained one)
 SIMPLE_CHAT_TEMPLATE = (
@@ -62,22 +63,23 @@ def _texts_for_tokenizer(ds, kind: str, limit: int):
     return ds["text"]
 
 
-def load_sft_data(args):
+def load_sft_data(args: common.RecipeArgs):
     """``(DatasetDict, kind)`` with only the columns SFTTrainer uses."""
     from datasets import DatasetDict
 
-    if args.dataset_name is None and not args.train_file:
+    d = args.data
+    if d.dataset_name is None and not d.train_file:
         raw = data.instruction_corpus(SFT_LOCAL_VALIDATION_FRACTION)
     else:
         raw = common.load_data(args, text_only=False)
     names = raw["train"].column_names
-    if args.text_column is not None:
-        if args.text_column not in names:
-            raise ValueError(f"--text_column {args.text_column!r} not in the columns {names}")
+    if d.text_column is not None:
+        if d.text_column not in names:
+            raise ValueError(f"--text_column {d.text_column!r} not in the columns {names}")
         raw = DatasetDict(
             {
-                k: ds.select_columns([args.text_column]).rename_column(args.text_column, "text")
-                if args.text_column != "text"
+                k: ds.select_columns([d.text_column]).rename_column(d.text_column, "text")
+                if d.text_column != "text"
                 else ds.select_columns(["text"])
                 for k, ds in raw.items()
             }
@@ -87,37 +89,41 @@ def load_sft_data(args):
     return DatasetDict({k: ds.select_columns(columns) for k, ds in raw.items()}), kind
 
 
+def build_parser():
+    """``HfArgumentParser`` over the model, data, bit-flip and TRL ``SFTConfig`` flags."""
+    from trl import SFTConfig
+
+    parser = arguments.build_parser(SFTConfig, __doc__.split("\n\n")[0])
+    # the recipe's own defaults for SFTConfig fields (flags still win)
+    # bf16 only with --bf16, as finetune_lora.py (SFTConfig turns it on by default)
+    parser.set_defaults(packing_strategy="wrapped", dataset_text_field="text", bf16=False)
+    return parser
+
+
 def main(argv=None) -> dict:
-    parser = common.build_parser(__doc__.split("\n\n")[0], default_output_dir="output/bitflip-sft")
-    parser.add_argument(
-        "--packing",
-        action="store_true",
-        help="pack sequences into blocks of --block_size tokens (TRL 'wrapped' strategy)",
+    args = common.parse_args(
+        build_parser(), argv, script=__file__, output_name="bitflip-sft", extra_presets=SFT_PRESETS
     )
-    args = common.parse_args(parser, argv, extra_presets=SFT_PRESETS)
 
     from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
-    set_seed(args.seed)
+    sft_args = args.train
+    set_seed(sft_args.seed)
     flips, lora, use_lora = common.bitflip_settings(args)
-    sft_args = SFTConfig(
-        **common.training_kwargs(args),
-        max_length=1024,  # set below, once the block size is known
-        packing=args.packing,
-        packing_strategy="wrapped",
-        dataset_text_field="text",
-        dataset_num_proc=args.preprocessing_num_workers,
-        include_num_input_tokens_seen="non_padding",
-    )
+    if sft_args.include_num_input_tokens_seen in (False, "no"):
+        sft_args.include_num_input_tokens_seen = "non_padding"  # train_tokens: real tokens
+    if sft_args.dataset_num_proc is None:
+        sft_args.dataset_num_proc = args.data.preprocessing_num_workers
     common.one_gpu_per_process(sft_args)
     world = sft_args.world_size  # processes under accelerate launch / torchrun
 
+    m, d = args.model, args.data
     with common.main_process_first(sft_args):
         sft_data, kind = load_sft_data(args)
-        if args.model_name_or_path is None and args.tokenizer_name is None:
+        if m.model_name_or_path is None and m.tokenizer_name is None:
             tok_texts = data.local_corpus(SFT_LOCAL_VALIDATION_FRACTION)["train"]["text"]
-            if args.dataset_name is not None or args.train_file:
+            if d.dataset_name is not None or d.train_file:
                 tok_texts = _texts_for_tokenizer(
                     sft_data["train"], kind, common.TOKENIZER_TRAIN_DOCS
                 )
@@ -133,10 +139,10 @@ def main(argv=None) -> dict:
     plan = common.plan_steps(args, num_params=num_params, block_size=block_size, world=world)
     sft_args.max_steps = plan["max_steps"]
     sft_args.max_length = block_size
-    if args.calibrate_zero_out:  # thresholds from the model's own maxima on training text
+    if args.bitflip.calibrate_zero_out:  # thresholds from the model's own maxima on text
         from datasets import Dataset
 
-        n = args.calibration_batches * args.per_device_train_batch_size * 4
+        n = args.bitflip.calibration_batches * sft_args.per_device_train_batch_size * 4
         head = sft_data["train"].select(range(min(n, len(sft_data["train"]))))
         texts = Dataset.from_dict({"text": _texts_for_tokenizer(head, kind, n)})
         blocks = data.tokenize_and_group(texts, tokenizer, block_size)
@@ -156,6 +162,11 @@ def main(argv=None) -> dict:
     )
     common.attach_bitflip_callback(trainer, args)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    data_info = (
+        f"{d.dataset_name or d.train_file or 'embedded pydoc instructions'} ({kind}): "
+        f"{len(sft_data['train'])} train / {len(sft_data['validation'])} validation examples, "
+        f"max_length {block_size}" + (" (packed)" if sft_args.packing else "")
+    )
     if trainer.is_world_process_zero():
         common.print_setup(
             args,
@@ -166,9 +177,7 @@ def main(argv=None) -> dict:
             use_lora=use_lora,
             plan=plan,
             world=world,
-            data_info=f"{kind}, {len(sft_data['train'])} train / "
-            f"{len(sft_data['validation'])} validation examples, max_length {block_size}"
-            + (" (packed)" if args.packing else ""),
+            data_info=data_info,
         )
 
     results = {
@@ -179,7 +188,9 @@ def main(argv=None) -> dict:
         "dataset_format": kind,
     }
     common.train_and_evaluate(trainer, args, plan, results)
-    return common.finish(trainer, tokenizer, args, results, use_lora=use_lora)
+    return common.finish(
+        trainer, tokenizer, args, results, flips=flips, use_lora=use_lora, data_info=data_info
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,13 @@ from transformers import (
 )
 
 import peft_bitflip as pb
-from peft_bitflip.callback import BitflipCallback, FlipSchedule, add_bitflip_callback
+from peft_bitflip.callback import (
+    SUMMARY_KEYS,
+    BitflipCallback,
+    BitflipLogTrimmer,
+    FlipSchedule,
+    add_bitflip_callback,
+)
 from peft_bitflip.functional import apply_flip_spec
 from peft_bitflip.kernels import sampling
 from peft_bitflip.layers import _checkpoint_phase, bitflip_layers
@@ -366,24 +372,41 @@ def _train_logs(trainer):
     return [e for e in trainer.state.log_history if "loss" in e]
 
 
-def test_trainer_logs_true_rates_and_reaches_later_callbacks(tmp_path):
+def test_trainer_logs_true_rates_and_reaches_later_callbacks(tmp_path, capsys):
     p = 0.01
     model = _plain_model(**{k: p for k in ("x_p_exp", "x_p_frac", "w_p_exp", "w_p_frac")})
     trainer = _trainer(model, tmp_path, max_steps=4, save_strategy="no", logging_steps=2)
     cb = add_bitflip_callback(trainer)
-    probe = _Probe(model.model.layers[0].mlp.up_proj)
-    trainer.add_callback(probe)
+    tracker = _Probe(model.model.layers[0].mlp.up_proj)  # where the integrations are
+    trainer.callback_handler.callbacks.insert(2, tracker)
+    shown = _Probe(model.model.layers[0].mlp.up_proj)  # after the printer
+    trainer.add_callback(shown)
     order = trainer.callback_handler.callbacks
     assert isinstance(order[0], DefaultFlowCallback) and order[1] is cb
-    assert order.index(cb) < next(i for i, c in enumerate(order) if isinstance(c, PrinterCallback))
+    printer = next(i for i, c in enumerate(order) if isinstance(c, PrinterCallback))
+    trimmer = next(i for i, c in enumerate(order) if isinstance(c, BitflipLogTrimmer))
+    assert order.index(cb) < order.index(tracker) < trimmer == printer - 1
     trainer.train()
     logs = _train_logs(trainer)
     assert len(logs) == 2
     for entry in logs:
-        assert set(STAT_KEYS) <= entry.keys()
+        assert set(STAT_KEYS) <= entry.keys() and set(SUMMARY_KEYS) <= entry.keys()
         assert entry["bitflip/p_scale"] == 1.0 and entry["bitflip/x_p_exp"] == p
-    assert all(set(STAT_KEYS) <= e.keys() for e in probe.logs if "loss" in e)
-    assert not any(k.startswith("bitflip/") for e in probe.logs if "loss" not in e for k in e)
+        assert (
+            entry["bitflip/exp_flip_rate"] == entry["bitflip/exp_flips"] / entry["bitflip/exp_bits"]
+        )
+        assert entry["bitflip/zeroed_rate"] == entry["bitflip/zeroed"] / entry["bitflip/elements"]
+    totals = [e["bitflip/exp_flips"] + e["bitflip/frac_flips"] for e in logs]
+    assert [e["bitflip/flips_total"] for e in logs] == [totals[0], totals[0] + totals[1]]
+    # the trackers get the raw counts; the printed line and later callbacks the summary only
+    assert all(set(STAT_KEYS) <= e.keys() for e in tracker.logs if "loss" in e)
+    for e in shown.logs:
+        assert {k for k in e if k.startswith("bitflip/")} <= set(SUMMARY_KEYS)
+    assert sum("loss" in e for e in shown.logs) == 2
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if "'loss'" in ln]
+    assert len(printed) == 2 and all("exp_flip_rate" in ln for ln in printed)
+    assert not any("bitflip/x_exp_bits" in ln for ln in printed)
+    assert not any(k.startswith("bitflip/") for e in tracker.logs if "loss" not in e for k in e)
     # elements: 2 log intervals x 2 steps x 2 sequences x 16 tokens x sum of in_features
     in_features = sum(m.in_features for _, m in bitflip_layers(model))
     assert sum(e["bitflip/x_elements"] for e in logs) == 4 * 2 * 16 * in_features

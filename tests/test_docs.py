@@ -73,11 +73,8 @@ def recipe_parser(script: str):
         module = __import__(f"recipes.{name}", fromlist=["x"])
     finally:
         sys.path.remove(ROOT)
-    if hasattr(module, "build_parser"):
-        return module.build_parser()
-    from recipes import common
-
-    return common.build_parser(name, default_output_dir="out")
+    assert hasattr(module, "build_parser"), f"{script} has no build_parser()"
+    return module.build_parser()
 
 
 @pytest.mark.parametrize("path,words", list(shell_commands()))

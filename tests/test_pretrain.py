@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -123,6 +124,11 @@ def test_pretrain_tiny_loss_goes_down_and_checkpoint_reloads_with_flips(tmp_path
     # the counters reloaded are those of the end of training (evaluation left them alone)
     calls = {int(m.bitflip_calls) for m in layers}
     assert calls == {30}
+    # the model card (pushed with --push_to_hub) states the fault model, command and results
+    card = (out / "README.md").read_text()
+    assert "library_name: transformers" in card and '"x_p_exp": 1.52587890625e-05' in card
+    assert '"w_zero_out_t": 1.25' in card and "--max_steps 30" in card
+    assert "| train_steps | 30 |" in card and "seed 42, bitflip_seed 0" in card
 
 
 def test_resume_from_a_checkpoint_gives_the_same_model(tmp_path):
@@ -172,6 +178,7 @@ def test_clean_baseline_is_evaluated_under_the_original_flips(tmp_path):
         + ["--output_dir", str(out)]
     )
     assert results["bitflip"] is None
+    assert "none (clean baseline)" in (out / "README.md").read_text()
     assert results["eval_bitflip"] == peft_bitflip.BitflipConfig.original_default().to_dict()
     with open(out / "config.json") as f:
         assert "quantization_config" not in json.load(f)
@@ -252,3 +259,13 @@ def test_fsdp_option_string_becomes_fsdp_config():
         assert kw["fsdp_config"]["cpu_offload"] is True
     with pytest.raises(ValueError, match="full_shrd"):
         pretrain_clm.fsdp_kwargs("full_shrd", TrainingArguments)
+
+
+def test_push_to_hub_reaches_training_arguments(tmp_path):
+    """--push_to_hub / --hub_model_id are Trainer's (no network here: nothing is built)."""
+    args = pretrain_clm.parse_args(
+        SMALL + ["--push_to_hub", "--hub_model_id", "me/aixsim-tiny", "--output_dir", str(tmp_path)]
+    )
+    training_args = pretrain_clm.training_arguments(args)
+    assert training_args.push_to_hub and training_args.hub_model_id == "me/aixsim-tiny"
+    assert pretrain_clm.parse_args(SMALL).output_dir.startswith(tempfile.gettempdir())

@@ -116,8 +116,8 @@ def test_merged_bitflip_lora_reloads_in_a_fresh_process_and_runs_in_lm_eval(real
     out = tmp_path / "merged"
     finetune_lora.main([
         "--model_name_or_path", REAL, "--train_file", str(text), "--validation_file", str(text),
-        "--block_size", "32", "--per_device_train_batch_size", "2", "--max_train_steps", "2",
-        "--lora_rank", "8", "--learning_rate", "1e-4", "--eval_batches", "0",
+        "--block_size", "32", "--per_device_train_batch_size", "2", "--max_steps", "2",
+        "--lora_r", "8", "--learning_rate", "1e-4", "--eval_batches", "0",
         "--calibrate_zero_out", "2", "--calibration_batches", "1",
         "--output_dir", str(out), "--disable_tqdm",
     ])  # fmt: skip

@@ -79,7 +79,7 @@ def test_finetune_lora_tiny_end_to_end(tmp_path):
         [
             "--output_dir",
             out,
-            "--max_train_steps",
+            "--max_steps",
             "3",
             "--eval_batches",
             "2",
@@ -95,7 +95,7 @@ def test_finetune_lora_tiny_end_to_end(tmp_path):
     assert results == _results(out)
     assert results["train_steps"] == 3
     assert results["train_tokens"] == 3 * 8 * 64
-    assert results["budget_source"] == "max_train_steps"
+    assert results["budget_source"] == "max_steps"
     assert results["eval_samples"] == 2 * 8
     # r = 4 LoRA on 2 x 7 layers, r * (in + out) each, plus the embeddings and head of the
     # random model (trained in full by the tiny preset)
@@ -108,6 +108,29 @@ def test_finetune_lora_tiny_end_to_end(tmp_path):
         results,
         {"x_p_exp": 1e-4, "x_p_frac": 2.0**-12, "w_zero_out_t": None, "w_p_frac": 1e-4},
     )
+    _check_cards_and_adapter(out, results, x_p_frac=2.0**-12, r=4)
+
+
+def _check_cards_and_adapter(out, results, *, x_p_frac, r):
+    """The adapter reloads onto the base model; both cards state the fault model, the
+    command, seeds, versions and results."""
+    from peft import PeftConfig
+
+    adapter = os.path.join(out, "adapter")
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+        assert os.path.isfile(os.path.join(adapter, name)), name
+    cfg = PeftConfig.from_pretrained(adapter)
+    assert isinstance(cfg, peft_bitflip.BitflipLoraConfig) and cfg.r == r
+    assert cfg.x_p_frac == x_p_frac
+    for folder, library in ((out, "transformers"), (adapter, "peft")):
+        with open(os.path.join(folder, "README.md")) as f:
+            card = f.read()
+        assert f"library_name: {library}" in card and "peft-bitflip" in card
+        assert f'"x_p_frac": {x_p_frac!r}' in card and '"w_zero_out_t": null' in card
+        assert "python recipes/finetune_lora.py --output_dir" in card
+        assert "seed 42, bitflip_seed 0" in card and "transformers " in card
+        assert f"| train_steps | {results['train_steps']} |" in card
+        assert f"| perplexity | {results['perplexity']:.6g} |" in card
 
 
 def test_finetune_lora_loss_decreases(tmp_path):
@@ -116,7 +139,7 @@ def test_finetune_lora_loss_decreases(tmp_path):
         [
             "--output_dir",
             out,
-            "--max_train_steps",
+            "--max_steps",
             "30",
             "--eval_batches",
             "4",
@@ -165,13 +188,33 @@ def test_finetune_lora_token_budget(tmp_path):
     assert results["train_tokens"] == expected * 256 >= budget
 
 
-def test_finetune_from_checkpoint_and_full_finetune(tmp_path):
+def _git_status() -> str:
+    import subprocess
+
+    return subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+def test_finetune_from_checkpoint_and_full_finetune(tmp_path, monkeypatch):
     """--model_name_or_path (a saved bit-flip checkpoint, loaded clean then re-flipped) and
-    the original's use_lora = false (every parameter trains under flips)."""
-    first = str(tmp_path / "first")
-    finetune_lora.main(
-        ["--output_dir", first, "--max_train_steps", "1", "--eval_batches", "1", *FAST]
-    )
+    the original's use_lora = false (every parameter trains under flips).  The first run,
+    started from the checkout without --output_dir, writes to the temporary directory and
+    leaves the checkout as it was (no output/)."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    before = _git_status()
+    finetune_lora.main(["--max_steps", "1", "--eval_batches", "1", *FAST])
+    first = str(tmp_path / "peft-bitflip-recipes" / "bitflip-lora")
+    assert os.path.isfile(os.path.join(first, "model.safetensors"))
+    assert not os.path.exists(os.path.join(ROOT, "output"))
+    assert _git_status() == before
     toml = tmp_path / "full.toml"
     toml.write_text("use_lora = false\n[fc]\nw_p_exp = 1e-3\nw_p_frac = 1e-3\nw_zero_out_t = 1.5\n")
     out = str(tmp_path / "second")
@@ -185,7 +228,7 @@ def test_finetune_from_checkpoint_and_full_finetune(tmp_path):
             str(toml),
             "--block_size",
             "32",
-            "--max_train_steps",
+            "--max_steps",
             "2",
             "--eval_batches",
             "1",
@@ -205,16 +248,20 @@ def test_recipe_argument_errors(tmp_path):
     with pytest.raises(SystemExit):
         finetune_lora.main(["--preset", "tiny", "--model_name_or_path", "x"])
     with pytest.raises(SystemExit):
-        finetune_lora.main(["--push_to_hub"])
+        finetune_lora.main(["--x_p_exp", "often"])
+    with pytest.raises(SystemExit):
+        finetune_lora.main(["--calibrate_zero_out", "0.5"])
     with pytest.raises(SystemExit):
         sft_trl.main(["--gradient_accumulation_steps", "0"])
 
 
 def test_sft_trl_tiny_end_to_end(tmp_path):
+    """Also: an old flag spelling (--max_train_steps) warns, naming the new one, and works."""
     out = str(tmp_path / "sft")
-    results = sft_trl.main(
-        ["--output_dir", out, "--max_train_steps", "3", "--eval_batches", "1", *FAST]
-    )
+    with pytest.warns(FutureWarning, match="--max_train_steps is deprecated.*use --max_steps"):
+        results = sft_trl.main(
+            ["--output_dir", out, "--max_train_steps", "3", "--eval_batches", "1", *FAST]
+        )
     assert results == _results(out)
     assert results["dataset_format"] == "prompt-completion"
     assert results["train_steps"] == 3
@@ -228,7 +275,7 @@ def test_sft_trl_loss_decreases(tmp_path):
         [
             "--output_dir",
             out,
-            "--max_train_steps",
+            "--max_steps",
             "24",
             "--eval_batches",
             "1",
@@ -261,7 +308,7 @@ def test_sft_trl_messages_and_text_files(tmp_path):
             out,
             "--train_file",
             str(jl),
-            "--max_train_steps",
+            "--max_steps",
             "2",
             "--eval_batches",
             "1",
@@ -284,7 +331,7 @@ def test_sft_trl_messages_and_text_files(tmp_path):
             out,
             "--train_file",
             str(txt),
-            "--max_train_steps",
+            "--max_steps",
             "2",
             "--packing",
             "--block_size",
@@ -304,7 +351,7 @@ def test_bitflip_callback_wiring(tmp_path):
     """--bitflip_warmup_steps goes to peft_bitflip.callback (an error while it is missing)."""
     import importlib.util
 
-    argv = ["--output_dir", str(tmp_path / "cb"), "--max_train_steps", "3", "--eval_batches", "1"]
+    argv = ["--output_dir", str(tmp_path / "cb"), "--max_steps", "3", "--eval_batches", "1"]
     argv += ["--bitflip_warmup_steps", "2", *FAST]
     if importlib.util.find_spec("peft_bitflip.callback") is None:
         with pytest.raises(RuntimeError, match="BitflipCallback"):
@@ -312,3 +359,55 @@ def test_bitflip_callback_wiring(tmp_path):
         return
     results = finetune_lora.main(argv)
     assert results["train_steps"] == 3 and math.isfinite(results["eval_loss"])
+
+
+def test_trainer_flags_reach_the_trainer(tmp_path):
+    """Any TrainingArguments flag passes through: Adafactor and a cosine schedule (the logged
+    learning rates follow the cosine), recorded in training_args.json."""
+    out = str(tmp_path / "flags")
+    lr = 1e-3
+    results = finetune_lora.main(
+        ["--output_dir", out, "--max_steps", "4", "--eval_batches", "1", "--optim", "adafactor",
+         "--lr_scheduler_type", "cosine", "--learning_rate", str(lr), "--lora_rank", "2", *FAST]
+    )  # fmt: skip
+    assert results["train_steps"] == 4
+    with open(os.path.join(out, "training_args.json")) as f:
+        saved = json.load(f)
+    assert saved["optim"] == "adafactor" and saved["lr_scheduler_type"] == "cosine"
+    with open(os.path.join(out, "trainer_state.json")) as f:
+        history = json.load(f)["log_history"]
+    logged = [h["learning_rate"] for h in history if "loss" in h]
+    cosine = [lr * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)]
+    assert logged == pytest.approx(cosine, rel=1e-6)  # linear would be lr * (1 - s / 4)
+    with open(os.path.join(out, "adapter", "adapter_config.json")) as f:
+        assert json.load(f)["r"] == 2  # the deprecated --lora_rank still sets the rank
+
+
+def test_fault_model_from_toml_yaml_and_flags(tmp_path):
+    """--transform_cfg takes the original's LoRA TOML or its pretraining meta YAML; inline
+    flags override single fields; the preset's LoRA shape applies without a TOML."""
+    import yaml
+
+    from recipes import common
+
+    def settings(*argv):
+        parser = finetune_lora.build_parser()
+        args = common.parse_args(parser, list(argv), script="finetune_lora.py", output_name="t")
+        return common.bitflip_settings(args)
+
+    rule = {"x_p_exp": 1e-3, "x_p_frac": 0.0, "w_p_exp": 0.0, "w_p_frac": 2e-3}
+    rule.update(x_zero_out_t=20.0, w_zero_out_t=None)
+    meta = tmp_path / "meta.yaml"
+    meta.write_text(
+        yaml.safe_dump({"transform_flavor": "fc", "layer_name_to_config": {"default": rule}})
+    )
+    flips, lora, use_lora = settings("--transform_cfg", str(meta), "--w_zero_out_t", "3")
+    assert (flips.x_p_exp, flips.w_p_frac, flips.x_zero_out_t) == (1e-3, 2e-3, 20.0)
+    assert flips.w_zero_out_t == 3.0 and lora == {"r": 16, "lora_alpha": 32} and use_lora
+    toml = tmp_path / "cfg.toml"
+    toml.write_text("use_lora = true\n[fc]\nx_p_exp = 1e-4\n[lora]\nr = 8\nlora_alpha = 4\n")
+    flips, lora, _ = settings(
+        "--transform_cfg", str(toml), "--lora_alpha", "2", "--bitflip_seed", "7"
+    )
+    assert flips.x_p_exp == 1e-4 and flips.w_p_exp == 0.0 and flips.seed == 7
+    assert lora == {"r": 8, "lora_alpha": 2.0}
