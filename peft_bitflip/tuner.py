@@ -19,6 +19,7 @@ bias ``b`` (the general path; ``merge`` folds it into the base bias, which must 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,13 +28,14 @@ from peft import LoraConfig, LoraModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
-from .config import RULE_KEYS, BitflipConfig
+from .config import RULE_KEYS, STUCK_KEYS, BitflipConfig
 from .kernels.lora import merge_lora_weight, merged_lora_weight
 from .layers import BitflipLayerMixin
 from .transform import apply_bitflip, candidate_modules
 
 PEFT_TYPE = "BITFLIP_LORA"
 BITFLIP_FIELDS = RULE_KEYS  # x_p_exp, x_p_frac, x_zero_out_t, w_p_exp, w_p_frac, w_zero_out_t
+STUCK_FIELDS = (*STUCK_KEYS, "stuck_at_positions")  # the stuck-at faults (same names)
 
 
 @dataclass
@@ -61,6 +63,14 @@ class BitflipLoraConfig(LoraConfig):
     skip_modules: list | None = field(
         default_factory=lambda: ["lm_head"], metadata={"help": "modules never flipped (regex)"}
     )
+    x_stuck_p_exp: float = field(default=0.0, metadata={"help": "stuck rate, input sign/exp bits"})
+    x_stuck_p_frac: float = field(default=0.0, metadata={"help": "stuck rate, input mantissa"})
+    w_stuck_p_exp: float = field(default=0.0, metadata={"help": "stuck rate, weight sign/exp"})
+    w_stuck_p_frac: float = field(default=0.0, metadata={"help": "stuck rate, weight mantissa"})
+    stuck_one_share: float = field(default=0.5, metadata={"help": "share of bits stuck at 1"})
+    stuck_at_positions: Any | None = field(
+        default=None, metadata={"help": "explicit stuck bits {layer: {x|w: [[i, bit, v]]}}"}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -84,6 +94,8 @@ class BitflipLoraConfig(LoraConfig):
         self.compat_snap = d["compat_snap"]
         self.layer_name_to_config = d["layer_name_to_config"]
         self.skip_modules = d["skip_modules"]
+        for k in STUCK_FIELDS:
+            setattr(self, k, copy.deepcopy(getattr(bitflip, k)))
 
     def bitflip_config(self) -> BitflipConfig:
         """The model-level :class:`BitflipConfig` these fields describe."""
@@ -93,6 +105,7 @@ class BitflipLoraConfig(LoraConfig):
             compat_snap=self.compat_snap,
             layer_name_to_config=self.layer_name_to_config,
             skip_modules=list(self.skip_modules or []),
+            **{k: getattr(self, k) for k in STUCK_FIELDS},
         )
 
     @classmethod
@@ -105,6 +118,7 @@ class BitflipLoraConfig(LoraConfig):
             compat_snap=d["compat_snap"],
             layer_name_to_config=d["layer_name_to_config"],
             skip_modules=d["skip_modules"],
+            **{k: copy.deepcopy(getattr(bitflip, k)) for k in STUCK_FIELDS},
             **lora_kwargs,
         )
 
