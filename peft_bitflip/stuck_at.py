@@ -329,6 +329,11 @@ def stuck_at_for(config, name: str) -> StuckAt | None:
     return StuckAt(name, config.seed, specs["x"], specs["w"])
 
 
+def stuck_settings(stuck: StuckAt | None) -> tuple | None:
+    """What decides the stuck bits of a :class:`StuckAt` (for comparing two), or None."""
+    return None if stuck is None else (stuck.name, stuck.seed, stuck.x, stuck.w)
+
+
 def check_position_names(config, flipped_names) -> None:
     """Raise ``ValueError`` naming the layers of ``config.stuck_at_positions`` that are not
     bit-flip layers of the model (their faults would silently do nothing)."""

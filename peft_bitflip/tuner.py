@@ -31,6 +31,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from .config import RULE_KEYS, STUCK_KEYS, BitflipConfig
 from .kernels.lora import merge_lora_weight, merged_lora_weight
 from .layers import BitflipLayerMixin
+from .stuck_at import stuck_at_for, stuck_settings
 from .transform import apply_bitflip, candidate_modules
 
 PEFT_TYPE = "BITFLIP_LORA"
@@ -243,6 +244,11 @@ def _check_model_fault_model(model, wanted: BitflipConfig) -> None:
             differences.append(
                 f"{name}: model x {m.x_spec}, w {m.w_spec}, seed {m.bitflip_seed}; adapter x "
                 f"{specs[0]}, w {specs[1]}, seed {wanted.seed}"
+            )
+        elif stuck_settings(m.bitflip_stuck) != stuck_settings(stuck_at_for(wanted, name)):
+            differences.append(
+                f"{name}: model stuck-at {m.bitflip_stuck}; adapter stuck-at "
+                f"{stuck_at_for(wanted, name)}"
             )
     if differences:
         existing = getattr(getattr(model, "config", None), "quantization_config", None)

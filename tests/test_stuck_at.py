@@ -287,3 +287,53 @@ def test_bad_positions_for_the_model_raise_named_errors():
     pb.apply_bitflip(model, pb.BitflipConfig(stuck_at_positions={Q: {"w": [[0, 20, 1]]}}))
     with pytest.raises(ValueError, match="bit 20.*16 bits"):
         model(token_ids())
+
+
+def test_kernel_and_reference_draw_the_same_positions(needs_interpreter, monkeypatch):
+    """The positions come from the flip function: the Triton kernel (here through its
+    interpreter, on the GPU compiled) and the CPU reference give the same stuck bits."""
+    drawn = {}
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", backend)
+        stuck = StuckAt("l", 9, StuckSpec(0.02, 0.01), StuckSpec(0.03, 0.02, 0.4))
+        drawn[backend] = [stuck.positions(t, 1000, torch.bfloat16) for t in ("x", "w")]
+    assert drawn["triton"] == drawn["reference"] and drawn["triton"][1]
+
+
+def test_autocast_sticks_the_bits_of_the_values_the_matmul_reads():
+    torch.manual_seed(0)
+    layer = nn.ModuleDict({"l": nn.Linear(32, 16)})
+    pb.apply_bitflip(layer, pb.BitflipConfig(w_stuck_p_frac=0.05, x_stuck_p_frac=0.05))
+    lin = layer["l"]
+    x = torch.randn(4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out = lin(x)
+    xs = lin.bitflip_stuck.stuck("x", x.bfloat16())
+    ws = lin.bitflip_stuck.stuck("w", lin.weight.detach().bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, F.linear(xs, ws, lin.bias.bfloat16()))
+
+
+def test_compiled_layer_gives_the_eager_result():
+    torch.manual_seed(0)
+    layer = nn.ModuleDict({"l": nn.Linear(32, 16)})
+    cfg = pb.BitflipConfig(w_stuck_p_frac=0.05, x_stuck_p_frac=0.05, w_p_frac=0.01)
+    pb.apply_bitflip(layer, cfg)
+    lin = layer["l"]
+    x = torch.randn(4, 32)
+    eager = [lin(x) for _ in range(2)]
+    lin.bitflip_calls.zero_()
+    torch._dynamo.reset()
+    compiled = torch.compile(lin, backend="aot_eager")
+    try:
+        assert all(torch.equal(a, compiled(x)) for a in eager)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_lora_adapter_with_other_stuck_settings_is_refused():
+    model = tiny_llama()
+    pb.apply_bitflip(model, pb.BitflipConfig(w_stuck_p_exp=0.01, w_zero_out_t=10.0))
+    cfg = pb.BitflipLoraConfig(r=4, target_modules=["q_proj"], w_zero_out_t=10.0)
+    with pytest.raises(ValueError, match="stuck"):
+        get_peft_model(model, cfg)
