@@ -337,3 +337,15 @@ def test_lora_adapter_with_other_stuck_settings_is_refused():
     cfg = pb.BitflipLoraConfig(r=4, target_modules=["q_proj"], w_zero_out_t=10.0)
     with pytest.raises(ValueError, match="stuck"):
         get_peft_model(model, cfg)
+
+
+def test_calibrated_zero_out_keeps_stuck_settings():
+    from peft_bitflip.calibration import calibrate_zero_out
+
+    rules = {".*down_proj": {"w_stuck_p_frac": 0.01}, "default": {}}
+    base = pb.BitflipConfig(x_stuck_p_exp=1e-3, stuck_one_share=0.2, layer_name_to_config=rules)
+    cal = calibrate_zero_out(tiny_llama(), token_ids(), base=base, x=False)
+    down = cal.stuck_values_for("model.layers.0.mlp.down_proj")
+    assert down["w_stuck_p_frac"] == 0.01 and down["x_stuck_p_exp"] == 1e-3
+    assert cal.stuck_values_for(Q)["w_stuck_p_frac"] == 0.0
+    assert cal.stuck_one_share == 0.2
