@@ -11,8 +11,9 @@ zero-out of the same tensor.  Which bits are stuck is drawn once, as a pure func
   set bit of the result is a stuck bit.  Each sign/exponent bit is stuck with probability
   ``p_exp``, each mantissa bit with ``p_frac``, independently; the CPU reference and the GPU
   kernel give the same positions.
-* values: a second draw on the same stream at call 1 with probability ``one_share`` for every
-  bit; a stuck bit is stuck at 1 where that draw set it, else at 0.
+* values: a second draw on the same stream at call 1, on a zero tensor of one element per
+  element with a stuck bit (in index order), with probability ``one_share`` for every bit; a
+  stuck bit is stuck at 1 where that draw set its bit, else at 0.
 
 The stream has no data-parallel rank in it (unlike the transient flips): a stuck cell belongs
 to the tensor, so every rank holding the tensor sees the same stuck bits.  Nothing is stored in
@@ -179,11 +180,11 @@ def _draw(spec: StuckSpec, key, numel: int, dtype: torch.dtype, device, where: s
         drawn = apply_flip_spec(zeros, FlipSpec(spec.p_exp, spec.p_frac), key, 0).view(view)
         index = drawn.nonzero().view(-1)
         mask = drawn[index]
-        del drawn
+        del drawn, zeros
+        # stuck-at-1 draw: one element per stuck element (index order), each bit at one_share
         share = FlipSpec(spec.one_share, spec.one_share)
-        values = apply_flip_spec(zeros, share, key, 1).view(view)
-        ones = mask & values[index]
-        del zeros, values
+        values = torch.zeros(index.numel(), dtype=dtype, device=device)
+        ones = mask & apply_flip_spec(values, share, key, 1).view(view)
     else:
         index = torch.zeros(0, dtype=torch.int64, device=device)
         mask = ones = torch.zeros(0, dtype=view, device=device)
@@ -270,10 +271,12 @@ class StuckAt:
             self._bits[cache_key] = found
         return found
 
-    def positions(self, tensor: str, numel: int, dtype: torch.dtype) -> list[list[int]]:
+    def positions(
+        self, tensor: str, numel: int, dtype: torch.dtype, device="cpu"
+    ) -> list[list[int]]:
         """The stuck bits of ``tensor`` as ``[[index, bit, value], ...]`` (an explicit list that
-        replays them), drawn on the CPU (the same as on any device)."""
-        bits = self.bits(tensor, numel, dtype, "cpu")
+        replays them), drawn on ``device`` (the same on every device)."""
+        bits = self.bits(tensor, numel, dtype, device)
         n_bits = check_dtype(dtype).n_bits
         out = []
         for i, keep, ones in zip(bits.index.tolist(), bits.keep.tolist(), bits.ones.tolist()):
@@ -360,8 +363,9 @@ def export_stuck_positions(model: torch.nn.Module, x_dtype: torch.dtype | None =
         in_features = weight.shape[0] if getattr(module, "_is_conv1d", False) else weight.shape[1]
         entry = {}
         if not stuck.x.is_identity:
-            entry["x"] = stuck.positions("x", in_features, x_dtype or weight.dtype)
+            dtype = x_dtype or weight.dtype
+            entry["x"] = stuck.positions("x", in_features, dtype, weight.device)
         if not stuck.w.is_identity:
-            entry["w"] = stuck.positions("w", weight.numel(), weight.dtype)
+            entry["w"] = stuck.positions("w", weight.numel(), weight.dtype, weight.device)
         out[stuck.name] = entry
     return out
