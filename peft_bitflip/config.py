@@ -37,11 +37,13 @@ from dataclasses import dataclass, field, fields
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .spec import FlipSpec, validate_probability, validate_seed, validate_threshold
+from .stuck_at import STUCK_RATE_KEYS, validate_stuck_positions
 
 __all__ = [
     "DEFAULT_RULE_KEY",
     "ORIGINAL_SEED_KEYS",
     "RULE_KEYS",
+    "STUCK_KEYS",
     "BitflipConfig",
     "read_original_toml",
 ]
@@ -49,7 +51,15 @@ __all__ = [
 X_KEYS = ("x_p_exp", "x_p_frac", "x_zero_out_t")
 W_KEYS = ("w_p_exp", "w_p_frac", "w_zero_out_t")
 RULE_KEYS = X_KEYS + W_KEYS
-"""The keys a per-module rule may set."""
+"""The transient-flip keys a per-module rule may set."""
+STUCK_KEYS = STUCK_RATE_KEYS
+"""The stuck-at keys a per-module rule may set (x_/w_stuck_p_exp/frac, stuck_one_share)."""
+ALL_RULE_KEYS = RULE_KEYS + STUCK_KEYS
+STUCK_DEFAULTS = {
+    **dict.fromkeys(STUCK_KEYS, 0.0),
+    "stuck_one_share": 0.5,
+    "stuck_at_positions": None,
+}
 ORIGINAL_SEED_KEYS = ("x_seed_exp", "x_seed_frac", "w_seed_exp", "w_seed_frac")
 """Per-layer seed keys of the original system; accepted by the loaders and ignored."""
 DEFAULT_RULE_KEY = "default"
@@ -128,6 +138,15 @@ class BitflipConfig(QuantizationConfigMixin):
             no rule are not wrapped (the original raised an error instead); use
             ``check_rules_match`` to catch rules that match nothing.  A list of
             ``[pattern, rule]`` pairs (the ``to_dict`` form) is accepted too.
+        x_stuck_p_exp, x_stuck_p_frac, w_stuck_p_exp, w_stuck_p_frac: stuck-at faults
+            (``peft_bitflip.stuck_at``): probability in [0, 1] that each sign/exponent /
+            mantissa bit of the weight, or of an input feature lane, is stuck, drawn once from
+            (seed, module name, tensor); rules may set them per module.
+        stuck_one_share: probability in [0, 1] that a drawn stuck bit is stuck at 1 (default
+            0.5); rules may set it per module.
+        stuck_at_positions: explicit stuck bits, ``{module name: {"x" | "w": [[element
+            index, bit, value], ...]}}`` (a replayable fault list; see
+            ``stuck_at.export_stuck_positions``), added to the drawn ones; ``None``: none.
         skip_modules: regexes of modules that are never wrapped, checked before the rules.
             A module is skipped when a pattern full-matches its qualified name or its last
             name component, so ``"lm_head"`` skips ``lm_head`` and ``model.lm_head``.  The
@@ -148,6 +167,12 @@ class BitflipConfig(QuantizationConfigMixin):
     compat_snap: bool = False
     layer_name_to_config: dict[str, dict | None] | None = None
     skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])
+    x_stuck_p_exp: float = 0.0
+    x_stuck_p_frac: float = 0.0
+    w_stuck_p_exp: float = 0.0
+    w_stuck_p_frac: float = 0.0
+    stuck_one_share: float = 0.5
+    stuck_at_positions: dict | None = None
     quant_method: str = field(default=QUANT_METHOD, init=False, repr=False)
 
     def __post_init__(self):
@@ -161,8 +186,11 @@ class BitflipConfig(QuantizationConfigMixin):
         Raises ``TypeError`` for values of the wrong type and ``ValueError`` for values out
         of range, unknown rule keys and invalid regexes; messages name the field and value.
         """
-        for key in RULE_KEYS:
+        for key in ALL_RULE_KEYS:
             setattr(self, key, _validate_value(key, key, getattr(self, key)))
+        self.stuck_at_positions = validate_stuck_positions(
+            "stuck_at_positions", self.stuck_at_positions
+        )
         self.seed = validate_seed("seed", self.seed)
         if not isinstance(self.compat_snap, bool):
             raise TypeError(f"compat_snap must be a bool, got {self.compat_snap!r}")
@@ -196,17 +224,17 @@ class BitflipConfig(QuantizationConfigMixin):
             if not isinstance(rule, Mapping):
                 raise TypeError(
                     f"layer_name_to_config[{pattern!r}] must be None or a dict with keys from "
-                    f"{list(RULE_KEYS)}, got {rule!r}"
+                    f"{list(ALL_RULE_KEYS)}, got {rule!r}"
                 )
-            unknown = [k for k in rule if k not in RULE_KEYS]
+            unknown = [k for k in rule if k not in ALL_RULE_KEYS]
             if unknown:
                 raise ValueError(
                     f"layer_name_to_config[{pattern!r}] has unknown key(s) {unknown}; "
-                    f"allowed keys: {list(RULE_KEYS)}"
+                    f"allowed keys: {list(ALL_RULE_KEYS)}"
                 )
             out[pattern] = {
                 k: _validate_value(f"layer_name_to_config[{pattern!r}].{k}", k, rule[k])
-                for k in RULE_KEYS
+                for k in ALL_RULE_KEYS
                 if k in rule
             }
         if not out:
@@ -239,9 +267,18 @@ class BitflipConfig(QuantizationConfigMixin):
 
     def values_for(self, module_name: str) -> dict | None:
         """The six x_/w_ values for a module, or ``None`` if it is not wrapped."""
+        values = self._all_values_for(module_name)
+        return None if values is None else {k: values[k] for k in RULE_KEYS}
+
+    def stuck_values_for(self, module_name: str) -> dict | None:
+        """The stuck-at values (``STUCK_KEYS``) for a module, or ``None`` if it is not wrapped."""
+        values = self._all_values_for(module_name)
+        return None if values is None else {k: values[k] for k in STUCK_KEYS}
+
+    def _all_values_for(self, module_name: str) -> dict | None:
         if self.is_skipped(module_name):
             return None
-        values = {k: getattr(self, k) for k in RULE_KEYS}
+        values = {k: getattr(self, k) for k in ALL_RULE_KEYS}
         if self.layer_name_to_config is not None:
             pattern = self.match_rule(module_name)
             if pattern is None:
@@ -304,6 +341,7 @@ class BitflipConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict:
         """A JSON-safe dict of every field, ``quant_method`` included.
 
+        The stuck-at fields are included only when one is set (not at its default).
         ``layer_name_to_config`` becomes an ordered list of ``[pattern, rule]`` pairs (or
         ``None``) so that rule order survives ``json.dumps(..., sort_keys=True)``.
         An infinite threshold is kept as ``float("inf")`` (JSON ``Infinity``).
@@ -318,7 +356,15 @@ class BitflipConfig(QuantizationConfigMixin):
                 None if rules is None else [[k, copy.deepcopy(v)] for k, v in rules.items()]
             ),
             "skip_modules": list(self.skip_modules),
+            **self._stuck_dict(),
         }
+
+    def _stuck_dict(self) -> dict:
+        """The stuck-at fields where one differs from its default, else nothing (a config
+        without stuck-at faults reads as before, also by earlier versions)."""
+        values = {k: getattr(self, k) for k in STUCK_KEYS}
+        values["stuck_at_positions"] = copy.deepcopy(self.stuck_at_positions)
+        return values if values != STUCK_DEFAULTS else {}
 
     def get(self, key: str, default=None):
         """``to_dict().get(key, default)``: transformers reads model configs' quantization

@@ -44,10 +44,10 @@ from torch import nn
 
 from .flipped_linear import flipped_linear, flipped_lora_linear
 from .functional import stream_key
-from .kernels.lora import merge_lora_weight
+from .kernels.lora import merge_lora_weight, merged_lora_weight
 from .kernels.op import call_snapshot
 from .kernels.sampling import write_next_call
-from .linear_ops import linear
+from .linear_ops import _autocast_dtype, linear
 from .spec import FlipSpec
 
 try:  # GPT-2 style layers; transformers is a dependency, but keep the layer importable without it
@@ -108,6 +108,9 @@ class BitflipLayerMixin:
     # keep x (not flip(x)) for backward and recompute the flip there: less activation memory,
     # one more pass over x; see recompute_flipped_inputs()
     bitflip_recompute_input = False
+    # a StuckAt (peft_bitflip.stuck_at) forcing stuck bits of x and W before the flips, or None
+    # (instance attribute, set by apply_bitflip)
+    bitflip_stuck = None
 
     def init_bitflip(self, name: str, x_spec: FlipSpec, w_spec: FlipSpec, seed: int = 0) -> None:
         self.bitflip_name = name
@@ -206,6 +209,10 @@ class BitflipLayerMixin:
             # counting is host-side work: a layer that records statistics runs eagerly (a
             # graph break), with the same flips
             return _eager_flipped_forward(self, x, weight, bias, weight_params)
+        if self.bitflip_stuck is not None:  # stuck bits first; the weight built with them
+            x, weight, weight_params = self.bitflip_stuck.apply(
+                x, weight, weight_params, _autocast_dtype(x)
+            )
         x_key, w_key = self.stream_keys()
         call, following = self.claim_call()
         if stats is not None and _checkpoint_phase() == "recompute":
@@ -226,6 +233,14 @@ class BitflipLayerMixin:
             return self.flipped_forward(
                 x,
                 lambda: merge_lora_weight(self.weight, lora_a, lora_b, scale, self._is_conv1d),
+                self.bias,
+                weight_params=[self.weight, lora_a, lora_b],
+            )
+        if self.bitflip_stuck is not None:  # stuck bits of the merged weight: built, as merge()
+            merge = merge_lora_weight if torch.is_grad_enabled() else merged_lora_weight
+            return self.flipped_forward(
+                x,
+                lambda: merge(self.weight, lora_a, lora_b, scale, self._is_conv1d),
                 self.bias,
                 weight_params=[self.weight, lora_a, lora_b],
             )

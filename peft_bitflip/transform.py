@@ -33,6 +33,7 @@ from .experts import bitflip_experts_class, expert_weight_names, is_experts
 from .layers import BitflipConv1D, BitflipLayerMixin, BitflipLinear, Conv1D, bitflip_layers
 from .model_config import attach_bitflip_config, detach_bitflip_config
 from .spec import FlipSpec
+from .stuck_at import check_position_names, stuck_at_for
 
 __all__ = ["BitflipSummary", "apply_bitflip", "remove_bitflip", "candidate_modules"]
 
@@ -321,6 +322,7 @@ def apply_bitflip(
     candidates = [(n, m) for n, m, adapter_of in walked if _is_candidate(m, adapter_of)]
     if check_rules:
         config.check_rules_match(list(dict.fromkeys(n for n, _ in candidates)))
+        check_position_names(config, [n for n, _ in candidates if config.resolve(n) is not None])
     summary = BitflipSummary()
     for name, module in candidates:
         specs = config.resolve(name)
@@ -341,6 +343,7 @@ def apply_bitflip(
             module.__class__ = _bitflip_class(module)
             module._bitflip_original_class = original
             module.init_bitflip(name, x_spec, w_spec, config.seed)
+        module.bitflip_stuck = stuck_at_for(config, name)
         summary.flipped[name] = (x_spec, w_spec)
     for name, module, adapter_of in walked:
         if name not in summary.flipped and name not in summary.clean:
@@ -375,6 +378,7 @@ def _restore(module: BitflipLayerMixin) -> None:
         "_bitflip_keys",
         "_pending_calls",
         "_bitflip_original_class",
+        "bitflip_stuck",
     ):
         module.__dict__.pop(attr, None)
     module.__class__ = original

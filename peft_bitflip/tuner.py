@@ -22,6 +22,7 @@ merge repeats.  ``lora_bias=True`` adds ``s * lora_B.bias`` to the (unflipped) b
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,14 +32,16 @@ from peft import LoraConfig, LoraModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
-from .config import RULE_KEYS, BitflipConfig
+from .config import RULE_KEYS, STUCK_KEYS, BitflipConfig
 from .experts import BitflipExpertsMixin
 from .kernels.lora import merge_lora_weight, merged_lora_weight
 from .layers import BitflipLayerMixin
+from .stuck_at import stuck_at_for, stuck_settings
 from .transform import apply_bitflip, candidate_modules
 
 PEFT_TYPE = "BITFLIP_LORA"
 BITFLIP_FIELDS = RULE_KEYS  # x_p_exp, x_p_frac, x_zero_out_t, w_p_exp, w_p_frac, w_zero_out_t
+STUCK_FIELDS = (*STUCK_KEYS, "stuck_at_positions")  # the stuck-at faults (same names)
 
 
 @dataclass
@@ -74,6 +77,14 @@ class BitflipLoraConfig(LoraConfig):
     )
     skip_modules: list | None = field(
         default_factory=lambda: ["lm_head"], metadata={"help": "modules never flipped (regex)"}
+    )
+    x_stuck_p_exp: float = field(default=0.0, metadata={"help": "stuck rate, input sign/exp bits"})
+    x_stuck_p_frac: float = field(default=0.0, metadata={"help": "stuck rate, input mantissa"})
+    w_stuck_p_exp: float = field(default=0.0, metadata={"help": "stuck rate, weight sign/exp"})
+    w_stuck_p_frac: float = field(default=0.0, metadata={"help": "stuck rate, weight mantissa"})
+    stuck_one_share: float = field(default=0.5, metadata={"help": "share of bits stuck at 1"})
+    stuck_at_positions: Any | None = field(
+        default=None, metadata={"help": "explicit stuck bits {layer: {x|w: [[i, bit, v]]}}"}
     )
 
     def __post_init__(self):
@@ -115,6 +126,8 @@ class BitflipLoraConfig(LoraConfig):
         self.compat_snap = d["compat_snap"]
         self.layer_name_to_config = d["layer_name_to_config"]
         self.skip_modules = d["skip_modules"]
+        for k in STUCK_FIELDS:
+            setattr(self, k, copy.deepcopy(getattr(bitflip, k)))
 
     def bitflip_config(self) -> BitflipConfig:
         """The model-level :class:`BitflipConfig` these fields describe."""
@@ -124,6 +137,7 @@ class BitflipLoraConfig(LoraConfig):
             compat_snap=self.compat_snap,
             layer_name_to_config=self.layer_name_to_config,
             skip_modules=list(self.skip_modules or []),
+            **{k: getattr(self, k) for k in STUCK_FIELDS},
         )
 
     @classmethod
@@ -136,6 +150,7 @@ class BitflipLoraConfig(LoraConfig):
             compat_snap=d["compat_snap"],
             layer_name_to_config=d["layer_name_to_config"],
             skip_modules=d["skip_modules"],
+            **{k: copy.deepcopy(getattr(bitflip, k)) for k in STUCK_FIELDS},
             **lora_kwargs,
         )
 
@@ -260,6 +275,11 @@ def _check_model_fault_model(model, wanted: BitflipConfig) -> None:
             differences.append(
                 f"{name}: model x {m.x_spec}, w {m.w_spec}, seed {m.bitflip_seed}; adapter x "
                 f"{specs[0]}, w {specs[1]}, seed {wanted.seed}"
+            )
+        elif stuck_settings(m.bitflip_stuck) != stuck_settings(stuck_at_for(wanted, name)):
+            differences.append(
+                f"{name}: model stuck-at {m.bitflip_stuck}; adapter stuck-at "
+                f"{stuck_at_for(wanted, name)}"
             )
     if differences:
         existing = getattr(getattr(model, "config", None), "quantization_config", None)

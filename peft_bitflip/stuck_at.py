@@ -1,0 +1,371 @@
+"""Stuck-at faults: a fixed set of bits of a layer's weight or input lanes forced to 0 or 1.
+
+A stuck bit reads as its stuck value at every forward, whatever is written to it:
+``value = (value & ~stuck_mask) | stuck_ones``, applied before the transient flips and the
+zero-out of the same tensor.  Which bits are stuck is drawn once, as a pure function of
+(seed, layer name, tensor, rate, the tensor's element count and dtype):
+
+* positions: the layer's flip function (:func:`~peft_bitflip.functional.apply_flip_spec`)
+  applied to a zero tensor of the tensor's size and dtype, with ``p_exp`` / ``p_frac`` the
+  stuck rates, on the stream ``stream_key(seed, name, "w_stuck" | "x_stuck")`` at call 0: every
+  set bit of the result is a stuck bit.  Each sign/exponent bit is stuck with probability
+  ``p_exp``, each mantissa bit with ``p_frac``, independently; the CPU reference and the GPU
+  kernel give the same positions.
+* values: a second draw on the same stream at call 1, on a zero tensor of one element per
+  element with a stuck bit (in index order), with probability ``one_share`` for every bit; a
+  stuck bit is stuck at 1 where that draw set its bit, else at 0.
+
+The stream has no data-parallel rank in it (unlike the transient flips): a stuck cell belongs
+to the tensor, so every rank holding the tensor sees the same stuck bits.  Nothing is stored in
+``state_dict``: a reloaded or resumed model redraws the same positions.
+
+Weights: positions index the weight's elements in row-major order of the weight as the module
+stores it (``(out, in)`` for ``nn.Linear``, ``(in, out)`` for GPT-2's ``Conv1D``).  In a
+bit-flip LoRA layer they act on the merged weight ``W + s B A`` the layer computes with, so
+``merge_and_unload`` keeps them.  Inputs: positions are drawn over the input feature dimension
+(``in_features`` elements): a stuck lane forces the same (feature, bit) of every token.
+
+Positions are kept sparse (element index, the stuck bits' mask, the stuck-at-1 bits), not as a
+tensor-sized mask.  Explicit positions (a replayable fault list, as PyTorchALFI saves one) are
+``[element index, bit, value]`` entries; bit 0 is the least significant bit of the element's
+bit pattern (the sign bit is 15 for 16-bit dtypes, 31 for float32).  They add to the drawn
+positions and win where both name the same bit.  :func:`export_stuck_positions` writes the
+positions of a model in that form, for ``BitflipConfig(stuck_at_positions=...)`` to replay.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .functional import apply_flip_spec, stream_key
+from .spec import FlipSpec, check_dtype, validate_probability
+
+__all__ = [
+    "STUCK_RATE_KEYS",
+    "StuckAt",
+    "StuckBits",
+    "StuckSpec",
+    "export_stuck_positions",
+    "stuck_at_for",
+    "validate_stuck_positions",
+]
+
+STUCK_RATE_KEYS = (
+    "x_stuck_p_exp",
+    "x_stuck_p_frac",
+    "w_stuck_p_exp",
+    "w_stuck_p_frac",
+    "stuck_one_share",
+)
+"""The stuck-at settings a per-module rule may set (``BitflipConfig`` fields too)."""
+TENSORS = ("x", "w")
+_INT_VIEW = {16: torch.int16, 32: torch.int32}
+_MAX_BITS = 32
+
+
+# ---------------------------------------------------------------------- validation
+
+
+def _integer(where: str, what: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}: {what} must be an int, got {value!r}")
+    return int(value)
+
+
+def _validated_entries(where: str, entries) -> list[list[int]]:
+    if isinstance(entries, (str, bytes, Mapping)) or not isinstance(entries, Iterable):
+        raise TypeError(f"{where} must be a list of [index, bit, value] entries, got {entries!r}")
+    out, seen = [], {}
+    for i, entry in enumerate(entries):
+        at = f"{where}[{i}]"
+        if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+            raise ValueError(f"{at} must be an [index, bit, value] triple, got {entry!r}")
+        index = _integer(at, "index", entry[0])
+        bit = _integer(at, "bit", entry[1])
+        value = _integer(at, "value", entry[2])
+        if index < 0:
+            raise ValueError(f"{at}: index must be >= 0, got {index}")
+        if not 0 <= bit < _MAX_BITS:
+            raise ValueError(f"{at}: bit must be in [0, {_MAX_BITS}), got {bit}")
+        if value not in (0, 1):
+            raise ValueError(f"{at}: value must be 0 or 1, got {value}")
+        if seen.get((index, bit), value) != value:
+            raise ValueError(f"{at}: bit {bit} of element {index} is stuck at both 0 and 1")
+        seen[(index, bit)] = value
+        out.append([index, bit, value])
+    return out
+
+
+def validate_stuck_positions(name: str, value) -> dict[str, dict[str, list[list[int]]]] | None:
+    """``value`` as ``{layer name: {"x" | "w": [[index, bit, value], ...]}}`` (plain ints),
+    or None; raise ``TypeError`` / ``ValueError`` naming ``name``, the layer and the entry."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"{name} must be None or a dict {{layer name: {{'x'|'w': [[index, bit, value], "
+            f"...]}}}}, got {value!r}"
+        )
+    out = {}
+    for layer, lists in value.items():
+        if not isinstance(layer, str):
+            raise TypeError(f"{name} key must be a layer name (str), got {layer!r}")
+        if not isinstance(lists, Mapping):
+            raise TypeError(f"{name}[{layer!r}] must be a dict {{'x'|'w': [...]}}, got {lists!r}")
+        unknown = [k for k in lists if k not in TENSORS]
+        if unknown:
+            raise ValueError(f"{name}[{layer!r}] has unknown tensor(s) {unknown}; use 'x', 'w'")
+        out[layer] = {
+            t: _validated_entries(f"{name}[{layer!r}][{t!r}]", lists[t])
+            for t in TENSORS
+            if t in lists
+        }
+    return out
+
+
+@dataclass(frozen=True)
+class StuckSpec:
+    """Stuck-at settings of one tensor of one layer.
+
+    ``p_exp`` / ``p_frac``: probability that each sign/exponent / mantissa bit is stuck;
+    ``one_share``: probability that a drawn stuck bit is stuck at 1 (else at 0);
+    ``positions``: explicit ``(index, bit, value)`` entries (see the module doc)."""
+
+    p_exp: float = 0.0
+    p_frac: float = 0.0
+    one_share: float = 0.5
+    positions: tuple[tuple[int, int, int], ...] = ()
+
+    def __post_init__(self):
+        for f in ("p_exp", "p_frac", "one_share"):
+            object.__setattr__(self, f, validate_probability(f, getattr(self, f)))
+        entries = _validated_entries("positions", self.positions)
+        object.__setattr__(self, "positions", tuple(tuple(e) for e in entries))
+
+    @property
+    def is_identity(self) -> bool:
+        """No bit can be stuck."""
+        return self.p_exp == 0 and self.p_frac == 0 and not self.positions
+
+
+# ---------------------------------------------------------------------- drawing
+
+
+class StuckBits(NamedTuple):
+    """Sparse stuck bits of a tensor: ``index`` (int64, sorted element indices), ``keep``
+    (``~mask`` of the stuck bits) and ``ones`` (the bits stuck at 1), both in the signed integer
+    view of the tensor's dtype (int16 / int32), one entry per element that has a stuck bit."""
+
+    index: Tensor
+    keep: Tensor
+    ones: Tensor
+
+
+def _signed(value: int, n_bits: int) -> int:
+    return value - (1 << n_bits) if value >> (n_bits - 1) else value
+
+
+def _draw(spec: StuckSpec, key, numel: int, dtype: torch.dtype, device, where: str) -> StuckBits:
+    """The stuck bits of a tensor of ``numel`` elements of ``dtype`` (see the module doc)."""
+    n_bits = check_dtype(dtype, where).n_bits
+    view = _INT_VIEW[n_bits]
+    if spec.p_exp > 0 or spec.p_frac > 0:
+        zeros = torch.zeros(numel, dtype=dtype, device=device)
+        drawn = apply_flip_spec(zeros, FlipSpec(spec.p_exp, spec.p_frac), key, 0).view(view)
+        index = drawn.nonzero().view(-1)
+        mask = drawn[index]
+        del drawn, zeros
+        # stuck-at-1 draw: one element per stuck element (index order), each bit at one_share
+        share = FlipSpec(spec.one_share, spec.one_share)
+        values = torch.zeros(index.numel(), dtype=dtype, device=device)
+        ones = mask & apply_flip_spec(values, share, key, 1).view(view)
+    else:
+        index = torch.zeros(0, dtype=torch.int64, device=device)
+        mask = ones = torch.zeros(0, dtype=view, device=device)
+    if spec.positions:
+        index, mask, ones = _with_explicit(spec, index, mask, ones, numel, n_bits, view, where)
+    return StuckBits(index, ~mask, ones)
+
+
+def _with_explicit(spec, index, mask, ones, numel, n_bits, view, where):
+    """The drawn (index, mask, ones) with the explicit entries added (they win on a bit)."""
+    bits: dict[int, list[int]] = {}
+    full = (1 << n_bits) - 1
+    for i, m, o in zip(index.tolist(), mask.tolist(), ones.tolist()):
+        bits[i] = [m & full, o & full]
+    for i, (index_, bit, value) in enumerate(spec.positions):
+        if index_ >= numel:
+            raise ValueError(
+                f"{where}: stuck position {i} has element index {index_}, but the tensor has "
+                f"{numel} elements"
+            )
+        if bit >= n_bits:
+            raise ValueError(
+                f"{where}: stuck position {i} names bit {bit}, but its dtype has {n_bits} bits"
+            )
+        m, o = bits.setdefault(index_, [0, 0])
+        bits[index_] = [m | (1 << bit), (o & ~(1 << bit)) | (value << bit)]
+    order = sorted(bits)
+    device = index.device
+    return (
+        torch.tensor(order, dtype=torch.int64, device=device),
+        torch.tensor([_signed(bits[i][0], n_bits) for i in order], dtype=view, device=device),
+        torch.tensor([_signed(bits[i][1], n_bits) for i in order], dtype=view, device=device),
+    )
+
+
+# ---------------------------------------------------------------------- applying
+
+
+class _ApplyStuck(torch.autograd.Function):
+    """``(t & keep) | ones`` at the stuck elements (of the flattened tensor, or of its last
+    dimension's lanes), out of place; straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx, t, bits: StuckBits, lanes: bool):
+        out = t.clone(memory_format=torch.contiguous_format)
+        ints = out.view(_INT_VIEW[check_dtype(t.dtype).n_bits])
+        if lanes:
+            ints[..., bits.index] = (ints[..., bits.index] & bits.keep) | bits.ones
+        else:
+            flat = ints.view(-1)
+            flat[bits.index] = (flat[bits.index] & bits.keep) | bits.ones
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+class StuckAt:
+    """The stuck-at faults of one layer: settings, the drawn bits (cached per element count,
+    dtype and device: a pure function of them, so never saved), and their application."""
+
+    def __init__(self, name: str, seed: int, x: StuckSpec, w: StuckSpec):
+        self.name, self.seed, self.x, self.w = name, seed, x, w
+        self._bits: dict = {}
+
+    def __repr__(self) -> str:
+        return f"StuckAt({self.name!r}, seed={self.seed}, x={self.x}, w={self.w})"
+
+    def key(self, tensor: str) -> tuple[int, int]:
+        """The stream of the stuck bits of ``tensor`` ("x" / "w"): no rank in it."""
+        return stream_key(self.seed, self.name, f"{tensor}_stuck")
+
+    @torch.compiler.disable
+    def bits(self, tensor: str, numel: int, dtype: torch.dtype, device) -> StuckBits:
+        """The stuck bits of ``tensor`` for ``numel`` elements (x: ``in_features`` lanes)."""
+        device = torch.device(device)
+        cache_key = (tensor, numel, dtype, device)
+        found = self._bits.get(cache_key)
+        if found is None:
+            spec = self.x if tensor == "x" else self.w
+            where = f"{self.name} {tensor} (stuck-at)"
+            found = _draw(spec, self.key(tensor), numel, dtype, device, where)
+            self._bits[cache_key] = found
+        return found
+
+    def positions(
+        self, tensor: str, numel: int, dtype: torch.dtype, device="cpu"
+    ) -> list[list[int]]:
+        """The stuck bits of ``tensor`` as ``[[index, bit, value], ...]`` (an explicit list that
+        replays them), drawn on ``device`` (the same on every device)."""
+        bits = self.bits(tensor, numel, dtype, device)
+        n_bits = check_dtype(dtype).n_bits
+        out = []
+        for i, keep, ones in zip(bits.index.tolist(), bits.keep.tolist(), bits.ones.tolist()):
+            mask = ~keep
+            out += [[i, b, (ones >> b) & 1] for b in range(n_bits) if (mask >> b) & 1]
+        return out
+
+    def stuck(self, tensor: str, t: Tensor) -> Tensor:
+        """``t`` with the stuck bits of ``tensor`` forced (a new tensor; ``t`` if none)."""
+        lanes = tensor == "x"
+        numel = t.size(-1) if lanes else t.numel()
+        bits = self.bits(tensor, numel, t.dtype, t.device)
+        if bits.index.numel() == 0:
+            return t
+        return _ApplyStuck.apply(t, bits, lanes)
+
+    def apply(self, x: Tensor, weight, weight_params, compute):
+        """(x, weight, weight_params) of a layer forward with the stuck bits forced: x's lanes
+        at once; the weight (a tensor, or a function building it from ``weight_params``) as a
+        function that builds the stuck weight, so that backward builds it again instead of
+        keeping it.  ``compute``: the autocast dtype or None; stuck bits act on the values the
+        matmul consumes, cast to it."""
+        if not self.x.is_identity:
+            x = self.stuck("x", x if compute is None else x.to(compute))
+        if self.w.is_identity:
+            return x, weight, weight_params
+        build = weight if callable(weight) else None
+        params = tuple(weight_params) if build is not None else (weight,)
+
+        def stuck_weight():
+            w = build() if build is not None else weight
+            return self.stuck("w", w if compute is None else w.to(compute))
+
+        return x, stuck_weight, params
+
+
+def stuck_at_for(config, name: str) -> StuckAt | None:
+    """The :class:`StuckAt` of module ``name`` under ``config`` (a ``BitflipConfig``), or None
+    when none of its bits can be stuck."""
+    values = config.stuck_values_for(name)
+    if values is None:
+        return None
+    lists = (config.stuck_at_positions or {}).get(name, {})
+    share = values["stuck_one_share"]
+    specs = {
+        t: StuckSpec(
+            values[f"{t}_stuck_p_exp"], values[f"{t}_stuck_p_frac"], share, lists.get(t, ())
+        )
+        for t in TENSORS
+    }
+    if all(s.is_identity for s in specs.values()):
+        return None
+    return StuckAt(name, config.seed, specs["x"], specs["w"])
+
+
+def stuck_settings(stuck: StuckAt | None) -> tuple | None:
+    """What decides the stuck bits of a :class:`StuckAt` (for comparing two), or None."""
+    return None if stuck is None else (stuck.name, stuck.seed, stuck.x, stuck.w)
+
+
+def check_position_names(config, flipped_names) -> None:
+    """Raise ``ValueError`` naming the layers of ``config.stuck_at_positions`` that are not
+    bit-flip layers of the model (their faults would silently do nothing)."""
+    missing = [n for n in (config.stuck_at_positions or {}) if n not in flipped_names]
+    if missing:
+        names = list(flipped_names)
+        raise ValueError(
+            f"stuck_at_positions names layer(s) {missing} that are not bit-flip layers of the "
+            f"model; layers are named as e.g. {names[:3]}"
+        )
+
+
+def export_stuck_positions(model: torch.nn.Module, x_dtype: torch.dtype | None = None) -> dict:
+    """The stuck bits of every bit-flip layer of ``model`` as an explicit list
+    ``{layer name: {"x": [...], "w": [...]}}`` (``BitflipConfig.stuck_at_positions`` replays
+    it).  Weight bits are those of the weight's dtype; input lanes those of ``x_dtype``
+    (default: the weight's dtype, the dtype the layer computes in without autocast)."""
+    out = {}
+    for _, module in model.named_modules():
+        stuck = getattr(module, "bitflip_stuck", None)
+        if stuck is None:
+            continue
+        weight = module.weight
+        in_features = weight.shape[0] if getattr(module, "_is_conv1d", False) else weight.shape[1]
+        entry = {}
+        if not stuck.x.is_identity:
+            dtype = x_dtype or weight.dtype
+            entry["x"] = stuck.positions("x", in_features, dtype, weight.device)
+        if not stuck.w.is_identity:
+            entry["w"] = stuck.positions("w", weight.numel(), weight.dtype, weight.device)
+        out[stuck.name] = entry
+    return out

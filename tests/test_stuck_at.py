@@ -1,0 +1,351 @@
+"""Stuck-at faults (issue 33.1): rates, stuck values, persistence, ranks, lists, merge, config."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from bitstats import assert_binomial
+from peft import get_peft_model
+from tiny_models import tiny_llama, token_ids
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import peft_bitflip as pb
+from peft_bitflip.spec import check_dtype
+from peft_bitflip.stuck_at import StuckAt, StuckSpec, export_stuck_positions
+
+INT = {16: torch.int16, 32: torch.int32}
+Q = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture(autouse=True)
+def _fast_cpu_backend(reference_backend):
+    pass
+
+
+def _bit_table(t: torch.Tensor) -> torch.Tensor:
+    """(elements, bits) 0/1 table of t's bit patterns, bit 0 least significant."""
+    n = check_dtype(t.dtype).n_bits
+    ints = t.contiguous().view(INT[n]).to(torch.int64).reshape(-1, 1) & ((1 << n) - 1)
+    return (ints >> torch.arange(n)) & 1
+
+
+def _stuck_table(stuck: StuckAt, tensor: str, numel: int, dtype) -> tuple:
+    """(mask, ones) 0/1 tables (numel, bits) of the stuck bits."""
+    n = check_dtype(dtype).n_bits
+    mask = torch.zeros(numel, n, dtype=torch.int64)
+    ones = torch.zeros(numel, n, dtype=torch.int64)
+    for i, b, v in stuck.positions(tensor, numel, dtype):
+        mask[i, b], ones[i, b] = 1, v
+    return mask, ones
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_stuck_count_per_group_and_one_share(dtype):
+    p_exp, p_frac, share, numel = 0.02, 0.005, 0.3, 1 << 14
+    stuck = StuckAt("layer", 7, StuckSpec(), StuckSpec(p_exp, p_frac, share))
+    mask, ones = _stuck_table(stuck, "w", numel, dtype)
+    layout = check_dtype(dtype)
+    exp_count = int(mask[:, layout.n_frac :].sum())
+    frac_count = int(mask[:, : layout.n_frac].sum())
+    assert_binomial(exp_count, numel * layout.n_exp, p_exp, what=f"{dtype} exp stuck")
+    assert_binomial(frac_count, numel * layout.n_frac, p_frac, what=f"{dtype} frac stuck")
+    assert_binomial(int(ones.sum()), int(mask.sum()), share, what="stuck-at-1 share")
+    assert not (ones & (1 - mask)).any()  # only stuck bits are stuck at 1
+
+
+def test_stuck_bits_read_as_stuck_whatever_the_weight():
+    torch.manual_seed(0)
+    stuck = StuckAt("l", 3, StuckSpec(), StuckSpec(0.05, 0.05, 0.5))
+    w = torch.randn(16, 24, dtype=torch.bfloat16)
+    mask, ones = _stuck_table(stuck, "w", w.numel(), w.dtype)
+    assert mask.sum() > 0 and ones.sum() > 0 and (mask - ones).sum() > 0
+    for weight in (w, -w, torch.zeros_like(w), torch.full_like(w, float("nan"))):
+        out = _bit_table(stuck.stuck("w", weight))
+        before = _bit_table(weight)
+        assert torch.equal(out * mask, ones)  # stuck bits read as their value
+        assert torch.equal(out * (1 - mask), before * (1 - mask))  # the others unchanged
+
+
+def test_input_lanes_are_stuck_for_every_token():
+    stuck = StuckAt("l", 1, StuckSpec(0.1, 0.1, 0.5), StuckSpec())
+    x = torch.randn(3, 5, 40)
+    mask, ones = _stuck_table(stuck, "x", 40, x.dtype)
+    assert mask.sum() > 0
+    out = stuck.stuck("x", x)
+    for token in out.reshape(-1, 40):
+        assert torch.equal(_bit_table(token) * mask, ones)
+    assert torch.equal(
+        _bit_table(out) * (1 - mask).repeat(15, 1), _bit_table(x) * (1 - mask).repeat(15, 1)
+    )
+
+
+def test_same_positions_every_call_and_rank_and_not_rank_dependent(monkeypatch):
+    cfg = pb.BitflipConfig(
+        w_stuck_p_exp=0.01, w_stuck_p_frac=0.01, x_stuck_p_frac=0.05, w_zero_out_t=100.0
+    )
+    ids = token_ids()
+    model = tiny_llama()
+    pb.apply_bitflip(model, cfg)
+    calls = [_logits(model, ids) for _ in range(3)]
+    assert all(torch.equal(calls[0], c) for c in calls[1:])  # stuck-at only: no call dependence
+    assert not torch.equal(calls[0], _logits(tiny_llama(), ids))
+    positions = export_stuck_positions(model)
+    monkeypatch.setenv("RANK", "1")
+    other = tiny_llama()
+    pb.apply_bitflip(other, cfg)
+    assert torch.equal(_logits(other, ids), calls[0])
+    assert export_stuck_positions(other) == positions
+    layer = other.get_submodule(Q)
+    assert layer.stream_keys() != model.get_submodule(Q).stream_keys()  # transient flips do
+
+
+def test_positions_depend_on_seed_layer_and_tensor():
+    a = StuckAt("a", 0, StuckSpec(0.05), StuckSpec(0.05))
+    positions = a.positions("w", 512, torch.bfloat16)
+    assert positions
+    assert (
+        StuckAt("a", 1, StuckSpec(), StuckSpec(0.05)).positions("w", 512, torch.bfloat16)
+        != positions
+    )
+    assert (
+        StuckAt("b", 0, StuckSpec(), StuckSpec(0.05)).positions("w", 512, torch.bfloat16)
+        != positions
+    )
+    assert a.positions("x", 512, torch.bfloat16) != positions
+
+
+def test_stuck_then_transient_flips_and_zero_out():
+    """Stuck bits are forced before the transient flips of the same call (same flip draws)."""
+    torch.manual_seed(0)
+    layer = nn.ModuleDict({"l": nn.Linear(32, 16, bias=False)})
+    cfg = dict(w_p_exp=0.01, w_p_frac=0.01, w_zero_out_t=4.0)
+    pb.apply_bitflip(layer, pb.BitflipConfig(**cfg, w_stuck_p_exp=0.02, w_stuck_p_frac=0.02))
+    lin = layer["l"]
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        out = lin(x)
+    stuck_w = lin.bitflip_stuck.stuck("w", lin.weight.detach())
+    want = F.linear(x, pb.apply_flip_spec(stuck_w, lin.w_spec, lin.stream_keys()[1], 0))
+    assert torch.equal(out, want)
+
+
+def test_explicit_lists_are_applied_exactly_and_replay_drawn_ones():
+    entries = [[0, 15, 1], [5, 0, 1], [5, 3, 0], [31, 14, 1]]
+    cfg = pb.BitflipConfig(stuck_at_positions={Q: {"w": entries, "x": [[2, 7, 1]]}})
+    model = tiny_llama().to(torch.bfloat16)
+    pb.apply_bitflip(model, cfg)
+    layer = model.get_submodule(Q)
+    out = _bit_table(layer.bitflip_stuck.stuck("w", layer.weight.detach()))
+    for i, b, v in entries:
+        assert out[i, b] == v
+    assert export_stuck_positions(model) == {Q: {"x": [[2, 7, 1]], "w": sorted(entries)}}
+    assert (
+        layer.bitflip_stuck.stuck("x", torch.zeros(2, 32, dtype=torch.bfloat16))[:, 2]
+        .view(torch.int16)
+        .eq(1 << 7)
+        .all()
+    )
+    # a drawn fault set exported and replayed as a list gives the same model
+    ids = token_ids()
+    drawn = tiny_llama()
+    fault = dict(w_stuck_p_exp=0.01, x_stuck_p_frac=0.02, seed=5)
+    pb.apply_bitflip(drawn, pb.BitflipConfig(**fault, w_zero_out_t=100.0))
+    replay = tiny_llama()
+    listed = export_stuck_positions(drawn)
+    pb.apply_bitflip(replay, pb.BitflipConfig(stuck_at_positions=listed, w_zero_out_t=100.0))
+    assert torch.equal(_logits(replay, ids), _logits(drawn, ids))
+
+
+def test_save_reload_keeps_stuck_bits(tmp_path):
+    cfg = pb.BitflipConfig(
+        w_stuck_p_exp=0.01,
+        w_stuck_p_frac=0.02,
+        x_stuck_p_exp=0.01,
+        stuck_one_share=0.25,
+        stuck_at_positions={Q: {"w": [[3, 2, 1]]}},
+        layer_name_to_config={".*down_proj": {"w_stuck_p_exp": 0.1}, "default": {}},
+        w_zero_out_t=100.0,
+        x_zero_out_t=100.0,
+    )
+    ids = token_ids()
+    model = tiny_llama()
+    pb.apply_bitflip(model, cfg)
+    before = _logits(model, ids)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.quantization_config == cfg
+    assert torch.equal(_logits(loaded, ids), before)
+    down = loaded.get_submodule("model.layers.0.mlp.down_proj").bitflip_stuck
+    assert down.w.p_exp == 0.1 and down.w.one_share == 0.25  # per-layer override
+    assert loaded.get_submodule(Q).bitflip_stuck.w.positions == ((3, 2, 1),)
+
+
+def test_config_round_trip_and_no_keys_when_unset():
+    cfg = pb.BitflipConfig(x_stuck_p_frac=1e-3, stuck_at_positions={"a": {"x": [(1, 2, 0)]}})
+    d = cfg.to_dict()
+    assert d["x_stuck_p_frac"] == 1e-3 and d["stuck_at_positions"] == {"a": {"x": [[1, 2, 0]]}}
+    assert pb.BitflipConfig.from_json_file(_write(cfg)) == cfg
+    assert not any("stuck" in k for k in pb.BitflipConfig(w_p_exp=0.1).to_dict())
+
+
+def _write(cfg, path="/tmp/peft_bitflip_stuck_cfg.json"):
+    cfg.to_json_file(path)
+    return path
+
+
+def test_zero_rate_is_bit_identical_to_no_stuck_at():
+    ids = token_ids()
+    flips = dict(x_p_exp=0.01, w_p_frac=0.02, w_zero_out_t=2.0, x_zero_out_t=30.0)
+    a, b = tiny_llama(), tiny_llama()
+    pb.apply_bitflip(a, pb.BitflipConfig(**flips))
+    pb.apply_bitflip(b, pb.BitflipConfig(**flips, w_stuck_p_exp=0.0, stuck_one_share=0.9))
+    assert all(m.bitflip_stuck is None for _, m in pb.layers.bitflip_layers(b))
+    assert torch.equal(_logits(a, ids), _logits(b, ids))
+
+
+def test_gradient_is_straight_through():
+    torch.manual_seed(0)
+    layer = nn.ModuleDict({"l": nn.Linear(24, 8)})
+    pb.apply_bitflip(layer, pb.BitflipConfig(w_stuck_p_frac=0.05, x_stuck_p_frac=0.05))
+    lin = layer["l"]
+    x = torch.randn(5, 24, requires_grad=True)
+    lin(x).square().sum().backward()
+    xs = lin.bitflip_stuck.stuck("x", x.detach()).requires_grad_()
+    ws = lin.bitflip_stuck.stuck("w", lin.weight.detach()).requires_grad_()
+    bs = lin.bias.detach().clone().requires_grad_()
+    F.linear(xs, ws, bs).square().sum().backward()
+    assert not torch.equal(ws, lin.weight) and not torch.equal(xs, x)
+    assert torch.allclose(lin.weight.grad, ws.grad) and torch.allclose(x.grad, xs.grad)
+    assert torch.allclose(lin.bias.grad, bs.grad)
+
+
+def test_merge_and_unload_keeps_stuck_bits():
+    cfg = pb.BitflipLoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False,
+        w_stuck_p_exp=0.01,
+        w_stuck_p_frac=0.02,
+        x_stuck_p_frac=0.01,
+        w_zero_out_t=100.0,
+    )
+    ids = token_ids()
+    model = get_peft_model(tiny_llama(), cfg)
+    assert model.peft_config["default"].bitflip_config().w_stuck_p_frac == 0.02
+    before = _logits(model, ids)
+    with pb.disable_bitflips(model):
+        clean = _logits(model, ids)
+    assert not torch.equal(before, clean)
+    # training through the stuck merged weight reaches the LoRA factors
+    model(ids).logits.sum().backward()
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.lora_A["default"].weight.grad.abs().sum() > 0
+    merged = model.merge_and_unload()
+    assert torch.equal(_logits(merged, ids), before)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(w_stuck_p_exp=-0.1), "w_stuck_p_exp"),
+        (dict(x_stuck_p_frac=1.5), "x_stuck_p_frac"),
+        (dict(w_stuck_p_frac=math.nan), "w_stuck_p_frac"),
+        (dict(stuck_one_share=2.0), "stuck_one_share"),
+        (dict(layer_name_to_config={"a": {"w_stuck_p_exp": 3.0}}), "w_stuck_p_exp"),
+        (dict(stuck_at_positions={"a": {"w": [[1, 2]]}}), r"\['a'\]\['w'\]\[0\]"),
+        (dict(stuck_at_positions={"a": {"w": [[-1, 2, 0]]}}), "index must be >= 0"),
+        (dict(stuck_at_positions={"a": {"w": [[1, 32, 0]]}}), "bit must be in"),
+        (dict(stuck_at_positions={"a": {"w": [[1, 3, 2]]}}), "value must be 0 or 1"),
+        (dict(stuck_at_positions={"a": {"w": [[1, 3, 0], [1, 3, 1]]}}), "both 0 and 1"),
+        (dict(stuck_at_positions={"a": {"y": []}}), "unknown tensor"),
+        (dict(stuck_at_positions={"a": [[1, 2, 3]]}), r"stuck_at_positions\['a'\]"),
+    ],
+)
+def test_bad_settings_raise_named_errors(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        pb.BitflipConfig(**kwargs)
+
+
+def test_bad_positions_for_the_model_raise_named_errors():
+    with pytest.raises(ValueError, match="not bit-flip layers"):
+        pb.apply_bitflip(tiny_llama(), pb.BitflipConfig(stuck_at_positions={"nope": {"w": []}}))
+    model = tiny_llama().to(torch.bfloat16)
+    pb.apply_bitflip(model, pb.BitflipConfig(stuck_at_positions={Q: {"w": [[10**6, 0, 1]]}}))
+    with pytest.raises(ValueError, match="element index 1000000"):
+        model(token_ids())
+    model = tiny_llama().to(torch.bfloat16)
+    pb.apply_bitflip(model, pb.BitflipConfig(stuck_at_positions={Q: {"w": [[0, 20, 1]]}}))
+    with pytest.raises(ValueError, match="bit 20.*16 bits"):
+        model(token_ids())
+
+
+def test_kernel_and_reference_draw_the_same_positions(needs_interpreter, monkeypatch):
+    """The positions come from the flip function: the Triton kernel (here through its
+    interpreter, on the GPU compiled) and the CPU reference give the same stuck bits."""
+    drawn = {}
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", backend)
+        stuck = StuckAt("l", 9, StuckSpec(0.02, 0.01), StuckSpec(0.03, 0.02, 0.4))
+        drawn[backend] = [stuck.positions(t, 1000, torch.bfloat16) for t in ("x", "w")]
+    assert drawn["triton"] == drawn["reference"] and drawn["triton"][1]
+
+
+def test_autocast_sticks_the_bits_of_the_values_the_matmul_reads():
+    torch.manual_seed(0)
+    layer = nn.ModuleDict({"l": nn.Linear(32, 16)})
+    pb.apply_bitflip(layer, pb.BitflipConfig(w_stuck_p_frac=0.05, x_stuck_p_frac=0.05))
+    lin = layer["l"]
+    x = torch.randn(4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out = lin(x)
+    xs = lin.bitflip_stuck.stuck("x", x.bfloat16())
+    ws = lin.bitflip_stuck.stuck("w", lin.weight.detach().bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, F.linear(xs, ws, lin.bias.bfloat16()))
+
+
+def test_compiled_layer_gives_the_eager_result():
+    torch.manual_seed(0)
+    layer = nn.ModuleDict({"l": nn.Linear(32, 16)})
+    cfg = pb.BitflipConfig(w_stuck_p_frac=0.05, x_stuck_p_frac=0.05, w_p_frac=0.01)
+    pb.apply_bitflip(layer, cfg)
+    lin = layer["l"]
+    x = torch.randn(4, 32)
+    eager = [lin(x) for _ in range(2)]
+    lin.bitflip_calls.zero_()
+    torch._dynamo.reset()
+    compiled = torch.compile(lin, backend="aot_eager")
+    try:
+        assert all(torch.equal(a, compiled(x)) for a in eager)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_lora_adapter_with_other_stuck_settings_is_refused():
+    model = tiny_llama()
+    pb.apply_bitflip(model, pb.BitflipConfig(w_stuck_p_exp=0.01, w_zero_out_t=10.0))
+    cfg = pb.BitflipLoraConfig(r=4, target_modules=["q_proj"], w_zero_out_t=10.0)
+    with pytest.raises(ValueError, match="stuck"):
+        get_peft_model(model, cfg)
+
+
+def test_calibrated_zero_out_keeps_stuck_settings():
+    from peft_bitflip.calibration import calibrate_zero_out
+
+    rules = {".*down_proj": {"w_stuck_p_frac": 0.01}, "default": {}}
+    base = pb.BitflipConfig(x_stuck_p_exp=1e-3, stuck_one_share=0.2, layer_name_to_config=rules)
+    cal = calibrate_zero_out(tiny_llama(), token_ids(), base=base, x=False)
+    down = cal.stuck_values_for("model.layers.0.mlp.down_proj")
+    assert down["w_stuck_p_frac"] == 0.01 and down["x_stuck_p_exp"] == 1e-3
+    assert cal.stuck_values_for(Q)["w_stuck_p_frac"] == 0.0
+    assert cal.stuck_one_share == 0.2
