@@ -204,6 +204,19 @@ class BitflipArguments:
     calibration_batches: int = field(
         default=8, metadata={"help": "batches for --calibrate_zero_out"}
     )
+    train_faults: str | None = field(
+        default=None,
+        metadata={
+            "help": "faults in the training step: site=p[,site.exp=p,site.frac=p,site.t=x] with "
+            "site in grad_x, grad_w, exp_avg, exp_avg_sq, param (docs/fault-model.md), e.g. "
+            "'exp_avg_sq=1e-6'; seeded by --bitflip_seed",
+            "metavar": "SITES",
+        },
+    )
+    train_faults_modules: str | None = field(
+        default=None,
+        metadata={"help": "regex on module names the training faults are confined to"},
+    )
     bitflip_warmup_steps: int = field(
         default=0,
         metadata={"help": "ramp the flip probabilities up over this many optimizer steps"},
@@ -232,6 +245,19 @@ class BitflipArguments:
         default=False,
         metadata={"help": "no LoRA: train every parameter under flips (TOML use_lora = false)"},
     )
+
+    def training_faults(self):
+        """``--train_faults`` as :class:`peft_bitflip.training_faults.TrainingFaults`, or None."""
+        if not self.train_faults:
+            return None
+        from peft_bitflip.training_faults import parse_training_faults
+
+        try:
+            return parse_training_faults(
+                self.train_faults, seed=self.bitflip_seed, modules=self.train_faults_modules
+            )
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"--train_faults {self.train_faults!r}: {e}") from None
 
     def flip_values(self) -> dict:
         """The inline fault-model flags given, parsed: ``{key: float | None}``."""
@@ -360,6 +386,7 @@ def _check(parser, model_args, data_args, flip_args, training_args, argv) -> Non
             parser.error(f"--calibrate_zero_out: {e}")
     try:
         flip_args.flip_values()
+        flip_args.training_faults()
     except ValueError as e:
         parser.error(str(e))
     for kind in ("eval", "save"):  # the recipes' old --{eval,save}_steps N alone: every N steps

@@ -285,10 +285,16 @@ def plan_steps(args: RecipeArgs, *, num_params: int, block_size: int, world: int
 def attach_bitflip_callback(trainer, args: RecipeArgs) -> None:
     """Add :class:`peft_bitflip.callback.BitflipCallback` (flip-probability warm-up over
     ``--bitflip_warmup_steps`` optimizer steps, flip rates in the logs and counters to the
-    trackers, flip counters in checkpoints) to ``trainer``."""
+    trackers, flip counters in checkpoints) to ``trainer``, and a
+    :class:`~peft_bitflip.training_faults.TrainingFaultCallback` for ``--train_faults``."""
     from peft_bitflip.callback import add_bitflip_callback
 
     add_bitflip_callback(trainer, warmup_steps=args.bitflip.bitflip_warmup_steps)
+    faults = args.bitflip.training_faults()
+    if faults is not None:  # --train_faults: flips in gradients / optimizer state
+        from peft_bitflip.training_faults import TrainingFaultCallback
+
+        trainer.add_callback(TrainingFaultCallback(faults))
 
 
 def print_setup(args: RecipeArgs, *, num_params, trainable, flips, lora, use_lora, plan, world,

@@ -411,3 +411,21 @@ def test_fault_model_from_toml_yaml_and_flags(tmp_path):
     )
     assert flips.x_p_exp == 1e-4 and flips.w_p_exp == 0.0 and flips.seed == 7
     assert lora == {"r": 8, "lora_alpha": 2.0}
+
+
+def test_train_faults_flag_flips_optimizer_state(tmp_path):
+    """--train_faults reaches TrainingFaultCallback: the logs count flips in AdamW's first
+    moment at the given rate; a bad site is a parse error naming it."""
+    out = str(tmp_path / "faults")
+    argv = ["--output_dir", out, "--max_steps", "2", "--eval_batches", "1", "--logging_steps", "1"]
+    results = finetune_lora.main([*argv, "--train_faults", "exp_avg.frac=0.01", *FAST])
+    assert results["train_steps"] == 2
+    with open(os.path.join(out, "trainer_state.json")) as f:
+        logs = [h for h in json.load(f)["log_history"] if "loss" in h]
+    assert len(logs) == 2
+    for entry in logs:
+        assert entry["train_faults/exp_avg_frac_flips"] > 0
+        assert entry["train_faults/exp_avg_exp_flips"] == 0
+        assert entry["train_faults/exp_avg_frac_rate"] == pytest.approx(0.01, rel=0.5)
+    with pytest.raises(SystemExit):
+        finetune_lora.main([*argv, "--train_faults", "momentum=0.1", *FAST])
