@@ -9,7 +9,7 @@ from .layers import BitflipConv1D, BitflipLinear, disable_bitflips, recompute_fl
 from .peft_registry import register as _register_peft
 from .spec import FlipSpec, snap_probability
 from .stats import FlipStatsRecorder, TensorFlipStats
-from .training_faults import TrainingFaultCallback, TrainingFaults
+from .training_faults import TrainingFaultCallback, TrainingFaults, add_training_fault_callback
 from .transform import BitflipSummary, apply_bitflip, remove_bitflip
 from .tuner import BitflipLoraConfig, BitflipLoraModel
 
@@ -26,6 +26,7 @@ __all__ = [
     "TrainingFaultCallback",
     "TrainingFaults",
     "add_bitflip_callback",
+    "add_training_fault_callback",
     "BitflipConfig",
     "BitflipConv1D",
     "BitflipHfQuantizer",

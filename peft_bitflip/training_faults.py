@@ -39,7 +39,7 @@ Plain PyTorch::
     hooks.counts()                            # flipped bits per site so far
     hooks.remove()
 
-Trainer: :class:`TrainingFaultCallback` (logs ``train_faults/<site>_flips`` and rates).
+Trainer: :func:`add_training_fault_callback` (logs ``train_faults/<site>_*`` flips and rates).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
+from transformers import DefaultFlowCallback, TrainerCallback
 
 from .functional import apply_flip_spec, stream_key
 from .layers import data_parallel_rank
@@ -63,6 +63,7 @@ __all__ = [
     "TrainingFaults",
     "TrainingFaultHooks",
     "TrainingFaultCallback",
+    "add_training_fault_callback",
     "parse_training_faults",
 ]
 
@@ -387,3 +388,18 @@ class TrainingFaultCallback(TrainerCallback):
         if self.hooks is not None:
             self.hooks.remove()
             self.hooks = None
+
+
+def add_training_fault_callback(trainer, faults: TrainingFaults) -> TrainingFaultCallback:
+    """Insert a :class:`TrainingFaultCallback` right after Trainer's ``DefaultFlowCallback``
+    (and a :class:`~peft_bitflip.callback.BitflipCallback` there), so that its counts are in
+    ``logs`` before the reporting integrations and the printer see them.  Returns it."""
+    callbacks = trainer.callback_handler.callbacks
+    if any(isinstance(cb, TrainingFaultCallback) for cb in callbacks):
+        raise ValueError("the trainer already has a TrainingFaultCallback")
+    callback = TrainingFaultCallback(faults)
+    before = [i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)]
+    after_flips = [i for i, cb in enumerate(callbacks) if type(cb).__name__ == "BitflipCallback"]
+    at = max([*before, *after_flips]) + 1 if before or after_flips else 0
+    callbacks.insert(at, callback)
+    return callback

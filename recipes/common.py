@@ -292,9 +292,9 @@ def attach_bitflip_callback(trainer, args: RecipeArgs) -> None:
     add_bitflip_callback(trainer, warmup_steps=args.bitflip.bitflip_warmup_steps)
     faults = args.bitflip.training_faults()
     if faults is not None:  # --train_faults: flips in gradients / optimizer state
-        from peft_bitflip.training_faults import TrainingFaultCallback
+        from peft_bitflip.training_faults import add_training_fault_callback
 
-        trainer.add_callback(TrainingFaultCallback(faults))
+        add_training_fault_callback(trainer, faults)
 
 
 def print_setup(args: RecipeArgs, *, num_params, trainable, flips, lora, use_lora, plan, world,
