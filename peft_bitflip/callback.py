@@ -253,6 +253,7 @@ class BitflipCallback(TrainerCallback, ExportableState):
         self.all_reduce = all_reduce
         self.flip_state = None  # set by Trainer when it re-creates the callback; informational
         self._layers: list | None = None  # [(bitflip_name, layer)]
+        self._model = None  # the trained model (set in on_train_begin)
         self._targets: dict[str, tuple[FlipSpec, FlipSpec]] = {}
         self._recorder: FlipStatsRecorder | None = None
         self._scale: float | None = None
@@ -380,8 +381,9 @@ class BitflipCallback(TrainerCallback, ExportableState):
         self._seen_losses += 1
 
     def _nonfinite_reason(self, outputs: TensorFlipStats | None) -> str:
-        """Why losses may be non-finite: exponent flips without zero-out, or the share of
-        NaN/Inf outputs of the bit-flip layers (``outputs``: their counts, None if off)."""
+        """Why losses may be non-finite: exponent flips without zero-out, else the share of
+        NaN/Inf outputs of the bit-flip layers (``outputs``: their counts, None if off) and the
+        trainable parameters that hold NaN/Inf (an update wrote them)."""
         bare = [
             (name, kind)
             for name, layer in self._layers
@@ -400,10 +402,18 @@ class BitflipCallback(TrainerCallback, ExportableState):
                 f"{EXP_WITHOUT_ZERO_OUT} ({len(names)} of {len(self._layers)} bit-flip layers, "
                 f"e.g. the {kinds} of {names[0]})"
             )
+        broken = self._nonfinite_parameters()
+        params = (
+            f"; {len(broken)} trainable parameter tensors hold NaN/Inf now (e.g. {broken[0]}): "
+            "an optimizer update wrote them (e.g. training-step faults: a flipped sign of AdamW's "
+            "exp_avg_sq makes sqrt(v) NaN), and every later forward is non-finite"
+            if broken
+            else ""
+        )
         if outputs is None:
             return (
                 "zero-out is on for every exponent flip; the bit-flip layers' non-finite outputs "
-                "are not counted (log_stats=False)"
+                f"are not counted (log_stats=False){params}"
             )
         counted = (
             f"{100 * outputs.nonfinite_rate:.3g}% of the bit-flip layers' output elements were "
@@ -412,9 +422,21 @@ class BitflipCallback(TrainerCallback, ExportableState):
         if outputs.nonfinite:
             return (
                 f"{counted}: zero-out caps inputs and weights, not their products (bounds in "
-                "docs/statistics.md)"
+                f"docs/statistics.md){params}"
             )
-        return f"{counted}: the non-finite values arose outside the bit-flip layers"
+        return f"{counted}: the non-finite values arose outside the bit-flip layers{params}"
+
+    def _nonfinite_parameters(self) -> list[str]:
+        """Names of the trainable parameters holding NaN/Inf (checked only when a loss was
+        non-finite: one reduction per parameter)."""
+        model = self._model
+        if model is None:
+            return []
+        with torch.no_grad():
+            return [
+                n for n, p in model.named_parameters()
+                if p.requires_grad and p.is_floating_point() and not torch.isfinite(p).all()
+            ]  # fmt: skip
 
     def _check_loss(self, state, logs: dict, outputs: TensorFlipStats | None) -> int:
         """1 if a training loss since the last log was NaN/Inf (said once), else 0."""
@@ -457,6 +479,7 @@ class BitflipCallback(TrainerCallback, ExportableState):
             dup = sorted({n for n in names if names.count(n) > 1})
             raise ValueError(f"several bit-flip layers share a bitflip_name: {dup[:5]}")
         self._layers = layers
+        self._model = model
         self._targets = {n: (layer.x_spec, layer.w_spec) for n, layer in layers}
         self._scale = None
         if state.global_step > 0:

@@ -87,3 +87,28 @@ def test_nan_loss_is_said_without_statistics(tmp_path):
     logs, said = _train(tmp_path, dict(w_p_exp=0.05), log_stats=False)
     assert len(said) == 1 and EXP_REASON in said[0]
     assert not any(k.startswith("bitflip/") for e in logs for k in e)
+
+
+def test_nan_parameters_from_training_faults_are_named_not_the_flips(tmp_path):
+    """A sign flip in AdamW's exp_avg_sq makes an update NaN: the warning names the trainable
+    parameters that hold NaN, not the forward flips (which are zeroed-out here)."""
+    from peft_bitflip.training_faults import TrainingFaults, add_training_fault_callback
+
+    model = tiny_llama()
+    pb.apply_bitflip(model, pb.BitflipConfig(x_p_frac=1e-3, x_zero_out_t=100.0))
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, VOCAB, (6, 16), generator=g)
+    data = [{"input_ids": r.tolist(), "labels": r.tolist()} for r in ids]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, logging_steps=1,
+        save_strategy="no", use_cpu=True, report_to=[], disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    add_bitflip_callback(trainer)
+    add_training_fault_callback(trainer, TrainingFaults(exp_avg_sq=pb.FlipSpec(p_exp=0.2)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(w.message) for w in caught if "non-finite training loss" in str(w.message)]
+    assert len(said) == 1 and "trainable parameter tensors hold NaN/Inf" in said[0]
+    assert "exp_avg_sq" in said[0] and EXP_REASON not in said[0] and "\n" not in said[0]
