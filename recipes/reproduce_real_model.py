@@ -14,7 +14,7 @@ validation (``recipes/build_corpus.py``; the evaluation text is never trained on
    LoRA trained without flips or zero-out; trained with the zero-out only (p = 0); trained
    under the flips with calibrated thresholds; ranks ``--ranks`` (alpha = r);
 3. every model evaluated clean, under the original fault model and under the flips with the
-   calibrated thresholds, for each of ``--eval_seeds``;
+   calibrated thresholds, for each of ``--seeds``;
 4. generation samples (one prompt, greedy): clean, flipped, flipped with calibrated thresholds,
    recovered;
 5. the recovered LoRA merged and saved by the recipe, reloaded by ``AutoModelForCausalLM`` in a
@@ -48,6 +48,7 @@ import peft_bitflip  # noqa: E402
 from peft_bitflip import data, evaluation  # noqa: E402
 from peft_bitflip.attribution import attribute, attribution_markdown  # noqa: E402
 from peft_bitflip.calibration import calibrate_zero_out  # noqa: E402
+from peft_bitflip.cli import add_deprecated_alias  # noqa: E402
 from peft_bitflip.config import BitflipConfig  # noqa: E402
 from recipes.reproduce_results import Study, ints  # noqa: E402
 
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block_size", type=int, default=512)
     p.add_argument("--eval_blocks", type=int, default=64, help="validation blocks evaluated")
     p.add_argument("--eval_batch_size", type=int, default=8)
-    p.add_argument("--eval_seeds", default="0,1,2")
+    p.add_argument("--seeds", default="0,1,2", help="flip seeds every evaluation averages over")
+    add_deprecated_alias(p, "--eval_seeds", "--seeds")
     p.add_argument("--calibration_margin", type=float, default=2.0)
     p.add_argument("--calibration_blocks", type=int, default=32, help="training blocks")
     p.add_argument("--lora_seeds", default="0,1,2", help="flip seeds of the r = 32 runs")
@@ -164,7 +166,7 @@ class RealModelStudy(Study):
         out = {"clean": self.ppl(model, blocks)["perplexity"]}
         for name, cfg in (("original", self.flips), ("calibrated", self.calibrated)):
             per_seed = {}
-            for s in ints(self.args.eval_seeds):
+            for s in ints(self.args.seeds):
                 peft_bitflip.apply_bitflip(
                     model, BitflipConfig.from_dict({**cfg.to_dict(), "seed": s})
                 )
@@ -322,7 +324,7 @@ class RealModelStudy(Study):
 
         def attribution():
             report = attribute(
-                model, eval_blocks, self.flips, seeds=ints(a.eval_seeds),
+                model, eval_blocks, self.flips, seeds=ints(a.seeds),
                 calibrated=self.calibrated, batch_size=a.eval_batch_size,
             )  # fmt: skip
             report["markdown"] = attribution_markdown(report, top=12)
@@ -383,7 +385,7 @@ class RealModelStudy(Study):
                 "## The original's table, and past it",
                 "",
                 "Perplexity, mean ± sd over evaluation flip seeds "
-                f"{a.eval_seeds}; 'original' = x and W at p = 2^-16, zero-out 30 / 1.25; "
+                f"{a.seeds}; 'original' = x and W at p = 2^-16, zero-out 30 / 1.25; "
                 "'calibrated' = the same flips with thresholds 2x each layer's own maxima.",
                 "",
                 "| model | train tokens | clean | under the original fault model | "

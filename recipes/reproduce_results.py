@@ -8,7 +8,7 @@ One command runs the whole study on a local corpus (``recipes/build_corpus.py``)
 3. bit-flip-aware LoRA (``finetune_lora.py``, r = 32, alpha = 32, 1 % of the parameter count
    in tokens) on the clean model, once per flip seed, and for r in ``--ranks`` (alpha = r);
 4. every model evaluated on the same validation blocks: clean, and under the original flips
-   for each of ``--eval_seeds``;
+   for each of ``--seeds``;
 5. a sweep of perplexity vs p (x and w, sign/exponent and mantissa bits, thresholds 30 / 1.25)
    for the clean, LoRA-recovered and bit-flip-pretrained models.
 
@@ -40,6 +40,7 @@ import torch  # noqa: E402
 
 import peft_bitflip  # noqa: E402
 from peft_bitflip import data, evaluation  # noqa: E402
+from peft_bitflip.cli import add_deprecated_alias  # noqa: E402
 from peft_bitflip.config import BitflipConfig  # noqa: E402
 from recipes import finetune_lora, pretrain_clm  # noqa: E402
 
@@ -90,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes that tokenize (each LoRA worker gets its share); the packing into "
         "blocks depends on it, so keep it fixed to reproduce a run",
     )
-    p.add_argument("--eval_seeds", default="0,1,2")
+    p.add_argument("--seeds", default="0,1,2", help="flip seeds every evaluation averages over")
+    add_deprecated_alias(p, "--eval_seeds", "--seeds")
     p.add_argument("--eval_blocks", type=int, default=128)
     p.add_argument("--sweep_seeds", default="0,1,2")
     p.add_argument("--sweep_batches", type=int, default=4, help="batches of 8 blocks per point")
@@ -310,7 +312,7 @@ class Study:
         model.eval()
         clean = evaluation.perplexity(model, blocks)["perplexity"]
         flipped = {}
-        for s in ints(self.args.eval_seeds):
+        for s in ints(self.args.seeds):
             peft_bitflip.apply_bitflip(model, dataclasses.replace(flips, seed=s))
             evaluation.reset_streams(model)
             flipped[s] = evaluation.perplexity(model, blocks)["perplexity"]
@@ -428,11 +430,11 @@ class Study:
             "|---|---:|---:|",
             f"| clean model, no flips | {e['clean']['clean']:.2f} | - |",
             f"| clean model under flips | "
-            f"{fmt(e['clean']['flipped_mean'], e['clean']['flipped_sd'])} | eval {a.eval_seeds} |",
+            f"{fmt(e['clean']['flipped_mean'], e['clean']['flipped_sd'])} | eval {a.seeds} |",
             f"| bit-flip-aware LoRA r=32, under flips | {fmt(*rec)} | train {a.lora_seeds} |",
             f"| bit-flip-aware *pretrained*, under flips | "
             f"{fmt(e['bitflip']['flipped_mean'], e['bitflip']['flipped_sd'])} | "
-            f"eval {a.eval_seeds} |",
+            f"eval {a.seeds} |",
             "",
             "| LoRA rank (alpha = r, seed 0) | trainable tokens | under flips | clean |",
             "|---:|---:|---:|---:|",

@@ -39,7 +39,7 @@ def test_study_runs_every_stage_and_resumes(tmp_path, capsys):
         "--output_dir", str(out), "--flavor", "tiny", "--seq_len", "64",
         "--tokenizer_vocab_size", "384", "--pretrain_tokens", "8192",
         "--pretrain_batch_size", "8", "--lora_seeds", "0,1", "--ranks", "", "--harsh_p", "0",
-        "--lora_batch_size", "4", "--eval_blocks", "4", "--eval_seeds", "0,1",
+        "--lora_batch_size", "4", "--eval_blocks", "4", "--seeds", "0,1",
         "--sweep_batches", "1", "--sweep_seeds", "0", "--preprocessing_num_workers", "1",
     ]  # fmt: skip
     results = reproduce_results.main(argv)
