@@ -9,6 +9,8 @@ batch size, never null), the package versions and the command line.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import importlib.metadata
 import os
@@ -55,7 +57,8 @@ def file_record(path: str) -> dict:
 
 
 def fault_model_record(config: BitflipConfig | None, seeds: Sequence[int] | None = None):
-    """Every field of ``config`` (``to_dict``: the per-module rules as an ordered list), or
+    """Every field of ``config`` (as ``to_dict`` writes them: the per-module rules as an ordered
+    list; the stuck-at fields also at their defaults), or
     None for a clean run.  ``seeds``: the flip seeds a result averages over; with more than
     one, ``"seed"`` is None and ``"seeds"`` lists them (never one seed standing for several)."""
     if config is None:
@@ -63,7 +66,15 @@ def fault_model_record(config: BitflipConfig | None, seeds: Sequence[int] | None
     seeds = [config.seed] if seeds is None else [int(s) for s in seeds]
     if not seeds:
         raise ValueError("a result under flips needs at least one flip seed")
-    return {**config.to_dict(), "seed": seeds[0] if len(seeds) == 1 else None, "seeds": seeds}
+    fields = {  # to_dict leaves the stuck-at fields out at their defaults; a record has them all
+        f.name: copy.deepcopy(getattr(config, f.name)) for f in dataclasses.fields(config)
+    }
+    return {
+        **fields,
+        **config.to_dict(),
+        "seed": seeds[0] if len(seeds) == 1 else None,
+        "seeds": seeds,
+    }
 
 
 def run_record(
