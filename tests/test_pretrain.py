@@ -73,6 +73,8 @@ def test_generate_cfg_reproduces_the_original_60m_plan(tmp_path):
             "corpus.jsonl",  # not read by generate-cfg
             "--save_path",
             str(cfg),
+            "--lr_scheduler_type",
+            "cosine",
         ]
     )
     assert plan["params"] == 63_226_752
@@ -85,6 +87,12 @@ def test_generate_cfg_reproduces_the_original_60m_plan(tmp_path):
     # the same budget on 4 processes with 2 accumulation steps: a quarter... of a half
     args = pretrain_clm.parse_args(["train", "--config", str(cfg)])
     assert args.flavor == "60M" and args.train.per_device_train_batch_size == 48
+    # a Trainer flag travels through the YAML; the command line still wins
+    assert args.train.lr_scheduler_type == "cosine" and args.train.weight_decay == 0.1
+    again = pretrain_clm.parse_args(
+        ["train", "--config", str(cfg), "--lr_scheduler_type", "linear"]
+    )
+    assert again.train.lr_scheduler_type == "linear"
     plan4 = pretrain_clm.make_plan(
         pretrain_clm.parse_args(
             ["train", "--config", str(cfg), "--gradient_accumulation_steps", "2"]
