@@ -383,7 +383,11 @@ class _DeprecatedFlag(argparse.Action):
         if self.settings is None:
             setattr(namespace, self.dest, values)
             return
-        for key, value in self.settings(values).items():
+        try:
+            settings = self.settings(values)
+        except ValueError as e:
+            parser.error(f"{option_string}: {e}")
+        for key, value in settings.items():
             setattr(namespace, key, value)
 
 

@@ -118,7 +118,7 @@ MACHINE_FIELDS = {"use_cpu", "dataloader_pin_memory"}
 
 def _precision(value: str) -> dict:
     if value not in ("auto", "bf16", "fp32"):
-        raise SystemExit(f"--precision {value!r}: expected auto, bf16 or fp32")
+        raise ValueError(f"{value!r} is none of auto, bf16, fp32")
     return {} if value == "auto" else {"bf16": value == "bf16", "fp16": False}
 
 

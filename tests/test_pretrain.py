@@ -230,6 +230,7 @@ def test_streaming_local_files_and_original_meta_yaml(tmp_path):
         (["--seq_len", "0"], "seq_len"),
         (["--eval_seeds", "a,b"], "eval_seeds"),
         (["--flavor", "70B"], "70B"),
+        (["--precision", "fp64"], "fp64"),
     ],
 )
 def test_bad_arguments_fail_naming_the_value(argv, message, capsys):
