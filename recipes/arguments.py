@@ -1,7 +1,9 @@
-"""Command line of the fine-tuning recipes: ``HfArgumentParser`` over ``ModelArguments``,
+"""Command line of the recipes: ``HfArgumentParser`` over ``ModelArguments``,
 ``DataArguments``, ``BitflipArguments`` and ``TrainingArguments`` (``SFTConfig`` for TRL), as
 transformers' ``run_clm.py`` and TRL's ``sft.py``: every Trainer flag works (``--optim``,
 ``--lr_scheduler_kwargs``, ``--eval_strategy``, ``--torch_compile``, ``--deepspeed``, ...).
+``pretrain_clm.py`` parses ``DataSourceArguments``, ``PretrainArguments`` and
+``TrainingArguments`` with the same helpers.
 
 Presets (``--preset tiny``, the offline default) change defaults only: a flag on the command
 line wins.  Old spellings of renamed flags still parse for one release, with a warning naming
@@ -17,7 +19,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 
-from peft_bitflip import data
+from peft_bitflip import data, flavors
 from peft_bitflip.config import RULE_KEYS
 
 TINY_VOCAB_SIZE = 1024
@@ -106,8 +108,8 @@ def trust_remote_code(model_args, training_args) -> bool:
 
 
 @dataclass
-class DataArguments:
-    """The data (default: the embedded offline pydoc corpus) and the token budget."""
+class DataSourceArguments:
+    """Where the text comes from (default: the embedded offline pydoc corpus)."""
 
     dataset_name: str | None = field(default=None, metadata={"help": "datasets.load_dataset name"})
     dataset_config_name: str | None = field(default=None, metadata={"help": "its config"})
@@ -121,6 +123,15 @@ class DataArguments:
     text_column: str | None = field(
         default=None, metadata={"help": "default: 'text', else the first column"}
     )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "processes for tokenization"}
+    )
+
+
+@dataclass
+class DataArguments(DataSourceArguments):
+    """The data (default: the embedded offline pydoc corpus) and the token budget."""
+
     txt_sample_by: str = field(
         default="paragraph",
         metadata={
@@ -133,9 +144,6 @@ class DataArguments:
         metadata={
             "help": "tokens per training sequence; default min(1024, model / tokenizer maximum)"
         },
-    )
-    preprocessing_num_workers: int | None = field(
-        default=None, metadata={"help": "processes for tokenization"}
     )
     train_tokens: int | None = field(
         default=None,
@@ -276,11 +284,93 @@ class BitflipArguments:
         return out
 
 
-class _DeprecatedFlag(argparse.Action):
-    """An old spelling of a flag: stores into the new field and warns, naming the new flag."""
+@dataclass
+class PretrainArguments:
+    """From-scratch pretraining (``pretrain_clm.py``): the aixsim flavor, tokenizer, streaming,
+    token budget, fault model and the evaluation at the end; presets: tiny offline, else the
+    original's 60M settings."""
 
-    def __init__(self, option_strings, dest, new_flag: str, **kwargs):
-        self.new_flag = new_flag
+    flavor: str | None = field(
+        default=None,
+        metadata={
+            "help": "aixsim flavor (tiny: ours, for CPU); default tiny offline, else 60M",
+            "choices": list(flavors.FLAVORS),
+        },
+    )
+    seq_len: int | None = field(
+        default=None, metadata={"help": "tokens per block (2048; tiny 128)"}
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "HF tokenizer (e.g. HuggingFaceTB/cosmo2-tokenizer); default: a byte-level "
+            "BPE trained on the first training documents"
+        },
+    )
+    tokenizer_vocab_size: int | None = field(
+        default=None, metadata={"help": "vocabulary of the BPE trained locally (16384; tiny 1024)"}
+    )
+    tokenizer_train_docs: int = field(
+        default=20_000, metadata={"help": "documents the local BPE is trained on"}
+    )
+    streaming: bool | None = field(
+        default=None,
+        metadata={"help": "stream the data set (default: on with --dataset_name, else off)"},
+    )
+    validation_docs: int = field(
+        default=2000,
+        metadata={"help": "streaming without a validation split: the first N documents held out"},
+    )
+    token_num_scale: float | None = field(
+        default=None, metadata={"help": "token budget in tokens per non-embedding parameter (22)"}
+    )
+    train_tokens: int | None = field(
+        default=None, metadata={"help": "token budget in tokens (overrides); --max_steps wins"}
+    )
+    num_processes: int = field(
+        default=1,
+        metadata={"help": "generate-cfg: processes the run will use (train uses the actual ones)"},
+    )
+    eval_blocks: int | None = field(
+        default=None, metadata={"help": "validation blocks evaluated (64; tiny 32)"}
+    )
+    bitflip: str = field(
+        default="original",
+        metadata={
+            "help": "'original' (p = 2^-16 for x and w, zero-out 30 / 1.25), 'none' (clean "
+            "baseline), a BitflipConfig JSON (or a model's config.json) or an original meta YAML"
+        },
+    )
+    bitflip_seed: int = field(default=0, metadata={"help": "seed of the flip streams"})
+    flip_lm_head: bool = field(
+        default=False,
+        metadata={"help": "flip the output head too, as the original pretraining did"},
+    )
+    eval_bitflip: str | None = field(
+        default=None,
+        metadata={
+            "help": "fault model of the flipped evaluation (default: the run's, else original)"
+        },
+    )
+    eval_seeds: str = field(
+        default="0", metadata={"help": "comma-separated flip seeds of the flipped evaluation"}
+    )
+    config: str | None = field(
+        default=None, metadata={"help": "YAML / JSON written by generate-cfg; flags override it"}
+    )
+    save_path: str | None = field(
+        default=None, metadata={"help": "generate-cfg: where to write the config"}
+    )
+
+
+class _DeprecatedFlag(argparse.Action):
+    """An old spelling of a flag: stores into the new field and warns, naming the new flag.
+
+    ``settings`` (optional) maps the old flag's value to ``{field: value}`` for old flags
+    whose values differ from the new one's (``--precision bf16`` -> ``bf16 = True``)."""
+
+    def __init__(self, option_strings, dest, new_flag: str, settings=None, **kwargs):
+        self.new_flag, self.settings = new_flag, settings
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
@@ -290,29 +380,32 @@ class _DeprecatedFlag(argparse.Action):
             FutureWarning,
             stacklevel=2,
         )
-        setattr(namespace, self.dest, values)
+        if self.settings is None:
+            setattr(namespace, self.dest, values)
+            return
+        try:
+            settings = self.settings(values)
+        except ValueError as e:
+            parser.error(f"{option_string}: {e}")
+        for key, value in settings.items():
+            setattr(namespace, key, value)
 
 
-def build_parser(training_cls=None, description: str | None = None):
-    """``HfArgumentParser`` over the recipe's four dataclasses (``training_cls``:
-    ``TrainingArguments`` or TRL's ``SFTConfig``), with the deprecated aliases."""
-    from transformers import HfArgumentParser, TrainingArguments
-
-    training_cls = training_cls or TrainingArguments
-    has_code_flag = "trust_remote_code" in {f.name for f in dataclasses.fields(training_cls)}
-    model_cls = ModelArguments if has_code_flag else ModelArgumentsWithRemoteCode
-    parser = HfArgumentParser(
-        (model_cls, DataArguments, BitflipArguments, training_cls),
-        description=description,
-    )
+def hf_parser(dataclass_types, description: str | None, deprecated: dict):
+    """``HfArgumentParser`` over ``dataclass_types`` with bare ``bool | None`` flags and the
+    ``deprecated`` aliases (``{old: new}``, those whose new flag exists)."""
+    from transformers import HfArgumentParser
     from transformers.hf_argparser import string_to_bool
 
+    parser = HfArgumentParser(dataclass_types, description=description)
     for action in parser._actions:  # `bool | None` fields (--disable_tqdm, ...) as bare flags
         if action.type is string_to_bool and action.nargs is None:
             action.nargs, action.const = "?", True
     by_dest = {a.dest: a for a in parser._actions}
-    for old, new in DEPRECATED_FLAGS.items():
-        target = by_dest[new.lstrip("-")]
+    for old, new in deprecated.items():
+        target = by_dest.get(new.lstrip("-"))
+        if target is None:
+            continue
         parser.add_argument(
             old,
             dest=target.dest,
@@ -322,6 +415,20 @@ def build_parser(training_cls=None, description: str | None = None):
             default=argparse.SUPPRESS,
             help=argparse.SUPPRESS,
         )
+    return parser
+
+
+def build_parser(training_cls=None, description: str | None = None):
+    """``HfArgumentParser`` over the recipe's four dataclasses (``training_cls``:
+    ``TrainingArguments`` or TRL's ``SFTConfig``), with the deprecated aliases."""
+    from transformers import TrainingArguments
+
+    training_cls = training_cls or TrainingArguments
+    has_code_flag = "trust_remote_code" in {f.name for f in dataclasses.fields(training_cls)}
+    model_cls = ModelArguments if has_code_flag else ModelArgumentsWithRemoteCode
+    parser = hf_parser(
+        (model_cls, DataArguments, BitflipArguments, training_cls), description, DEPRECATED_FLAGS
+    )
     parser.set_defaults(output_dir=None, **BASE_DEFAULTS)
     return parser
 
@@ -389,15 +496,22 @@ def _check(parser, model_args, data_args, flip_args, training_args, argv) -> Non
         flip_args.training_faults()
     except ValueError as e:
         parser.error(str(e))
-    for kind in ("eval", "save"):  # the recipes' old --{eval,save}_steps N alone: every N steps
-        given = {a.split("=")[0] for a in argv}
-        if f"--{kind}_steps" in given and f"--{kind}_strategy" not in given:
-            steps = getattr(training_args, f"{kind}_steps")
-            if kind == "save" and steps == 0:
-                continue  # the old "--save_steps 0": no checkpoints (the default)
-            setattr(training_args, f"{kind}_strategy", _strategy("steps", kind))
+    step_cadence(training_args, argv)
     if training_args.eval_strategy != _strategy("no") and data_args.eval_batches == 0:
         parser.error("--eval_strategy needs validation batches; --eval_batches is 0")
+
+
+def step_cadence(training_args, argv) -> None:
+    """The recipes' old ``--eval_steps N`` / ``--save_steps N`` without a strategy: every N
+    steps (``--save_steps 0``: no checkpoints)."""
+    given = {a.split("=")[0] for a in argv}
+    for kind in ("eval", "save"):
+        if f"--{kind}_steps" in given and f"--{kind}_strategy" not in given:
+            steps = getattr(training_args, f"{kind}_steps")
+            if steps == 0:
+                setattr(training_args, f"{kind}_strategy", _strategy("no", kind))
+            else:
+                setattr(training_args, f"{kind}_strategy", _strategy("steps", kind))
 
 
 def _strategy(name: str, kind: str = "eval"):

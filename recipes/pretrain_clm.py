@@ -9,6 +9,10 @@ to 0, gradient clipping at 1.0, bf16 autocast on GPUs, and a token budget of
 actual number of processes and gradient accumulation.  Every linear layer flips bits as the
 ``--bitflip`` setting says (default: the original's ``fc-only-w-a-exp-frac.yaml``, p = 2^-16
 for x and w, zero-out |x| >= 30, |w| >= 1.25); ``--bitflip none`` trains the clean baseline.
+The command line is ``HfArgumentParser`` over ``DataSourceArguments``, ``PretrainArguments``
+and ``TrainingArguments``, as transformers' ``run_clm.py``: every Trainer flag works
+(``--optim``, ``--lr_scheduler_type``, ``--eval_strategy``, ``--torch_compile``,
+``--push_to_hub``, ...); the presets and ``--config`` change defaults only.
 
 Two subcommands, as the original's ``run.py``:
 
@@ -42,6 +46,7 @@ import os
 import shlex
 import sys
 import time
+import warnings
 
 if __package__ in (None, ""):  # run as a script: make ``recipes`` and the checkout importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -77,193 +82,156 @@ DEFAULTS = {
 }
 # Options that only describe the run plan (not passed on to train).
 PLAN_ONLY = {"save_path", "command", "config"}
+# Old spellings -> the Trainer's flag (parsed into it with a warning).
+DEPRECATED_FLAGS = {"--max_train_steps": "--max_steps", "--warmup_fraction": "--warmup_steps"}
+# The original's torchtitan optimisation (AdamW 0.9 / 0.95, weight decay 0.1, linear warm-up
+# over 20 % of the steps then linear decay to 0, clipping at 1.0) and the recipe's run defaults,
+# where they differ from TrainingArguments' own.
+TRAINER_DEFAULTS = {
+    "output_dir": None,
+    "weight_decay": 0.1,
+    "adam_beta2": 0.95,
+    "warmup_steps": 0.2,
+    "optim": "adamw_torch",
+    "save_total_limit": 3,
+    "logging_first_step": True,
+    "include_num_input_tokens_seen": True,
+    "ddp_find_unused_parameters": False,
+}
+# TrainingArguments fields generate-cfg always writes (the plan's optimisation, for the reader).
+OPTIMISATION_FIELDS = (
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "optim",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "max_grad_norm",
+    "seed",
+)
+# TrainingArguments fields that describe the machine generate-cfg ran on, not the run.
+MACHINE_FIELDS = {"use_cpu", "dataloader_pin_memory"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def _precision(value: str) -> dict:
+    if value not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"{value!r} is none of auto, bf16, fp32")
+    return {} if value == "auto" else {"bf16": value == "bf16", "fp16": False}
+
+
+def build_parser():
+    """``HfArgumentParser`` over ``DataSourceArguments``, ``PretrainArguments`` and
+    ``TrainingArguments`` (every Trainer flag), the subcommand and the deprecated aliases."""
+    from transformers import TrainingArguments
+
+    parser = arguments.hf_parser(
+        (arguments.DataSourceArguments, arguments.PretrainArguments, TrainingArguments),
+        __doc__.split("\n\n")[0],
+        DEPRECATED_FLAGS,
     )
-    p.add_argument(
+    parser.add_argument(
         "command",
         nargs="?",
         choices=["train", "generate-cfg"],
         default="train",
-        help="train (default) or write the run's config file",
+        help="train (default) or write the run's config file (generate-cfg)",
     )
-    p.add_argument("--config", default=None, help="YAML / JSON from generate-cfg; flags override")
-    p.add_argument("--save_path", default=None, help="generate-cfg: where to write the config")
-
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--flavor",
-        choices=list(flavors.FLAVORS),
-        default=None,
-        help="aixsim flavor (tiny: ours, for CPU); default tiny offline, else 60M",
-    )
-    g.add_argument("--seq_len", type=int, default=None, help="tokens per block (2048; tiny 128)")
-
-    g = p.add_argument_group("tokenizer")
-    g.add_argument(
-        "--tokenizer_name",
-        default=None,
-        help="HF tokenizer (e.g. HuggingFaceTB/cosmo2-tokenizer); default: a byte-level BPE "
-        "trained on the first training documents",
-    )
-    g.add_argument("--tokenizer_vocab_size", type=int, default=None)
-    g.add_argument("--tokenizer_train_docs", type=int, default=20_000)
-
-    g = p.add_argument_group("data (default: the embedded offline pydoc corpus)")
-    g.add_argument("--dataset_name", default=None, help="e.g. HuggingFaceFW/fineweb-edu")
-    g.add_argument("--dataset_config_name", default=None, help="e.g. sample-100BT")
-    g.add_argument(
-        "--streaming",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="stream the data set (default: on with --dataset_name, off for local files)",
-    )
-    g.add_argument("--train_file", default=None, help=".txt, .json, .jsonl or .csv")
-    g.add_argument("--validation_file", default=None)
-    g.add_argument("--text_column", default=None)
-    g.add_argument(
-        "--validation_docs",
-        type=int,
-        default=2000,
-        help="streaming without a validation split: the first N documents are held out",
-    )
-    g.add_argument("--validation_split_percentage", type=float, default=1.0)
-    g.add_argument("--preprocessing_num_workers", type=int, default=None)
-
-    g = p.add_argument_group("bit flips")
-    g.add_argument(
-        "--bitflip",
-        default="original",
-        help="'original' (p = 2^-16 for x and w, zero-out 30 / 1.25), 'none' (clean "
-        "baseline), a BitflipConfig JSON (or a model's config.json) or an original meta YAML",
-    )
-    g.add_argument("--bitflip_seed", type=int, default=0)
-    g.add_argument(
-        "--flip_lm_head",
-        action="store_true",
-        help="flip the output head too, as the original pretraining did (default: every "
-        "linear layer except lm_head, as the LoRA fine-tune and the evaluation)",
-    )
-    g.add_argument(
-        "--eval_bitflip",
-        default=None,
-        help="fault model of the flipped evaluation (default: the run's; for a clean run "
-        "'original')",
-    )
-    g.add_argument(
-        "--eval_seeds",
-        default="0",
-        help="comma-separated flip seeds of the flipped evaluation (mean and spread)",
-    )
-
-    g = p.add_argument_group("budget and batch")
-    g.add_argument("--per_device_train_batch_size", type=int, default=None)
-    g.add_argument("--per_device_eval_batch_size", type=int, default=None)
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument(
-        "--num_processes",
-        type=int,
-        default=1,
-        help="generate-cfg: processes the run will use (train uses the actual number)",
-    )
-    g.add_argument("--token_num_scale", type=float, default=None, help="tokens per parameter")
-    g.add_argument("--train_tokens", type=int, default=None, help="token budget (overrides)")
-    g.add_argument("--max_steps", type=int, default=None, help="optimizer steps (overrides)")
-
-    g = p.add_argument_group("optimizer")
-    g.add_argument("--learning_rate", type=float, default=None, help="1e-4 (tiny: 3e-3)")
-    g.add_argument("--weight_decay", type=float, default=0.1)
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.95)
-    g.add_argument("--warmup_fraction", type=float, default=0.2)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument(
+    parser.add_argument(
         "--precision",
-        choices=["auto", "bf16", "fp32"],
-        default="auto",
-        help="auto: bf16 autocast where the GPU supports it, else fp32",
+        dest="bf16",
+        new_flag="--bf16 / --fp16",
+        settings=_precision,
+        action=arguments._DeprecatedFlag,
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
     )
-
-    g = p.add_argument_group("run")
-    g.add_argument(
-        "--output_dir",
-        default=None,
-        help="where the model, results and model card go (default: a folder of the "
-        "temporary directory named after the flavor)",
+    parser.add_argument(  # the old BooleanOptionalAction spelling
+        "--no-streaming",
+        dest="streaming",
+        nargs=0,
+        new_flag="--streaming false",
+        settings=lambda _: {"streaming": False},
+        action=arguments._DeprecatedFlag,
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
     )
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--logging_steps", type=int, default=None)
-    g.add_argument("--save_steps", type=int, default=500, help="checkpoint interval; 0: none")
-    g.add_argument("--save_total_limit", type=int, default=3, help="checkpoints kept")
-    g.add_argument(
-        "--resume_from_checkpoint",
-        default=None,
-        help="a checkpoint directory, or 'latest' (the newest in --output_dir)",
-    )
-    g.add_argument("--eval_blocks", type=int, default=None, help="validation blocks evaluated")
-    g.add_argument("--eval_steps", type=int, default=0, help="also evaluate every N steps")
-    g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--torch_compile", action="store_true")
-    g.add_argument("--fsdp", default="", help="Trainer's fsdp option, e.g. 'full_shard auto_wrap'")
-    g.add_argument("--report_to", default="none", help="none, wandb, tensorboard, ...")
-    g.add_argument("--disable_tqdm", action="store_true")
-    g.add_argument("--dataloader_num_workers", type=int, default=0)
-    g.add_argument("--full_determinism", action="store_true", help="deterministic kernels")
-    g.add_argument(
-        "--push_to_hub",
-        action="store_true",
-        help="push the saved folder (model, tokenizer, results, model card) to the Hub",
-    )
-    g.add_argument("--hub_model_id", default=None, help="default: the output folder's name")
-    g.add_argument("--hub_token", default=None)
-    return p
+    parser.set_defaults(validation_split_percentage=1.0, **TRAINER_DEFAULTS)
+    return parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Command line over ``--config`` over the preset (tiny offline, else the original's)."""
+    """The run's options: command line over ``--config`` over the preset (tiny offline, else
+    the original's 60M settings) over the dataclasses' defaults.
+
+    A namespace of the data and pretraining options, with ``.train`` (``TrainingArguments``),
+    ``.command``, ``.argv``, ``.flips`` / ``.eval_flips`` (``BitflipConfig`` or None) and
+    ``.eval_seed_list``.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    first = parser.parse_args(argv)
-    if first.config:
-        values = load_run_config(first.config)
-        unknown = set(values) - {a.dest for a in parser._actions}
-        if unknown:
-            parser.error(f"unknown option(s) {sorted(unknown)} in {first.config}")
-        parser.set_defaults(**values)
-    args = parser.parse_args(argv)
-    offline = not (args.dataset_name or args.train_file)
-    flavor = args.flavor or ("tiny" if offline else DEFAULTS["flavor"])
+    first = _peek(parser, argv)
+    config = load_run_config(first.config) if first.config else {}
+    unknown = set(config) - {a.dest for a in parser._actions}
+    if unknown:
+        parser.error(f"unknown option(s) {sorted(unknown)} in {first.config}")
+    parser.set_defaults(**config)
+    first = _peek(parser, argv)
+    offline = not (first.dataset_name or first.train_file)
+    flavor = first.flavor or ("tiny" if offline else DEFAULTS["flavor"])
     preset = TINY if flavor == "tiny" else DEFAULTS
-    for key, value in preset.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    args.flavor = flavor
-    args.argv = argv
-    if args.output_dir is None:
-        args.output_dir = arguments.default_output_dir(f"pretrain-{flavor}")
-    if args.per_device_eval_batch_size is None:
-        args.per_device_eval_batch_size = args.per_device_train_batch_size
+    values = {k: v for k, v in preset.items() if k not in config}
+    values["flavor"] = flavor
+    if "output_dir" not in config:
+        values["output_dir"] = arguments.default_output_dir(f"pretrain-{flavor}")
+    if not torch.cuda.is_available():  # CPU: nothing to pin memory to
+        values.update(use_cpu=True, dataloader_pin_memory=False)
+    elif torch.cuda.is_bf16_supported() and not ({"bf16", "fp16"} & set(config)):
+        values["bf16"] = True  # bf16 autocast where the GPU supports it
+    parser.set_defaults(**values)
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    if "--per_device_eval_batch_size" not in given and "per_device_eval_batch_size" not in config:
+        resolved = _peek(parser, argv)
+        parser.set_defaults(per_device_eval_batch_size=resolved.per_device_train_batch_size)
+    try:
+        data_args, pre, train_args, rest = parser.parse_args_into_dataclasses(
+            argv, look_for_args_file=False
+        )
+    except ValueError as e:  # TrainingArguments' own checks
+        parser.error(str(e))
+    arguments.step_cadence(train_args, argv)
+    arguments.non_reentrant_checkpointing(train_args)
+    if train_args.data_seed is None:
+        train_args.data_seed = train_args.seed
+    args = argparse.Namespace(**dataclasses.asdict(data_args), **dataclasses.asdict(pre))
+    args.train, args.command, args.argv = train_args, rest.command, argv
+    _check(parser, args)
+    return args
+
+
+def _peek(parser, argv) -> argparse.Namespace:
+    """The options as parsed so far (deprecation warnings come from the final parse only)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return parser.parse_known_args(argv)[0]
+
+
+def _check(parser, args) -> None:
+    t = args.train
     if args.streaming is None:
         args.streaming = bool(args.dataset_name)
-    for key in (
-        "seq_len",
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "num_processes",
-        "tokenizer_vocab_size",
-    ):
+    for key in ("seq_len", "num_processes", "tokenizer_vocab_size"):
         if getattr(args, key) < 1:
             parser.error(f"--{key} must be >= 1, got {getattr(args, key)}")
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(t, key) < 1:
+            parser.error(f"--{key} must be >= 1, got {getattr(t, key)}")
     if not (args.token_num_scale > 0 and math.isfinite(args.token_num_scale)):
         parser.error(f"--token_num_scale must be a positive number, got {args.token_num_scale}")
-    if not 0 <= args.warmup_fraction < 1:
-        parser.error(f"--warmup_fraction must be in [0, 1), got {args.warmup_fraction}")
-    if args.max_steps is not None and args.max_steps < 1:
-        parser.error(f"--max_steps must be >= 1, got {args.max_steps}")
+    if t.warmup_steps < 0:
+        parser.error(f"--warmup_steps must be >= 0 (< 1: a fraction), got {t.warmup_steps}")
     if args.train_tokens is not None and args.train_tokens < 1:
         parser.error(f"--train_tokens must be >= 1, got {args.train_tokens}")
     try:
@@ -280,7 +248,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.eval_flips = bitflip_config(eval_spec, args)
     if args.eval_flips is None:
         parser.error("--eval_bitflip none leaves nothing to evaluate under flips")
-    return args
 
 
 def load_run_config(path: str) -> dict:
@@ -331,25 +298,26 @@ def model_config(args, vocab_size: int, tokenizer=None):
 def make_plan(args, vocab_size: int, world_size: int) -> dict:
     """The token budget in optimizer steps for ``world_size`` processes."""
     params = flavors.count_params(model_config(args, vocab_size), exclude_embedding=True)
+    warmup = args.train.warmup_steps  # < 1: a fraction of the steps
     plan = flavors.PretrainPlan(
         params=params,
         token_num_scale=args.token_num_scale,
-        per_device_batch=args.per_device_train_batch_size,
-        grad_accum=args.gradient_accumulation_steps,
+        per_device_batch=args.train.per_device_train_batch_size,
+        grad_accum=args.train.gradient_accumulation_steps,
         world_size=world_size,
         seq_len=args.seq_len,
-        warmup_fraction=args.warmup_fraction,
+        warmup_fraction=warmup if warmup < 1 else 0.0,
     ).to_dict()
     plan["source"] = f"{args.token_num_scale:g} x {params:,} non-embedding parameters"
     if args.train_tokens is not None:
         plan["tokens"] = args.train_tokens
         plan["steps"] = math.ceil(args.train_tokens / plan["tokens_per_step"])
         plan["source"] = "--train_tokens"
-    if args.max_steps is not None:
-        plan["steps"] = args.max_steps
-        plan["tokens"] = args.max_steps * plan["tokens_per_step"]
+    if args.train.max_steps > 0:
+        plan["steps"] = args.train.max_steps
+        plan["tokens"] = args.train.max_steps * plan["tokens_per_step"]
         plan["source"] = "--max_steps"
-    plan["warmup_steps"] = int(args.warmup_fraction * plan["steps"])
+    plan["warmup_steps"] = int(warmup * plan["steps"]) if warmup < 1 else int(warmup)
     plan["effective_batch"] = plan["tokens_per_step"] // args.seq_len
     plan["vocab_size"] = vocab_size
     return plan
@@ -361,8 +329,8 @@ def describe_plan(args, plan: dict) -> str:
         f"included), vocab {plan['vocab_size']}\n"
         f"tokens: {plan['tokens']:,} ({plan['source']})\n"
         f"effective batch: {plan['effective_batch']} sequences of {args.seq_len} tokens = "
-        f"{plan['tokens_per_step']:,} tokens per step ({args.per_device_train_batch_size} "
-        f"per device x {args.gradient_accumulation_steps} accumulation x "
+        f"{plan['tokens_per_step']:,} tokens per step ({args.train.per_device_train_batch_size} "
+        f"per device x {args.train.gradient_accumulation_steps} accumulation x "
         f"{plan['world_size']} processes)\n"
         f"steps: {plan['steps']:,}, warm-up {plan['warmup_steps']:,}\n"
         f"flips: {args.flips if args.flips is not None else 'none (clean baseline)'}"
@@ -379,13 +347,29 @@ def tokenizer_vocab(args) -> int:
 
 
 def generate_cfg(args) -> dict:
-    """Print the plan and write every option (plus the plan, for reading) to ``--save_path``."""
+    """Print the plan and write the run's options (plus the plan, for reading) to
+    ``--save_path``: every data and pretraining option, the optimisation, and the other
+    Trainer options that differ from the recipe's defaults (not those of the machine it runs
+    on, nor tokens)."""
     import yaml
+    from transformers import TrainingArguments
 
     plan = make_plan(args, tokenizer_vocab(args), args.num_processes)
     print(describe_plan(args, plan))
-    skip = PLAN_ONLY | {"flips", "eval_flips", "eval_seed_list", "argv", "hub_token"}
+    skip = PLAN_ONLY | {"flips", "eval_flips", "eval_seed_list", "argv", "train"}
     values = {k: v for k, v in vars(args).items() if k not in skip}
+    ours = args.train.to_dict()
+    recipe_defaults = {k: v for k, v in TRAINER_DEFAULTS.items() if k != "output_dir"}
+    reference = TrainingArguments(
+        output_dir=args.train.output_dir, use_cpu=args.train.use_cpu, **recipe_defaults
+    ).to_dict()
+    values.update(
+        (k, v)
+        for k, v in ours.items()
+        if k in OPTIMISATION_FIELDS
+        or (v != reference.get(k) and k not in MACHINE_FIELDS and not k.endswith("_token"))
+    )
+    values["output_dir"] = args.train.output_dir
     values["plan"] = plan
     os.makedirs(os.path.dirname(os.path.abspath(args.save_path)), exist_ok=True)
     with open(args.save_path, "w", encoding="utf-8") as f:
@@ -484,96 +468,6 @@ def make_blocks(args, docs, column, tokenizer):
 # ---------------------------------------------------------------------- training
 
 
-def training_arguments(args, plan_steps: int = 1):
-    from transformers import TrainingArguments
-
-    use_cpu = not torch.cuda.is_available()
-    bf16 = args.precision == "bf16" or (
-        args.precision == "auto" and not use_cpu and torch.cuda.is_bf16_supported()
-    )
-    kwargs = dict(
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        per_device_eval_batch_size=args.per_device_eval_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        max_steps=plan_steps,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2,
-        optim="adamw_torch",
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        max_grad_norm=args.max_grad_norm,
-        bf16=bf16,
-        seed=args.seed,
-        data_seed=args.seed,
-        full_determinism=args.full_determinism,
-        save_total_limit=args.save_total_limit,
-        torch_compile=args.torch_compile,
-        dataloader_num_workers=args.dataloader_num_workers,
-        include_num_input_tokens_seen=True,
-        ddp_find_unused_parameters=False,
-        push_to_hub=args.push_to_hub,
-        hub_model_id=args.hub_model_id,
-        hub_token=args.hub_token,
-        **run_kwargs(args, eval_steps=args.eval_steps or None),
-    )
-    if args.fsdp:
-        kwargs.update(fsdp_kwargs(args.fsdp, TrainingArguments))
-    return TrainingArguments(**kwargs)
-
-
-def run_kwargs(args, *, eval_steps: int | None) -> dict:
-    """Output, logging, evaluation and checkpoint cadence, activation checkpointing (non-
-    reentrant: the only variant the flip layers replay exactly), reporting and the device."""
-    from transformers import TrainingArguments
-
-    use_cpu = not torch.cuda.is_available()
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    ckpt = "activation" if "activation_checkpointing" in names else "gradient"
-    return {
-        "output_dir": args.output_dir,
-        "logging_steps": args.logging_steps,
-        "logging_first_step": True,
-        "eval_strategy": "steps" if eval_steps else "no",
-        "eval_steps": eval_steps,
-        "save_strategy": "steps" if args.save_steps else "no",
-        "save_steps": args.save_steps or 500,
-        f"{ckpt}_checkpointing": bool(args.gradient_checkpointing),
-        f"{ckpt}_checkpointing_kwargs": {"use_reentrant": False},
-        "use_cpu": use_cpu,
-        "report_to": [r.strip() for r in args.report_to.split(",") if r.strip()] or "none",
-        "run_name": os.path.basename(os.path.normpath(args.output_dir)),
-        "disable_tqdm": args.disable_tqdm or None,
-        "dataloader_pin_memory": not use_cpu,
-    }
-
-
-def fsdp_kwargs(option: str, training_arguments_cls) -> dict:
-    """``fsdp`` / ``fsdp_config`` for ``TrainingArguments`` from the Trainer's classic option
-    string (``"full_shard auto_wrap"``, ``"shard_grad_op"``, ``"... offload"``).
-
-    transformers that configure FSDP through ``fsdp_config`` alone (``fsdp=True``; the string
-    form is deprecated there) get the string translated; older ones get it as it is.  Decoder
-    layers are the wrapping unit either way.
-    """
-    items = option.split()
-    known = {"full_shard", "shard_grad_op", "auto_wrap", "offload"}
-    unknown = sorted(set(items) - known)
-    if unknown or not items:
-        raise ValueError(f"--fsdp {option!r}: unknown option(s) {unknown}; use {sorted(known)}")
-    config: dict = {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
-    if not hasattr(training_arguments_cls, "_apply_legacy_fsdp_to_config"):
-        return {"fsdp": option, "fsdp_config": config}
-    if "shard_grad_op" in items:
-        config["reshard_after_forward"] = False
-    elif "full_shard" in items:
-        config["reshard_after_forward"] = True
-    if "offload" in items:
-        config["cpu_offload"] = True
-    return {"fsdp": True, "fsdp_config": config}
-
-
 def flipped_perplexity(model, blocks, flips: BitflipConfig, seeds, batch_size: int, restore):
     """Perplexity under ``flips`` for each flip seed (streams from call 0).
 
@@ -627,8 +521,8 @@ def trainer_class():
 def train(args) -> dict:
     from transformers import LlamaForCausalLM, default_data_collator, set_seed
 
-    set_seed(args.seed)
-    training_args = training_arguments(args)
+    training_args = args.train
+    set_seed(training_args.seed)
     common.one_gpu_per_process(training_args)
     world = training_args.world_size
     is_main = training_args.process_index == 0
@@ -674,13 +568,13 @@ def train(args) -> dict:
     if args.flips is not None:
         peft_bitflip.add_bitflip_callback(trainer)
 
-    resume = args.resume_from_checkpoint
+    resume = training_args.resume_from_checkpoint  # or "latest": the newest in --output_dir
     if resume == "latest":
         from transformers.trainer_utils import get_last_checkpoint
 
-        resume = get_last_checkpoint(args.output_dir)
+        resume = get_last_checkpoint(training_args.output_dir)
         if resume is None and is_main:
-            print(f"no checkpoint in {args.output_dir}: starting from scratch")
+            print(f"no checkpoint in {training_args.output_dir}: starting from scratch")
     start = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - start
@@ -702,18 +596,18 @@ def train(args) -> dict:
     results["first_logged_loss"] = losses[0] if losses else None
     results["last_logged_loss"] = losses[-1] if losses else None
 
-    trainer.save_model(args.output_dir)  # every rank: FSDP gathers the shards for rank 0
+    trainer.save_model(training_args.output_dir)  # every rank: FSDP gathers the shards for rank 0
     trainer.accelerator.wait_for_everyone()
     if is_main:  # evaluation on one process: the numbers do not depend on the world size
-        if args.fsdp:  # the wrapped model needs every rank; evaluate the saved one instead
+        if training_args.fsdp:  # the wrapped model needs every rank; evaluate the saved one instead
             model, _ = evaluation.load_model(
-                args.output_dir, args.flips, device=trainer.args.device
+                training_args.output_dir, args.flips, device=trainer.args.device
             )
         else:
             model = trainer.accelerator.unwrap_model(trainer.model)
         model.eval()
         eval_set = blocks["validation"]
-        bs = args.per_device_eval_batch_size
+        bs = training_args.per_device_eval_batch_size
         results["validation_blocks"] = len(eval_set)
         results["clean_perplexity"] = clean_perplexity(model, eval_set, bs)
         flipped = flipped_perplexity(
@@ -723,13 +617,16 @@ def train(args) -> dict:
         results["flipped_perplexity_std"] = flipped["perplexity_std"]
         results["flipped_perplexity_per_seed"] = flipped["per_seed"]
         results["eval_bitflip"] = args.eval_flips.to_dict()
-        tokenizer.save_pretrained(args.output_dir)
+        tokenizer.save_pretrained(training_args.output_dir)
         if args.flips is not None:
-            common.check_saved_config(args.output_dir)
-        with open(os.path.join(args.output_dir, "all_results.json"), "w") as f:
+            common.check_saved_config(training_args.output_dir)
+        with open(os.path.join(training_args.output_dir, "all_results.json"), "w") as f:
             json.dump(results, f, indent=2, sort_keys=True, default=str)
+        with open(os.path.join(training_args.output_dir, "training_args.json"), "w") as f:
+            f.write(training_args.to_json_string())
+        trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
         model_card.write(
-            args.output_dir,
+            training_args.output_dir,
             kind="pretrained",
             flips=args.flips,
             base_model=None,
@@ -738,15 +635,15 @@ def train(args) -> dict:
             f"{results['train_tokens']:,} training tokens in blocks of {args.seq_len}, "
             f"{len(eval_set)} validation blocks",
             seeds={
-                "seed": args.seed,
+                "seed": training_args.seed,
                 "bitflip_seed": args.bitflip_seed,
                 "eval_seeds": args.eval_seeds,
             },  # fmt: skip
             results={k: v for k, v in results.items() if not isinstance(v, dict)},
         )
-        if args.push_to_hub:
-            model_card.push_folder(args.output_dir, trainer)
-        print_summary(results, args.output_dir)
+        if training_args.push_to_hub:
+            model_card.push_folder(training_args.output_dir, trainer)
+        print_summary(results, training_args.output_dir)
     return results
 
 

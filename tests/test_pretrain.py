@@ -73,6 +73,8 @@ def test_generate_cfg_reproduces_the_original_60m_plan(tmp_path):
             "corpus.jsonl",  # not read by generate-cfg
             "--save_path",
             str(cfg),
+            "--lr_scheduler_type",
+            "cosine",
         ]
     )
     assert plan["params"] == 63_226_752
@@ -84,7 +86,13 @@ def test_generate_cfg_reproduces_the_original_60m_plan(tmp_path):
     assert written["weight_decay"] == 0.1 and written["adam_beta2"] == 0.95
     # the same budget on 4 processes with 2 accumulation steps: a quarter... of a half
     args = pretrain_clm.parse_args(["train", "--config", str(cfg)])
-    assert args.flavor == "60M" and args.per_device_train_batch_size == 48
+    assert args.flavor == "60M" and args.train.per_device_train_batch_size == 48
+    # a Trainer flag travels through the YAML; the command line still wins
+    assert args.train.lr_scheduler_type == "cosine" and args.train.weight_decay == 0.1
+    again = pretrain_clm.parse_args(
+        ["train", "--config", str(cfg), "--lr_scheduler_type", "linear"]
+    )
+    assert again.train.lr_scheduler_type == "linear"
     plan4 = pretrain_clm.make_plan(
         pretrain_clm.parse_args(
             ["train", "--config", str(cfg), "--gradient_accumulation_steps", "2"]
@@ -222,6 +230,7 @@ def test_streaming_local_files_and_original_meta_yaml(tmp_path):
         (["--seq_len", "0"], "seq_len"),
         (["--eval_seeds", "a,b"], "eval_seeds"),
         (["--flavor", "70B"], "70B"),
+        (["--precision", "fp64"], "fp64"),
     ],
 )
 def test_bad_arguments_fail_naming_the_value(argv, message, capsys):
@@ -241,31 +250,64 @@ def test_flavor_configs_match_the_digest_table():
     assert n - cfg.vocab_size * cfg.hidden_size == flavors.count_params(cfg)
 
 
-def test_fsdp_option_string_becomes_fsdp_config():
-    from transformers import TrainingArguments
-
-    class Legacy:  # a transformers without fsdp_config-only FSDP
-        pass
-
-    assert (
-        pretrain_clm.fsdp_kwargs("full_shard auto_wrap", Legacy)["fsdp"] == "full_shard auto_wrap"
-    )
-    new_style = hasattr(TrainingArguments, "_apply_legacy_fsdp_to_config")
-    kw = pretrain_clm.fsdp_kwargs("shard_grad_op auto_wrap offload", TrainingArguments)
-    assert kw["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
-    if new_style:
-        assert kw["fsdp"] is True
-        assert kw["fsdp_config"]["reshard_after_forward"] is False
-        assert kw["fsdp_config"]["cpu_offload"] is True
-    with pytest.raises(ValueError, match="full_shrd"):
-        pretrain_clm.fsdp_kwargs("full_shrd", TrainingArguments)
-
-
 def test_push_to_hub_reaches_training_arguments(tmp_path):
     """--push_to_hub / --hub_model_id are Trainer's (no network here: nothing is built)."""
     args = pretrain_clm.parse_args(
         SMALL + ["--push_to_hub", "--hub_model_id", "me/aixsim-tiny", "--output_dir", str(tmp_path)]
     )
-    training_args = pretrain_clm.training_arguments(args)
-    assert training_args.push_to_hub and training_args.hub_model_id == "me/aixsim-tiny"
-    assert pretrain_clm.parse_args(SMALL).output_dir.startswith(tempfile.gettempdir())
+    assert args.train.push_to_hub and args.train.hub_model_id == "me/aixsim-tiny"
+    assert pretrain_clm.parse_args(SMALL).train.output_dir.startswith(tempfile.gettempdir())
+
+
+def test_help_lists_the_trainer_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        pretrain_clm.parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--lr_scheduler_type", "--optim", "--eval_strategy", "--seq_len", "--bitflip"):
+        assert flag in text, flag
+
+
+def test_deprecated_spellings_warn_naming_the_new_flag_and_work():
+    with pytest.warns(FutureWarning, match="use --warmup_steps"):
+        args = pretrain_clm.parse_args(SMALL + ["--warmup_fraction", "0.1"])
+    assert args.train.warmup_steps == 0.1
+    with pytest.warns(FutureWarning, match="use --max_steps"):
+        args = pretrain_clm.parse_args(SMALL + ["--max_train_steps", "7"])
+    assert args.train.max_steps == 7
+    with pytest.warns(FutureWarning, match="use --bf16"):
+        args = pretrain_clm.parse_args(SMALL + ["--precision", "bf16"])
+    assert args.train.bf16 and not args.train.fp16
+    with pytest.warns(FutureWarning, match="use --streaming false"):
+        args = pretrain_clm.parse_args(SMALL + ["--dataset_name", "x/y", "--no-streaming"])
+    assert args.streaming is False
+    # the original's optimisation stays the default
+    args = pretrain_clm.parse_args(SMALL)
+    t = args.train
+    assert (t.weight_decay, t.adam_beta2, t.warmup_steps, t.lr_scheduler_type) == (
+        0.1,
+        0.95,
+        0.2,
+        "linear",
+    )
+    assert t.per_device_eval_batch_size == 4 and t.save_steps == 500 and not t.bf16
+
+
+def test_trainer_flags_reach_the_pretraining_trainer(tmp_path):
+    """--lr_scheduler_type cosine and --optim adafactor: cosine learning rates in the log
+    history (warm-up over 2 of 8 steps), adafactor in training_args.json."""
+    out = tmp_path / "cosine"
+    pretrain_clm.main(
+        SMALL
+        + ["--max_steps", "8", "--save_steps", "0", "--eval_blocks", "2", "--bitflip", "none"]
+        + ["--lr_scheduler_type", "cosine", "--warmup_steps", "2", "--learning_rate", "1e-3"]
+        + ["--optim", "adafactor", "--output_dir", str(out)]
+    )
+    with open(out / "trainer_state.json") as f:
+        logged = [h["learning_rate"] for h in json.load(f)["log_history"] if "learning_rate" in h]
+    # logged at steps 3..8: the rate step s used, 0.5 (1 + cos(pi (s - 3) / 6)) x the peak
+    # (a linear decay would log 1, 0.833, 0.667, ...)
+    cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]
+    assert logged[-6:] == pytest.approx(cosine, rel=1e-6)
+    with open(out / "training_args.json") as f:
+        assert json.load(f)["optim"] == "adafactor"
