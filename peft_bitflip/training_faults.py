@@ -55,7 +55,7 @@ from transformers import DefaultFlowCallback, TrainerCallback
 
 from .functional import apply_flip_spec, stream_key
 from .layers import data_parallel_rank
-from .spec import FlipSpec, validate_seed
+from .spec import FlipSpec, check_dtype, validate_seed
 from .stats import flip_count_tensor
 
 __all__ = [
@@ -262,11 +262,9 @@ class TrainingFaultHooks:
                     flipped, FlipSpec(zero_out_threshold=spec.zero_out_threshold), key
                 )
         self._counts[site] = self._counts[site] + counts if site in self._counts else counts
-        layout_bits = {torch.float32: (9, 23), torch.bfloat16: (9, 7), torch.float16: (6, 10)}[
-            t.dtype
-        ]
-        self._trials[site][0] += t.numel() * layout_bits[0]
-        self._trials[site][1] += t.numel() * layout_bits[1]
+        layout = check_dtype(t.dtype)  # the exp group holds the sign bit
+        self._trials[site][0] += t.numel() * layout.n_exp
+        self._trials[site][1] += t.numel() * layout.n_frac
         return flipped
 
     def _grad_x_hook(self, name: str):
@@ -380,9 +378,14 @@ class TrainingFaultCallback(TrainerCallback):
                 if k not in ("exp_bits", "frac_bits"):
                     entries[f"{LOG_PREFIX}{site}_{k}"] = v
         self.hooks.reset_counts()
+        history = state.log_history[-1] if state.log_history else None
+        # the entry Trainer.log appended for these logs (a copy plus "step"; NaN losses too)
+        same = history is not None and all(
+            k in history and (history[k] is v or history[k] == v) for k, v in logs.items()
+        )
         logs.update(entries)
-        if state.log_history and state.log_history[-1].get("loss") == logs.get("loss"):
-            state.log_history[-1].update(entries)
+        if same:
+            history.update(entries)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.hooks is not None:

@@ -102,6 +102,7 @@ def test_nan_parameters_from_training_faults_are_named_not_the_flips(tmp_path):
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, logging_steps=1,
         save_strategy="no", use_cpu=True, report_to=[], disable_tqdm=True, seed=0,
+        logging_nan_inf_filter=False,
     )  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=data)
     add_bitflip_callback(trainer)
@@ -112,3 +113,6 @@ def test_nan_parameters_from_training_faults_are_named_not_the_flips(tmp_path):
     said = [str(w.message) for w in caught if "non-finite training loss" in str(w.message)]
     assert len(said) == 1 and "trainable parameter tensors hold NaN/Inf" in said[0]
     assert "exp_avg_sq" in said[0] and EXP_REASON not in said[0] and "\n" not in said[0]
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert math.isnan(logs[-1]["loss"])  # NaN losses logged as NaN: their counts still recorded
+    assert all("train_faults/exp_avg_sq_exp_flips" in e for e in logs)
