@@ -553,6 +553,8 @@ def campaign(
         "batch_size": batch_size,
         "batches": n_batches,
         "zero_out": None if zero_out is None else zero_out.to_dict(),
+        "sites": {s.name: list(s.modules) for s in sites},  # a label's modules may change
+        "count_flips": count_flips,
     }
     done: dict[tuple, Unit] = {}
     if csv_path:
@@ -705,7 +707,7 @@ def summarize_campaign(units: Iterable[Unit], sites: Sequence[Site], p: float) -
                 "due_rate": (len(us) - len(finite)) / len(us),
                 "flips": flips,
                 "trials": trials,
-                "realised_rate": flips / trials if trials else 0.0,
+                "realised_rate": flips / trials if trials else math.nan,  # not counted
                 "zeroed": sum(u.zeroed for u in us),
             }
         )

@@ -940,9 +940,11 @@ def campaign_command(args) -> int:
         write_campaign_outputs,
     )
     from .config import BitflipConfig
-    from .evaluation import load_model
+    from .evaluation import load_model, tokens_fingerprint
+    from .extras import require
     from .run_record import fault_model_record, file_record, run_record
 
+    require("peft-bitflip campaign", "datasets", "matplotlib")
     check_text_file(args.text, "--text")
     _checked_model(args.model)
     regexes = {}
@@ -956,6 +958,9 @@ def campaign_command(args) -> int:
     for grouping in args.sites or ([] if regexes else ["blocks"]):
         groups.update(module_groups(model, grouping))
     if regexes:
+        clash = sorted(set(regexes) & set(groups))
+        if clash:
+            raise ValueError(f"--site_regex label(s) {clash} name a --sites group already: rename")
         groups.update(module_groups(model, "regex", regexes))
     sites = sites_for(groups, args.tensors, args.bits)
     raw = data.load_text_datasets(train_file=args.text, validation_file=args.text)
@@ -997,7 +1002,11 @@ def campaign_command(args) -> int:
             "zero_out": fault_model_record(zero_out, args.seeds),
         },
         seeds=args.seeds,
-        data={**file_record(args.text), "tokens": int(ids.numel()), "block_size": args.block_size},
+        data={  # the layout of the other commands' records (_perplexity_data)
+            "source": os.path.abspath(args.text), "file": file_record(args.text),
+            "sequence_length": args.block_size, "blocks": n_blocks, "tokens": int(ids.numel()),
+            "tokens_fingerprint": tokens_fingerprint(ids),
+        },
         batch={"batch_size": args.batch_size},
         settings={"dtype": args.dtype, "device": args.device, "zero_out_mode": args.zero_out,
                   "zero_out_margin": args.zero_out_margin},

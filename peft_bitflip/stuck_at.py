@@ -2,8 +2,9 @@
 
 A stuck bit reads as its stuck value at every forward, whatever is written to it:
 ``value = (value & ~stuck_mask) | stuck_ones``, applied before the transient flips and the
-zero-out of the same tensor.  Which bits are stuck is drawn once, as a pure function of
-(seed, layer name, tensor, rate, the tensor's element count and dtype):
+zero-out of the same tensor (so a transient flip that lands on a stuck bit still inverts it,
+as a fault on the path after the memory cell would).  Which bits are stuck is drawn once, as
+a pure function of (seed, layer name, tensor, rate, the tensor's element count and dtype):
 
 * positions: the layer's flip function (:func:`~peft_bitflip.functional.apply_flip_spec`)
   applied to a zero tensor of the tensor's size and dtype, with ``p_exp`` / ``p_frac`` the

@@ -255,13 +255,31 @@ _NO_ZERO_OUT = (
 )
 
 
-def _warn_no_zero_out(flipped: dict[str, tuple[FlipSpec, FlipSpec]]) -> None:
-    """Warn, once per process and set of tensors (x, w, both), where exponent bits flip without
-    a zero-out threshold: a config without threshold keys has zero-out off."""
+def _stuck_exponents(root: nn.Module, flipped) -> set[tuple[str, str]]:
+    """(module name, "x" | "w") whose stuck-at rates can stick sign/exponent bits."""
+    out = set()
+    for name, module in root.named_modules():
+        stuck = getattr(module, "bitflip_stuck", None)
+        if stuck is None or name not in flipped:
+            continue
+        for tensor in ("x", "w"):
+            spec = getattr(stuck, tensor)
+            if spec.p_exp > 0 or spec.positions:
+                out.add((name, tensor))
+    return out
+
+
+def _warn_no_zero_out(
+    flipped: dict[str, tuple[FlipSpec, FlipSpec]], stuck: set[tuple[str, str]] = frozenset()
+) -> None:
+    """Warn, once per process and set of tensors (x, w, both), where exponent bits flip (or
+    can be stuck) without a zero-out threshold: a config without threshold keys has zero-out
+    off."""
     names: dict[str, list[str]] = {}
     for name, specs in flipped.items():
         for tensor, spec in zip(("x", "w"), specs):
-            if spec.effective_p_exp > 0 and spec.zero_out_threshold is None:
+            exposed = spec.effective_p_exp > 0 or (name, tensor) in stuck
+            if exposed and spec.zero_out_threshold is None:
                 names.setdefault(tensor, []).append(name)
     situation = tuple(t for t in ("x", "w") if t in names)
     if not situation or situation in _WARNED_NO_ZERO_OUT:
@@ -323,6 +341,16 @@ def apply_bitflip(
     if check_rules:
         config.check_rules_match(list(dict.fromkeys(n for n, _ in candidates)))
         check_position_names(config, [n for n, _ in candidates if config.resolve(n) is not None])
+    stuck_experts = [
+        n for n, m in candidates
+        if is_experts(m) and config.resolve(n) is not None and stuck_at_for(config, n) is not None
+    ]  # fmt: skip
+    if stuck_experts:
+        raise ValueError(
+            f"stuck-at faults are not implemented for MoE experts modules ({stuck_experts[0]}, "
+            f"{len(stuck_experts)} in all): exclude them with a layer_name_to_config rule that "
+            "sets the stuck rates to 0 there"
+        )
     summary = BitflipSummary()
     for name, module in candidates:
         specs = config.resolve(name)
@@ -359,7 +387,7 @@ def apply_bitflip(
             adapter_config.set_bitflip_config(config)
     if tuner is not None and hasattr(tuner, "bitflip_summary"):
         tuner.bitflip_summary = summary
-    _warn_no_zero_out(summary.flipped)
+    _warn_no_zero_out(summary.flipped, _stuck_exponents(root, summary.flipped))
     return summary
 
 

@@ -196,6 +196,10 @@ def test_resume_after_a_kill_loses_and_doubles_no_row(tmp_path, monkeypatch):
     assert resumed.rows == full.rows
     with pytest.raises(ValueError, match="other settings"):
         cp.campaign(model, ids, sites, csv_path=str(csv_path), **{**kwargs, "p": 0.03})
+    # the same site names over other modules are other settings too (no silent reuse)
+    moved = [cp.Site(s.group, s.modules[:1], s.tensor, s.bits) for s in sites]
+    with pytest.raises(ValueError, match="other settings"):
+        cp.campaign(model, ids, moved, csv_path=str(csv_path), **kwargs)
 
 
 def test_time_budget_stops_cleanly_and_the_rerun_completes(tmp_path):
@@ -236,7 +240,8 @@ def test_cli_writes_table_heatmap_and_resumes(tmp_path):
     run = report["run"]  # the run record: what reproduces the file
     assert run["seeds"] == [0, 1] and run["batch"] == {"batch_size": 2}
     assert run["fault_model"]["p"] == 2**-8 and "b1|x|frac" in run["fault_model"]["sites"]
-    assert run["data"]["tokens"] == 128 and len(run["data"]["sha256"]) == 64
+    assert run["data"]["tokens"] == 128 and len(run["data"]["file"]["sha256"]) == 64
+    assert run["data"]["sequence_length"] == 32 and run["data"]["blocks"] == 4
     assert run["fault_model"]["zero_out"]["layer_name_to_config"]  # calibrated per layer
     assert (out / "campaign_heatmap.png").stat().st_size > 1000
     md = (out / "campaign.md").read_text()

@@ -52,3 +52,18 @@ def test_thresholds_or_mantissa_flips_only_do_not_warn():
     rules = {"default": {"x_zero_out_t": 30.0, "w_zero_out_t": 1.25}}
     cfg = pb.BitflipConfig(x_p_exp=0.01, w_p_exp=0.01, layer_name_to_config=rules)
     _no_warning(lambda: pb.apply_bitflip(tiny_llama(), cfg))
+
+
+def test_stuck_exponent_bits_without_threshold_warn_too():
+    with pytest.warns(UserWarning, match=MATCH) as record:
+        pb.apply_bitflip(tiny_llama(), pb.BitflipConfig(w_stuck_p_exp=1e-3))
+    text = str(next(w.message for w in record if "zero-out" in str(w.message)))
+    assert "w (weights)" in text and "x (layer inputs)" not in text
+    _no_warning(lambda: pb.apply_bitflip(tiny_llama(), pb.BitflipConfig(w_stuck_p_frac=1e-3)))
+
+
+def test_stuck_at_on_moe_experts_is_refused_not_ignored():
+    from tiny_models import tiny_mixtral
+
+    with pytest.raises(ValueError, match="stuck-at faults are not implemented for MoE experts"):
+        pb.apply_bitflip(tiny_mixtral(), pb.BitflipConfig(w_stuck_p_exp=1e-3, w_zero_out_t=10.0))
