@@ -299,9 +299,10 @@ def stratified_t_interval(
     fixed tokens).  With at least two values in every stratum: the stratified estimate, its
     variance ``sum_b w_b^2 s_b^2 / n_b`` (only the flips' variation: the tokens are fixed) and
     a t interval with Welch-Satterthwaite degrees of freedom (``method`` ``"stratified t"``).
-    Otherwise (one seed) every value is taken as one draw: the t interval of their mean, which
-    also counts the variation between batches and is wider (``"t over units"``).  Fewer than
-    two values: the bounds are ``nan``.  ``weights`` (e.g. tokens per batch) default to equal.
+    Otherwise (one seed) every value is taken as one draw weighted by its stratum's weight: the
+    t interval (n - 1 degrees of freedom) of their weighted mean, which also counts the
+    variation between batches and is wider (``"t over units"``).  Fewer than two values: the
+    bounds are ``nan``.  ``weights`` (e.g. tokens per batch) default to equal.
     """
     strata = [list(map(float, s)) for s in strata if len(s)]
     if not strata:
@@ -322,11 +323,18 @@ def stratified_t_interval(
         df = var * var / denom if denom > 0 else math.inf
         method = "stratified t"
     else:
+        # every unit one draw, weighted by its stratum's weight (its tokens): the mean is the
+        # token-weighted mean over units (the campaign's point estimate); its variance the
+        # linearised one of a weighted mean, n/(n-1) sum_i u_i^2 (v_i - mean)^2 with u the
+        # normalised unit weights (s^2/n with equal weights)
         values = [v for s in strata for v in s]
-        mean = statistics.fmean(values)
+        unit_w = [wb for wb, s in zip(w, strata) for _ in s]
+        total_u = sum(unit_w)
+        u = [x / total_u for x in unit_w]
+        mean = sum(ui * v for ui, v in zip(u, values))
         if n < 2:
             return {"mean": mean, "low": math.nan, "high": math.nan, "n": n, "method": "none"}
-        var = statistics.variance(values) / n
+        var = n / (n - 1) * sum(ui * ui * (v - mean) ** 2 for ui, v in zip(u, values))
         df = n - 1
         method = "t over units"
     half = 0.0 if var == 0 else _t_quantile_cached(q, _round_down(df)) * math.sqrt(var)
@@ -408,20 +416,31 @@ def _specs_for(site: Site, p: float, zero_out: BitflipConfig | None, name: str):
 
 
 class _BlockPrefix:
-    """The golden run's output of every decoder block, per batch, so that a site run skips the
-    blocks before the site's first one (they compute exactly the golden values: nothing flips
-    there).  ``stack`` is ``None`` when the sites' modules do not sit in one numbered
-    ``ModuleList`` of blocks; then nothing is skipped."""
+    """The golden run's output of the decoder blocks that sites start after, per batch, so that
+    a site run skips the blocks before the site's first one (they compute exactly the golden
+    values: nothing flips there).  ``stack`` is ``None`` when the sites' modules do not sit in
+    one numbered ``ModuleList`` of blocks; then nothing is skipped.
 
-    def __init__(self, model: torch.nn.Module, sites: Sequence[Site]):
+    Only the outputs some run needs are recorded (block ``k - 1`` for a site whose first block
+    is ``k``), and :meth:`finished` drops each once the last run that reads it is done, so the
+    memory held is at most one hidden state per (needed block, batch) and shrinks as a
+    per-block campaign moves down the stack."""
+
+    def __init__(self, model: torch.nn.Module, runs: Sequence[Site]):
+        """``runs``: the site of every run still to do, in the order they run."""
         self.stack = None
-        self.outputs: list[list] = []
-        prefixes = {m.group(1) for s in sites for n in s.modules if (m := _BLOCK.match(n))}
+        self.outputs: dict[int, list] = {}
+        self._last_use: dict[int, int] = {}  # block -> index of the last run starting after it
+        prefixes = {m.group(1) for s in runs for n in s.modules if (m := _BLOCK.match(n))}
         if len(prefixes) == 1:
             stack = model.get_submodule(prefixes.pop())
             if isinstance(stack, torch.nn.ModuleList) and len(stack):
                 self.stack = stack
-                self.outputs = [[] for _ in stack]
+                firsts = {s: self.first_block(s) for s in set(runs)}
+                for i, s in enumerate(runs):
+                    if firsts[s] > 0:
+                        self._last_use[firsts[s] - 1] = i
+                self.outputs = {j: [] for j in sorted(self._last_use)}
 
     def first_block(self, site: Site) -> int:
         """The index of the site's first block (0: nothing to skip)."""
@@ -434,7 +453,7 @@ class _BlockPrefix:
 
     @contextlib.contextmanager
     def recording(self):
-        """Keep every block's output while the golden run runs."""
+        """Keep the needed blocks' outputs while the golden run runs."""
         if self.stack is None:
             yield
             return
@@ -442,12 +461,17 @@ class _BlockPrefix:
         def keeper(j):
             return lambda module, args, output: self.outputs[j].append(output)
 
-        handles = [blk.register_forward_hook(keeper(j)) for j, blk in enumerate(self.stack)]
+        handles = [self.stack[j].register_forward_hook(keeper(j)) for j in self.outputs]
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
+
+    def finished(self, run: int) -> None:
+        """Run number ``run`` is done: drop the outputs no later run starts after."""
+        for j in [j for j, last in self._last_use.items() if last == run]:
+            self.outputs.pop(j, None)
 
     @contextlib.contextmanager
     def skipping(self, first: int, batch: int):
@@ -512,8 +536,9 @@ def campaign(
     before a (site, seed) that would end past the budget (from the mean time of those done
     so far); the result then has ``complete=False`` and summarises what was measured.
     ``reuse_prefix``: a site confined to blocks k.. starts from the golden run's output of
-    block k - 1 (kept for every block and batch: one hidden state per block) instead of
-    computing the clean blocks before it again; the results are the same bit for bit.
+    block k - 1 instead of computing the clean blocks before it again; the results are the
+    same bit for bit.  Kept: one hidden state per batch for each block some site still to run
+    starts after, each dropped after its last use.
     """
     from .layers import bitflip_layers
     from .stats import FlipStatsRecorder
@@ -569,21 +594,21 @@ def campaign(
                 done.update((u.key, u) for u in units)
         write_csv_atomic(csv_path, UNIT_COLUMNS, (u.row() for u in done.values()))
 
-    prefix = _BlockPrefix(model, sites) if reuse_prefix else None
+    grid = [(s, seed) for s in sites for seed in seeds]
+    todo = [(s, seed) for s, seed in grid if (s.name, seed, 0) not in done]
+    prefix = _BlockPrefix(model, [s for s, _ in todo]) if reuse_prefix else None
     with prefix.recording() if prefix is not None else contextlib.nullcontext():
         golden = golden_run(model, batches)
     golden_sums = [float(loss.sum(dtype=torch.float64)) for loss, _ in golden]
     tokens = sum(loss.numel() for loss, _ in golden)
     golden_loss = sum(golden_sums) / tokens
 
-    grid = [(s, seed) for s in sites for seed in seeds]
-    todo = [(s, seed) for s, seed in grid if (s.name, seed, 0) not in done]
-    iterator = todo
+    iterator = enumerate(todo)
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(
-            todo, desc="campaign", unit="run", initial=len(grid) - len(todo), total=len(grid)
+            iterator, desc="campaign", unit="run", initial=len(grid) - len(todo), total=len(grid)
         )
     device = next(model.parameters()).device
     stopped = False
@@ -597,7 +622,7 @@ def campaign(
     try:
         if recorder is not None:
             recorder.start()
-        for site, seed in iterator:
+        for i, (site, seed) in iterator:
             if max_minutes is not None:
                 elapsed = time.monotonic() - start
                 expected = statistics.fmean(durations) if durations else 0.0
@@ -635,6 +660,8 @@ def campaign(
                 done[unit.key] = unit
             if csv_path:
                 write_csv_atomic(csv_path, UNIT_COLUMNS, (u.row() for u in done.values()))
+            if prefix is not None:
+                prefix.finished(i)
             durations.append(time.monotonic() - t0)
     finally:
         if recorder is not None:

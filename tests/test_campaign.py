@@ -278,3 +278,65 @@ def test_skipping_the_clean_blocks_before_a_site_changes_nothing(make):
     assert fast.units == slow.units and fast.rows == slow.rows
     assert any(u.mismatches for u in fast.units if u.site.startswith("block 1"))
     assert not any(hasattr(m, "forward") and "forward" in vars(m) for m in model.modules())
+
+
+def test_the_prefix_cache_keeps_only_what_later_runs_read():
+    """Sites in blocks 1-3 of a 4-block model: the golden run keeps the outputs of blocks 0-2
+    (not 3: no site starts after it), each dropped after the last run that starts after it;
+    the units equal those of a campaign that computes every block."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    ids = token_ids(4, 16, seed=3)
+    groups = {k: v for k, v in cp.module_groups(model, "blocks").items() if k != "block 0"}
+    sites = cp.sites_for(groups, ["x"], ["exp"])
+    kwargs = dict(p=0.01, seeds=[0, 1], zero_out=_calibrated(model, ids), batch_size=2,
+                  progress=False)  # fmt: skip
+    kept = []
+    real_init, real_finished = cp._BlockPrefix.__init__, cp._BlockPrefix.finished
+
+    def init(self, *a):
+        real_init(self, *a)
+        kept.append(sorted(self.outputs))
+
+    def finished(self, run):
+        real_finished(self, run)
+        kept.append(sorted(self.outputs))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cp._BlockPrefix, "__init__", init)
+        mp.setattr(cp._BlockPrefix, "finished", finished)
+        fast = cp.campaign(model, ids, sites, **kwargs)
+    # runs: (block 1, seed 0), (block 1, seed 1), (block 2, 0), (block 2, 1), (block 3, 0), ...
+    assert kept == [[0, 1, 2], [0, 1, 2], [1, 2], [1, 2], [2], [2], []]
+    slow = cp.campaign(model, ids, sites, reuse_prefix=False, **kwargs)
+    assert fast.units == slow.units and fast.rows == slow.rows
+    assert any(u.mismatches for u in fast.units)
+
+
+def test_one_seed_interval_is_token_weighted_like_the_estimate():
+    """With one seed the units are one weighted sample: the interval is centred on the
+    token-weighted mean (the row's Δ loss, batches of unequal size here), and with equal
+    weights it is the plain t interval of the mean."""
+    ci = cp.stratified_t_interval([[1.0], [3.0], [2.0]], weights=[3, 1, 2])
+    assert ci["mean"] == pytest.approx((3 * 1.0 + 3.0 + 2 * 2.0) / 6)
+    plain = cp.stratified_t_interval([[1.0], [3.0], [2.0], [6.0]])
+    half = cp.t_quantile(0.975, 3) * statistics.stdev([1.0, 3.0, 2.0, 6.0]) / 2
+    assert plain["mean"] == 3.0 and plain["high"] - 3.0 == pytest.approx(half, rel=1e-3)
+    model, ids = _setup(n_blocks=5)  # batches of 2, 2 and 1 blocks
+    sites = cp.sites_for(cp.module_groups(model, "blocks"), ["x"], ["exp"])
+    r = cp.campaign(model, ids, sites, p=0.05, seeds=[0], zero_out=_calibrated(model, ids),
+                    batch_size=2, progress=False)  # fmt: skip
+    for row in r.rows:
+        assert row["interval"] == "t over units"
+        mid = (row["delta_loss_low"] + row["delta_loss_high"]) / 2
+        assert mid == pytest.approx(row["delta_loss"], rel=1e-9, abs=1e-12), row
+    for row in r.rows:  # the old unweighted centre is elsewhere: the weights matter here
+        units = [u for u in r.units if u.site == row["site"]]
+        unweighted = statistics.fmean((u.loss_sum - u.golden_loss_sum) / u.tokens for u in units)
+        assert abs(unweighted - row["delta_loss"]) > 1e-6
