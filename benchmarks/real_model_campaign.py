@@ -110,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_fault", choices=["calibrated", "original"], default="calibrated")
     p.add_argument("--lora_seed", type=int, default=0, help="the LoRA run's flip seed")
     p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
-    p.add_argument("--max_minutes", type=float, default=7.0, help="budget for everything")
+    p.add_argument(
+        "--max_minutes", "--max-minutes", type=float, default=7.0,
+        help="wall-clock budget for everything after the imports (setup included)",
+    )  # fmt: skip
     return p
 
 
@@ -649,7 +652,8 @@ def main(argv=None) -> dict:
         print("phase fixed (p = 0 first: the cuts alone)", flush=True)
         p0_sites = [s for s in sites if s.bits == bits[0]]
         t0 = time.monotonic()
-        campaign_phase("fixed_p0", model, fixed, share / 9, p=0.0, seeds=args.seeds[:1],
+        p0_share = share * len(p0_sites) / (len(p0_sites) + len(sites) * len(args.seeds))
+        campaign_phase("fixed_p0", model, fixed, p0_share, p=0.0, seeds=args.seeds[:1],
                        phase_sites=p0_sites, mode="fixed")  # fmt: skip
         campaign_phase("fixed", model, fixed, share - (time.monotonic() - t0), mode="fixed")
     if "lora" in args.phases:

@@ -67,10 +67,19 @@ def strip_launcher(words: list[str]) -> list[str]:
 
 
 def recipe_parser(script: str):
+    """The ``build_parser()`` of a script of ``recipes/`` (imported as a package module) or of
+    another folder such as ``benchmarks/`` (loaded from its file)."""
+    import importlib.util
+
+    name = os.path.splitext(os.path.basename(script))[0]
     sys.path.insert(0, ROOT)
     try:
-        name = os.path.splitext(os.path.basename(script))[0]
-        module = __import__(f"recipes.{name}", fromlist=["x"])
+        if os.path.dirname(os.path.normpath(script)) == "recipes":
+            module = __import__(f"recipes.{name}", fromlist=["x"])
+        else:
+            spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, script))
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
     finally:
         sys.path.remove(ROOT)
     assert hasattr(module, "build_parser"), f"{script} has no build_parser()"

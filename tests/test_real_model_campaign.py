@@ -47,7 +47,7 @@ def test_every_phase_runs_and_writes_small_outputs(study_script, tiny_setup, tmp
                                                    reference_backend):  # fmt: skip
     root, out = tiny_setup, tmp_path / "out"
     argv = ["--model", str(root / "m"), "--data", str(root / "validation.jsonl"), "--out",
-            str(out), "--tokens", "128", "--block_size", "32", "--batch_size", "2", "--seeds",
+            str(out), "--tokens", "64", "--block_size", "32", "--batch_size", "2", "--seeds",
             "0", "1", "--p", "0.01", "--dtype", "float32", "--device", "cpu",
             "--calibration_blocks", "4", "--lora_steps", "3", "--lora_batch_size", "2",
             "--bits", "sign", "exp", "frac", "--max_minutes", "30"]  # fmt: skip
@@ -84,7 +84,7 @@ def test_every_phase_runs_and_writes_small_outputs(study_script, tiny_setup, tmp
 def test_a_tiny_budget_stops_cleanly(study_script, tiny_setup, tmp_path, reference_backend):
     root, out = tiny_setup, tmp_path / "out"
     argv = ["--model", str(root / "m"), "--data", str(root / "validation.jsonl"), "--out",
-            str(out), "--tokens", "128", "--block_size", "32", "--batch_size", "2", "--seeds",
+            str(out), "--tokens", "64", "--block_size", "32", "--batch_size", "2", "--seeds",
             "0", "1", "2", "--dtype", "float32", "--device", "cpu", "--calibration_blocks", "4",
             "--phases", "calibrated", "--max_minutes", "1e-4"]  # fmt: skip
     study = study_script.main(argv)
