@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import statistics
 import sys
@@ -54,6 +55,7 @@ import torch  # noqa: E402
 import peft_bitflip.campaign as cp  # noqa: E402
 from peft_bitflip import data  # noqa: E402
 from peft_bitflip.calibration import calibrate_zero_out  # noqa: E402
+from peft_bitflip.cli import parse_probability  # noqa: E402
 from peft_bitflip.config import BitflipConfig  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -83,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=16384, help="campaign tokens of --data")
     p.add_argument("--block_size", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--p", type=float, default=1e-3, help="flip probability per bit of a site")
+    p.add_argument(
+        "--p", type=parse_probability, default=2**-8,
+        help="flip probability per bit of a site (2^-8 = 0.0039: see docs/campaigns.md)",
+    )  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tensors", nargs="+", choices=["x", "w"], default=["x", "w"])
     p.add_argument(
@@ -106,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_r", type=int, default=32)
     p.add_argument("--lora_lr", type=float, default=1e-3)
     p.add_argument("--lora_batch_size", type=int, default=8)
-    p.add_argument("--lora_p", type=float, default=None, help="LoRA flip rate (default --p)")
+    p.add_argument(
+        "--lora_p", type=parse_probability, default=1e-4,
+        help="the LoRA's flip rate on every layer at once (--p there wrecks the model)",
+    )  # fmt: skip
     p.add_argument("--lora_fault", choices=["calibrated", "original"], default="calibrated")
     p.add_argument("--lora_seed", type=int, default=0, help="the LoRA run's flip seed")
     p.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES))
@@ -378,7 +386,7 @@ def summary_markdown(study: dict) -> str:
         + f", {study['n_sites']} sites x {len(study['tensors'])} tensors.",
         "",
         "```bash",
-        " ".join(study["command"]),
+        shlex.join(study["command"]),
         "```",
         "",
         "| phase | what | golden ppl | runs done / planned | seeds | wall s |",
@@ -509,7 +517,7 @@ def summary_markdown(study: dict) -> str:
         "the adapted setting the merged LoRA model, clean). Under the original thresholds a "
         "site's Δ includes the thresholds cutting the site's real values (the p = 0 row) plus "
         "what the flips add. Heatmaps: `"
-        + "`, `".join(f"{c['folder']}/campaign_heatmap.png" for c in camps.values())
+        + "`, `".join(f"{c['folder']}/campaign_heatmap.png" for c in camps.values() if c["rows"])
         + "`.",  # fmt: skip
     ]
     return "\n".join(lines) + "\n"
@@ -620,7 +628,7 @@ def main(argv=None) -> dict:
         "n_sites": n_groups,
         "margin": args.zero_out_margin,
         "cuts": cuts,
-        "command": [os.path.basename(sys.executable), *sys.argv]
+        "command": ["python", *sys.argv]
         if argv is None
         else ["python", "benchmarks/real_model_campaign.py", *argv],  # fmt: skip
         "phase_seconds": {"setup": setup_s},
@@ -658,7 +666,7 @@ def main(argv=None) -> dict:
         campaign_phase("fixed", model, fixed, share - (time.monotonic() - t0), mode="fixed")
     if "lora" in args.phases:
         share = budget.share("lora")
-        lora_p = args.p if args.lora_p is None else args.lora_p
+        lora_p = args.lora_p
         if args.lora_fault == "original":
             flips = BitflipConfig.original_default(seed=args.lora_seed)
         else:

@@ -67,7 +67,7 @@ def test_every_phase_runs_and_writes_small_outputs(study_script, tiny_setup, tmp
     assert camps["fixed_p0"]["runs"] == 2 * 2 and camps["fixed_p0"]["p"] == 0.0
     assert all(r["flips"] == 0 for r in camps["fixed_p0"]["rows"])
     lora = study["lora"]
-    assert lora["steps"] == 3 and lora["seconds"] > 0 and lora["p"] == 0.01
+    assert lora["steps"] == 3 and lora["seconds"] > 0 and lora["p"] == 1e-4
     # the adapted model is another model: its golden run differs from the clean model's
     assert camps["adapted"]["golden_loss"] != camps["calibrated"]["golden_loss"]
     assert set(study["phase_seconds"]) == {"setup", "calibrated", "fixed_p0", "fixed", "lora",
