@@ -61,7 +61,7 @@ from peft_bitflip.config import BitflipConfig  # noqa: E402
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BIT_SETS = ("sign", "exp", "frac")  # the campaign module's names; those it accepts are used
 PHASES = ("calibrated", "fixed", "lora", "adapted")
-WEIGHTS = {"calibrated": 3.0, "fixed": 3.3, "lora": 2.0, "adapted": 3.0}  # budget shares
+WEIGHTS = {"calibrated": 4.0, "fixed": 3.3, "lora": 1.5, "adapted": 3.0}  # budget shares
 LABELS = {
     "calibrated": "calibrated thresholds",
     "fixed": "original thresholds 30 / 1.25",
