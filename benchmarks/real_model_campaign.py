@@ -128,21 +128,30 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------- data and sites
 
 
-def text_blocks(path: str, tokenizer, block_size: int, n_blocks: int | None) -> torch.Tensor:
+def text_blocks(
+    path: str, tokenizer, block_size: int, n_blocks: int | None, minimum: int | None = None
+) -> torch.Tensor:
     """The first ``n_blocks`` blocks of ``block_size`` tokens of the documents in ``path``
-    (as ``peft-bitflip campaign --text`` cuts them: documents + EOS, per 1000 documents)."""
+    (as ``peft-bitflip campaign --text`` cuts them: documents + EOS, per 1000 documents; the
+    first blocks do not depend on how many documents are read).  The documents are read until
+    about ``n_blocks`` blocks, all of them if that gives fewer than ``minimum`` (default
+    ``n_blocks``)."""
+    minimum = n_blocks if minimum is None else minimum
     raw = data.load_text_datasets(train_file=path, validation_file=path)["validation"]
-    if n_blocks is not None:  # tokenize only about as many documents as needed
+    subset = raw
+    if n_blocks is not None:  # tokenize about as many documents as needed first
         chars = 0
         for i, text in enumerate(raw["text"]):
             chars += len(text)
-            if chars > 6 * block_size * n_blocks:  # ~4 characters per token, with room
-                raw = raw.select(range(i + 1))
+            if chars > 5 * block_size * n_blocks:  # ~4.3 characters per token, with room
+                subset = raw.select(range(i + 1))
                 break
-    blocks = data.tokenize_and_group(raw, tokenizer, block_size)
-    ids = torch.tensor(blocks["input_ids"][:n_blocks] if n_blocks else blocks["input_ids"])
-    if n_blocks and len(ids) < n_blocks:
-        print(f"{path}: {len(ids)} blocks of {block_size} tokens, fewer than {n_blocks}")
+    ids = data.tokenize_and_group(subset, tokenizer, block_size)["input_ids"]
+    if n_blocks is not None and len(ids) < minimum and subset is not raw:
+        ids = data.tokenize_and_group(raw, tokenizer, block_size)["input_ids"]  # all of it
+    ids = torch.tensor(ids[:n_blocks] if n_blocks else ids)
+    if n_blocks and len(ids) < minimum:
+        print(f"{path}: {len(ids)} blocks of {block_size} tokens, fewer than {minimum}")
     return ids
 
 
@@ -585,9 +594,10 @@ def main(argv=None) -> dict:
     n_blocks = math.ceil(args.tokens / args.block_size)
     ids = text_blocks(args.data, tok, args.block_size, n_blocks)
     lora_blocks = args.lora_steps * args.lora_batch_size if "lora" in args.phases else 0
-    train_ids = text_blocks(
-        args.train_data, tok, args.block_size, max(args.calibration_blocks, lora_blocks)
-    )
+    train_ids = text_blocks(  # the LoRA repeats its blocks if there are fewer than its steps
+        args.train_data, tok, args.block_size, max(args.calibration_blocks, lora_blocks),
+        minimum=args.calibration_blocks,
+    )  # fmt: skip
     calib_ids = train_ids[: args.calibration_blocks]
     sites = cp.sites_for(site_groups(model, args.site_regex), args.tensors, bits)
     n_groups = len({s.group for s in sites})
@@ -658,7 +668,8 @@ def main(argv=None) -> dict:
     if "fixed" in args.phases:
         share = budget.share("fixed")
         print("phase fixed (p = 0 first: the cuts alone)", flush=True)
-        p0_sites = [s for s in sites if s.bits == bits[0]]
+        p0_bits = "exp" if "exp" in bits else bits[0]  # at p = 0 every bit set is the same
+        p0_sites = [s for s in sites if s.bits == p0_bits]
         t0 = time.monotonic()
         p0_share = share * len(p0_sites) / (len(p0_sites) + len(sites) * len(args.seeds))
         campaign_phase("fixed_p0", model, fixed, p0_share, p=0.0, seeds=args.seeds[:1],
