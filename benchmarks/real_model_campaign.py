@@ -648,8 +648,10 @@ def main(argv=None) -> dict:
 
     def save():
         study["total_seconds"] = time.monotonic() - start
-        with open(os.path.join(args.out, "study.json"), "w") as f:
-            json.dump(study, f, indent=2, default=str)
+        slim = {**study, "campaigns": {k: {n: v for n, v in c.items() if n != "rows"}
+                                       for k, c in study["campaigns"].items()}}  # fmt: skip
+        with open(os.path.join(args.out, "study.json"), "w") as f:  # rows: campaign.json
+            json.dump(slim, f, indent=2, default=str)
         with open(os.path.join(args.out, "summary.md"), "w") as f:
             f.write(summary_markdown(study))
 
