@@ -602,14 +602,15 @@ def main(argv=None) -> dict:
     sites = cp.sites_for(site_groups(model, args.site_regex), args.tensors, bits)
     n_groups = len({s.group for s in sites})
 
-    def calibrated_for(m):
-        if args.thresholds and m is model:
+    def calibrated_for(m, *, given: bool = False):
+        """Thresholds calibrated on ``m``; ``given``: those of ``--thresholds`` if set."""
+        if given and args.thresholds:
             with open(args.thresholds) as f:
                 return BitflipConfig.from_dict(json.load(f))
         return calibrate_zero_out(m, calib_ids, margin=args.zero_out_margin,
                                   base=BitflipConfig(), batch_size=args.batch_size)  # fmt: skip
 
-    zero_cal = calibrated_for(model)
+    zero_cal = calibrated_for(model, given=True)
     fixed = BitflipConfig(x_zero_out_t=args.x_zero_out_t, w_zero_out_t=args.w_zero_out_t)
     cuts = {k: count_cuts(model, ids, z, args.batch_size)
             for k, z in (("calibrated", zero_cal), ("fixed", fixed))}  # fmt: skip

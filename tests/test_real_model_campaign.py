@@ -93,3 +93,21 @@ def test_a_tiny_budget_stops_cleanly(study_script, tiny_setup, tmp_path, referen
     assert "INCOMPLETE" in (out / "summary.md").read_text()
     with pytest.raises(ValueError, match="--max_minutes"):
         study_script.main([*argv[:-1], "0"])
+
+
+def test_given_thresholds_are_used(study_script, tiny_setup, tmp_path, reference_backend):
+    from peft_bitflip.config import BitflipConfig
+
+    root, out = tiny_setup, tmp_path / "out"
+    given = BitflipConfig(x_zero_out_t=123.0, w_zero_out_t=4.5)
+    path = tmp_path / "thresholds.json"
+    path.write_text(json.dumps(given.to_dict()))
+    argv = ["--model", str(root / "m"), "--data", str(root / "validation.jsonl"), "--out",
+            str(out), "--tokens", "64", "--block_size", "32", "--batch_size", "2", "--seeds",
+            "0", "--bits", "exp", "--dtype", "float32", "--device", "cpu", "--calibration_blocks",
+            "4", "--phases", "calibrated", "--thresholds", str(path)]  # fmt: skip
+    study_script.main(argv)
+    report = json.loads((out / "calibrated" / "campaign.json").read_text())
+    zero_out = report["settings"]["zero_out"]
+    assert zero_out["x_zero_out_t"] == 123.0 and zero_out["w_zero_out_t"] == 4.5
+    assert not zero_out.get("layer_name_to_config")  # not calibrated per layer
