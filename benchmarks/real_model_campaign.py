@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block_size", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument(
-        "--p", type=parse_probability, default=2**-8,
-        help="flip probability per bit of a site (2^-8 = 0.0039: see docs/campaigns.md)",
+        "--p", type=parse_probability, default=1e-3,
+        help="flip probability per bit of a site (see docs/campaigns.md for the choice)",
     )  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tensors", nargs="+", choices=["x", "w"], default=["x", "w"])
