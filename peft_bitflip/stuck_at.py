@@ -261,6 +261,11 @@ class _StraightThrough(torch.autograd.Function):
         return grad.to(ctx.dtype), None
 
 
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured (a cached weight would be frozen into it)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _identity(t: Tensor) -> tuple:
     """What tells a tensor's values apart without reading them: the object, its version
     counter (in-place writes), storage, layout, dtype, device; () for an inference tensor
@@ -293,8 +298,9 @@ class StuckAt:
     from changes: another tensor, an in-place write (an optimizer step, ``load_state_dict``;
     seen through the tensor's version counter), new storage, dtype, device, autocast dtype,
     or (LoRA) the A / B factors or scale.  A write through ``weight.data`` bypasses the version
-    counter: call :meth:`clear` after one.  Under ``torch.compile`` the stuck weight is built
-    in the graph at every call instead, and the bits are drawn while tracing (no graph break).
+    counter: call :meth:`clear` after one.  Under ``torch.compile`` and while a CUDA graph is
+    captured the stuck weight is built in the graph at every call instead; under
+    ``torch.compile`` the bits are drawn while tracing (no graph break).
     """
 
     _tokens = itertools.count()
@@ -381,7 +387,7 @@ class StuckAt:
             w = build() if build is not None else weight
             return w if compute is None else w.to(compute)
 
-        if torch.compiler.is_compiling():  # in the graph, every call
+        if torch.compiler.is_compiling() or _capturing():  # in the graph, every call
             return self.stuck("w", built())
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in sources)
         identities = tuple(_identity(p) for p in sources)
