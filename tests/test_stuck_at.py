@@ -382,10 +382,10 @@ def test_stuck_weight_is_built_once_and_again_only_after_the_weight_changes(monk
     lin = holder["l"]
     builds = _count_weight_builds(monkeypatch, lin.bitflip_stuck)
     x = torch.randn(4, 32)
+    with torch.inference_mode():  # built here, usable by the training forwards below
+        first = [lin(x)]
     with torch.no_grad():
-        first = [lin(x) for _ in range(3)]
-    with torch.inference_mode():
-        first.append(lin(x))
+        first += [lin(x) for _ in range(3)]
     assert all(torch.equal(first[0], o) for o in first) and len(builds) == 1
     assert not torch.equal(first[0], F.linear(x, lin.weight, lin.bias))
     opt = torch.optim.AdamW(lin.parameters(), lr=0.1)
