@@ -298,12 +298,15 @@ class StuckAt:
     from changes: another tensor, an in-place write (an optimizer step, ``load_state_dict``;
     seen through the tensor's version counter), new storage, dtype, device, autocast dtype,
     or (LoRA) the A / B factors or scale.  A write through ``weight.data`` bypasses the version
-    counter: call :meth:`clear` after one.  Under ``torch.compile`` and while a CUDA graph is
-    captured the stuck weight is built in the graph at every call instead; under
-    ``torch.compile`` the bits are drawn while tracing (no graph break).
+    counter: call :meth:`clear` after one.  ``keep_weight = False`` (per layer) builds it at
+    every forward instead and keeps nothing between calls (with gradients until backward),
+    for a model whose memory cannot take the copies.  Under ``torch.compile`` and while a
+    CUDA graph is captured the stuck weight is built in the graph at every call instead;
+    under ``torch.compile`` the bits are drawn while tracing (no graph break).
     """
 
     _tokens = itertools.count()
+    keep_weight = True  # keep the stuck weight between calls (see the class doc)
 
     def __init__(self, name: str, seed: int, x: StuckSpec, w: StuckSpec):
         self.name, self.seed, self.x, self.w = name, seed, x, w
@@ -415,7 +418,7 @@ class StuckAt:
         self._weight = None  # the old copy goes before the new one is built
         with torch.no_grad(), torch.inference_mode(False):
             stuck = self.stuck("w", weight)  # (weight itself where no bit is stuck)
-        if key is not None:
+        if key is not None and self.keep_weight:
             self._weight = (key, tuple(weakref.ref(p) for p in sources), stuck)
         return stuck
 

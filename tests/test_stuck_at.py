@@ -407,6 +407,11 @@ def test_stuck_weight_is_built_once_and_again_only_after_the_weight_changes(monk
     holder.to(torch.float16)
     assert torch.equal(lin(x.half()), _fresh(holder, x.half()))
     assert builds[-2:] == [torch.bfloat16, torch.float16]
+    lin.bitflip_stuck.keep_weight = False  # the memory-saving mode: built at every call
+    lin.bitflip_stuck.clear()
+    outputs = [lin(x.half()) for _ in range(2)]
+    assert len(builds) == 8 and lin.bitflip_stuck._weight is None
+    assert all(torch.equal(o, _fresh(holder, x.half())) for o in outputs)
 
 
 def test_lora_stuck_weight_follows_the_factors_and_scale(monkeypatch):
