@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import warnings
 
 import torch
 
@@ -149,21 +150,38 @@ class Parser(argparse.ArgumentParser):
 
 class DeprecatedAlias(argparse.Action):
     """An old spelling of a flag, kept for one release: stores into the new flag's ``dest``
-    (as a one-element list where the new flag takes a list) and warns naming the new flag."""
+    and warns (a ``FutureWarning``) naming the new flag; the commands' and the recipes' one
+    mechanism.
 
-    def __init__(self, option_strings, dest, new_flag: str, as_list: bool = False, **kwargs):
+    ``as_list``: store ``[value]`` (the new flag takes a list); ``settings`` (optional): a
+    function mapping the old flag's value to ``{dest: value}``, for old flags whose values
+    differ from the new one's (``--precision bf16`` -> ``bf16 = True``); a ``ValueError`` it
+    raises ends the parse with an error naming the old flag."""
+
+    def __init__(
+        self, option_strings, dest, new_flag: str, as_list: bool = False, settings=None, **kwargs
+    ):
         kwargs.setdefault("default", argparse.SUPPRESS)
         kwargs.setdefault("help", argparse.SUPPRESS)
         super().__init__(option_strings, dest, **kwargs)
-        self.new_flag, self.as_list = new_flag, as_list
+        self.new_flag, self.as_list, self.settings = new_flag, as_list, settings
 
     def __call__(self, parser, namespace, values, option_string=None):
-        print(
-            f"{parser.prog}: warning: {option_string} is deprecated and will be removed in the "
-            f"next release: use {self.new_flag}",
-            file=sys.stderr,
+        warnings.warn(
+            f"{option_string} is deprecated and will be removed in the next release: "
+            f"use {self.new_flag}",
+            FutureWarning,
+            stacklevel=2,
         )
-        setattr(namespace, self.dest, [values] if self.as_list else values)
+        if self.settings is None:
+            setattr(namespace, self.dest, [values] if self.as_list else values)
+            return
+        try:
+            settings = self.settings(values)
+        except ValueError as e:
+            parser.error(f"{option_string}: {e}")
+        for key, value in settings.items():
+            setattr(namespace, key, value)
 
 
 def add_deprecated_alias(parser, old: str, new: str, *, as_list: bool = False, **kwargs) -> None:

@@ -197,9 +197,12 @@ class BitflipLayerMixin:
         write_next_call(call, following)
         return call
 
-    def flipped_forward(self, x: torch.Tensor, weight, bias, weight_params=()) -> torch.Tensor:
+    def flipped_forward(
+        self, x: torch.Tensor, weight, bias, weight_params=(), weight_key=()
+    ) -> torch.Tensor:
         """The layer's computation with ``weight`` (a tensor, or a function building it from
-        ``weight_params``, see :func:`flipped_linear`)."""
+        ``weight_params``, see :func:`flipped_linear`; ``weight_key``: whatever else decides
+        the built weight, e.g. LoRA scales, for the stuck-at cache)."""
         if not self.bitflip_enabled:
             return linear(x, weight() if callable(weight) else weight, bias, self._is_conv1d)
         if _on_meta(x, self.weight, weight):
@@ -211,7 +214,7 @@ class BitflipLayerMixin:
             return _eager_flipped_forward(self, x, weight, bias, weight_params)
         if self.bitflip_stuck is not None:  # stuck bits first; the weight built with them
             x, weight, weight_params = self.bitflip_stuck.apply(
-                x, weight, weight_params, _autocast_dtype(x)
+                x, weight, weight_params, _autocast_dtype(x), weight_key
             )
         x_key, w_key = self.stream_keys()
         call, following = self.claim_call()
@@ -243,6 +246,7 @@ class BitflipLayerMixin:
                 lambda: merge(self.weight, lora_a, lora_b, scale, self._is_conv1d),
                 self.bias,
                 weight_params=[self.weight, lora_a, lora_b],
+                weight_key=(merge, scale, self._is_conv1d),
             )
         if _on_meta(x, self.weight, lora_a, lora_b):
             merged = merge_lora_weight(

@@ -196,7 +196,8 @@ class BitflipLoraLinear(LoraLinear):
         bias = base.bias
         for a in biased:
             bias = self._merged_bias(bias, a)
-        return base.flipped_forward(x, merged_weight, bias, weight_params=params)
+        scales = tuple(self.scaling[a] for a in adapters)  # (the stuck-at cache's key)
+        return base.flipped_forward(x, merged_weight, bias, weight_params=params, weight_key=scales)
 
     def _merged(self, weight: torch.Tensor, adapter: str) -> torch.Tensor:
         """``weight + s B @ A`` for ``adapter`` (float32 sum rounded to weight's dtype)."""

@@ -16,10 +16,10 @@ import argparse
 import dataclasses
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 
 from peft_bitflip import data, flavors
+from peft_bitflip.cli import DeprecatedAlias
 from peft_bitflip.config import RULE_KEYS
 
 TINY_VOCAB_SIZE = 1024
@@ -363,34 +363,6 @@ class PretrainArguments:
     )
 
 
-class _DeprecatedFlag(argparse.Action):
-    """An old spelling of a flag: stores into the new field and warns, naming the new flag.
-
-    ``settings`` (optional) maps the old flag's value to ``{field: value}`` for old flags
-    whose values differ from the new one's (``--precision bf16`` -> ``bf16 = True``)."""
-
-    def __init__(self, option_strings, dest, new_flag: str, settings=None, **kwargs):
-        self.new_flag, self.settings = new_flag, settings
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        warnings.warn(
-            f"{option_string} is deprecated and will be removed in the next release; "
-            f"use {self.new_flag}",
-            FutureWarning,
-            stacklevel=2,
-        )
-        if self.settings is None:
-            setattr(namespace, self.dest, values)
-            return
-        try:
-            settings = self.settings(values)
-        except ValueError as e:
-            parser.error(f"{option_string}: {e}")
-        for key, value in settings.items():
-            setattr(namespace, key, value)
-
-
 def hf_parser(dataclass_types, description: str | None, deprecated: dict):
     """``HfArgumentParser`` over ``dataclass_types`` with bare ``bool | None`` flags and the
     ``deprecated`` aliases (``{old: new}``, those whose new flag exists)."""
@@ -411,9 +383,7 @@ def hf_parser(dataclass_types, description: str | None, deprecated: dict):
             dest=target.dest,
             type=target.type,
             new_flag=new,
-            action=_DeprecatedFlag,
-            default=argparse.SUPPRESS,
-            help=argparse.SUPPRESS,
+            action=DeprecatedAlias,
         )
     return parser
 
