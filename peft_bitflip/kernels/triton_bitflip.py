@@ -176,23 +176,40 @@ def _digits_of(p):
 
 
 @triton.jit
-def _dense_digit(u0, u1, u2, u3, l0, l1, l2, l3, c0, c1, zero, call, key0, key1, p_e, p_f, k,
-                 EXP_LANES: tl.constexpr, FRAC_LANES: tl.constexpr, N_ROUNDS: tl.constexpr,
-                 DENSE_BASE: tl.constexpr):  # fmt: skip
-    """Digit ``k`` (a scalar) of the bit-sliced comparison: one Philox draw, four lane words."""
+def _dense_counter(zero, k, DENSE_BASE: tl.constexpr):
+    """The Philox iteration word (uint32, like ``zero``) of dense digit ``k``."""
+    k = tl.zeros([], tl.int32) + k  # a Python int under the interpreter
+    return (zero + k.to(tl.uint32) + DENSE_BASE).to(tl.uint32)
+
+
+@triton.jit
+def _dense_words_step(u0, u1, u2, u3, l0, l1, l2, l3, r0, r1, r2, r3, p_e, p_f, k,
+                      EXP_LANES: tl.constexpr, FRAC_LANES: tl.constexpr):  # fmt: skip
+    """Digit ``k`` (a scalar) of the bit-sliced comparison from its draw ``r`` (four words)."""
     k = tl.zeros([], tl.int32) + k  # a Python int under the interpreter
     shift = (63 - k).to(tl.uint64)
     digit = tl.where(((p_e >> shift) & 1) != 0, EXP_LANES, 0) | tl.where(
         ((p_f >> shift) & 1) != 0, FRAC_LANES, 0
     )
     digit = digit.to(tl.uint32)
-    it = (zero + k.to(tl.uint32) + DENSE_BASE).to(tl.uint32)
-    r0, r1, r2, r3 = _philox4x32(c0, c1, it, zero + call, key0, key1, N_ROUNDS)
     u0, l0 = _dense_step(u0, l0, r0, digit)
     u1, l1 = _dense_step(u1, l1, r1, digit)
     u2, l2 = _dense_step(u2, l2, r2, digit)
     u3, l3 = _dense_step(u3, l3, r3, digit)
     return u0, u1, u2, u3, l0, l1, l2, l3
+
+
+@triton.jit
+def _dense_digit(u0, u1, u2, u3, l0, l1, l2, l3, c0, c1, zero, call, key0, key1, p_e, p_f, k,
+                 EXP_LANES: tl.constexpr, FRAC_LANES: tl.constexpr, N_ROUNDS: tl.constexpr,
+                 DENSE_BASE: tl.constexpr):  # fmt: skip
+    """Digit ``k`` (a scalar) of the bit-sliced comparison: one Philox draw, four lane words."""
+    r0, r1, r2, r3 = _philox4x32(
+        c0, c1, _dense_counter(zero, k, DENSE_BASE), zero + call, key0, key1, N_ROUNDS
+    )
+    return _dense_words_step(
+        u0, u1, u2, u3, l0, l1, l2, l3, r0, r1, r2, r3, p_e, p_f, k, EXP_LANES, FRAC_LANES
+    )  # fmt: skip
 
 
 @triton.jit
@@ -238,7 +255,33 @@ def _dense_flips(
     d_f = _digits_of(p_f)
     n_digits = tl.maximum(d_e, d_f)
     free = tl.minimum(n_digits, FREE_DIGITS)
-    for k in range(0, free):
+    quads = free - free % 4
+    for k in range(0, quads, 4):  # four independent draws per iteration (ILP)
+        r0, r1, r2, r3 = _philox4x32(
+            c0, c1, _dense_counter(zero, k, DENSE_BASE), zero + call, key0, key1, N_ROUNDS
+        )
+        s0, s1, s2, s3 = _philox4x32(
+            c0, c1, _dense_counter(zero, k + 1, DENSE_BASE), zero + call, key0, key1, N_ROUNDS
+        )
+        t0, t1, t2, t3 = _philox4x32(
+            c0, c1, _dense_counter(zero, k + 2, DENSE_BASE), zero + call, key0, key1, N_ROUNDS
+        )
+        v0, v1, v2, v3 = _philox4x32(
+            c0, c1, _dense_counter(zero, k + 3, DENSE_BASE), zero + call, key0, key1, N_ROUNDS
+        )
+        u0, u1, u2, u3, l0, l1, l2, l3 = _dense_words_step(
+            u0, u1, u2, u3, l0, l1, l2, l3, r0, r1, r2, r3, p_e, p_f, k, EXP_LANES, FRAC_LANES
+        )
+        u0, u1, u2, u3, l0, l1, l2, l3 = _dense_words_step(
+            u0, u1, u2, u3, l0, l1, l2, l3, s0, s1, s2, s3, p_e, p_f, k + 1, EXP_LANES, FRAC_LANES
+        )
+        u0, u1, u2, u3, l0, l1, l2, l3 = _dense_words_step(
+            u0, u1, u2, u3, l0, l1, l2, l3, t0, t1, t2, t3, p_e, p_f, k + 2, EXP_LANES, FRAC_LANES
+        )
+        u0, u1, u2, u3, l0, l1, l2, l3 = _dense_words_step(
+            u0, u1, u2, u3, l0, l1, l2, l3, v0, v1, v2, v3, p_e, p_f, k + 3, EXP_LANES, FRAC_LANES
+        )
+    for k in range(quads, free):
         u0, u1, u2, u3, l0, l1, l2, l3 = _dense_digit(
             u0, u1, u2, u3, l0, l1, l2, l3, c0, c1, zero, call, key0, key1, p_e, p_f, k,
             EXP_LANES, FRAC_LANES, N_ROUNDS, DENSE_BASE,
