@@ -36,6 +36,9 @@ What it does:
                                    fp16 output can overflow, see docs/statistics.md)
       bitflip/nonfinite_output_rate  nonfinite_outputs / outputs
       bitflip/{x,w}_p_{exp,frac}   the flip probability in use (largest over the layers)
+      bitflip/{x_,w_,}burst_{elements,events,bits}  where a layer has burst faults: elements
+                                   sampled, burst events, bits they inverted
+      bitflip/burst_event_rate     burst_events / burst_elements
 
   :func:`add_bitflip_callback` places the callback before the integrations and a small
   :class:`BitflipLogTrimmer` after them, before the printer / progress bar, which drops the raw
@@ -95,6 +98,7 @@ PREFIX = "bitflip/"
 SCHEDULE_KINDS = ("constant", "linear", "step")
 STATE_VERSION = 1
 _STAT_FIELDS = ("elements", "exp_bits", "frac_bits", "exp_flips", "frac_flips", "zeroed")
+_BURST_FIELDS = ("burst_elements", "burst_events", "burst_bits")  # logged where bursts are on
 # what the printed training log keeps (the trackers and log_history get every bitflip/ entry)
 SUMMARY_KEYS = tuple(
     PREFIX + k
@@ -179,6 +183,11 @@ def stats_to_logs(stats: dict[str, TensorFlipStats]) -> dict[str, int | float]:
         out[PREFIX + "outputs"] = y.elements
         out[PREFIX + "nonfinite_outputs"] = y.nonfinite
         out[PREFIX + "nonfinite_output_rate"] = y.nonfinite_rate
+    if stats["all"].burst_elements:  # some layer has burst faults
+        for kind, prefix in (("x", "x_"), ("w", "w_"), ("all", "")):
+            for field in _BURST_FIELDS:
+                out[f"{PREFIX}{prefix}{field}"] = getattr(stats[kind], field)
+        out[PREFIX + "burst_event_rate"] = stats["all"].burst_event_rate
     return out
 
 
