@@ -323,3 +323,14 @@ def test_cli_and_recipe_flags_set_the_burst_fields():
     assert cfg.burst_length == {2: 0.5, 3: 0.5} and cfg.w_p_exp == 1e-3 and cfg.seed == 3
     recipe = BitflipArguments(x_burst_rate="1e-4", burst_length="4", burst_field="exp")
     assert recipe.flip_values() == dict(x_burst_rate=1e-4, burst_length=4, burst_field="exp")
+
+
+def test_calibrated_zero_out_keeps_burst_settings():
+    from peft_bitflip.calibration import calibrate_zero_out
+
+    rules = {".*down_proj": {"w_burst_rate": 0.01}, "default": {}}
+    base = pb.BitflipConfig(x_burst_rate=1e-3, burst_length=3, layer_name_to_config=rules)
+    cal = calibrate_zero_out(tiny_llama(), token_ids(), base=base, x=False)
+    assert cal.burst_values_for("model.layers.0.mlp.down_proj")["w_burst_rate"] == 0.01
+    assert cal.burst_values_for(Q) == {"x_burst_rate": 1e-3, "w_burst_rate": 0.0}
+    assert cal.burst_length == 3
