@@ -21,6 +21,7 @@ exact to 2^-63 for the event rate and 2^-32 for the length and start probabiliti
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Mapping
@@ -171,6 +172,14 @@ class Bursts:
 
     def __repr__(self) -> str:
         return f"Bursts({self.name!r}, seed={self.seed}, x={self.x}, w={self.w})"
+
+    def scaled(self, f: float) -> Bursts:
+        """These bursts with both event rates multiplied by ``f`` in [0, 1] (a probability
+        schedule); ``self`` when ``f`` is 1."""
+        if f == 1.0:
+            return self
+        x, w = (dataclasses.replace(s, rate=s.rate * f) for s in (self.x, self.w))
+        return Bursts(self.name, self.seed, x, w)
 
     def key(self, tensor: str) -> tuple[int, int]:
         """The stream of ``tensor``'s bursts ("x" / "w") on this data-parallel rank."""

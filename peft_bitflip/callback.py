@@ -61,7 +61,8 @@ What it does:
   ``logging_nan_inf_filter`` (on by default) logs a finite loss for such steps; the warning and
   ``bitflip/nonfinite_loss`` do not.
 * **Schedule.**  Every flip probability of the model (``p_exp`` and ``p_frac`` of inputs and
-  weights) is multiplied by ``f(step)`` in [0, 1] at the start of each optimizer step
+  weights, and the burst event rates) is multiplied by ``f(step)`` in [0, 1] at the start of
+  each optimizer step
   (``step`` = optimizer steps completed, ``state.global_step``); the targets are the layers'
   settings when training starts.  Zero-out thresholds are not scaled.  At the end of training
   the layers get their target settings back.  See :class:`FlipSchedule`.
@@ -264,6 +265,7 @@ class BitflipCallback(TrainerCallback, ExportableState):
         self._layers: list | None = None  # [(bitflip_name, layer)]
         self._model = None  # the trained model (set in on_train_begin)
         self._targets: dict[str, tuple[FlipSpec, FlipSpec]] = {}
+        self._burst_targets: dict = {}  # layer name: its Bursts (or None) at train begin
         self._recorder: FlipStatsRecorder | None = None
         self._scale: float | None = None
         self._loss_hook = None  # the model's forward hook that watches the training loss
@@ -292,6 +294,9 @@ class BitflipCallback(TrainerCallback, ExportableState):
         for name, layer in self._layers:
             x_spec, w_spec = self._targets[name]
             layer.set_bitflip(_scaled(x_spec, f), _scaled(w_spec, f))
+            bursts = self._burst_targets.get(name)
+            if bursts is not None:
+                layer.bitflip_bursts = bursts.scaled(f)
         self._scale = f
 
     # -- checkpoint state -----------------------------------------------------------------
@@ -490,6 +495,8 @@ class BitflipCallback(TrainerCallback, ExportableState):
         self._layers = layers
         self._model = model
         self._targets = {n: (layer.x_spec, layer.w_spec) for n, layer in layers}
+        # burst settings come from the model's config (not the checkpoint state)
+        self._burst_targets = {n: layer.bitflip_bursts for n, layer in layers}
         self._scale = None
         if state.global_step > 0:
             self._restore(state)

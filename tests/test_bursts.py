@@ -334,3 +334,37 @@ def test_calibrated_zero_out_keeps_burst_settings():
     assert cal.burst_values_for("model.layers.0.mlp.down_proj")["w_burst_rate"] == 0.01
     assert cal.burst_values_for(Q) == {"x_burst_rate": 1e-3, "w_burst_rate": 0.0}
     assert cal.burst_length == 3
+
+
+def test_callback_schedule_scales_burst_rates():
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from peft_bitflip.callback import BitflipCallback
+
+    model = tiny_llama()
+    pb.apply_bitflip(model, pb.BitflipConfig(w_burst_rate=0.2, burst_length=3, w_zero_out_t=9.0))
+    layer = model.get_submodule(Q)
+    cb = BitflipCallback(schedule="linear", schedule_steps=4)
+    state = TrainerState(global_step=0)
+    cb.on_train_begin(SimpleNamespace(), state, TrainerControl(), model=model)
+    for step, f in [(0, 0.0), (1, 0.25), (4, 1.0)]:
+        state.global_step = step
+        cb.on_step_begin(None, state, None)
+        assert layer.bitflip_bursts.w == BurstSpec(0.2 * f, 3)
+        assert layer.bitflip_bursts.x.is_identity
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_kernel_equals_cpu_reference(dtype):
+    """The compiled CUDA kernel (direct launches after the first) and the CPU reference."""
+    x = torch.randn((1 << 20) + 3).to(dtype)
+    key = stream_key(11, "layer", "w_burst", 0)
+    for rate, length, field in [(2**-16, 2, "any"), *CASES]:
+        spec = BurstSpec(rate, length, field)
+        want = apply_burst_spec(x, spec, key, 9, zero_out_threshold=3.0)
+        for _ in range(2):
+            got = apply_burst_spec(x.cuda(), spec, key, 9, zero_out_threshold=3.0).cpu()
+            assert _same_bits(got, want), (dtype, rate, length, field)
