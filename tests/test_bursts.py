@@ -368,3 +368,22 @@ def test_cuda_kernel_equals_cpu_reference(dtype):
         for _ in range(2):
             got = apply_burst_spec(x.cuda(), spec, key, 9, zero_out_threshold=3.0).cpu()
             assert _same_bits(got, want), (dtype, rate, length, field)
+
+
+def test_moe_experts_refuse_bursts_and_exponent_bursts_warn(monkeypatch):
+    import warnings
+
+    from tiny_models import tiny_mixtral
+
+    from peft_bitflip import transform
+
+    with pytest.raises(ValueError, match="burst faults are not implemented for MoE experts"):
+        pb.apply_bitflip(tiny_mixtral(), pb.BitflipConfig(w_burst_rate=1e-3, w_zero_out_t=10.0))
+    monkeypatch.setattr(transform, "_WARNED_NO_ZERO_OUT", set())
+    with pytest.warns(UserWarning, match="without zero-out on w"):
+        pb.apply_bitflip(tiny_llama(), pb.BitflipConfig(w_burst_rate=1e-3, burst_field="exp"))
+    monkeypatch.setattr(transform, "_WARNED_NO_ZERO_OUT", set())
+    with warnings.catch_warnings(record=True) as caught:  # mantissa-only bursts cannot
+        warnings.simplefilter("always")  # reach the exponent: no warning
+        pb.apply_bitflip(tiny_llama(), pb.BitflipConfig(w_burst_rate=1e-3, burst_field="frac"))
+    assert not [w for w in caught if "zero-out" in str(w.message)]
