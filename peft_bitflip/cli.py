@@ -66,6 +66,7 @@ def demo(args) -> int:
 # ---------------------------------------------------------------------- shared arguments
 
 FLIP_FLAGS = RULE_KEYS  # x_p_exp, x_p_frac, x_zero_out_t, w_p_exp, w_p_frac, w_zero_out_t
+BURST_FLAGS = ("x_burst_rate", "w_burst_rate", "burst_length", "burst_field")  # bursts.py
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -80,6 +81,21 @@ def parse_probability(text: str) -> float:
     if not 0.0 <= v <= 1.0:
         raise argparse.ArgumentTypeError(f"a probability must be in [0, 1], got {text!r}")
     return v
+
+
+def parse_burst_length(text: str) -> int | dict[int, float]:
+    """A burst length: ``3`` (k bits) or ``2:0.5,4:0.5`` (k: probability pairs summing to 1)."""
+    from .bursts import validate_burst_length
+
+    try:
+        if ":" not in text:
+            return validate_burst_length("burst length", int(text))
+        pairs = [item.split(":") for item in text.split(",")]
+        return validate_burst_length("burst length", {int(k): float(p) for k, p in pairs})
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(
+            f"not a burst length (k, or k:p,k:p,... with p summing to 1): {text!r} ({e})"
+        ) from None
 
 
 def parse_threshold(text: str) -> float | None:
@@ -236,6 +252,30 @@ def add_flip_arguments(
             default=argparse.SUPPRESS,
             help=f"{'input' if key[0] == 'x' else 'weight'} {what} (default: the checkpoint's)",
         )
+    g.add_argument(
+        "--x_burst_rate",
+        type=parse_probability,
+        default=argparse.SUPPRESS,
+        help="burst fault events per input element and call (default: the checkpoint's)",
+    )
+    g.add_argument(
+        "--w_burst_rate",
+        type=parse_probability,
+        default=argparse.SUPPRESS,
+        help="burst fault events per weight element and call (default: the checkpoint's)",
+    )
+    g.add_argument(
+        "--burst_length",
+        type=parse_burst_length,
+        default=argparse.SUPPRESS,
+        help="bits per burst: k (2..32) or k:p,k:p,... (default: the checkpoint's, else 2)",
+    )
+    g.add_argument(
+        "--burst_field",
+        choices=("any", "exp", "frac"),
+        default=argparse.SUPPRESS,
+        help="where a burst may lie in an element (default: the checkpoint's, else any)",
+    )
     if seed_flag:
         g.add_argument(
             "--seed",
@@ -302,7 +342,7 @@ def flips_from_args(args, checkpoint=None, *, default=None):
     if getattr(args, "clean", False):
         return None
     file_cfg = read_bitflip_file(args.bitflip_config) if args.bitflip_config else None
-    inline = {k: getattr(args, k) for k in FLIP_FLAGS if hasattr(args, k)}
+    inline = {k: getattr(args, k) for k in FLIP_FLAGS + BURST_FLAGS if hasattr(args, k)}
     if hasattr(args, "seed"):
         inline["seed"] = args.seed
     if file_cfg is None and checkpoint is None and default is None and set(inline) == {"seed"}:

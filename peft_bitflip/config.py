@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, fields
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .bursts import BURST_RATE_KEYS, validate_burst_field, validate_burst_length
 from .spec import FlipSpec, validate_probability, validate_seed, validate_threshold
 from .stuck_at import STUCK_RATE_KEYS, validate_stuck_positions
 
@@ -54,7 +55,10 @@ RULE_KEYS = X_KEYS + W_KEYS
 """The transient-flip keys a per-module rule may set."""
 STUCK_KEYS = STUCK_RATE_KEYS
 """The stuck-at keys a per-module rule may set (x_/w_stuck_p_exp/frac, stuck_one_share)."""
-ALL_RULE_KEYS = RULE_KEYS + STUCK_KEYS
+BURST_KEYS = BURST_RATE_KEYS
+"""The burst keys a per-module rule may set (x_/w_burst_rate)."""
+ALL_RULE_KEYS = RULE_KEYS + STUCK_KEYS + BURST_KEYS
+BURST_DEFAULTS = {**dict.fromkeys(BURST_KEYS, 0.0), "burst_length": 2, "burst_field": "any"}
 STUCK_DEFAULTS = {
     **dict.fromkeys(STUCK_KEYS, 0.0),
     "stuck_one_share": 0.5,
@@ -147,6 +151,13 @@ class BitflipConfig(QuantizationConfigMixin):
         stuck_at_positions: explicit stuck bits, ``{module name: {"x" | "w": [[element
             index, bit, value], ...]}}`` (a replayable fault list; see
             ``stuck_at.export_stuck_positions``), added to the drawn ones; ``None``: none.
+        x_burst_rate, w_burst_rate: burst faults (``peft_bitflip.bursts``): probability in
+            [0, 1] that an element of the layer input / weight holds a fault event that
+            inverts ``burst_length`` adjacent bits, drawn afresh at every call; rules may set
+            them per module.
+        burst_length: the bits per event: an int k in [2, 32] or ``{k: probability}``.
+        burst_field: where a burst may lie in an element: ``"any"`` (default), ``"exp"``
+            (sign and exponent bits) or ``"frac"`` (mantissa bits).
         skip_modules: regexes of modules that are never wrapped, checked before the rules.
             A module is skipped when a pattern full-matches its qualified name or its last
             name component, so ``"lm_head"`` skips ``lm_head`` and ``model.lm_head``.  The
@@ -173,6 +184,10 @@ class BitflipConfig(QuantizationConfigMixin):
     w_stuck_p_frac: float = 0.0
     stuck_one_share: float = 0.5
     stuck_at_positions: dict | None = None
+    x_burst_rate: float = 0.0
+    w_burst_rate: float = 0.0
+    burst_length: int | dict = 2
+    burst_field: str = "any"
     quant_method: str = field(default=QUANT_METHOD, init=False, repr=False)
 
     def __post_init__(self):
@@ -191,6 +206,8 @@ class BitflipConfig(QuantizationConfigMixin):
         self.stuck_at_positions = validate_stuck_positions(
             "stuck_at_positions", self.stuck_at_positions
         )
+        self.burst_length = validate_burst_length("burst_length", self.burst_length)
+        self.burst_field = validate_burst_field("burst_field", self.burst_field)
         self.seed = validate_seed("seed", self.seed)
         if not isinstance(self.compat_snap, bool):
             raise TypeError(f"compat_snap must be a bool, got {self.compat_snap!r}")
@@ -275,6 +292,11 @@ class BitflipConfig(QuantizationConfigMixin):
         values = self._all_values_for(module_name)
         return None if values is None else {k: values[k] for k in STUCK_KEYS}
 
+    def burst_values_for(self, module_name: str) -> dict | None:
+        """The burst rates (``BURST_KEYS``) for a module, or ``None`` if it is not wrapped."""
+        values = self._all_values_for(module_name)
+        return None if values is None else {k: values[k] for k in BURST_KEYS}
+
     def _all_values_for(self, module_name: str) -> dict | None:
         if self.is_skipped(module_name):
             return None
@@ -341,7 +363,7 @@ class BitflipConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict:
         """A JSON-safe dict of every field, ``quant_method`` included.
 
-        The stuck-at fields are included only when one is set (not at its default).
+        The stuck-at and burst fields are included only when one is set (not at its default).
         ``layer_name_to_config`` becomes an ordered list of ``[pattern, rule]`` pairs (or
         ``None``) so that rule order survives ``json.dumps(..., sort_keys=True)``.
         An infinite threshold is kept as ``float("inf")`` (JSON ``Infinity``).
@@ -357,6 +379,7 @@ class BitflipConfig(QuantizationConfigMixin):
             ),
             "skip_modules": list(self.skip_modules),
             **self._stuck_dict(),
+            **self._burst_dict(),
         }
 
     def _stuck_dict(self) -> dict:
@@ -365,6 +388,17 @@ class BitflipConfig(QuantizationConfigMixin):
         values = {k: getattr(self, k) for k in STUCK_KEYS}
         values["stuck_at_positions"] = copy.deepcopy(self.stuck_at_positions)
         return values if values != STUCK_DEFAULTS else {}
+
+    def _burst_dict(self) -> dict:
+        """The burst fields where one differs from its default, else nothing (JSON-safe: a
+        length distribution's keys as strings)."""
+        values = {k: getattr(self, k) for k in BURST_DEFAULTS}
+        if values == BURST_DEFAULTS:
+            return {}
+        length = values["burst_length"]
+        if isinstance(length, dict):
+            values["burst_length"] = {str(k): p for k, p in length.items()}
+        return values
 
     def get(self, key: str, default=None):
         """``to_dict().get(key, default)``: transformers reads model configs' quantization

@@ -111,6 +111,9 @@ class BitflipLayerMixin:
     # a StuckAt (peft_bitflip.stuck_at) forcing stuck bits of x and W before the flips, or None
     # (instance attribute, set by apply_bitflip)
     bitflip_stuck = None
+    # a Bursts (peft_bitflip.bursts) striking x and W at every call after the stuck bits and
+    # before the flips, or None (instance attribute, set by apply_bitflip)
+    bitflip_bursts = None
 
     def init_bitflip(self, name: str, x_spec: FlipSpec, w_spec: FlipSpec, seed: int = 0) -> None:
         self.bitflip_name = name
@@ -221,6 +224,10 @@ class BitflipLayerMixin:
         if stats is not None and _checkpoint_phase() == "recompute":
             stats = None  # the recomputation repeats flips that were counted in the forward
         try:
+            if self.bitflip_bursts is not None:  # burst events of this call; weight built
+                x, weight, weight_params = self.bitflip_bursts.apply(
+                    x, weight, weight_params, _autocast_dtype(x), call, stats
+                )
             return flipped_linear(
                 x, weight, bias, self.x_spec, self.w_spec, x_key, w_key, call,
                 self._is_conv1d, stats, weight_params, self.bitflip_recompute_input, following,
@@ -239,7 +246,8 @@ class BitflipLayerMixin:
                 self.bias,
                 weight_params=[self.weight, lora_a, lora_b],
             )
-        if self.bitflip_stuck is not None:  # stuck bits of the merged weight: built, as merge()
+        if self.bitflip_stuck is not None or self.bitflip_bursts is not None:
+            # stuck bits / bursts of the merged weight: built, as merge() builds it
             merge = merge_lora_weight if torch.is_grad_enabled() else merged_lora_weight
             return self.flipped_forward(
                 x,

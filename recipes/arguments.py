@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from peft_bitflip import data, flavors
+from peft_bitflip.bursts import BURST_FIELDS
 from peft_bitflip.cli import DeprecatedAlias
 from peft_bitflip.config import RULE_KEYS
 
@@ -197,6 +198,19 @@ class BitflipArguments:
     w_zero_out_t: str | None = field(
         default=None, metadata={"help": "weight zero-out threshold ('none' = off)"}
     )
+    x_burst_rate: str | None = field(
+        default=None, metadata={"help": "burst fault events per input element and call"}
+    )
+    w_burst_rate: str | None = field(
+        default=None, metadata={"help": "burst fault events per weight element and call"}
+    )
+    burst_length: str | None = field(
+        default=None, metadata={"help": "bits per burst: k (2..32) or k:p,k:p,... (default 2)"}
+    )
+    burst_field: str | None = field(
+        default=None,
+        metadata={"help": "where a burst may lie: any, exp or frac bits", "choices": BURST_FIELDS},
+    )
     bitflip_seed: int = field(default=0, metadata={"help": "seed of the flip streams"})
     compat_snap: bool = field(
         default=False, metadata={"help": "round p down to a power of two like the original kernel"}
@@ -269,14 +283,20 @@ class BitflipArguments:
 
     def flip_values(self) -> dict:
         """The inline fault-model flags given, parsed: ``{key: float | None}``."""
-        from peft_bitflip.cli import parse_probability, parse_threshold
+        from peft_bitflip.cli import (
+            BURST_FLAGS,
+            parse_burst_length,
+            parse_probability,
+            parse_threshold,
+        )
 
         out = {}
-        for key in RULE_KEYS:
+        for key in RULE_KEYS + BURST_FLAGS:
             text = getattr(self, key)
             if text is None:
                 continue
             parse = parse_threshold if key.endswith("_t") else parse_probability
+            parse = {"burst_length": parse_burst_length, "burst_field": str}.get(key, parse)
             try:
                 out[key] = parse(str(text))
             except argparse.ArgumentTypeError as e:

@@ -79,12 +79,17 @@ def main(argv=None):
             res = {}
             for mode in (False, True):
                 sampling.FORCE_DENSE = mode
-                res[mode] = pct_of_copy(lambda: pb.bitflip(x, p, p, None, seed=1, call=call), copy_ms)
+                res[mode] = pct_of_copy(
+                    lambda: pb.bitflip(x, p, p, None, seed=1, call=call), copy_ms
+                )
             sampling.FORCE_DENSE = None
             n_e, _ = sampling.field_sizes(dtype)
             pick = "dense" if sampling.field_is_dense(p, n_e) else "sparse"
-            print(f"| {dname} | 2^{torch.tensor(p).log2().item():.2f} | {pick} "
-                  f"| {res[False]:.1%} | {res[True]:.1%} |", flush=True)
+            print(
+                f"| {dname} | 2^{torch.tensor(p).log2().item():.2f} | {pick} "
+                f"| {res[False]:.1%} | {res[True]:.1%} |",
+                flush=True,
+            )
     x = torch.randn(n, device="cuda", dtype=torch.float32)
     y = torch.empty_like(x)
     copy_ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=200)
@@ -108,8 +113,10 @@ def main(argv=None):
             continue
         for dev_cache in caches.values():
             for compiled in dev_cache[0].values():
-                print(f"| {name} | {getattr(compiled, 'n_regs', '?')} "
-                      f"| {getattr(compiled, 'n_spills', '?')} |")
+                print(
+                    f"| {name} | {getattr(compiled, 'n_regs', '?')} "
+                    f"| {getattr(compiled, 'n_spills', '?')} |"
+                )
 
 
 if __name__ == "__main__":
