@@ -287,8 +287,10 @@ def _dense_flips(
             EXP_LANES, FRAC_LANES, N_ROUNDS, DENSE_BASE,
         )  # fmt: skip
     k = free
-    live = (tl.where(d_e > k, EXP_LANES, 0) | tl.where(d_f > k, FRAC_LANES, 0)).to(tl.uint32)
-    pending = tl.max((((u0 | u1 | u2 | u3) & live) != 0).to(tl.int32), axis=0)
+    pending = (n_digits > free).to(tl.int32)  # no block-wide reduction where P has ended
+    if n_digits > free:
+        live = (tl.where(d_e > k, EXP_LANES, 0) | tl.where(d_f > k, FRAC_LANES, 0)).to(tl.uint32)
+        pending = tl.max((((u0 | u1 | u2 | u3) & live) != 0).to(tl.int32), axis=0)
     while pending > 0:
         u0, u1, u2, u3, l0, l1, l2, l3 = _dense_digit(
             u0, u1, u2, u3, l0, l1, l2, l3, c0, c1, zero, call, key0, key1, p_e, p_f, k,
