@@ -32,7 +32,7 @@ from peft import LoraConfig, LoraModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
-from .config import RULE_KEYS, STUCK_KEYS, BitflipConfig
+from .config import P_BITS_KEYS, RULE_KEYS, STUCK_KEYS, BitflipConfig
 from .experts import BitflipExpertsMixin
 from .kernels.lora import merge_lora_weight, merged_lora_weight
 from .layers import BitflipLayerMixin
@@ -42,6 +42,7 @@ from .transform import apply_bitflip, candidate_modules
 PEFT_TYPE = "BITFLIP_LORA"
 BITFLIP_FIELDS = RULE_KEYS  # x_p_exp, x_p_frac, x_zero_out_t, w_p_exp, w_p_frac, w_zero_out_t
 STUCK_FIELDS = (*STUCK_KEYS, "stuck_at_positions")  # the stuck-at faults (same names)
+P_BITS_FIELDS = P_BITS_KEYS  # x_p_bits, w_p_bits: per-bit-position rates (same names)
 
 
 @dataclass
@@ -86,6 +87,12 @@ class BitflipLoraConfig(LoraConfig):
     stuck_at_positions: Any | None = field(
         default=None, metadata={"help": "explicit stuck bits {layer: {x|w: [[i, bit, v]]}}"}
     )
+    x_p_bits: Any | None = field(
+        default=None, metadata={"help": "per-bit-position input rates {position|sign: p}"}
+    )
+    w_p_bits: Any | None = field(
+        default=None, metadata={"help": "per-bit-position weight rates {position|sign: p}"}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -126,7 +133,7 @@ class BitflipLoraConfig(LoraConfig):
         self.compat_snap = d["compat_snap"]
         self.layer_name_to_config = d["layer_name_to_config"]
         self.skip_modules = d["skip_modules"]
-        for k in STUCK_FIELDS:
+        for k in (*STUCK_FIELDS, *P_BITS_FIELDS):
             setattr(self, k, copy.deepcopy(getattr(bitflip, k)))
 
     def bitflip_config(self) -> BitflipConfig:
@@ -137,7 +144,7 @@ class BitflipLoraConfig(LoraConfig):
             compat_snap=self.compat_snap,
             layer_name_to_config=self.layer_name_to_config,
             skip_modules=list(self.skip_modules or []),
-            **{k: getattr(self, k) for k in STUCK_FIELDS},
+            **{k: getattr(self, k) for k in (*STUCK_FIELDS, *P_BITS_FIELDS)},
         )
 
     @classmethod
@@ -150,7 +157,7 @@ class BitflipLoraConfig(LoraConfig):
             compat_snap=d["compat_snap"],
             layer_name_to_config=d["layer_name_to_config"],
             skip_modules=d["skip_modules"],
-            **{k: copy.deepcopy(getattr(bitflip, k)) for k in STUCK_FIELDS},
+            **{k: copy.deepcopy(getattr(bitflip, k)) for k in (*STUCK_FIELDS, *P_BITS_FIELDS)},
             **lora_kwargs,
         )
 

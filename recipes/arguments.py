@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from peft_bitflip import data, flavors
-from peft_bitflip.config import RULE_KEYS
+from peft_bitflip.config import P_BITS_KEYS, RULE_KEYS
 
 TINY_VOCAB_SIZE = 1024
 # The original script's LORA_CFG; the tiny preset's adapter is r = 16, alpha = 32.
@@ -197,6 +197,17 @@ class BitflipArguments:
     w_zero_out_t: str | None = field(
         default=None, metadata={"help": "weight zero-out threshold ('none' = off)"}
     )
+    x_p_bits: str | None = field(
+        default=None,
+        metadata={
+            "help": "input flip probability per bit position, overriding its group's "
+            "(0 = least significant bit, 'sign'; e.g. 15=1e-3,sign=1e-4)"
+        },
+    )
+    w_p_bits: str | None = field(
+        default=None,
+        metadata={"help": "weight flip probability per bit position (as --x_p_bits)"},
+    )
     bitflip_seed: int = field(default=0, metadata={"help": "seed of the flip streams"})
     compat_snap: bool = field(
         default=False, metadata={"help": "round p down to a power of two like the original kernel"}
@@ -268,15 +279,18 @@ class BitflipArguments:
             raise ValueError(f"--train_faults {self.train_faults!r}: {e}") from None
 
     def flip_values(self) -> dict:
-        """The inline fault-model flags given, parsed: ``{key: float | None}``."""
-        from peft_bitflip.cli import parse_probability, parse_threshold
+        """The inline fault-model flags given, parsed: ``{key: float | dict | None}``."""
+        from peft_bitflip.cli import parse_p_bits, parse_probability, parse_threshold
 
         out = {}
-        for key in RULE_KEYS:
+        for key in RULE_KEYS + P_BITS_KEYS:
             text = getattr(self, key)
             if text is None:
                 continue
-            parse = parse_threshold if key.endswith("_t") else parse_probability
+            if key in P_BITS_KEYS:
+                parse = parse_p_bits
+            else:
+                parse = parse_threshold if key.endswith("_t") else parse_probability
             try:
                 out[key] = parse(str(text))
             except argparse.ArgumentTypeError as e:
