@@ -128,6 +128,15 @@ def _flipped_positions(x: Tensor, spec: FlipSpec, key, call: Tensor) -> Tensor:
     return y
 
 
+@torch.compiler.disable
+def _apply_p_bits(x: Tensor, spec: FlipSpec, key, call: Tensor) -> Tensor:
+    """:func:`apply_flip_spec` of a spec with ``p_bits``: the class passes, then zero-out.
+    Eager also under ``torch.compile`` (a graph break): its passes read several cached flip
+    tables, and a graph holds one such constant at most."""
+    y = _flipped_positions(x, spec, key, call)
+    return apply_flip_spec(y, zero_out_spec(spec.zero_out_threshold), key, call)
+
+
 def apply_flip_spec(
     x: Tensor, spec: FlipSpec, key: tuple[int, int], call: int | Tensor = 0
 ) -> Tensor:
@@ -144,8 +153,7 @@ def apply_flip_spec(
     if spec.is_identity:
         return x
     if spec.p_bits is not None:
-        y = _flipped_positions(x, spec, key, call)
-        return apply_flip_spec(y, zero_out_spec(spec.zero_out_threshold), key, call)
+        return _apply_p_bits(x, spec, key, call)
     table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
     return bitflip_dispatch(x, table, call, key[0], key[1], spec.zero_out_threshold, spec.flips)
 
