@@ -211,7 +211,8 @@ def test_stats_count_the_realised_flips_at_listed_positions(reference_backend):
     assert counts.zeroed == int((~(flipped.abs() < 1.0)).sum())
 
 
-def test_activation_checkpointing_repeats_the_flips(reference_backend):
+def _assert_like_eager(run):
+    """``run(layer, x)`` at call 0 gives the eager layer's output, gradients and counter."""
     layer = _layer(X_SPEC, W_SPEC)
     x = torch.randn(5, 24, requires_grad=True)
     out = layer(x)
@@ -219,10 +220,20 @@ def test_activation_checkpointing_repeats_the_flips(reference_backend):
     grads = x.grad.clone(), layer.weight.grad.clone()
     x.grad = layer.weight.grad = None
     layer.bitflip_calls.zero_()
-    out2 = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+    out2 = run(layer, x)
     out2.sum().backward()
-    assert torch.equal(out, out2)
+    assert int(layer.bitflip_calls) == 1 and torch.equal(out, out2)
     assert torch.equal(grads[0], x.grad) and torch.equal(grads[1], layer.weight.grad)
+
+
+def test_activation_checkpointing_repeats_the_flips(reference_backend):
+    _assert_like_eager(lambda m, x: torch.utils.checkpoint.checkpoint(m, x, use_reentrant=False))
+
+
+def test_torch_compile_gives_the_eager_result(reference_backend):
+    """Under torch.compile the p_bits flips run eagerly (a graph break)."""
+    # aot_eager: dynamo and autograd, no code generation (seconds)
+    _assert_like_eager(lambda m, x: torch.compile(m, backend="aot_eager")(x))
 
 
 def test_lora_layer_and_its_merge_agree(reference_backend):
@@ -336,19 +347,3 @@ def test_campaign_sign_and_bit_sites_count_their_flips(reference_backend):
         for u, batch in zip(units, [ids[:2], ids[2:]]):
             loss, _, finite = cp._token_results(model, batch)
             assert finite and float(loss.sum(dtype=torch.float64)) == u.loss_sum
-
-
-def test_torch_compile_gives_the_eager_result(reference_backend):
-    """Under torch.compile the p_bits flips run eagerly (a graph break): same output, same
-    gradients, the counter advances."""
-    layer = _layer(X_SPEC, W_SPEC)
-    x = torch.randn(5, 24, requires_grad=True)
-    out = layer(x)
-    out.sum().backward()
-    grads = x.grad.clone(), layer.weight.grad.clone()
-    x.grad = layer.weight.grad = None
-    layer.bitflip_calls.zero_()
-    out2 = torch.compile(layer, backend="aot_eager")(x)  # dynamo and autograd, no codegen
-    out2.sum().backward()
-    assert int(layer.bitflip_calls) == 1 and torch.equal(out, out2)
-    assert torch.equal(grads[0], x.grad) and torch.equal(grads[1], layer.weight.grad)
