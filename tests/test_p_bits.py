@@ -301,10 +301,17 @@ def test_p_bits_flag_parses_and_names_bad_values():
 
 
 def test_recipe_and_cli_flags_set_p_bits(tmp_path):
+    pytest.importorskip("datasets")  # the recipes' extra
     from peft_bitflip.cli import build_parser, flips_from_args
+    from recipes import common, finetune_lora
     from recipes.arguments import BitflipArguments
 
-    assert BitflipArguments(w_p_bits="sign=0.5").flip_values() == {"w_p_bits": {"sign": 0.5}}
+    parser = finetune_lora.build_parser()
+    args = common.parse_args(
+        parser, ["--w_p_bits", "sign=0.5,3=2^-4"], script="finetune_lora.py", output_name="t"
+    )
+    flips, _, _ = common.bitflip_settings(args)
+    assert flips.w_p_bits == {"3": 2**-4, "sign": 0.5} and flips.w_p_exp == 2**-16
     with pytest.raises(ValueError, match="--x_p_bits 'sign=x'"):
         BitflipArguments(x_p_bits="sign=x").flip_values()
     args = build_parser().parse_args(["eval", "m", "--x_p_bits", "15=1e-3,sign=1e-4"])
