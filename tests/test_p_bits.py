@@ -19,7 +19,13 @@ import peft_bitflip.campaign as cp
 from peft_bitflip.cli import parse_p_bits
 from peft_bitflip.evaluation import reset_streams
 from peft_bitflip.flipped_linear import flipped_linear_unfused
-from peft_bitflip.functional import apply_flip_spec
+from peft_bitflip.functional import (
+    apply_flip_spec,
+    flip_spec_grad,
+    flip_spec_grad_,
+    flip_specs_masked,
+    zero_masked_,
+)
 from peft_bitflip.layers import BitflipLinear, bitflip_layers
 from peft_bitflip.position_flips import flip_classes
 from peft_bitflip.spec import BIT_LAYOUTS
@@ -137,6 +143,26 @@ def test_zero_out_after_all_flips_and_straight_through_gradient(reference_backen
     assert zeroed.any() and torch.equal(y.detach(), torch.where(zeroed, 0.0, flips_only))
     y.backward(torch.arange(4096.0))
     assert torch.equal(x.grad, torch.where(zeroed, 0.0, torch.arange(4096.0)))
+
+
+def test_masked_and_gradient_entry_points_agree_with_autograd(reference_backend):
+    """The non-differentiable entry points the fused layers use give, for a p_bits spec, the
+    flipped tensor and zero mask of apply_flip_spec and its autograd gradient."""
+    x = torch.randn(999, dtype=torch.bfloat16) * 2
+    spec = pb.FlipSpec(p_bits={"sign": 0.3, 13: 0.1}, p_frac=0.01, zero_out_threshold=3.0)
+    xr = x.clone().requires_grad_()
+    y = apply_flip_spec(xr, spec, KEY, 3)
+    y.backward(torch.ones_like(y))
+    assert (y == 0).any() and (xr.grad == 0).any()
+    w = torch.randn(50, dtype=torch.bfloat16)
+    following = torch.empty((), dtype=torch.int64)
+    xf, wf, mask = flip_specs_masked(x, w, spec, pb.FlipSpec(), KEY, KEY, 3, True, following)
+    assert _same_bits(xf, y) and wf is w and int(following) == 4
+    assert torch.equal(zero_masked_(torch.ones_like(x), mask, x.dtype), xr.grad)
+    assert torch.equal(flip_spec_grad(torch.ones_like(x), x, spec, KEY, 3), xr.grad)
+    grad = torch.ones_like(x)
+    assert _same_bits(flip_spec_grad_(grad, x, spec, KEY, 3, want_flipped=True), y)
+    assert torch.equal(grad, xr.grad)
 
 
 def test_exponent_exposure_ignores_the_sign_and_mantissa():
