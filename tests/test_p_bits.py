@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import peft_bitflip as pb
 import peft_bitflip.campaign as cp
-from peft_bitflip.cli import parse_p_bits
+from peft_bitflip.cli import parse_p_bits, parse_site_bits
 from peft_bitflip.evaluation import reset_streams
 from peft_bitflip.flipped_linear import flipped_linear_unfused
 from peft_bitflip.functional import (
@@ -321,6 +321,9 @@ def test_config_round_trip_through_auto_model(tmp_path, reference_backend):
 def test_p_bits_flag_parses_and_names_bad_values():
     assert parse_p_bits("15=1e-3, sign=2^-10") == {"15": 1e-3, "sign": 2**-10}
     assert parse_p_bits("none") is None
+    assert parse_site_bits("bit:3-5") == "bit:3-5"
+    with pytest.raises(argparse.ArgumentTypeError, match="'bit:x'"):
+        parse_site_bits("bit:x")
     for bad, named in [("15", "'15'"), ("top=0.1", "'top'"), ("3=2", "'3=2'"), ("3=.1,3=.2", "3")]:
         with pytest.raises(argparse.ArgumentTypeError, match=named):
             parse_p_bits(bad)
