@@ -60,9 +60,9 @@ What it does:
   layers' output elements that were NaN/Inf (each rank checks its own losses).  Trainer's
   ``logging_nan_inf_filter`` (on by default) logs a finite loss for such steps; the warning and
   ``bitflip/nonfinite_loss`` do not.
-* **Schedule.**  Every flip probability of the model (``p_exp`` and ``p_frac`` of inputs and
-  weights, and the burst event rates) is multiplied by ``f(step)`` in [0, 1] at the start of
-  each optimizer step
+* **Schedule.**  Every flip probability of the model (``p_exp``, ``p_frac`` and ``p_bits`` of
+  inputs and weights, and the burst event rates) is multiplied by ``f(step)`` in [0, 1] at the
+  start of each optimizer step
   (``step`` = optimizer steps completed, ``state.global_step``); the targets are the layers'
   settings when training starts.  Zero-out thresholds are not scaled.  At the end of training
   the layers get their target settings back.  See :class:`FlipSchedule`.
@@ -170,7 +170,8 @@ class FlipSchedule:
 def _scaled(spec: FlipSpec, f: float) -> FlipSpec:
     if f == 1.0:
         return spec
-    return dataclasses.replace(spec, p_exp=spec.p_exp * f, p_frac=spec.p_frac * f)
+    bits = None if spec.p_bits is None else tuple((pos, p * f) for pos, p in spec.p_bits)
+    return dataclasses.replace(spec, p_exp=spec.p_exp * f, p_frac=spec.p_frac * f, p_bits=bits)
 
 
 def stats_to_logs(stats: dict[str, TensorFlipStats]) -> dict[str, int | float]:
@@ -402,7 +403,7 @@ class BitflipCallback(TrainerCallback, ExportableState):
             (name, kind)
             for name, layer in self._layers
             for kind in ("x", "w")
-            if getattr(layer, f"{kind}_spec").effective_p_exp > 0
+            if getattr(layer, f"{kind}_spec").flips_exponent()
             and getattr(layer, f"{kind}_spec").zero_out_threshold is None
         ]
         if bare:

@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from .config import RULE_KEYS
+from .config import P_BITS_KEYS, RULE_KEYS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -67,6 +67,7 @@ def demo(args) -> int:
 
 FLIP_FLAGS = RULE_KEYS  # x_p_exp, x_p_frac, x_zero_out_t, w_p_exp, w_p_frac, w_zero_out_t
 BURST_FLAGS = ("x_burst_rate", "w_burst_rate", "burst_length", "burst_field")  # bursts.py
+P_BITS_FLAGS = P_BITS_KEYS  # x_p_bits, w_p_bits: "15=1e-3,sign=1e-4"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -96,6 +97,41 @@ def parse_burst_length(text: str) -> int | dict[int, float]:
         raise argparse.ArgumentTypeError(
             f"not a burst length (k, or k:p,k:p,... with p summing to 1): {text!r} ({e})"
         ) from None
+
+
+def parse_p_bits(text: str) -> dict[str, float] | None:
+    """Per-bit-position rates ``POSITION=P[,POSITION=P...]`` (position: an int, 0 = least
+    significant bit, or ``sign``; P as :func:`parse_probability` reads it), e.g.
+    ``15=1e-3,sign=2^-20``; ``none`` gives None (the groups alone)."""
+    from .spec import p_bits_dict, validate_p_bits
+
+    if text.strip().lower() in ("none", "null", "off"):
+        return None
+    rates = []
+    for item in text.split(","):
+        position, sep, p = item.partition("=")
+        if not sep or not position.strip():
+            raise argparse.ArgumentTypeError(
+                f"not a POSITION=P entry: {item!r} (e.g. 15=1e-3,sign=1e-4)"
+            )
+        try:
+            rates.append((position.strip(), parse_probability(p)))
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{item!r}: {e}") from None
+    try:
+        return p_bits_dict(validate_p_bits("p_bits", rates))
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_site_bits(text: str) -> str:
+    """A campaign site's bit set: exp, frac, sign, bit:N or bit:N-M."""
+    from .campaign import check_site_bits
+
+    try:
+        return check_site_bits(text.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_threshold(text: str) -> float | None:
@@ -276,6 +312,16 @@ def add_flip_arguments(
         default=argparse.SUPPRESS,
         help="where a burst may lie in an element (default: the checkpoint's, else any)",
     )
+    for key in P_BITS_FLAGS:
+        g.add_argument(
+            f"--{key}",
+            type=parse_p_bits,
+            default=argparse.SUPPRESS,
+            metavar="POS=P,...",
+            help=f"{'input' if key[0] == 'x' else 'weight'} flip probability per bit position, "
+            "overriding its group's (0 = least significant bit, 'sign'; e.g. 15=1e-3,sign=1e-4; "
+            "'none' = off; default: the checkpoint's)",
+        )
     if seed_flag:
         g.add_argument(
             "--seed",
@@ -342,7 +388,8 @@ def flips_from_args(args, checkpoint=None, *, default=None):
     if getattr(args, "clean", False):
         return None
     file_cfg = read_bitflip_file(args.bitflip_config) if args.bitflip_config else None
-    inline = {k: getattr(args, k) for k in FLIP_FLAGS + BURST_FLAGS if hasattr(args, k)}
+    flags = FLIP_FLAGS + BURST_FLAGS + P_BITS_FLAGS
+    inline = {k: getattr(args, k) for k in flags if hasattr(args, k)}
     if hasattr(args, "seed"):
         inline["seed"] = args.seed
     if file_cfg is None and checkpoint is None and default is None and set(inline) == {"seed"}:
@@ -1098,8 +1145,9 @@ def add_campaign_parser(sub) -> None:
     )  # fmt: skip
     k.add_argument("--tensors", nargs="+", choices=["x", "w"], default=["x", "w"])
     k.add_argument(
-        "--bits", nargs="+", choices=["exp", "frac"], default=["exp", "frac"],
-        help="exp = sign and exponent bits, frac = mantissa bits",
+        "--bits", nargs="+", type=parse_site_bits, default=["exp", "frac"],
+        help="exp = sign and exponent bits, frac = mantissa bits, sign, bit:N (one bit position, "
+        "0 = least significant) or bit:N-M",
     )  # fmt: skip
     k.add_argument("--p", type=parse_probability, default=1e-3, help="flip probability per bit")
     k.add_argument("--seeds", type=parse_seed, nargs="+", default=[0, 1, 2])

@@ -282,7 +282,8 @@ class BitflipLayerMixin:
 
     def bitflip_repr(self) -> str:
         def fmt(s: FlipSpec):
-            return f"p_exp={s.p_exp:g}, p_frac={s.p_frac:g}, t={s.zero_out_threshold}"
+            bits = "" if s.p_bits is None else f", p_bits={dict(s.p_bits)}"
+            return f"p_exp={s.p_exp:g}, p_frac={s.p_frac:g}{bits}, t={s.zero_out_threshold}"
 
         return f"x: {fmt(self.x_spec)}; w: {fmt(self.w_spec)}; seed={self.bitflip_seed}"
 

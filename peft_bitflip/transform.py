@@ -284,7 +284,7 @@ def _warn_no_zero_out(
     names: dict[str, list[str]] = {}
     for name, specs in flipped.items():
         for tensor, spec in zip(("x", "w"), specs):
-            exposed = spec.effective_p_exp > 0 or (name, tensor) in stuck
+            exposed = spec.flips_exponent() or (name, tensor) in stuck
             if exposed and spec.zero_out_threshold is None:
                 names.setdefault(tensor, []).append(name)
     situation = tuple(t for t in ("x", "w") if t in names)

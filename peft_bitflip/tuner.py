@@ -33,7 +33,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from .bursts import burst_settings, bursts_for
-from .config import BURST_KEYS, RULE_KEYS, STUCK_KEYS, BitflipConfig
+from .config import BURST_KEYS, P_BITS_KEYS, RULE_KEYS, STUCK_KEYS, BitflipConfig
 from .experts import BitflipExpertsMixin
 from .kernels.lora import merge_lora_weight, merged_lora_weight
 from .layers import BitflipLayerMixin
@@ -44,6 +44,8 @@ PEFT_TYPE = "BITFLIP_LORA"
 BITFLIP_FIELDS = RULE_KEYS  # x_p_exp, x_p_frac, x_zero_out_t, w_p_exp, w_p_frac, w_zero_out_t
 STUCK_FIELDS = (*STUCK_KEYS, "stuck_at_positions")  # the stuck-at faults (same names)
 BURST_FIELDS = (*BURST_KEYS, "burst_length", "burst_field")  # the burst faults (same names)
+P_BITS_FIELDS = P_BITS_KEYS  # x_p_bits, w_p_bits: per-bit-position rates (same names)
+FAULT_FIELDS = STUCK_FIELDS + BURST_FIELDS + P_BITS_FIELDS  # the fields past RULE_KEYS
 
 
 @dataclass
@@ -87,6 +89,12 @@ class BitflipLoraConfig(LoraConfig):
     stuck_one_share: float = field(default=0.5, metadata={"help": "share of bits stuck at 1"})
     stuck_at_positions: Any | None = field(
         default=None, metadata={"help": "explicit stuck bits {layer: {x|w: [[i, bit, v]]}}"}
+    )
+    x_p_bits: Any | None = field(
+        default=None, metadata={"help": "per-bit-position input rates {position|sign: p}"}
+    )
+    w_p_bits: Any | None = field(
+        default=None, metadata={"help": "per-bit-position weight rates {position|sign: p}"}
     )
     x_burst_rate: float = field(default=0.0, metadata={"help": "burst events per input element"})
     w_burst_rate: float = field(default=0.0, metadata={"help": "burst events per weight element"})
@@ -134,7 +142,7 @@ class BitflipLoraConfig(LoraConfig):
         self.compat_snap = d["compat_snap"]
         self.layer_name_to_config = d["layer_name_to_config"]
         self.skip_modules = d["skip_modules"]
-        for k in STUCK_FIELDS + BURST_FIELDS:
+        for k in FAULT_FIELDS:
             setattr(self, k, copy.deepcopy(getattr(bitflip, k)))
 
     def bitflip_config(self) -> BitflipConfig:
@@ -145,7 +153,7 @@ class BitflipLoraConfig(LoraConfig):
             compat_snap=self.compat_snap,
             layer_name_to_config=self.layer_name_to_config,
             skip_modules=list(self.skip_modules or []),
-            **{k: getattr(self, k) for k in STUCK_FIELDS + BURST_FIELDS},
+            **{k: getattr(self, k) for k in FAULT_FIELDS},
         )
 
     @classmethod
@@ -158,7 +166,7 @@ class BitflipLoraConfig(LoraConfig):
             compat_snap=d["compat_snap"],
             layer_name_to_config=d["layer_name_to_config"],
             skip_modules=d["skip_modules"],
-            **{k: copy.deepcopy(getattr(bitflip, k)) for k in STUCK_FIELDS + BURST_FIELDS},
+            **{k: copy.deepcopy(getattr(bitflip, k)) for k in FAULT_FIELDS},
             **lora_kwargs,
         )
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from peft_bitflip import data, flavors
 from peft_bitflip.bursts import BURST_FIELDS
 from peft_bitflip.cli import DeprecatedAlias
-from peft_bitflip.config import RULE_KEYS
+from peft_bitflip.config import P_BITS_KEYS, RULE_KEYS
 
 TINY_VOCAB_SIZE = 1024
 # The original script's LORA_CFG; the tiny preset's adapter is r = 16, alpha = 32.
@@ -198,6 +198,17 @@ class BitflipArguments:
     w_zero_out_t: str | None = field(
         default=None, metadata={"help": "weight zero-out threshold ('none' = off)"}
     )
+    x_p_bits: str | None = field(
+        default=None,
+        metadata={
+            "help": "input flip probability per bit position, overriding its group's "
+            "(0 = least significant bit, 'sign'; e.g. 15=1e-3,sign=1e-4)"
+        },
+    )
+    w_p_bits: str | None = field(
+        default=None,
+        metadata={"help": "weight flip probability per bit position (as --x_p_bits)"},
+    )
     x_burst_rate: str | None = field(
         default=None, metadata={"help": "burst fault events per input element and call"}
     )
@@ -282,21 +293,24 @@ class BitflipArguments:
             raise ValueError(f"--train_faults {self.train_faults!r}: {e}") from None
 
     def flip_values(self) -> dict:
-        """The inline fault-model flags given, parsed: ``{key: float | None}``."""
+        """The inline fault-model flags given, parsed: ``{key: float | dict | None}``."""
         from peft_bitflip.cli import (
             BURST_FLAGS,
             parse_burst_length,
+            parse_p_bits,
             parse_probability,
             parse_threshold,
         )
 
         out = {}
-        for key in RULE_KEYS + BURST_FLAGS:
+        for key in RULE_KEYS + BURST_FLAGS + P_BITS_KEYS:
             text = getattr(self, key)
             if text is None:
                 continue
             parse = parse_threshold if key.endswith("_t") else parse_probability
             parse = {"burst_length": parse_burst_length, "burst_field": str}.get(key, parse)
+            if key in P_BITS_KEYS:
+                parse = parse_p_bits
             try:
                 out[key] = parse(str(text))
             except argparse.ArgumentTypeError as e:
