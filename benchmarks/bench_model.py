@@ -397,6 +397,17 @@ def report(cells, device, table: str, out: str | None, **extra) -> None:
     return meta
 
 
+def meta_lines(meta: dict, run: str) -> list[str]:
+    """The lines above a doc table: device and versions, date and ``run`` (what was timed),
+    the command, then a blank line."""
+    return [
+        f"- device: {meta['device']}; torch {meta['torch']}; triton {meta.get('triton', 'n/a')}",
+        f"- date: {meta['date']}; {run}",
+        f"- command: `{meta['command']}`",
+        "",
+    ]
+
+
 def per_p_markdown(cells, meta: dict) -> str:
     """The ours-vs-mase-vs-clean table: one row per batch, job and p (eager cells), times in
     ms and ratios to clean of the same batch and job in the same run."""
@@ -404,12 +415,12 @@ def per_p_markdown(cells, meta: dict) -> str:
     def f(v, fmt):
         return "n/a" if v is None else format(v, fmt)
 
+    run = (
+        f"params: {meta.get('params')}; seq: {meta.get('seq')}; "
+        f"median of {meta.get('steps')} steps after {meta.get('warmup')}"
+    )
     lines = [
-        f"- device: {meta['device']}; torch {meta['torch']}; triton {meta.get('triton', 'n/a')}",
-        f"- date: {meta['date']}; params: {meta.get('params')}; seq: {meta.get('seq')}; "
-        f"median of {meta.get('steps')} steps after {meta.get('warmup')}",
-        f"- command: `{meta['command']}`",
-        "",
+        *meta_lines(meta, run),
         "| batch | job | p | clean ms | ours ms | ours x clean | mase ms | mase x clean |",
         "|---:|---|---|---:|---:|---:|---:|---:|",
     ]
@@ -433,10 +444,11 @@ def per_p_markdown(cells, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def write_doc_table(path: str, table: str) -> None:
-    """Replace the text between :data:`DOC_MARKERS` in the markdown file ``path`` by
-    ``table`` (appends the markers and the table where the file has none)."""
-    start, end = DOC_MARKERS
+def write_doc_table(path: str, table: str, markers: tuple[str, str] = DOC_MARKERS) -> None:
+    """Replace the text between ``markers`` (start, end; default :data:`DOC_MARKERS`) in the
+    markdown file ``path`` by ``table`` (appends the markers and the table where the file has
+    none)."""
+    start, end = markers
     with open(path) as f:
         text = f.read()
     block = f"{start}\n{table}\n{end}"

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import RULE_KEYS, STUCK_KEYS, BitflipConfig
+from .config import BURST_KEYS, P_BITS_KEYS, RULE_KEYS, STUCK_KEYS, BitflipConfig
 from .layers import BitflipLayerMixin, disable_bitflips
 
 __all__ = [
@@ -282,9 +282,10 @@ def calibrate_zero_out(
     for name in names:
         values = base.values_for(name)
         rule = {} if plain else {k: values[k] for k in RULE_KEYS}
-        if not plain:  # the stuck-at settings the module's rule sets stay
+        if not plain:  # the p_bits, stuck-at and burst settings the module's rule sets stay
             own = base.layer_name_to_config[base.match_rule(name)]
-            rule.update({k: v for k, v in own.items() if k in STUCK_KEYS})
+            kept = STUCK_KEYS + BURST_KEYS + P_BITS_KEYS
+            rule.update({k: v for k, v in own.items() if k in kept})
         if x:
             rule["x_zero_out_t"] = threshold_above(x_max[name], margin)
         if w:

@@ -36,6 +36,9 @@ What it does:
                                    fp16 output can overflow, see docs/statistics.md)
       bitflip/nonfinite_output_rate  nonfinite_outputs / outputs
       bitflip/{x,w}_p_{exp,frac}   the flip probability in use (largest over the layers)
+      bitflip/{x_,w_,}burst_{elements,events,bits}  where a layer has burst faults: elements
+                                   sampled, burst events, bits they inverted
+      bitflip/burst_event_rate     burst_events / burst_elements
 
   :func:`add_bitflip_callback` places the callback before the integrations and a small
   :class:`BitflipLogTrimmer` after them, before the printer / progress bar, which drops the raw
@@ -57,8 +60,9 @@ What it does:
   layers' output elements that were NaN/Inf (each rank checks its own losses).  Trainer's
   ``logging_nan_inf_filter`` (on by default) logs a finite loss for such steps; the warning and
   ``bitflip/nonfinite_loss`` do not.
-* **Schedule.**  Every flip probability of the model (``p_exp`` and ``p_frac`` of inputs and
-  weights) is multiplied by ``f(step)`` in [0, 1] at the start of each optimizer step
+* **Schedule.**  Every flip probability of the model (``p_exp``, ``p_frac`` and ``p_bits`` of
+  inputs and weights, and the burst event rates) is multiplied by ``f(step)`` in [0, 1] at the
+  start of each optimizer step
   (``step`` = optimizer steps completed, ``state.global_step``); the targets are the layers'
   settings when training starts.  Zero-out thresholds are not scaled.  At the end of training
   the layers get their target settings back.  See :class:`FlipSchedule`.
@@ -95,6 +99,7 @@ PREFIX = "bitflip/"
 SCHEDULE_KINDS = ("constant", "linear", "step")
 STATE_VERSION = 1
 _STAT_FIELDS = ("elements", "exp_bits", "frac_bits", "exp_flips", "frac_flips", "zeroed")
+_BURST_FIELDS = ("burst_elements", "burst_events", "burst_bits")  # logged where bursts are on
 # what the printed training log keeps (the trackers and log_history get every bitflip/ entry)
 SUMMARY_KEYS = tuple(
     PREFIX + k
@@ -165,7 +170,8 @@ class FlipSchedule:
 def _scaled(spec: FlipSpec, f: float) -> FlipSpec:
     if f == 1.0:
         return spec
-    return dataclasses.replace(spec, p_exp=spec.p_exp * f, p_frac=spec.p_frac * f)
+    bits = None if spec.p_bits is None else tuple((pos, p * f) for pos, p in spec.p_bits)
+    return dataclasses.replace(spec, p_exp=spec.p_exp * f, p_frac=spec.p_frac * f, p_bits=bits)
 
 
 def stats_to_logs(stats: dict[str, TensorFlipStats]) -> dict[str, int | float]:
@@ -179,6 +185,11 @@ def stats_to_logs(stats: dict[str, TensorFlipStats]) -> dict[str, int | float]:
         out[PREFIX + "outputs"] = y.elements
         out[PREFIX + "nonfinite_outputs"] = y.nonfinite
         out[PREFIX + "nonfinite_output_rate"] = y.nonfinite_rate
+    if stats["all"].burst_elements:  # some layer has burst faults
+        for kind, prefix in (("x", "x_"), ("w", "w_"), ("all", "")):
+            for field in _BURST_FIELDS:
+                out[f"{PREFIX}{prefix}{field}"] = getattr(stats[kind], field)
+        out[PREFIX + "burst_event_rate"] = stats["all"].burst_event_rate
     return out
 
 
@@ -255,6 +266,7 @@ class BitflipCallback(TrainerCallback, ExportableState):
         self._layers: list | None = None  # [(bitflip_name, layer)]
         self._model = None  # the trained model (set in on_train_begin)
         self._targets: dict[str, tuple[FlipSpec, FlipSpec]] = {}
+        self._burst_targets: dict = {}  # layer name: its Bursts (or None) at train begin
         self._recorder: FlipStatsRecorder | None = None
         self._scale: float | None = None
         self._loss_hook = None  # the model's forward hook that watches the training loss
@@ -283,6 +295,9 @@ class BitflipCallback(TrainerCallback, ExportableState):
         for name, layer in self._layers:
             x_spec, w_spec = self._targets[name]
             layer.set_bitflip(_scaled(x_spec, f), _scaled(w_spec, f))
+            bursts = self._burst_targets.get(name)
+            if bursts is not None:
+                layer.bitflip_bursts = bursts.scaled(f)
         self._scale = f
 
     # -- checkpoint state -----------------------------------------------------------------
@@ -388,7 +403,7 @@ class BitflipCallback(TrainerCallback, ExportableState):
             (name, kind)
             for name, layer in self._layers
             for kind in ("x", "w")
-            if getattr(layer, f"{kind}_spec").effective_p_exp > 0
+            if getattr(layer, f"{kind}_spec").flips_exponent()
             and getattr(layer, f"{kind}_spec").zero_out_threshold is None
         ]
         if bare:
@@ -481,6 +496,8 @@ class BitflipCallback(TrainerCallback, ExportableState):
         self._layers = layers
         self._model = model
         self._targets = {n: (layer.x_spec, layer.w_spec) for n, layer in layers}
+        # burst settings come from the model's config (not the checkpoint state)
+        self._burst_targets = {n: layer.bitflip_bursts for n, layer in layers}
         self._scale = None
         if state.global_step > 0:
             self._restore(state)

@@ -2,8 +2,9 @@
 
 A *site* is a group of linear modules (one decoder block, attention or MLP across blocks, one
 projection kind across blocks, or a user regex), one tensor (``x`` = layer input, ``w`` =
-weight) and one bit group (``exp`` = sign and exponent bits, ``frac`` = mantissa bits).
-:func:`campaign` flips, one site at a time, that tensor's bits of that group with probability
+weight) and one bit set (``exp`` = sign and exponent bits, ``frac`` = mantissa bits, ``sign``,
+or ``bit:N`` / ``bit:N-M``: bit positions, 0 = least significant; see :func:`site_bit_rates`).
+:func:`campaign` flips, one site at a time, that tensor's bits of that set with probability
 ``p`` in the site's modules only (every other module computes clean), over several flip seeds,
 and compares every predicted token with the golden (clean) run on the same tokens:
 
@@ -59,6 +60,8 @@ from .spec import FlipSpec
 __all__ = [
     "BITS",
     "GROUPINGS",
+    "check_site_bits",
+    "site_bit_rates",
     "TENSORS",
     "CampaignResult",
     "Site",
@@ -79,6 +82,37 @@ __all__ = [
 
 TENSORS = ("x", "w")
 BITS = ("exp", "frac")
+"""The default bit sets of a campaign; ``"sign"`` and ``"bit:N"`` / ``"bit:N-M"`` are also
+sites (per-bit-position rates, :func:`site_bit_rates`)."""
+_BIT_SPAN = re.compile(r"bit:(\d+)(?:-(\d+))?")
+
+
+def check_site_bits(bits) -> str:
+    """``bits`` if it names a site's bit set: ``exp``, ``frac``, ``sign``, ``bit:N`` or
+    ``bit:N-M`` (N <= M); else ``ValueError`` naming it."""
+    if isinstance(bits, str) and (bits in BITS or bits == "sign"):
+        return bits
+    span = _BIT_SPAN.fullmatch(bits) if isinstance(bits, str) else None
+    if span is None or (span[2] is not None and int(span[2]) < int(span[1])):
+        raise ValueError(
+            f"a site's bits must be exp, frac, sign, bit:N or bit:N-M (N <= M; bit positions, "
+            f"0 = least significant), got {bits!r}"
+        )
+    return bits
+
+
+def site_bit_rates(bits: str, p: float) -> dict[str, float] | None:
+    """The per-bit-position rates (``FlipSpec.p_bits``) of a site's bit set at ``p``; None for
+    the groups ``exp`` / ``frac`` (their rates are ``p_exp`` / ``p_frac``)."""
+    if check_site_bits(bits) in BITS:
+        return None
+    if bits == "sign":
+        return {"sign": p}
+    span = _BIT_SPAN.fullmatch(bits)
+    first, last = int(span[1]), int(span[2] or span[1])
+    return {str(i): p for i in range(first, last + 1)}
+
+
 GROUPINGS = ("blocks", "attn_mlp", "proj")
 UNIT_COLUMNS = [
     "site", "seed", "batch", "tokens", "loss_sum", "golden_loss_sum", "mismatches", "finite",
@@ -92,8 +126,9 @@ SETTINGS_FILE = "campaign_settings.json"
 
 @dataclass(frozen=True)
 class Site:
-    """Flips confined to ``modules`` (qualified names), tensor ``x`` or ``w``, bit group ``exp``
-    (sign + exponent) or ``frac`` (mantissa).  ``group``: the modules' label (a heatmap row)."""
+    """Flips confined to ``modules`` (qualified names), tensor ``x`` or ``w``, bit set ``exp``
+    (sign + exponent), ``frac`` (mantissa), ``sign`` or ``bit:N`` / ``bit:N-M`` (positions in
+    the tensor's dtype).  ``group``: the modules' label (a heatmap row)."""
 
     group: str
     modules: tuple[str, ...]
@@ -103,11 +138,7 @@ class Site:
     def __post_init__(self):
         if self.tensor not in TENSORS:
             raise ValueError(f"a site's tensor must be one of {TENSORS}, got {self.tensor!r}")
-        if self.bits not in BITS:
-            raise ValueError(
-                f"a site's bits must be one of {BITS} (sign/exponent-only and single bit "
-                f"positions need per-bit rates, not built), got {self.bits!r}"
-            )
+        check_site_bits(self.bits)
         if not self.modules:
             raise ValueError(f"site {self.group!r} has no module")
         if "|" in self.group:
@@ -231,7 +262,11 @@ def site_config(
     for name in site.modules:
         x_t, w_t = _thresholds(zero_out, name)
         rule = {f"{t}_p_{b}": 0.0 for t in TENSORS for b in BITS}
-        rule[f"{site.tensor}_p_{site.bits}"] = p
+        rates = site_bit_rates(site.bits, p)
+        if rates is None:
+            rule[f"{site.tensor}_p_{site.bits}"] = p
+        else:
+            rule[f"{site.tensor}_p_bits"] = rates
         rule[f"{site.tensor}_zero_out_t"] = x_t if site.tensor == "x" else w_t
         rules.append([re.escape(name), rule])
     return BitflipConfig(seed=seed, layer_name_to_config=rules)
@@ -407,9 +442,21 @@ def _specs_for(site: Site, p: float, zero_out: BitflipConfig | None, name: str):
     x_t, w_t = _thresholds(zero_out, name)
     p_exp = p if site.bits == "exp" else 0.0
     p_frac = p if site.bits == "frac" else 0.0
+    rates = site_bit_rates(site.bits, p)
     if site.tensor == "x":
-        return FlipSpec(p_exp, p_frac, x_t), FlipSpec()
-    return FlipSpec(), FlipSpec(p_exp, p_frac, w_t)
+        return FlipSpec(p_exp, p_frac, x_t, p_bits=rates), FlipSpec()
+    return FlipSpec(), FlipSpec(p_exp, p_frac, w_t, p_bits=rates)
+
+
+def _site_counts(site: Site, st) -> tuple[int, int]:
+    """(realised flips, eligible bits) of ``site`` in one layer's counters ``st``: the group's
+    counts, or for a bit-position site every counted flip (no other bit has a rate) over the
+    site's positions."""
+    if site.bits == "exp":
+        return st.exp_flips, st.exp_bits
+    if site.bits == "frac":
+        return st.frac_flips, st.frac_bits
+    return st.exp_flips + st.frac_flips, st.elements * len(site_bit_rates(site.bits, 1.0))
 
 
 # ---------------------------------------------------------------------- the campaign
@@ -648,8 +695,8 @@ def campaign(
                     per_layer = recorder.read_per_layer(reset=True)
                     for m in site.modules:
                         st = per_layer[m][site.tensor]
-                        flips += st.exp_flips if site.bits == "exp" else st.frac_flips
-                        trials += st.exp_bits if site.bits == "exp" else st.frac_bits
+                        site_flips, site_trials = _site_counts(site, st)
+                        flips, trials = flips + site_flips, trials + site_trials
                         zeroed += st.zeroed
                 unit = Unit(
                     site.name, seed, b, loss.numel(),
@@ -846,9 +893,9 @@ def plot_campaign_heatmap(rows: Sequence[dict], path: str, title: str = "") -> N
     from matplotlib.colors import SymLogNorm
 
     groups = list(dict.fromkeys(r["group"] for r in rows))
+    present = list(dict.fromkeys(f"{r['tensor']} {r['bits']}" for r in rows))
     columns = [f"{t} {b}" for t in TENSORS for b in BITS]
-    present = {f"{r['tensor']} {r['bits']}" for r in rows}
-    columns = [c for c in columns if c in present]
+    columns = [c for c in columns if c in present] + [c for c in present if c not in columns]
     grid = np.full((len(groups), len(columns)), np.nan)
     due = np.zeros_like(grid)
     for r in rows:

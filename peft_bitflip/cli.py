@@ -17,10 +17,11 @@ import json
 import math
 import os
 import sys
+import warnings
 
 import torch
 
-from .config import RULE_KEYS
+from .config import P_BITS_KEYS, RULE_KEYS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,6 +66,8 @@ def demo(args) -> int:
 # ---------------------------------------------------------------------- shared arguments
 
 FLIP_FLAGS = RULE_KEYS  # x_p_exp, x_p_frac, x_zero_out_t, w_p_exp, w_p_frac, w_zero_out_t
+BURST_FLAGS = ("x_burst_rate", "w_burst_rate", "burst_length", "burst_field")  # bursts.py
+P_BITS_FLAGS = P_BITS_KEYS  # x_p_bits, w_p_bits: "15=1e-3,sign=1e-4"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -79,6 +82,56 @@ def parse_probability(text: str) -> float:
     if not 0.0 <= v <= 1.0:
         raise argparse.ArgumentTypeError(f"a probability must be in [0, 1], got {text!r}")
     return v
+
+
+def parse_burst_length(text: str) -> int | dict[int, float]:
+    """A burst length: ``3`` (k bits) or ``2:0.5,4:0.5`` (k: probability pairs summing to 1)."""
+    from .bursts import validate_burst_length
+
+    try:
+        if ":" not in text:
+            return validate_burst_length("burst length", int(text))
+        pairs = [item.split(":") for item in text.split(",")]
+        return validate_burst_length("burst length", {int(k): float(p) for k, p in pairs})
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(
+            f"not a burst length (k, or k:p,k:p,... with p summing to 1): {text!r} ({e})"
+        ) from None
+
+
+def parse_p_bits(text: str) -> dict[str, float] | None:
+    """Per-bit-position rates ``POSITION=P[,POSITION=P...]`` (position: an int, 0 = least
+    significant bit, or ``sign``; P as :func:`parse_probability` reads it), e.g.
+    ``15=1e-3,sign=2^-20``; ``none`` gives None (the groups alone)."""
+    from .spec import p_bits_dict, validate_p_bits
+
+    if text.strip().lower() in ("none", "null", "off"):
+        return None
+    rates = []
+    for item in text.split(","):
+        position, sep, p = item.partition("=")
+        if not sep or not position.strip():
+            raise argparse.ArgumentTypeError(
+                f"not a POSITION=P entry: {item!r} (e.g. 15=1e-3,sign=1e-4)"
+            )
+        try:
+            rates.append((position.strip(), parse_probability(p)))
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{item!r}: {e}") from None
+    try:
+        return p_bits_dict(validate_p_bits("p_bits", rates))
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_site_bits(text: str) -> str:
+    """A campaign site's bit set: exp, frac, sign, bit:N or bit:N-M."""
+    from .campaign import check_site_bits
+
+    try:
+        return check_site_bits(text.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_threshold(text: str) -> float | None:
@@ -149,21 +202,38 @@ class Parser(argparse.ArgumentParser):
 
 class DeprecatedAlias(argparse.Action):
     """An old spelling of a flag, kept for one release: stores into the new flag's ``dest``
-    (as a one-element list where the new flag takes a list) and warns naming the new flag."""
+    and warns (a ``FutureWarning``) naming the new flag; the commands' and the recipes' one
+    mechanism.
 
-    def __init__(self, option_strings, dest, new_flag: str, as_list: bool = False, **kwargs):
+    ``as_list``: store ``[value]`` (the new flag takes a list); ``settings`` (optional): a
+    function mapping the old flag's value to ``{dest: value}``, for old flags whose values
+    differ from the new one's (``--precision bf16`` -> ``bf16 = True``); a ``ValueError`` it
+    raises ends the parse with an error naming the old flag."""
+
+    def __init__(
+        self, option_strings, dest, new_flag: str, as_list: bool = False, settings=None, **kwargs
+    ):
         kwargs.setdefault("default", argparse.SUPPRESS)
         kwargs.setdefault("help", argparse.SUPPRESS)
         super().__init__(option_strings, dest, **kwargs)
-        self.new_flag, self.as_list = new_flag, as_list
+        self.new_flag, self.as_list, self.settings = new_flag, as_list, settings
 
     def __call__(self, parser, namespace, values, option_string=None):
-        print(
-            f"{parser.prog}: warning: {option_string} is deprecated and will be removed in the "
-            f"next release: use {self.new_flag}",
-            file=sys.stderr,
+        warnings.warn(
+            f"{option_string} is deprecated and will be removed in the next release: "
+            f"use {self.new_flag}",
+            FutureWarning,
+            stacklevel=2,
         )
-        setattr(namespace, self.dest, [values] if self.as_list else values)
+        if self.settings is None:
+            setattr(namespace, self.dest, [values] if self.as_list else values)
+            return
+        try:
+            settings = self.settings(values)
+        except ValueError as e:
+            parser.error(f"{option_string}: {e}")
+        for key, value in settings.items():
+            setattr(namespace, key, value)
 
 
 def add_deprecated_alias(parser, old: str, new: str, *, as_list: bool = False, **kwargs) -> None:
@@ -217,6 +287,40 @@ def add_flip_arguments(
             type=kind,
             default=argparse.SUPPRESS,
             help=f"{'input' if key[0] == 'x' else 'weight'} {what} (default: the checkpoint's)",
+        )
+    g.add_argument(
+        "--x_burst_rate",
+        type=parse_probability,
+        default=argparse.SUPPRESS,
+        help="burst fault events per input element and call (default: the checkpoint's)",
+    )
+    g.add_argument(
+        "--w_burst_rate",
+        type=parse_probability,
+        default=argparse.SUPPRESS,
+        help="burst fault events per weight element and call (default: the checkpoint's)",
+    )
+    g.add_argument(
+        "--burst_length",
+        type=parse_burst_length,
+        default=argparse.SUPPRESS,
+        help="bits per burst: k (2..32) or k:p,k:p,... (default: the checkpoint's, else 2)",
+    )
+    g.add_argument(
+        "--burst_field",
+        choices=("any", "exp", "frac"),
+        default=argparse.SUPPRESS,
+        help="where a burst may lie in an element (default: the checkpoint's, else any)",
+    )
+    for key in P_BITS_FLAGS:
+        g.add_argument(
+            f"--{key}",
+            type=parse_p_bits,
+            default=argparse.SUPPRESS,
+            metavar="POS=P,...",
+            help=f"{'input' if key[0] == 'x' else 'weight'} flip probability per bit position, "
+            "overriding its group's (0 = least significant bit, 'sign'; e.g. 15=1e-3,sign=1e-4; "
+            "'none' = off; default: the checkpoint's)",
         )
     if seed_flag:
         g.add_argument(
@@ -284,7 +388,8 @@ def flips_from_args(args, checkpoint=None, *, default=None):
     if getattr(args, "clean", False):
         return None
     file_cfg = read_bitflip_file(args.bitflip_config) if args.bitflip_config else None
-    inline = {k: getattr(args, k) for k in FLIP_FLAGS if hasattr(args, k)}
+    flags = FLIP_FLAGS + BURST_FLAGS + P_BITS_FLAGS
+    inline = {k: getattr(args, k) for k in flags if hasattr(args, k)}
     if hasattr(args, "seed"):
         inline["seed"] = args.seed
     if file_cfg is None and checkpoint is None and default is None and set(inline) == {"seed"}:
@@ -1040,8 +1145,9 @@ def add_campaign_parser(sub) -> None:
     )  # fmt: skip
     k.add_argument("--tensors", nargs="+", choices=["x", "w"], default=["x", "w"])
     k.add_argument(
-        "--bits", nargs="+", choices=["exp", "frac"], default=["exp", "frac"],
-        help="exp = sign and exponent bits, frac = mantissa bits",
+        "--bits", nargs="+", type=parse_site_bits, default=["exp", "frac"],
+        help="exp = sign and exponent bits, frac = mantissa bits, sign, bit:N (one bit position, "
+        "0 = least significant) or bit:N-M",
     )  # fmt: skip
     k.add_argument("--p", type=parse_probability, default=1e-3, help="flip probability per bit")
     k.add_argument("--seeds", type=parse_seed, nargs="+", default=[0, 1, 2])

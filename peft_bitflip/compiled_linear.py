@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .kernels.sampling import zero_mask_size
 from .linear_ops import linear, linear_grads, lora_forward, lora_grads
-from .spec import FlipSpec
+from .spec import FlipSpec, require_group_rates
 
 __all__ = ["compiled_flipped_linear", "compiled_flipped_lora_linear"]
 
@@ -182,6 +182,7 @@ def compiled_flipped_linear(
     compiled graph holds; also callable in eager mode).  Keeps for backward what
     :class:`~peft_bitflip.flipped_linear._FlippedLinear` keeps.  ``x`` and ``weight`` must
     already be in the compute dtype (the caller applies an autocast)."""
+    require_group_rates("compiled_flipped_linear", x_spec, w_spec)
     grad = torch.is_grad_enabled()
     need_x = grad and x.requires_grad
     need_w = grad and weight.requires_grad
@@ -340,6 +341,7 @@ def compiled_flipped_lora_linear(
     :class:`~peft_bitflip.flipped_linear._FlippedLoraLinear` keeps: flip(x) (x itself when x is not
     flipped), x's zero mask, W, A, B, not the merged weight.  ``x`` must already be in the
     compute dtype."""
+    require_group_rates("compiled_flipped_lora_linear", x_spec, w_spec)
     grad = torch.is_grad_enabled()
     need_x = grad and x.requires_grad
     need_factors = grad and any(t.requires_grad for t in (weight, lora_a, lora_b))

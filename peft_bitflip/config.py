@@ -9,6 +9,9 @@ wrapped linear layer:
 * ``{x,w}_zero_out_t``: after flipping, every element with ``|y| >= t`` (inclusive), NaN or
   +-Inf becomes 0; ``None`` disables zero-out.
 
+and, optionally, ``{x,w}_p_bits``: per-bit-position rates ``{position: p}`` that override the
+group rates at the listed positions (see :class:`~peft_bitflip.spec.FlipSpec`).
+
 Per-module rules (``layer_name_to_config``) override these values for some modules, as in
 the original system: keys are regular expressions matched with ``re.fullmatch`` against the
 module's qualified name and tried in dict order (the first match wins); the key
@@ -36,13 +39,22 @@ from dataclasses import dataclass, field, fields
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .spec import FlipSpec, validate_probability, validate_seed, validate_threshold
+from .bursts import BURST_RATE_KEYS, validate_burst_field, validate_burst_length
+from .spec import (
+    FlipSpec,
+    p_bits_dict,
+    validate_p_bits,
+    validate_probability,
+    validate_seed,
+    validate_threshold,
+)
 from .stuck_at import STUCK_RATE_KEYS, validate_stuck_positions
 
 __all__ = [
     "DEFAULT_RULE_KEY",
     "ORIGINAL_SEED_KEYS",
     "RULE_KEYS",
+    "P_BITS_KEYS",
     "STUCK_KEYS",
     "BitflipConfig",
     "read_original_toml",
@@ -52,9 +64,14 @@ X_KEYS = ("x_p_exp", "x_p_frac", "x_zero_out_t")
 W_KEYS = ("w_p_exp", "w_p_frac", "w_zero_out_t")
 RULE_KEYS = X_KEYS + W_KEYS
 """The transient-flip keys a per-module rule may set."""
+P_BITS_KEYS = ("x_p_bits", "w_p_bits")
+"""The per-bit-position rate keys (``{position: p}`` or None) a per-module rule may set."""
 STUCK_KEYS = STUCK_RATE_KEYS
 """The stuck-at keys a per-module rule may set (x_/w_stuck_p_exp/frac, stuck_one_share)."""
-ALL_RULE_KEYS = RULE_KEYS + STUCK_KEYS
+BURST_KEYS = BURST_RATE_KEYS
+"""The burst keys a per-module rule may set (x_/w_burst_rate)."""
+ALL_RULE_KEYS = RULE_KEYS + P_BITS_KEYS + STUCK_KEYS + BURST_KEYS
+BURST_DEFAULTS = {**dict.fromkeys(BURST_KEYS, 0.0), "burst_length": 2, "burst_field": "any"}
 STUCK_DEFAULTS = {
     **dict.fromkeys(STUCK_KEYS, 0.0),
     "stuck_one_share": 0.5,
@@ -80,6 +97,8 @@ def _is_threshold_key(key: str) -> bool:
 
 
 def _validate_value(name: str, key: str, value):
+    if key in P_BITS_KEYS:  # kept as config.json stores it: {"15": p, "sign": p}
+        return p_bits_dict(validate_p_bits(name, value))
     if _is_threshold_key(key):
         return validate_threshold(name, value)
     return validate_probability(name, value)
@@ -123,6 +142,10 @@ class BitflipConfig(QuantizationConfigMixin):
             probabilities in [0, 1]; threshold ``None`` (no zero-out) or ``>= 0``, inclusive
             (``|y| >= t`` is zeroed, as are NaN and +-Inf).
         w_p_exp, w_p_frac, w_zero_out_t: the same for the weight.
+        x_p_bits, w_p_bits: per-bit-position rates ``{position: p}`` (0 = least significant
+            bit of the tensor's dtype, ``"sign"`` = the top bit) that replace the group rate
+            at the listed positions; ``None`` (default): the groups alone.  Rules may set them
+            per module.  Saved in config.json only when set.
         seed: base seed in [0, 2**63); every module, tensor (x / w), rank and forward call
             derives its own independent stream from it.
         compat_snap: flip with the original's snapped probabilities (p rounded down to a
@@ -147,6 +170,13 @@ class BitflipConfig(QuantizationConfigMixin):
         stuck_at_positions: explicit stuck bits, ``{module name: {"x" | "w": [[element
             index, bit, value], ...]}}`` (a replayable fault list; see
             ``stuck_at.export_stuck_positions``), added to the drawn ones; ``None``: none.
+        x_burst_rate, w_burst_rate: burst faults (``peft_bitflip.bursts``): probability in
+            [0, 1] that an element of the layer input / weight holds a fault event that
+            inverts ``burst_length`` adjacent bits, drawn afresh at every call; rules may set
+            them per module.
+        burst_length: the bits per event: an int k in [2, 32] or ``{k: probability}``.
+        burst_field: where a burst may lie in an element: ``"any"`` (default), ``"exp"``
+            (sign and exponent bits) or ``"frac"`` (mantissa bits).
         skip_modules: regexes of modules that are never wrapped, checked before the rules.
             A module is skipped when a pattern full-matches its qualified name or its last
             name component, so ``"lm_head"`` skips ``lm_head`` and ``model.lm_head``.  The
@@ -173,6 +203,12 @@ class BitflipConfig(QuantizationConfigMixin):
     w_stuck_p_frac: float = 0.0
     stuck_one_share: float = 0.5
     stuck_at_positions: dict | None = None
+    x_p_bits: dict | None = None
+    w_p_bits: dict | None = None
+    x_burst_rate: float = 0.0
+    w_burst_rate: float = 0.0
+    burst_length: int | dict = 2
+    burst_field: str = "any"
     quant_method: str = field(default=QUANT_METHOD, init=False, repr=False)
 
     def __post_init__(self):
@@ -191,6 +227,8 @@ class BitflipConfig(QuantizationConfigMixin):
         self.stuck_at_positions = validate_stuck_positions(
             "stuck_at_positions", self.stuck_at_positions
         )
+        self.burst_length = validate_burst_length("burst_length", self.burst_length)
+        self.burst_field = validate_burst_field("burst_field", self.burst_field)
         self.seed = validate_seed("seed", self.seed)
         if not isinstance(self.compat_snap, bool):
             raise TypeError(f"compat_snap must be a bool, got {self.compat_snap!r}")
@@ -275,6 +313,11 @@ class BitflipConfig(QuantizationConfigMixin):
         values = self._all_values_for(module_name)
         return None if values is None else {k: values[k] for k in STUCK_KEYS}
 
+    def burst_values_for(self, module_name: str) -> dict | None:
+        """The burst rates (``BURST_KEYS``) for a module, or ``None`` if it is not wrapped."""
+        values = self._all_values_for(module_name)
+        return None if values is None else {k: values[k] for k in BURST_KEYS}
+
     def _all_values_for(self, module_name: str) -> dict | None:
         if self.is_skipped(module_name):
             return None
@@ -296,11 +339,15 @@ class BitflipConfig(QuantizationConfigMixin):
         rules are given and it matches none of them and there is no ``"default"``.  The
         specs are returned even when they flip nothing (the caller decides whether to wrap).
         """
-        v = self.values_for(module_name)
+        v = self._all_values_for(module_name)
         if v is None:
             return None
-        x = FlipSpec(v["x_p_exp"], v["x_p_frac"], v["x_zero_out_t"], self.compat_snap)
-        w = FlipSpec(v["w_p_exp"], v["w_p_frac"], v["w_zero_out_t"], self.compat_snap)
+        x = FlipSpec(
+            v["x_p_exp"], v["x_p_frac"], v["x_zero_out_t"], self.compat_snap, v["x_p_bits"]
+        )
+        w = FlipSpec(
+            v["w_p_exp"], v["w_p_frac"], v["w_zero_out_t"], self.compat_snap, v["w_p_bits"]
+        )
         return x, w
 
     def check_rules_match(self, module_names: Iterable[str]) -> None:
@@ -341,7 +388,7 @@ class BitflipConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict:
         """A JSON-safe dict of every field, ``quant_method`` included.
 
-        The stuck-at fields are included only when one is set (not at its default).
+        The stuck-at and burst fields are included only when one is set (not at its default).
         ``layer_name_to_config`` becomes an ordered list of ``[pattern, rule]`` pairs (or
         ``None``) so that rule order survives ``json.dumps(..., sort_keys=True)``.
         An infinite threshold is kept as ``float("inf")`` (JSON ``Infinity``).
@@ -356,7 +403,9 @@ class BitflipConfig(QuantizationConfigMixin):
                 None if rules is None else [[k, copy.deepcopy(v)] for k, v in rules.items()]
             ),
             "skip_modules": list(self.skip_modules),
+            **{k: copy.deepcopy(getattr(self, k)) for k in P_BITS_KEYS if getattr(self, k)},
             **self._stuck_dict(),
+            **self._burst_dict(),
         }
 
     def _stuck_dict(self) -> dict:
@@ -365,6 +414,17 @@ class BitflipConfig(QuantizationConfigMixin):
         values = {k: getattr(self, k) for k in STUCK_KEYS}
         values["stuck_at_positions"] = copy.deepcopy(self.stuck_at_positions)
         return values if values != STUCK_DEFAULTS else {}
+
+    def _burst_dict(self) -> dict:
+        """The burst fields where one differs from its default, else nothing (JSON-safe: a
+        length distribution's keys as strings)."""
+        values = {k: getattr(self, k) for k in BURST_DEFAULTS}
+        if values == BURST_DEFAULTS:
+            return {}
+        length = values["burst_length"]
+        if isinstance(length, dict):
+            values["burst_length"] = {str(k): p for k, p in length.items()}
+        return values
 
     def get(self, key: str, default=None):
         """``to_dict().get(key, default)``: transformers reads model configs' quantization

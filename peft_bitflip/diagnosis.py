@@ -39,7 +39,7 @@ def unguarded_exponent_flips(model: torch.nn.Module) -> list[str]:
         if not layer.bitflip_enabled:
             continue
         for kind, spec in (("x", layer.x_spec), ("w", layer.w_spec)):
-            if spec.effective_p_exp > 0 and spec.zero_out_threshold is None:
+            if spec.flips_exponent() and spec.zero_out_threshold is None:
                 out.append(f"{name}/{kind}")
     return out
 

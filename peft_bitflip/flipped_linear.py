@@ -76,8 +76,17 @@ def flipped_linear(
 
     ``next_call``: an optional 0-dim int64 tensor that receives ``call + 1`` (see
     :func:`~peft_bitflip.functional.apply_flip_specs`): the layers' counters.
+
+    A spec with per-bit-position rates (``p_bits``) runs :func:`flipped_linear_unfused`
+    (``recompute_input`` has no effect there).
     """
     build = weight if callable(weight) else None
+    if x_spec.p_bits is not None or w_spec.p_bits is not None:
+        # per-bit-position rates: no fused kernel, the flip ops one by one (in every mode)
+        return flipped_linear_unfused(
+            x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats,
+            next_call=next_call,
+        )  # fmt: skip
     if torch.compiler.is_compiling():
         if build is not None or stats is not None:  # (the layers send no stats here)
             return flipped_linear_unfused(
@@ -232,8 +241,13 @@ def flipped_lora_linear(
     ``torch.compile`` the same forward and backward enter the graph as two ops
     (:func:`~peft_bitflip.compiled_linear.compiled_flipped_lora_linear`).
     ``stats``, ``next_call``: as in :func:`flipped_linear` (counted outside autograd; results
-    unchanged).
+    unchanged).  A spec with ``p_bits`` runs :func:`flipped_lora_linear_unfused`.
     """
+    if x_spec.p_bits is not None or w_spec.p_bits is not None:  # no fused kernel for them
+        return flipped_lora_linear_unfused(
+            x, weight, lora_a, lora_b, scale, bias, x_spec, w_spec, x_key, w_key, call,
+            conv1d, stats, next_call,
+        )  # fmt: skip
     if torch.compiler.is_compiling():
         if stats is not None:  # (the layers send no stats here)
             return flipped_lora_linear_unfused(

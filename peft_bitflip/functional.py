@@ -18,6 +18,7 @@ from .kernels.op import (
     zero_by_masks_impl,
 )
 from .kernels.sampling import flip_table, group_size, write_next_call, zero_mask_size
+from .position_flips import flip_positions, zero_out_spec
 from .spec import FlipSpec, check_dtype, validate_seed
 
 __all__ = [
@@ -105,13 +106,45 @@ def _checked_call(call):
     return call
 
 
+class _StraightThrough(torch.autograd.Function):
+    """``y`` in the forward; the gradient goes to ``x`` unchanged (the flips' rule)."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _flipped_positions(x: Tensor, spec: FlipSpec, key, call: Tensor) -> Tensor:
+    """The flips of a spec with ``p_bits`` (no zero-out), straight-through differentiable."""
+    if not spec.flips:
+        return x
+    y = flip_positions(x, spec, key, call)
+    if torch.is_grad_enabled() and x.requires_grad:
+        y = _StraightThrough.apply(x, y)
+    return y
+
+
+@torch.compiler.disable
+def _apply_p_bits(x: Tensor, spec: FlipSpec, key, call: Tensor) -> Tensor:
+    """:func:`apply_flip_spec` of a spec with ``p_bits``: the class passes, then zero-out.
+    Eager also under ``torch.compile`` (a graph break): its passes read several cached flip
+    tables, and a graph holds one such constant at most."""
+    y = _flipped_positions(x, spec, key, call)
+    return apply_flip_spec(y, zero_out_spec(spec.zero_out_threshold), key, call)
+
+
 def apply_flip_spec(
     x: Tensor, spec: FlipSpec, key: tuple[int, int], call: int | Tensor = 0
 ) -> Tensor:
     """Apply ``spec`` to ``x`` with the stream ``key`` (see :func:`stream_key`) at ``call``.
 
     Differentiable (straight-through, zero where zeroed).  Returns ``x`` itself when the spec
-    changes nothing (no flips, no threshold).
+    changes nothing (no flips, no threshold).  A spec with ``p_bits`` flips in one pass per
+    class of equal rate (:mod:`~peft_bitflip.position_flips`), then zeroes out.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -119,6 +152,8 @@ def apply_flip_spec(
     call = _call_tensor(call, x.device)
     if spec.is_identity:
         return x
+    if spec.p_bits is not None:
+        return _apply_p_bits(x, spec, key, call)
     table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
     return bitflip_dispatch(x, table, call, key[0], key[1], spec.zero_out_threshold, spec.flips)
 
@@ -175,6 +210,9 @@ def flip_specs_masked(
     forward of layers that write their own backward.  ``next_call``: as in
     :func:`apply_flip_specs`."""
     _check_tensors(x, w)
+    if x_spec.p_bits is not None or w_spec.p_bits is not None:  # no pair kernel: one by one
+        xf, x_mask = apply_flip_spec_masked(x, x_spec, x_key, call, want_x_mask, next_call)
+        return xf, apply_flip_spec_masked(w, w_spec, w_key, call, False)[0], x_mask
     if x_spec.is_identity or w_spec.is_identity:
         if not x_spec.is_identity:  # the x flip writes next_call
             xf, x_mask = apply_flip_spec_masked(x, x_spec, x_key, call, want_x_mask, next_call)
@@ -227,6 +265,12 @@ def apply_flip_spec_masked(
     if spec.is_identity:
         write_next_call(call, next_call)
         return x, None
+    if spec.p_bits is not None:
+        write_next_call(call, next_call)
+        y = flip_positions(x, spec, key, call) if spec.flips else x
+        return apply_flip_spec_masked(
+            y, zero_out_spec(spec.zero_out_threshold), key, call, want_mask
+        )
     table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
     t, flips = spec.zero_out_threshold, spec.flips
     if not want_mask or t is None:
@@ -268,8 +312,11 @@ def flip_spec_grad(
     element, 0 where it zeroed it (recomputed from ``x``, nothing stored)."""
     if spec.is_identity or spec.zero_out_threshold is None:
         return grad
-    table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
     call = _call_tensor(call, x.device)
+    if spec.p_bits is not None:  # the zero-out of the flipped x decides
+        y = flip_positions(x, spec, key, call) if spec.flips else x
+        return flip_spec_grad(grad, y, zero_out_spec(spec.zero_out_threshold), key, call)
+    table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
     return bitflip_backward(
         grad, x, table, call, key[0], key[1], spec.zero_out_threshold, spec.flips
     )
@@ -291,8 +338,12 @@ def flip_spec_grad_(
     masks = not spec.is_identity and spec.zero_out_threshold is not None
     if grad is None or not masks:
         return apply_flip_spec(x, spec, key, call) if want_flipped else None
-    table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
     call = _call_tensor(call, x.device)
+    if spec.p_bits is not None:  # the zero-out of the flipped x decides
+        y = flip_positions(x, spec, key, call) if spec.flips else x
+        zero = zero_out_spec(spec.zero_out_threshold)
+        return flip_spec_grad_(grad, y, zero, key, call, want_flipped)
+    table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
     return bitflip_zero_grad_impl(
         x, grad, table, call, key[0], key[1], spec.zero_out_threshold, spec.flips, want_flipped
     )
@@ -308,6 +359,7 @@ def bitflip(
     stream: int | str = 0,
     call: int | Tensor = 0,
     compat_snap: bool = False,
+    p_bits: dict | None = None,
 ) -> Tensor:
     """Randomly flip bits of a float tensor and zero out large values.
 
@@ -324,6 +376,8 @@ def bitflip(
         call: call index within the stream: an int in [0, 2**32) or a one-element integer
             tensor holding one (its value is checked, which waits for the device).
         compat_snap: snap p to the original's ``0.5**ceil(log2(1/p))``, n in [1, 24].
+        p_bits: per-bit-position rates ``{position: p}`` overriding the groups' (position 0 =
+            least significant bit, ``"sign"`` = the top bit; see :class:`FlipSpec`).
     """
-    spec = FlipSpec(p_exp, p_frac, zero_out_threshold, compat_snap)
+    spec = FlipSpec(p_exp, p_frac, zero_out_threshold, compat_snap, p_bits)
     return apply_flip_spec(x, spec, stream_key(seed, stream), _checked_call(call))

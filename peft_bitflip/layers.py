@@ -111,6 +111,9 @@ class BitflipLayerMixin:
     # a StuckAt (peft_bitflip.stuck_at) forcing stuck bits of x and W before the flips, or None
     # (instance attribute, set by apply_bitflip)
     bitflip_stuck = None
+    # a Bursts (peft_bitflip.bursts) striking x and W at every call after the stuck bits and
+    # before the flips, or None (instance attribute, set by apply_bitflip)
+    bitflip_bursts = None
 
     def init_bitflip(self, name: str, x_spec: FlipSpec, w_spec: FlipSpec, seed: int = 0) -> None:
         self.bitflip_name = name
@@ -197,9 +200,12 @@ class BitflipLayerMixin:
         write_next_call(call, following)
         return call
 
-    def flipped_forward(self, x: torch.Tensor, weight, bias, weight_params=()) -> torch.Tensor:
+    def flipped_forward(
+        self, x: torch.Tensor, weight, bias, weight_params=(), weight_key=()
+    ) -> torch.Tensor:
         """The layer's computation with ``weight`` (a tensor, or a function building it from
-        ``weight_params``, see :func:`flipped_linear`)."""
+        ``weight_params``, see :func:`flipped_linear`; ``weight_key``: whatever else decides
+        the built weight, e.g. LoRA scales, for the stuck-at cache)."""
         if not self.bitflip_enabled:
             return linear(x, weight() if callable(weight) else weight, bias, self._is_conv1d)
         if _on_meta(x, self.weight, weight):
@@ -211,13 +217,17 @@ class BitflipLayerMixin:
             return _eager_flipped_forward(self, x, weight, bias, weight_params)
         if self.bitflip_stuck is not None:  # stuck bits first; the weight built with them
             x, weight, weight_params = self.bitflip_stuck.apply(
-                x, weight, weight_params, _autocast_dtype(x)
+                x, weight, weight_params, _autocast_dtype(x), weight_key
             )
         x_key, w_key = self.stream_keys()
         call, following = self.claim_call()
         if stats is not None and _checkpoint_phase() == "recompute":
             stats = None  # the recomputation repeats flips that were counted in the forward
         try:
+            if self.bitflip_bursts is not None:  # burst events of this call; weight built
+                x, weight, weight_params = self.bitflip_bursts.apply(
+                    x, weight, weight_params, _autocast_dtype(x), call, stats
+                )
             return flipped_linear(
                 x, weight, bias, self.x_spec, self.w_spec, x_key, w_key, call,
                 self._is_conv1d, stats, weight_params, self.bitflip_recompute_input, following,
@@ -236,13 +246,15 @@ class BitflipLayerMixin:
                 self.bias,
                 weight_params=[self.weight, lora_a, lora_b],
             )
-        if self.bitflip_stuck is not None:  # stuck bits of the merged weight: built, as merge()
+        if self.bitflip_stuck is not None or self.bitflip_bursts is not None:
+            # stuck bits / bursts of the merged weight: built, as merge() builds it
             merge = merge_lora_weight if torch.is_grad_enabled() else merged_lora_weight
             return self.flipped_forward(
                 x,
                 lambda: merge(self.weight, lora_a, lora_b, scale, self._is_conv1d),
                 self.bias,
                 weight_params=[self.weight, lora_a, lora_b],
+                weight_key=(merge, scale, self._is_conv1d),
             )
         if _on_meta(x, self.weight, lora_a, lora_b):
             merged = merge_lora_weight(
@@ -270,7 +282,8 @@ class BitflipLayerMixin:
 
     def bitflip_repr(self) -> str:
         def fmt(s: FlipSpec):
-            return f"p_exp={s.p_exp:g}, p_frac={s.p_frac:g}, t={s.zero_out_threshold}"
+            bits = "" if s.p_bits is None else f", p_bits={dict(s.p_bits)}"
+            return f"p_exp={s.p_exp:g}, p_frac={s.p_frac:g}{bits}, t={s.zero_out_threshold}"
 
         return f"x: {fmt(self.x_spec)}; w: {fmt(self.w_spec)}; seed={self.bitflip_seed}"
 

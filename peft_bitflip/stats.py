@@ -89,6 +89,7 @@ def binomial_z(count: int, trials: int, p: float) -> float:
 
 _SWAR_MASKS = (0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F)
 _KINDS = ("x", "w", "y")  # layer inputs, weights, outputs
+_COUNT_COLUMNS = 6  # exp flips, frac flips, zeroed, non-finite, burst events, burst bits
 
 
 def popcount(v: torch.Tensor) -> torch.Tensor:
@@ -121,6 +122,17 @@ def flip_count_tensor(
     ``threshold`` is None).  No host synchronisation.
     """
     return _flip_counts(x, flipped, _float32(threshold))
+
+
+def burst_count_tensor(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """``[events, flipped bits]`` (int64 tensor on the device) between a tensor and its copy
+    after the burst faults: an event changes exactly one element, so events = changed
+    elements.  No host synchronisation."""
+    layout = check_dtype(before.dtype)
+    view = INT_VIEW[layout.n_bits]
+    diff = before.contiguous().view(view) ^ after.contiguous().view(view)
+    diff = diff.to(torch.int64) & ((1 << layout.n_bits) - 1)
+    return torch.stack([(diff != 0).sum(), popcount(diff).sum()])
 
 
 @torch.compiler.assume_constant_result
@@ -267,7 +279,10 @@ class TensorFlipStats:
     ``exp_flips`` / ``frac_flips``: bits that really flipped (before zero-out);
     ``zeroed``: elements that zero-out really set to 0 (after flipping);
     ``nonfinite``: output elements that are NaN or +-Inf (outputs only: 0 for inputs and
-    weights, whose zero-out leaves no non-finite value and which are not counted otherwise).
+    weights, whose zero-out leaves no non-finite value and which are not counted otherwise);
+    ``burst_events`` / ``burst_bits``: burst fault events (elements struck) and the bits they
+    inverted; ``burst_elements``: elements that went through burst sampling (the trials of
+    the event rate; 0 where no layer has bursts).
     """
 
     elements: int = 0
@@ -277,6 +292,9 @@ class TensorFlipStats:
     frac_flips: int = 0
     zeroed: int = 0
     nonfinite: int = 0
+    burst_events: int = 0
+    burst_bits: int = 0
+    burst_elements: int = 0
 
     def __add__(self, other: TensorFlipStats) -> TensorFlipStats:
         return TensorFlipStats(*(a + b for a, b in zip(self.as_tuple(), other.as_tuple())))
@@ -290,6 +308,9 @@ class TensorFlipStats:
             self.frac_flips,
             self.zeroed,
             self.nonfinite,
+            self.burst_events,
+            self.burst_bits,
+            self.burst_elements,
         )
 
     @property
@@ -306,6 +327,11 @@ class TensorFlipStats:
     def zeroed_rate(self) -> float:
         """Zeroed elements per element (0.0 when none was processed)."""
         return self.zeroed / self.elements if self.elements else 0.0
+
+    @property
+    def burst_event_rate(self) -> float:
+        """Burst events per element that went through burst sampling (0.0 when none did)."""
+        return self.burst_events / self.burst_elements if self.burst_elements else 0.0
 
     @property
     def nonfinite_rate(self) -> float:
@@ -326,13 +352,15 @@ class FlipStatsAccumulator:
     """
 
     def __init__(self):
-        # int64 (3, 4): [x, w, y] x [exp flips, frac flips, zeroed, non-finite]
+        # int64 (3, 6): [x, w, y] x [exp flips, frac flips, zeroed, non-finite, burst events,
+        # burst bits]
         self.counts: torch.Tensor | None = None
-        self.sizes = [[0, 0, 0], [0, 0, 0], [0, 0, 0]]  # [x, w, y] x [elements, exp/frac bits]
+        # [x, w, y] x [elements, exp/frac bits, burst elements]
+        self.sizes = [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
 
     def _counts_on(self, device: torch.device) -> torch.Tensor:
         if self.counts is None:
-            self.counts = torch.zeros((3, 4), dtype=torch.int64, device=device)
+            self.counts = torch.zeros((3, _COUNT_COLUMNS), dtype=torch.int64, device=device)
         elif self.counts.device != device:
             self.counts = self.counts.to(device)
         return self.counts
@@ -359,6 +387,16 @@ class FlipStatsAccumulator:
             counts = self._counts_on(x.device)
             _add_counts(counts[i, :3], x, flipped, spec.zero_out_threshold)
 
+    def record_bursts(self, kind: str, before: torch.Tensor, after: torch.Tensor) -> None:
+        """Add the burst events and bits between ``before`` and ``after`` (its copy after the
+        burst faults, before zero-out) of ``kind`` ("x" / "w")."""
+        i = _KINDS.index(kind)
+        self.sizes[i][3] += before.numel()
+        if before.numel():
+            with torch.no_grad():
+                counts = self._counts_on(before.device)
+                counts[i, 4:] += burst_count_tensor(before.detach(), after.detach())
+
     def record_output(self, out: torch.Tensor) -> None:
         """Add the elements of the layer's output ``out`` and how many are NaN or +-Inf."""
         self.sizes[2][0] += out.numel()
@@ -369,7 +407,7 @@ class FlipStatsAccumulator:
     def reset(self) -> None:
         if self.counts is not None:
             self.counts.zero_()
-        self.sizes = [[0, 0, 0], [0, 0, 0], [0, 0, 0]]
+        self.sizes = [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
 
 
 class FlipStatsRecorder:
@@ -428,18 +466,18 @@ class FlipStatsRecorder:
                 device = torch.device("cuda", torch.cuda.current_device())
         else:
             all_reduce = False
-        zeros = torch.zeros((3, 4), dtype=torch.int64, device=device)
+        zeros = torch.zeros((3, _COUNT_COLUMNS), dtype=torch.int64, device=device)
         counts = torch.stack([zeros if a.counts is None else a.counts.to(device) for a in accs])
         if not per_layer:
             counts = counts.sum(0, keepdim=True)
         sizes = [
-            [[sum(a.sizes[k][j] for a in g) for j in range(3)] for k in range(3)] for g in groups
+            [[sum(a.sizes[k][j] for a in g) for j in range(4)] for k in range(3)] for g in groups
         ]
-        if not all_reduce:
-            return [[s + c for s, c in zip(gs, gc)] for gs, gc in zip(sizes, counts.tolist())]
         packed = torch.cat([torch.tensor(sizes, dtype=torch.int64, device=device), counts], -1)
-        torch.distributed.all_reduce(packed)
-        return packed.tolist()
+        if all_reduce:
+            torch.distributed.all_reduce(packed)
+        # TensorFlipStats order: the 3 sizes, the 6 counts, then burst elements
+        return [[row[:3] + row[4:] + row[3:4] for row in g] for g in packed.tolist()]
 
     @staticmethod
     def _kinds(table: list[list[int]]) -> dict[str, TensorFlipStats]:

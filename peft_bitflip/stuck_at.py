@@ -36,7 +36,9 @@ positions of a model in that form, for ``BitflipConfig(stuck_at_positions=...)``
 
 from __future__ import annotations
 
+import itertools
 import numbers
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -45,6 +47,7 @@ import torch
 from torch import Tensor
 
 from .functional import apply_flip_spec, stream_key
+from .linear_ops import _autocast_dtype
 from .spec import FlipSpec, check_dtype, validate_probability
 
 __all__ = [
@@ -229,40 +232,110 @@ class _ApplyStuck(torch.autograd.Function):
     dimension's lanes), out of place; straight-through gradient."""
 
     @staticmethod
-    def forward(ctx, t, bits: StuckBits, lanes: bool):
+    def forward(ctx, t, index, keep, ones, lanes: bool):
         out = t.clone(memory_format=torch.contiguous_format)
         ints = out.view(_INT_VIEW[check_dtype(t.dtype).n_bits])
         if lanes:
-            ints[..., bits.index] = (ints[..., bits.index] & bits.keep) | bits.ones
+            ints[..., index] = (ints[..., index] & keep) | ones
         else:
             flat = ints.view(-1)
-            flat[bits.index] = (flat[bits.index] & bits.keep) | bits.ones
+            flat[index] = (flat[index] & keep) | ones
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None
+        return grad, None, None, None, None
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``stuck`` (a stuck copy of ``source``, maybe in another dtype) with the gradient passed
+    straight through to ``source`` (cast to its dtype)."""
+
+    @staticmethod
+    def forward(ctx, source, stuck):
+        ctx.dtype = source.dtype
+        return stuck.view_as(stuck)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype), None
+
+
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured (a cached weight would be frozen into it)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _identity(t: Tensor) -> tuple:
+    """What tells a tensor's values apart without reading them: the object, its version
+    counter (in-place writes), storage, layout, dtype, device; () for an inference tensor
+    (it has no version counter: never cached)."""
+    try:
+        version = t._version
+    except RuntimeError:
+        return ()
+    return (id(t), version, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+
+
+@torch.compiler.assume_constant_result
+def _traced_bits(stuck: StuckAt, token: int, tensor: str, numel: int, dtype, device):
+    """:meth:`StuckAt.bits` run while ``torch.compile`` traces (the draw happens then, outside
+    the graph; the graph holds the bits as constants).  ``token`` (the :class:`StuckAt`'s)
+    is an argument so that the compiled code is guarded on it: another layer's code traces
+    its own bits."""
+    return stuck._drawn_bits(tensor, numel, dtype, device)
 
 
 class StuckAt:
     """The stuck-at faults of one layer: settings, the drawn bits (cached per element count,
-    dtype and device: a pure function of them, so never saved), and their application."""
+    dtype and device: a pure function of them, so never saved), and their application.
+
+    Memory: the drawn bits (an int64 index plus two mask words per element with a stuck bit)
+    and, in eager mode, the layer's weight with its stuck bits forced: one weight-sized tensor
+    in the dtype the matmul reads (e.g. bf16 under a bf16 autocast), kept between calls so
+    that a weight that does not change (a frozen base weight under LoRA, evaluation) is built
+    once, not at every forward and again in backward.  It is rebuilt when what it was built
+    from changes: another tensor, an in-place write (an optimizer step, ``load_state_dict``;
+    seen through the tensor's version counter), new storage, dtype, device, autocast dtype,
+    or (LoRA) the A / B factors or scale.  A write through ``weight.data`` bypasses the version
+    counter: call :meth:`clear` after one.  ``keep_weight = False`` (per layer) builds it at
+    every forward instead and keeps nothing between calls (with gradients until backward),
+    for a model whose memory cannot take the copies.  Under ``torch.compile`` and while a
+    CUDA graph is captured the stuck weight is built in the graph at every call instead;
+    under ``torch.compile`` the bits are drawn while tracing (no graph break).
+    """
+
+    _tokens = itertools.count()
+    keep_weight = True  # keep the stuck weight between calls (see the class doc)
 
     def __init__(self, name: str, seed: int, x: StuckSpec, w: StuckSpec):
         self.name, self.seed, self.x, self.w = name, seed, x, w
+        self.token = next(StuckAt._tokens)
         self._bits: dict = {}
+        self._weight = None  # (identity key, weakrefs to the sources, stuck weight)
 
     def __repr__(self) -> str:
         return f"StuckAt({self.name!r}, seed={self.seed}, x={self.x}, w={self.w})"
+
+    def __getstate__(self) -> dict:  # copies and pickles leave the caches behind
+        return {**self.__dict__, "_bits": {}, "_weight": None}
+
+    def clear(self) -> None:
+        """Drop the cached stuck weight (it is built again at the next forward)."""
+        self._weight = None
 
     def key(self, tensor: str) -> tuple[int, int]:
         """The stream of the stuck bits of ``tensor`` ("x" / "w"): no rank in it."""
         return stream_key(self.seed, self.name, f"{tensor}_stuck")
 
-    @torch.compiler.disable
     def bits(self, tensor: str, numel: int, dtype: torch.dtype, device) -> StuckBits:
         """The stuck bits of ``tensor`` for ``numel`` elements (x: ``in_features`` lanes)."""
         device = torch.device(device)
+        if torch.compiler.is_compiling():
+            return _traced_bits(self, self.token, tensor, numel, dtype, device)
+        return self._drawn_bits(tensor, numel, dtype, device)
+
+    def _drawn_bits(self, tensor: str, numel: int, dtype: torch.dtype, device) -> StuckBits:
         cache_key = (tensor, numel, dtype, device)
         found = self._bits.get(cache_key)
         if found is None:
@@ -292,26 +365,62 @@ class StuckAt:
         bits = self.bits(tensor, numel, t.dtype, t.device)
         if bits.index.numel() == 0:
             return t
-        return _ApplyStuck.apply(t, bits, lanes)
+        return _ApplyStuck.apply(t, bits.index, bits.keep, bits.ones, lanes)
 
-    def apply(self, x: Tensor, weight, weight_params, compute):
-        """(x, weight, weight_params) of a layer forward with the stuck bits forced: x's lanes
-        at once; the weight (a tensor, or a function building it from ``weight_params``) as a
-        function that builds the stuck weight, so that backward builds it again instead of
-        keeping it.  ``compute``: the autocast dtype or None; stuck bits act on the values the
-        matmul consumes, cast to it."""
+    def apply(self, x: Tensor, weight, weight_params, compute, weight_key=()):
+        """(x, weight, weight_params) of a layer forward with the stuck bits forced.
+
+        ``weight``: a tensor, or a function building it from the tensors ``weight_params``
+        (LoRA: W + s B A); ``weight_key``: whatever else decides the built weight (LoRA: the
+        merge function and scale).  ``compute``: the autocast dtype or None; stuck bits act on
+        the values the matmul consumes, cast to it.  The weight comes back as a tensor (the
+        cached stuck weight, see the class doc; gradients pass straight through to
+        ``weight`` or ``weight_params``) and ``weight_params`` as ``()``."""
         if not self.x.is_identity:
             x = self.stuck("x", x if compute is None else x.to(compute))
         if self.w.is_identity:
             return x, weight, weight_params
+        return x, self._stuck_weight(weight, tuple(weight_params), compute, weight_key), ()
+
+    def _stuck_weight(self, weight, weight_params, compute, weight_key) -> Tensor:
         build = weight if callable(weight) else None
-        params = tuple(weight_params) if build is not None else (weight,)
+        sources = weight_params if build is not None else (weight,)
 
-        def stuck_weight():
+        def built():
             w = build() if build is not None else weight
-            return self.stuck("w", w if compute is None else w.to(compute))
+            return w if compute is None else w.to(compute)
 
-        return x, stuck_weight, params
+        if torch.compiler.is_compiling() or _capturing():  # in the graph, every call
+            return self.stuck("w", built())
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in sources)
+        identities = tuple(_identity(p) for p in sources)
+        key = (identities, compute, weight_key) if all(identities) else None
+        cached = self._weight
+        hit = (
+            key is not None
+            and cached is not None
+            and cached[0] == key
+            and all(r() is p for r, p in zip(cached[1], sources))
+        )
+        if build is not None and grad:  # one merge with its graph, for the factors' grads
+            source = built()
+            stuck = cached[2] if hit else self._store(key, sources, source.detach())
+            return _StraightThrough.apply(source, stuck)
+        if hit:
+            stuck = cached[2]
+        else:
+            with torch.no_grad(), torch.inference_mode(False):
+                stuck = self._store(key, sources, built())
+        return _StraightThrough.apply(weight, stuck) if grad else stuck
+
+    def _store(self, key, sources, weight: Tensor) -> Tensor:
+        """The stuck copy of ``weight`` (detached), cached under ``key`` (None: not cached)."""
+        self._weight = None  # the old copy goes before the new one is built
+        with torch.no_grad(), torch.inference_mode(False):
+            stuck = self.stuck("w", weight)  # (weight itself where no bit is stuck)
+        if key is not None and self.keep_weight:
+            self._weight = (key, tuple(weakref.ref(p) for p in sources), stuck)
+        return stuck
 
 
 def stuck_at_for(config, name: str) -> StuckAt | None:
@@ -353,20 +462,24 @@ def check_position_names(config, flipped_names) -> None:
 def export_stuck_positions(model: torch.nn.Module, x_dtype: torch.dtype | None = None) -> dict:
     """The stuck bits of every bit-flip layer of ``model`` as an explicit list
     ``{layer name: {"x": [...], "w": [...]}}`` (``BitflipConfig.stuck_at_positions`` replays
-    it).  Weight bits are those of the weight's dtype; input lanes those of ``x_dtype``
-    (default: the weight's dtype, the dtype the layer computes in without autocast)."""
+    it), in the dtype the layers force them in: under a ``torch.autocast`` active on the
+    weights' device (call this inside the same autocast as the forward) its dtype for both;
+    without, the weight's dtype, and for input lanes ``x_dtype`` (the input's dtype; default
+    the weight's)."""
     out = {}
     for _, module in model.named_modules():
         stuck = getattr(module, "bitflip_stuck", None)
         if stuck is None:
             continue
         weight = module.weight
+        compute = _autocast_dtype(weight)
         in_features = weight.shape[0] if getattr(module, "_is_conv1d", False) else weight.shape[1]
         entry = {}
         if not stuck.x.is_identity:
-            dtype = x_dtype or weight.dtype
+            dtype = compute or x_dtype or weight.dtype
             entry["x"] = stuck.positions("x", in_features, dtype, weight.device)
         if not stuck.w.is_identity:
-            entry["w"] = stuck.positions("w", weight.numel(), weight.dtype, weight.device)
+            dtype = compute or weight.dtype
+            entry["w"] = stuck.positions("w", weight.numel(), dtype, weight.device)
         out[stuck.name] = entry
     return out

@@ -253,7 +253,7 @@ class TrainingFaultHooks:
         if spec is None or spec.is_identity or t.dtype not in _FLOAT_DTYPES or t.numel() == 0:
             return t
         key = stream_key(self.faults.seed, "training", site, name, data_parallel_rank(), *extra)
-        flips_only = FlipSpec(spec.p_exp, spec.p_frac, None, spec.compat_snap)
+        flips_only = dataclasses.replace(spec, zero_out_threshold=None)
         with torch.no_grad():
             flipped = apply_flip_spec(t.detach(), flips_only, key, self.step)
             counts = flip_count_tensor(t.detach(), flipped, spec.zero_out_threshold)

@@ -28,6 +28,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
+from .bursts import bursts_for
 from .config import BitflipConfig
 from .experts import bitflip_experts_class, expert_weight_names, is_experts
 from .layers import BitflipConv1D, BitflipLayerMixin, BitflipLinear, Conv1D, bitflip_layers
@@ -256,15 +257,20 @@ _NO_ZERO_OUT = (
 
 
 def _stuck_exponents(root: nn.Module, flipped) -> set[tuple[str, str]]:
-    """(module name, "x" | "w") whose stuck-at rates can stick sign/exponent bits."""
+    """(module name, "x" | "w") whose stuck-at rates can stick sign/exponent bits, or whose
+    bursts can strike them."""
     out = set()
     for name, module in root.named_modules():
-        stuck = getattr(module, "bitflip_stuck", None)
-        if stuck is None or name not in flipped:
+        if name not in flipped:
             continue
+        stuck = getattr(module, "bitflip_stuck", None)
+        bursts = getattr(module, "bitflip_bursts", None)
         for tensor in ("x", "w"):
-            spec = getattr(stuck, tensor)
-            if spec.p_exp > 0 or spec.positions:
+            spec = None if stuck is None else getattr(stuck, tensor)
+            if spec is not None and (spec.p_exp > 0 or spec.positions):
+                out.add((name, tensor))
+            burst = None if bursts is None else getattr(bursts, tensor)
+            if burst is not None and not burst.is_identity and burst.field != "frac":
                 out.add((name, tensor))
     return out
 
@@ -278,7 +284,7 @@ def _warn_no_zero_out(
     names: dict[str, list[str]] = {}
     for name, specs in flipped.items():
         for tensor, spec in zip(("x", "w"), specs):
-            exposed = spec.effective_p_exp > 0 or (name, tensor) in stuck
+            exposed = spec.flips_exponent() or (name, tensor) in stuck
             if exposed and spec.zero_out_threshold is None:
                 names.setdefault(tensor, []).append(name)
     situation = tuple(t for t in ("x", "w") if t in names)
@@ -341,16 +347,20 @@ def apply_bitflip(
     if check_rules:
         config.check_rules_match(list(dict.fromkeys(n for n, _ in candidates)))
         check_position_names(config, [n for n, _ in candidates if config.resolve(n) is not None])
-    stuck_experts = [
-        n for n, m in candidates
-        if is_experts(m) and config.resolve(n) is not None and stuck_at_for(config, n) is not None
-    ]  # fmt: skip
-    if stuck_experts:
-        raise ValueError(
-            f"stuck-at faults are not implemented for MoE experts modules ({stuck_experts[0]}, "
-            f"{len(stuck_experts)} in all): exclude them with a layer_name_to_config rule that "
-            "sets the stuck rates to 0 there"
-        )
+    for kind, faults_for, rates in (
+        ("stuck-at", stuck_at_for, "the stuck rates"),
+        ("burst", bursts_for, "x_burst_rate and w_burst_rate"),
+    ):
+        experts = [
+            n for n, m in candidates
+            if is_experts(m) and config.resolve(n) is not None and faults_for(config, n) is not None
+        ]  # fmt: skip
+        if experts:
+            raise ValueError(
+                f"{kind} faults are not implemented for MoE experts modules ({experts[0]}, "
+                f"{len(experts)} in all): exclude them with a layer_name_to_config rule that "
+                f"sets {rates} to 0 there"
+            )
     summary = BitflipSummary()
     for name, module in candidates:
         specs = config.resolve(name)
@@ -372,6 +382,7 @@ def apply_bitflip(
             module._bitflip_original_class = original
             module.init_bitflip(name, x_spec, w_spec, config.seed)
         module.bitflip_stuck = stuck_at_for(config, name)
+        module.bitflip_bursts = bursts_for(config, name)
         summary.flipped[name] = (x_spec, w_spec)
     for name, module, adapter_of in walked:
         if name not in summary.flipped and name not in summary.clean:
@@ -407,6 +418,7 @@ def _restore(module: BitflipLayerMixin) -> None:
         "_pending_calls",
         "_bitflip_original_class",
         "bitflip_stuck",
+        "bitflip_bursts",
     ):
         module.__dict__.pop(attr, None)
     module.__class__ = original

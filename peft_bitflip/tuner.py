@@ -32,7 +32,8 @@ from peft import LoraConfig, LoraModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
-from .config import RULE_KEYS, STUCK_KEYS, BitflipConfig
+from .bursts import burst_settings, bursts_for
+from .config import BURST_KEYS, P_BITS_KEYS, RULE_KEYS, STUCK_KEYS, BitflipConfig
 from .experts import BitflipExpertsMixin
 from .kernels.lora import merge_lora_weight, merged_lora_weight
 from .layers import BitflipLayerMixin
@@ -42,6 +43,9 @@ from .transform import apply_bitflip, candidate_modules
 PEFT_TYPE = "BITFLIP_LORA"
 BITFLIP_FIELDS = RULE_KEYS  # x_p_exp, x_p_frac, x_zero_out_t, w_p_exp, w_p_frac, w_zero_out_t
 STUCK_FIELDS = (*STUCK_KEYS, "stuck_at_positions")  # the stuck-at faults (same names)
+BURST_FIELDS = (*BURST_KEYS, "burst_length", "burst_field")  # the burst faults (same names)
+P_BITS_FIELDS = P_BITS_KEYS  # x_p_bits, w_p_bits: per-bit-position rates (same names)
+FAULT_FIELDS = STUCK_FIELDS + BURST_FIELDS + P_BITS_FIELDS  # the fields past RULE_KEYS
 
 
 @dataclass
@@ -86,6 +90,18 @@ class BitflipLoraConfig(LoraConfig):
     stuck_at_positions: Any | None = field(
         default=None, metadata={"help": "explicit stuck bits {layer: {x|w: [[i, bit, v]]}}"}
     )
+    x_p_bits: Any | None = field(
+        default=None, metadata={"help": "per-bit-position input rates {position|sign: p}"}
+    )
+    w_p_bits: Any | None = field(
+        default=None, metadata={"help": "per-bit-position weight rates {position|sign: p}"}
+    )
+    x_burst_rate: float = field(default=0.0, metadata={"help": "burst events per input element"})
+    w_burst_rate: float = field(default=0.0, metadata={"help": "burst events per weight element"})
+    burst_length: Any = field(default=2, metadata={"help": "bits per burst: k or {k: prob}"})
+    burst_field: str = field(
+        default="any", metadata={"help": "where bursts lie: any, exp or frac bits"}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -126,7 +142,7 @@ class BitflipLoraConfig(LoraConfig):
         self.compat_snap = d["compat_snap"]
         self.layer_name_to_config = d["layer_name_to_config"]
         self.skip_modules = d["skip_modules"]
-        for k in STUCK_FIELDS:
+        for k in FAULT_FIELDS:
             setattr(self, k, copy.deepcopy(getattr(bitflip, k)))
 
     def bitflip_config(self) -> BitflipConfig:
@@ -137,7 +153,7 @@ class BitflipLoraConfig(LoraConfig):
             compat_snap=self.compat_snap,
             layer_name_to_config=self.layer_name_to_config,
             skip_modules=list(self.skip_modules or []),
-            **{k: getattr(self, k) for k in STUCK_FIELDS},
+            **{k: getattr(self, k) for k in FAULT_FIELDS},
         )
 
     @classmethod
@@ -150,7 +166,7 @@ class BitflipLoraConfig(LoraConfig):
             compat_snap=d["compat_snap"],
             layer_name_to_config=d["layer_name_to_config"],
             skip_modules=d["skip_modules"],
-            **{k: copy.deepcopy(getattr(bitflip, k)) for k in STUCK_FIELDS},
+            **{k: copy.deepcopy(getattr(bitflip, k)) for k in FAULT_FIELDS},
             **lora_kwargs,
         )
 
@@ -196,7 +212,8 @@ class BitflipLoraLinear(LoraLinear):
         bias = base.bias
         for a in biased:
             bias = self._merged_bias(bias, a)
-        return base.flipped_forward(x, merged_weight, bias, weight_params=params)
+        scales = tuple(self.scaling[a] for a in adapters)  # (the stuck-at cache's key)
+        return base.flipped_forward(x, merged_weight, bias, weight_params=params, weight_key=scales)
 
     def _merged(self, weight: torch.Tensor, adapter: str) -> torch.Tensor:
         """``weight + s B @ A`` for ``adapter`` (float32 sum rounded to weight's dtype)."""
@@ -280,6 +297,11 @@ def _check_model_fault_model(model, wanted: BitflipConfig) -> None:
             differences.append(
                 f"{name}: model stuck-at {m.bitflip_stuck}; adapter stuck-at "
                 f"{stuck_at_for(wanted, name)}"
+            )
+        elif burst_settings(m.bitflip_bursts) != burst_settings(bursts_for(wanted, name)):
+            differences.append(
+                f"{name}: model bursts {m.bitflip_bursts}; adapter bursts "
+                f"{bursts_for(wanted, name)}"
             )
     if differences:
         existing = getattr(getattr(model, "config", None), "quantization_config", None)

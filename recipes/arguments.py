@@ -16,11 +16,12 @@ import argparse
 import dataclasses
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 
 from peft_bitflip import data, flavors
-from peft_bitflip.config import RULE_KEYS
+from peft_bitflip.bursts import BURST_FIELDS
+from peft_bitflip.cli import DeprecatedAlias
+from peft_bitflip.config import P_BITS_KEYS, RULE_KEYS
 
 TINY_VOCAB_SIZE = 1024
 # The original script's LORA_CFG; the tiny preset's adapter is r = 16, alpha = 32.
@@ -197,6 +198,30 @@ class BitflipArguments:
     w_zero_out_t: str | None = field(
         default=None, metadata={"help": "weight zero-out threshold ('none' = off)"}
     )
+    x_p_bits: str | None = field(
+        default=None,
+        metadata={
+            "help": "input flip probability per bit position, overriding its group's "
+            "(0 = least significant bit, 'sign'; e.g. 15=1e-3,sign=1e-4)"
+        },
+    )
+    w_p_bits: str | None = field(
+        default=None,
+        metadata={"help": "weight flip probability per bit position (as --x_p_bits)"},
+    )
+    x_burst_rate: str | None = field(
+        default=None, metadata={"help": "burst fault events per input element and call"}
+    )
+    w_burst_rate: str | None = field(
+        default=None, metadata={"help": "burst fault events per weight element and call"}
+    )
+    burst_length: str | None = field(
+        default=None, metadata={"help": "bits per burst: k (2..32) or k:p,k:p,... (default 2)"}
+    )
+    burst_field: str | None = field(
+        default=None,
+        metadata={"help": "where a burst may lie: any, exp or frac bits", "choices": BURST_FIELDS},
+    )
     bitflip_seed: int = field(default=0, metadata={"help": "seed of the flip streams"})
     compat_snap: bool = field(
         default=False, metadata={"help": "round p down to a power of two like the original kernel"}
@@ -268,15 +293,24 @@ class BitflipArguments:
             raise ValueError(f"--train_faults {self.train_faults!r}: {e}") from None
 
     def flip_values(self) -> dict:
-        """The inline fault-model flags given, parsed: ``{key: float | None}``."""
-        from peft_bitflip.cli import parse_probability, parse_threshold
+        """The inline fault-model flags given, parsed: ``{key: float | dict | None}``."""
+        from peft_bitflip.cli import (
+            BURST_FLAGS,
+            parse_burst_length,
+            parse_p_bits,
+            parse_probability,
+            parse_threshold,
+        )
 
         out = {}
-        for key in RULE_KEYS:
+        for key in RULE_KEYS + BURST_FLAGS + P_BITS_KEYS:
             text = getattr(self, key)
             if text is None:
                 continue
             parse = parse_threshold if key.endswith("_t") else parse_probability
+            parse = {"burst_length": parse_burst_length, "burst_field": str}.get(key, parse)
+            if key in P_BITS_KEYS:
+                parse = parse_p_bits
             try:
                 out[key] = parse(str(text))
             except argparse.ArgumentTypeError as e:
@@ -363,34 +397,6 @@ class PretrainArguments:
     )
 
 
-class _DeprecatedFlag(argparse.Action):
-    """An old spelling of a flag: stores into the new field and warns, naming the new flag.
-
-    ``settings`` (optional) maps the old flag's value to ``{field: value}`` for old flags
-    whose values differ from the new one's (``--precision bf16`` -> ``bf16 = True``)."""
-
-    def __init__(self, option_strings, dest, new_flag: str, settings=None, **kwargs):
-        self.new_flag, self.settings = new_flag, settings
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        warnings.warn(
-            f"{option_string} is deprecated and will be removed in the next release; "
-            f"use {self.new_flag}",
-            FutureWarning,
-            stacklevel=2,
-        )
-        if self.settings is None:
-            setattr(namespace, self.dest, values)
-            return
-        try:
-            settings = self.settings(values)
-        except ValueError as e:
-            parser.error(f"{option_string}: {e}")
-        for key, value in settings.items():
-            setattr(namespace, key, value)
-
-
 def hf_parser(dataclass_types, description: str | None, deprecated: dict):
     """``HfArgumentParser`` over ``dataclass_types`` with bare ``bool | None`` flags and the
     ``deprecated`` aliases (``{old: new}``, those whose new flag exists)."""
@@ -411,9 +417,7 @@ def hf_parser(dataclass_types, description: str | None, deprecated: dict):
             dest=target.dest,
             type=target.type,
             new_flag=new,
-            action=_DeprecatedFlag,
-            default=argparse.SUPPRESS,
-            help=argparse.SUPPRESS,
+            action=DeprecatedAlias,
         )
     return parser
 

@@ -55,6 +55,7 @@ import torch  # noqa: E402
 
 import peft_bitflip  # noqa: E402
 from peft_bitflip import data, evaluation, flavors  # noqa: E402
+from peft_bitflip.cli import DeprecatedAlias  # noqa: E402
 from peft_bitflip.config import BitflipConfig  # noqa: E402
 from recipes import arguments, common, model_card  # noqa: E402
 
@@ -144,9 +145,7 @@ def build_parser():
         dest="bf16",
         new_flag="--bf16 / --fp16",
         settings=_precision,
-        action=arguments._DeprecatedFlag,
-        default=argparse.SUPPRESS,
-        help=argparse.SUPPRESS,
+        action=DeprecatedAlias,
     )
     parser.add_argument(  # the old BooleanOptionalAction spelling
         "--no-streaming",
@@ -154,9 +153,7 @@ def build_parser():
         nargs=0,
         new_flag="--streaming false",
         settings=lambda _: {"streaming": False},
-        action=arguments._DeprecatedFlag,
-        default=argparse.SUPPRESS,
-        help=argparse.SUPPRESS,
+        action=DeprecatedAlias,
     )
     parser.set_defaults(validation_split_percentage=1.0, **TRAINER_DEFAULTS)
     return parser

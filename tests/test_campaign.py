@@ -112,8 +112,8 @@ def test_module_groups_and_bad_input():
         cp.module_groups(model, "regex", {"a": "nothing_here"})
     with pytest.raises(ValueError, match="grouping"):
         cp.module_groups(model, "layers")
-    with pytest.raises(ValueError, match="sign"):
-        cp.Site("g", ("model.layers.0.mlp.up_proj",), "x", "sign")
+    with pytest.raises(ValueError, match="'mantissa'"):  # sign / bit:N: tests/test_p_bits.py
+        cp.Site("g", ("model.layers.0.mlp.up_proj",), "x", "mantissa")
     site = cp.Site("g", ("lm_head",), "x", "exp")
     with pytest.raises(ValueError, match="lm_head"):
         cp.campaign(model, token_ids(2, 8), [site], p=0.1, progress=False)

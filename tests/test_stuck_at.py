@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -349,3 +350,144 @@ def test_calibrated_zero_out_keeps_stuck_settings():
     assert down["w_stuck_p_frac"] == 0.01 and down["x_stuck_p_exp"] == 1e-3
     assert cal.stuck_values_for(Q)["w_stuck_p_frac"] == 0.0
     assert cal.stuck_one_share == 0.2
+
+
+def _count_weight_builds(monkeypatch, stuck: StuckAt) -> list:
+    """A list that gets one entry per stuck weight ``stuck`` builds (its ``stuck("w", ...)``)."""
+    builds = []
+    original = StuckAt.stuck
+
+    def counted(self, tensor, t):
+        if self is stuck and tensor == "w":
+            builds.append(t.dtype)
+        return original(self, tensor, t)
+
+    monkeypatch.setattr(StuckAt, "stuck", counted)
+    return builds
+
+
+def _fresh(holder, x):
+    """The output of a copy of ``holder`` (copies leave the stuck-weight cache behind)."""
+    with torch.no_grad():
+        return copy.deepcopy(holder)["l"](x)
+
+
+def test_stuck_weight_is_built_once_and_again_only_after_the_weight_changes(monkeypatch):
+    """Issue 33.4: a weight that does not change is stuck once (not at every call, nor again
+    in backward); an optimizer step, load_state_dict, a dtype change or autocast rebuild it."""
+    torch.manual_seed(0)
+    holder = nn.ModuleDict({"l": nn.Linear(32, 16)})
+    cfg = pb.BitflipConfig(w_stuck_p_exp=0.02, w_stuck_p_frac=0.05, w_zero_out_t=100.0)
+    pb.apply_bitflip(holder, cfg)
+    lin = holder["l"]
+    builds = _count_weight_builds(monkeypatch, lin.bitflip_stuck)
+    x = torch.randn(4, 32)
+    with torch.inference_mode():  # built here, usable by the training forwards below
+        first = [lin(x)]
+    with torch.no_grad():
+        first += [lin(x) for _ in range(3)]
+    assert all(torch.equal(first[0], o) for o in first) and len(builds) == 1
+    assert not torch.equal(first[0], F.linear(x, lin.weight, lin.bias))
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.1)
+    for _ in range(2):  # two accumulated micro-batches: forward and backward reuse it
+        lin(x).square().sum().backward()
+    assert len(builds) == 1 and lin.weight.grad.abs().sum() > 0
+    opt.step()
+    stepped = lin(x)
+    assert len(builds) == 2 and torch.equal(stepped, _fresh(holder, x))
+    assert not torch.equal(stepped, first[0])
+    holder.load_state_dict({k: v * 0.5 for k, v in holder.state_dict().items()})
+    assert torch.equal(lin(x), _fresh(holder, x)) and len(builds) == 3
+    with torch.no_grad():
+        lin.weight.data.mul_(2)  # not seen by the version counter: clear() is the way
+    lin.bitflip_stuck.clear()
+    assert torch.equal(lin(x), _fresh(holder, x)) and len(builds) == 4
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert lin(x).dtype == torch.bfloat16
+    holder.to(torch.float16)
+    assert torch.equal(lin(x.half()), _fresh(holder, x.half()))
+    assert builds[-2:] == [torch.bfloat16, torch.float16]
+    lin.bitflip_stuck.keep_weight = False  # the memory-saving mode: built at every call
+    lin.bitflip_stuck.clear()
+    outputs = [lin(x.half()) for _ in range(2)]
+    assert len(builds) == 8 and lin.bitflip_stuck._weight is None
+    assert all(torch.equal(o, _fresh(holder, x.half())) for o in outputs)
+
+
+def test_lora_stuck_weight_follows_the_factors_and_scale(monkeypatch):
+    cfg = pb.BitflipLoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+        w_stuck_p_exp=0.01, w_stuck_p_frac=0.02, w_zero_out_t=100.0,
+    )  # fmt: skip
+    ids = token_ids()
+    model = get_peft_model(tiny_llama(), cfg)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    builds = _count_weight_builds(monkeypatch, q.base_layer.bitflip_stuck)
+    before = _logits(model, ids)
+    assert torch.equal(_logits(model, ids), before) and len(builds) == 1  # eval: built once
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model(ids).logits.square().mean().backward()
+    opt.step()
+    after = _logits(model, ids)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, _logits(copy.deepcopy(model), ids))
+    with torch.no_grad():  # an in-place change of a factor alone, between two evaluations
+        q.lora_B["default"].weight.add_(0.5)
+    changed = _logits(model, ids)
+    assert torch.equal(changed, _logits(copy.deepcopy(model), ids))
+    assert not torch.equal(changed, after)
+    q.scaling["default"] *= 3
+    assert torch.equal(_logits(model, ids), _logits(copy.deepcopy(model), ids))
+    assert not torch.equal(_logits(model, ids), changed)
+
+
+def test_compiled_forward_has_no_stuck_at_graph_break():
+    """Issue 33.4: the stuck bits are drawn while tracing, not in a compiler-disabled
+    function, so a layer with stuck bits compiles as one graph; each layer traces its own."""
+
+    def make(rate):
+        torch.manual_seed(0)
+        holder = nn.ModuleDict({"l": nn.Linear(32, 16)})
+        cfg = pb.BitflipConfig(w_stuck_p_frac=rate, x_stuck_p_frac=rate, w_p_frac=0.01)
+        pb.apply_bitflip(holder, cfg)
+        return holder["l"]
+
+    a, b = make(0.05), make(0.1)
+    x = torch.randn(4, 32, requires_grad=True)
+    torch._dynamo.reset()
+    try:
+        explained = torch._dynamo.explain(a)(x)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        a.bitflip_calls.zero_()
+        eager = {}
+        for name, m in (("a", a), ("b", b)):
+            out = m(x)
+            eager[name] = (out, torch.autograd.grad(out.square().sum(), m.weight)[0])
+            m.bitflip_calls.zero_()
+        assert not torch.equal(eager["a"][0], eager["b"][0])
+        compiled = torch.compile(lambda m, x: m(x), backend="aot_eager", fullgraph=True)
+        for name, m in (("a", a), ("b", b)):
+            out = compiled(m, x)
+            assert torch.equal(out, eager[name][0])
+            grad = torch.autograd.grad(out.square().sum(), m.weight)[0]
+            assert torch.equal(grad, eager[name][1])
+    finally:
+        torch._dynamo.reset()
+
+
+def test_export_under_autocast_gives_the_bits_the_layers_force():
+    """Issue 33.4: under a bf16 autocast the layers force the stuck bits of the bf16 values;
+    the export made under the same autocast replays them (a float32 export would not)."""
+    ids = token_ids()
+    fault = dict(w_stuck_p_exp=0.01, w_stuck_p_frac=0.02, x_stuck_p_frac=0.05, seed=3)
+    drawn = tiny_llama()
+    pb.apply_bitflip(drawn, pb.BitflipConfig(**fault, w_zero_out_t=100.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        listed = export_stuck_positions(drawn)
+        want = _logits(drawn, ids)
+    assert max(b for lists in listed.values() for t in lists.values() for _, b, _ in t) < 16
+    assert listed != export_stuck_positions(drawn)  # float32 bits without autocast
+    replay = tiny_llama()
+    pb.apply_bitflip(replay, pb.BitflipConfig(stuck_at_positions=listed, w_zero_out_t=100.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(_logits(replay, ids), want)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..spec import FlipSpec
+from ..spec import FlipSpec, require_group_rates
 from .op import (
     backend_for,
     bitflip_backward_impl,
@@ -110,6 +110,7 @@ def merge_flip_lora_for_grads(
 
 def _merge_flip_lora(w, a, b, scale, conv1d, out_dtype, spec, key, call, want_mask, next_call,
                      want_factors):  # fmt: skip
+    require_group_rates("the fused LoRA merge-and-flip", spec)
     table = flip_table(spec.effective_p_exp, spec.effective_p_frac, out_dtype, w.device)
     threshold = spec.zero_out_threshold
     want_mask = want_mask and threshold is not None
@@ -167,6 +168,7 @@ def merge_flip_lora_and_x(
     (not on the GPU, x's dtype is not ``out_dtype``, devices differ, or x's spec is the
     identity): the caller then flips x separately.  ``next_call``: as in
     :func:`merge_flip_lora`."""
+    require_group_rates("the fused LoRA merge-and-flip", w_spec, x_spec)
     if (
         x_spec.is_identity
         or x.dtype != out_dtype

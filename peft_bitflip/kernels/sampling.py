@@ -102,18 +102,26 @@ def dense_word(p: float) -> int:
     return word - (1 << 64) if word >= U63 else word
 
 
-# The cost model that picks a field's path, in units of one Philox draw per group.  Programs
-# run in lock step over COST_BLOCK_GROUPS groups (ROWS_PER_PROGRAM of triton_bitflip.py):
+# The cost model that picks a field's path, in units of the sparse path's Philox draw per
+# group.  Programs run in lock step over COST_BLOCK_GROUPS groups (ROWS_PER_PROGRAM of
+# triton_bitflip.py):
 # * sparse: the first draw, then one iteration per flip of the field with the most flips in
 #   the block, plus one that finds no more; an iteration is a draw, a binary search of the
 #   gap table (STEPS dependent loads) and the mask update of the block: SPARSE_ITERATION_COST;
 # * dense: one draw per digit and four 32-lane compare-and-update steps (DENSE_DIGIT_COST),
 #   for min(digits up to P's last 1, the expected largest number of digits a lane of the
 #   block needs until it differs from P: a geometric(1/2) maximum over the block's lanes).
-# Both constants are instruction-count estimates (Philox4x32-10: ~50 integer instructions).
+# Calibrated on an H100 (benchmarks/tuning/dense_crossover.py, docs/kernel.md): with no
+# block-wide reduction for the first DENSE_FREE_DIGITS digits a dense digit costs about half
+# the sparse path's unit, so on the GPU alone both paths would cost the same near p = 2^-11.
+# DENSE_DIGIT_COST is set higher, so that dyadic p go dense from 2^-9 and stay sparse at
+# 2^-10 and below: the CPU reference takes the same path (bit-identical results), and there a
+# dense field costs one Philox pass over every group per digit against one pass in all for
+# the sparse path at small p.
 COST_BLOCK_GROUPS = 64
 SPARSE_ITERATION_COST = 2.5
-DENSE_DIGIT_COST = 1.3
+DENSE_DIGIT_COST = 0.68
+DENSE_FREE_DIGITS = 12  # dense digits run before the kernel checks for undecided lanes
 
 
 def _expected_max_lane_digits(lanes: int) -> float:
@@ -239,10 +247,23 @@ def flip_table(
     if t is None:
         values = table_values(p_exp, p_frac, dtype, dense)
         t = _cached_device_tensor(values, device)
+        t._bitflip_sparse_only = not any(values[-2:])  # read by flips_mode
         if len(_DEVICE_TABLES) >= _MAX_CACHED_TABLES:
             _DEVICE_TABLES.pop(next(iter(_DEVICE_TABLES)))
         _DEVICE_TABLES[key] = t
     return t
+
+
+FLIPS_SPARSE_ONLY = 2  # the HAS_FLIPS value of a launch whose table has no dense field
+
+
+def flips_mode(table: torch.Tensor, has_flips: bool) -> int | bool:
+    """The HAS_FLIPS constexpr of a flip launch: False without flips; FLIPS_SPARSE_ONLY when
+    ``table`` is known (made by :func:`flip_table`) to hold no dense field, so the kernel
+    compiles without the dense path; else True (the kernel reads the table's P words)."""
+    if not has_flips:
+        return False
+    return FLIPS_SPARSE_ONLY if getattr(table, "_bitflip_sparse_only", False) else True
 
 
 def ceil_div(a: int, b: int) -> int:

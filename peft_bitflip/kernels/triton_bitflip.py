@@ -18,7 +18,9 @@ import triton.language as tl
 from ..spec import check_dtype
 from .launcher import KernelLauncher
 from .sampling import (
+    DENSE_FREE_DIGITS,
     DENSE_ITERATION,
+    FLIPS_SPARSE_ONLY,
     PHILOX_M0,
     PHILOX_M1,
     PHILOX_ROUNDS,
@@ -26,6 +28,7 @@ from .sampling import (
     PHILOX_W1,
     ceil_div,
     field_sizes,
+    flips_mode,
     group_size,
     search_steps,
     write_next_call,
@@ -165,6 +168,51 @@ def _dense_step(undecided, less, r, digit):
 
 
 @triton.jit
+def _digits_of(p):
+    """Binary digits of P / 2^64 up to its last 1 (0 for P = 0), for a uint64 scalar P."""
+    low = (p & (~p + 1)).to(tl.float64)  # its lowest set bit, a power of two: exact
+    e = ((low.to(tl.int64, bitcast=True) >> 52) & 0x7FF).to(tl.int32) - 1023
+    return tl.where(p != 0, 64 - e, 0)
+
+
+@triton.jit
+def _dense_counter(zero, k, DENSE_BASE: tl.constexpr):
+    """The Philox iteration word (uint32, like ``zero``) of dense digit ``k``."""
+    k = tl.zeros([], tl.int32) + k  # a Python int under the interpreter
+    return (zero + k.to(tl.uint32) + DENSE_BASE).to(tl.uint32)
+
+
+@triton.jit
+def _dense_words_step(u0, u1, u2, u3, l0, l1, l2, l3, r0, r1, r2, r3, p_e, p_f, k,
+                      EXP_LANES: tl.constexpr, FRAC_LANES: tl.constexpr):  # fmt: skip
+    """Digit ``k`` (a scalar) of the bit-sliced comparison from its draw ``r`` (four words)."""
+    k = tl.zeros([], tl.int32) + k  # a Python int under the interpreter
+    shift = (63 - k).to(tl.uint64)
+    digit = tl.where(((p_e >> shift) & 1) != 0, EXP_LANES, 0) | tl.where(
+        ((p_f >> shift) & 1) != 0, FRAC_LANES, 0
+    )
+    digit = digit.to(tl.uint32)
+    u0, l0 = _dense_step(u0, l0, r0, digit)
+    u1, l1 = _dense_step(u1, l1, r1, digit)
+    u2, l2 = _dense_step(u2, l2, r2, digit)
+    u3, l3 = _dense_step(u3, l3, r3, digit)
+    return u0, u1, u2, u3, l0, l1, l2, l3
+
+
+@triton.jit
+def _dense_digit(u0, u1, u2, u3, l0, l1, l2, l3, c0, c1, zero, call, key0, key1, p_e, p_f, k,
+                 EXP_LANES: tl.constexpr, FRAC_LANES: tl.constexpr, N_ROUNDS: tl.constexpr,
+                 DENSE_BASE: tl.constexpr):  # fmt: skip
+    """Digit ``k`` (a scalar) of the bit-sliced comparison: one Philox draw, four lane words."""
+    r0, r1, r2, r3 = _philox4x32(
+        c0, c1, _dense_counter(zero, k, DENSE_BASE), zero + call, key0, key1, N_ROUNDS
+    )
+    return _dense_words_step(
+        u0, u1, u2, u3, l0, l1, l2, l3, r0, r1, r2, r3, p_e, p_f, k, EXP_LANES, FRAC_LANES
+    )  # fmt: skip
+
+
+@triton.jit
 def _dense_flips(
     rows,
     cols,
@@ -177,12 +225,19 @@ def _dense_flips(
     N_FRAC: tl.constexpr,
     N_ROUNDS: tl.constexpr,
     DENSE_BASE: tl.constexpr = DENSE_ITERATION,
+    FREE_DIGITS: tl.constexpr = DENSE_FREE_DIGITS,
 ):
     """The XOR masks [R, G] of the dense fields of groups ``rows`` [R] (int64 group indices):
     ``p_e``, ``p_f`` (uint64) are P of the exp and frac field (0: sparse, no lane).  Lane
     (word w, bit j) of a group flips iff its uniform (digit k: bit j of word w of the draw at
     iteration DENSE_BASE + k) is below P / 2^64 (see :mod:`.sampling`); four uint32 words per
-    group hold the lanes; the loop stops once no lane that can still flip is undecided."""
+    group hold the lanes.
+
+    Digits past P's last 1 cannot change a result, nor can digits once every lane is decided,
+    so the loop length is free as long as it covers what the lanes need: the first
+    FREE_DIGITS digits (at most up to P's last 1) run without looking at the lanes (no
+    block-wide reduction: at p = 2^-n that is the whole loop); later digits run while a lane
+    that can still flip is undecided (the long expansion of a p like 0.3)."""
     UINT: tl.constexpr = tl.uint16 if ELEM_BITS == 16 else tl.uint32
     FRAC_LANES: tl.constexpr = ((1 << N_FRAC) - 1) * (0x10001 if ELEM_BITS == 16 else 1)
     EXP_LANES: tl.constexpr = 0xFFFFFFFF ^ FRAC_LANES
@@ -196,28 +251,54 @@ def _dense_flips(
     l1 = zero
     l2 = zero
     l3 = zero
-    rest_e = p_e
-    rest_f = p_f
-    it = tl.full(rows.shape, DENSE_BASE, tl.uint32)  # Philox iteration of digit k
-    live = (tl.where(rest_e != 0, EXP_LANES, 0) | tl.where(rest_f != 0, FRAC_LANES, 0)).to(
-        tl.uint32
-    )
-    while tl.max((((u0 | u1 | u2 | u3) & live) != 0).to(tl.int32), axis=0) > 0:
-        digit = tl.where((rest_e >> 63) != 0, EXP_LANES, 0) | tl.where(
-            (rest_f >> 63) != 0, FRAC_LANES, 0
+    d_e = _digits_of(p_e)
+    d_f = _digits_of(p_f)
+    n_digits = tl.maximum(d_e, d_f)
+    free = tl.minimum(n_digits, FREE_DIGITS)
+    quads = free - free % 4
+    for k in range(0, quads, 4):  # four independent draws per iteration (ILP)
+        r0, r1, r2, r3 = _philox4x32(
+            c0, c1, _dense_counter(zero, k, DENSE_BASE), zero + call, key0, key1, N_ROUNDS
         )
-        digit = digit.to(tl.uint32)
-        r0, r1, r2, r3 = _philox4x32(c0, c1, it, zero + call, key0, key1, N_ROUNDS)
-        u0, l0 = _dense_step(u0, l0, r0, digit)
-        u1, l1 = _dense_step(u1, l1, r1, digit)
-        u2, l2 = _dense_step(u2, l2, r2, digit)
-        u3, l3 = _dense_step(u3, l3, r3, digit)
-        rest_e = rest_e << 1
-        rest_f = rest_f << 1
-        it += 1
-        live = (tl.where(rest_e != 0, EXP_LANES, 0) | tl.where(rest_f != 0, FRAC_LANES, 0)).to(
-            tl.uint32
+        s0, s1, s2, s3 = _philox4x32(
+            c0, c1, _dense_counter(zero, k + 1, DENSE_BASE), zero + call, key0, key1, N_ROUNDS
         )
+        t0, t1, t2, t3 = _philox4x32(
+            c0, c1, _dense_counter(zero, k + 2, DENSE_BASE), zero + call, key0, key1, N_ROUNDS
+        )
+        v0, v1, v2, v3 = _philox4x32(
+            c0, c1, _dense_counter(zero, k + 3, DENSE_BASE), zero + call, key0, key1, N_ROUNDS
+        )
+        u0, u1, u2, u3, l0, l1, l2, l3 = _dense_words_step(
+            u0, u1, u2, u3, l0, l1, l2, l3, r0, r1, r2, r3, p_e, p_f, k, EXP_LANES, FRAC_LANES
+        )
+        u0, u1, u2, u3, l0, l1, l2, l3 = _dense_words_step(
+            u0, u1, u2, u3, l0, l1, l2, l3, s0, s1, s2, s3, p_e, p_f, k + 1, EXP_LANES, FRAC_LANES
+        )
+        u0, u1, u2, u3, l0, l1, l2, l3 = _dense_words_step(
+            u0, u1, u2, u3, l0, l1, l2, l3, t0, t1, t2, t3, p_e, p_f, k + 2, EXP_LANES, FRAC_LANES
+        )
+        u0, u1, u2, u3, l0, l1, l2, l3 = _dense_words_step(
+            u0, u1, u2, u3, l0, l1, l2, l3, v0, v1, v2, v3, p_e, p_f, k + 3, EXP_LANES, FRAC_LANES
+        )
+    for k in range(quads, free):
+        u0, u1, u2, u3, l0, l1, l2, l3 = _dense_digit(
+            u0, u1, u2, u3, l0, l1, l2, l3, c0, c1, zero, call, key0, key1, p_e, p_f, k,
+            EXP_LANES, FRAC_LANES, N_ROUNDS, DENSE_BASE,
+        )  # fmt: skip
+    k = free
+    pending = (n_digits > free).to(tl.int32)  # no block-wide reduction where P has ended
+    if n_digits > free:
+        live = (tl.where(d_e > k, EXP_LANES, 0) | tl.where(d_f > k, FRAC_LANES, 0)).to(tl.uint32)
+        pending = tl.max((((u0 | u1 | u2 | u3) & live) != 0).to(tl.int32), axis=0)
+    while pending > 0:
+        u0, u1, u2, u3, l0, l1, l2, l3 = _dense_digit(
+            u0, u1, u2, u3, l0, l1, l2, l3, c0, c1, zero, call, key0, key1, p_e, p_f, k,
+            EXP_LANES, FRAC_LANES, N_ROUNDS, DENSE_BASE,
+        )  # fmt: skip
+        k += 1
+        live = (tl.where(d_e > k, EXP_LANES, 0) | tl.where(d_f > k, FRAC_LANES, 0)).to(tl.uint32)
+        pending = tl.max((((u0 | u1 | u2 | u3) & live) != 0).to(tl.int32), axis=0)
     if ELEM_BITS == 16:  # element c: half c % 2 of word c // 2
         w = tl.where(cols < 4, tl.where(cols < 2, l0[:, None], l1[:, None]), 0)
         w = tl.where(cols >= 4, tl.where(cols < 6, l2[:, None], l3[:, None]), w)
@@ -343,14 +424,25 @@ def flip_and_zero(
     STEPS_F: tl.constexpr,
     N_ROUNDS: tl.constexpr,
     SINGLES: tl.constexpr = 1,
+    SPARSE_ONLY: tl.constexpr = FLIPS_SPARSE_ONLY,
 ):
     """The fault model on a block of groups ``x`` [R, G] (float values; ``rows`` [R] their
     int64 group indices): flips, then zero-out (``|y| >= threshold``, NaN, Inf -> 0).
-    Returns (y, keep): keep is False where the zero-out removed the element."""
+    Returns (y, keep): keep is False where the zero-out removed the element.
+
+    HAS_FLIPS: False (no flips), True (the table may hold dense fields: read from its end) or
+    FLIPS_SPARSE_ONLY (:func:`flips_mode`: the host knows both fields are sparse, so the
+    program compiles without the dense path and its table reads)."""
     UINT: tl.constexpr = tl.uint16 if ELEM_BITS == 16 else tl.uint32
     SINT: tl.constexpr = tl.int16 if ELEM_BITS == 16 else tl.int32
     bits = x.to(SINT, bitcast=True).to(UINT, bitcast=True)
-    if HAS_FLIPS:
+    if HAS_FLIPS == SPARSE_ONLY:  # the host knows the table has no dense field
+        call = tl.load(call_ptr).to(tl.uint32)
+        bits = _sparse_group_bits(
+            bits, rows, cols, call, k0, k1, table_ptr,
+            ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
+        )  # fmt: skip
+    elif HAS_FLIPS:
         call = tl.load(call_ptr).to(tl.uint32)
         bits = flip_group_bits(
             bits, rows, cols, call, k0, k1, table_ptr,
@@ -682,7 +774,7 @@ def _run(
         grad_mode,
         mask is not None,
         threshold is not None,
-        has_flips,
+        flips_mode(table, has_flips),
         rows,
         num_warps,
         next_call is not None,
@@ -831,9 +923,9 @@ def launch_pair(
     per_program, constexprs = _pair_config(
         x.dtype,
         want_x_mask,
-        x_flips,
+        flips_mode(x_table, x_flips),
         x_threshold is not None,
-        w_flips,
+        flips_mode(w_table, w_flips),
         w_threshold is not None,
         next_call is not None,
     )

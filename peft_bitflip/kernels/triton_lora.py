@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .launcher import KernelLauncher
-from .sampling import ceil_div, group_size, write_next_call, zero_mask_size
+from .sampling import ceil_div, flips_mode, group_size, write_next_call, zero_mask_size
 from .triton_bitflip import (
     MASK_ROWS_PER_PROGRAM,
     ROWS_PER_PROGRAM,
@@ -503,7 +503,7 @@ def merge_flip_with_x(
     x_part, programs_x = None, 0
     if x is not None:
         want_x_mask = want_x_mask and x_threshold is not None
-        x_part = (want_x_mask, x_flips, x_threshold is not None)
+        x_part = (want_x_mask, flips_mode(x_table, x_flips), x_threshold is not None)
         x_out = torch.empty_like(x)
         if want_x_mask:
             size = zero_mask_size(x.numel(), x.dtype)
@@ -514,8 +514,8 @@ def merge_flip_with_x(
         write_next_call(call, next_call)
         return out, mask, x_out, x_mask
     config = _merge_config(
-        out_dtype, has_flips, threshold is not None, mask is not None, next_call is not None, rank,
-        x_part, factors is not None,
+        out_dtype, flips_mode(table, has_flips), threshold is not None, mask is not None,
+        next_call is not None, rank, x_part, factors is not None,
     )  # fmt: skip
     x_args = (
         (x, x_out, x if x_mask is None else x_mask, x.numel(), x_table)

@@ -1,0 +1,40 @@
+"""benchmarks/bench_stuck_at.py runs end to end at toy size on the CPU (a smoke run of the
+script, not a timing: the numbers are only checked to exist and be consistent)."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bench():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_stuck_at
+    finally:
+        sys.path.pop(0)
+    return bench_stuck_at
+
+
+def test_bench_stuck_at_small_writes_its_tables_into_the_doc(reference_backend, tmp_path):
+    bench = _bench()
+    doc = tmp_path / "benchmarks.md"
+    start, end = bench.DOC_MARKERS
+    doc.write_text(f"# Benchmarks\n\nbefore\n{start}\nold table\n{end}\nafter\n")
+    rows, ops = bench.main(["--small", "--device", "cpu", "--p", "2^-4", "--doc", str(doc)])
+    assert [(r["tensors"], r["job"]) for r in rows] == [
+        (t, j) for t in ("w", "x+w") for j in bench.JOBS
+    ]
+    for r in rows:
+        assert set(r["ms"]) == set(bench.VARIANTS) and all(v > 0 for v in r["ms"].values())
+        assert r["stuck_ratio"] == r["ms"]["stuck"] / r["ms"]["flip"]
+    assert list(ops) == ["2^-4"] and all(v > 0 for v in ops["2^-4"].values())
+    text = doc.read_text()
+    assert "old table" not in text and text.startswith("# Benchmarks\n\nbefore\n")
+    assert text.endswith(f"{end}\nafter\n")
+    table = [line for line in text.splitlines() if line.startswith("| 2^-4 | x+w |")]
+    assert [line.split("|")[3].strip() for line in table] == list(bench.JOBS)
+    with pytest.raises(ValueError, match="'4096'"):
+        bench.main(["--device", "cpu", "--shape", "4096"])
