@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensors", nargs="+", choices=["x", "w"], default=["x", "w"])
     p.add_argument(
         "--bits", nargs="+", default=list(BIT_SETS),
-        help="bit sets; those the campaign module does not know (e.g. 'sign' before per-bit "
-        "sites exist) are left out with a note",
+        help="bit sets (exp = sign + exponent, frac = mantissa, sign, bit:N, bit:N-M); one the "
+        "campaign module does not know is left out with a note",
     )  # fmt: skip
     p.add_argument(
         "--site_regex", nargs="+", metavar="LABEL=REGEX", default=None,
