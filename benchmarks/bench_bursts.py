@@ -21,7 +21,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_stuck_at import layer, median_ms
+from bench_model import time_steps
+from torch import nn
 
 import peft_bitflip as pb
 from peft_bitflip.bursts import BurstSpec, apply_burst_spec
@@ -29,6 +30,19 @@ from peft_bitflip.spec import FlipSpec, check_dtype
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 THRESHOLD = 1.25  # the original's weight threshold
+
+
+def median_ms(fn, device: torch.device, reps: int) -> float:
+    """Median time of ``fn()`` in ms over ``reps`` calls after two (device events on CUDA)."""
+    return time_steps(fn, device, 2, reps)[0]
+
+
+def layer(n_out, n_in, dtype, device, **faults) -> nn.Module:
+    """A bias-free ``nn.Linear`` (seeded weights) with the faults of ``BitflipConfig(**faults)``."""
+    torch.manual_seed(0)
+    holder = nn.ModuleDict({"l": nn.Linear(n_in, n_out, bias=False)}).to(device, dtype)
+    pb.apply_bitflip(holder, pb.BitflipConfig(**faults))
+    return holder["l"]
 
 
 def parse_rate(text: str) -> float:

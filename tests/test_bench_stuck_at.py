@@ -38,3 +38,17 @@ def test_bench_stuck_at_small_writes_its_tables_into_the_doc(reference_backend, 
     assert [line.split("|")[3].strip() for line in table] == list(bench.JOBS)
     with pytest.raises(ValueError, match="'4096'"):
         bench.main(["--device", "cpu", "--shape", "4096"])
+
+
+def test_bench_bursts_small_prints_its_table(reference_backend, capsys):
+    """benchmarks/bench_bursts.py runs end to end at toy size (it shares bench_model's timer)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_bursts
+    finally:
+        sys.path.pop(0)
+    bench_bursts.main(["--small", "--device", "cpu", "--q", "2^-10", "--k", "3"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2^-10 |")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[1] == "3" and all(float(c.rstrip("x")) > 0 for c in cells[3:])
