@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
@@ -138,3 +140,14 @@ def test_disabled_or_failed_build_runs_the_torch_path(monkeypatch):
     got = reference.bitflip_reference(x, table, 0, *KEYS[0], 3.0)
     assert torch.equal(_bits(got), _bits(want))
     assert not torch.equal(_bits(got), _bits(x))
+
+
+def test_portable_build_without_avx2_agrees():
+    """The library built without the AVX2 path (what non-x86 machines run) agrees too."""
+    compilers = cpu_native._compilers()
+    if not compilers:
+        pytest.skip("no C compiler here")
+    source = cpu_native.SOURCE.read_bytes()
+    path = cpu_native._compile(compilers[0], cpu_native._FLAGS, source)
+    lib = cpu_native._declare(ctypes.CDLL(str(path)))
+    assert reference._native_agrees(lib)
