@@ -570,6 +570,7 @@ def test_compiled_cpu_path_equals_the_eager_reference(reference_backend, monkeyp
     and a large one forced sparse (many gap-loop iterations of compiled draws)."""
     if not reference.cpu_path("cpu").compiled:
         pytest.skip("torch.compile is not available here (the eager path runs)")
+    monkeypatch.setenv("PEFT_BITFLIP_CPU_NATIVE", "0")  # the torch path (cpu_native: its test)
     n = reference._COMPILE_FROM + 13
     x = (torch.randn(n, generator=torch.Generator().manual_seed(3)) * 8).to(dtype)
     for p_exp, p_frac, t in ((2**-16, 2**-10, 30.0), (0.3, 2**-12, 4.0), (1e-3, 0.0, None)):

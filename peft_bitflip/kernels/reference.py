@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..spec import check_dtype
+from . import cpu_native
 from .sampling import (
     DENSE_DIGITS,
     DENSE_ITERATION,
@@ -23,6 +24,7 @@ from .sampling import (
     dense_words,
     field_sizes,
     group_size,
+    table_values,
 )
 
 _M32 = 0xFFFFFFFF
@@ -380,6 +382,77 @@ def _dense_part(n_elements, dtype, table, call, k0, k1, device, start=0):
     return masks[:n_elements]
 
 
+_NATIVE: list = []
+
+
+def native_library(device, k0: int, k1: int):
+    """The native CPU pass (:mod:`.cpu_native`) for tensors on ``device``, or None: off the
+    CPU, with ``PEFT_BITFLIP_CPU_NATIVE=0``, keys outside uint32, or where building it failed
+    or it disagrees with the torch path on a check run once when built (a warning)."""
+    if torch.device(device).type != "cpu" or not cpu_native.enabled():
+        return None
+    if not (0 <= k0 < 1 << 32 and 0 <= k1 < 1 << 32):
+        return None
+    if not _NATIVE:
+        lib = cpu_native.library()
+        if lib is not None and not _native_agrees(lib):
+            import warnings
+
+            warnings.warn(
+                "peft_bitflip: the native CPU flip path differs from the torch reference on "
+                "this machine; flips on the CPU run through torch (bit-identical, slower)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            lib = None
+        _NATIVE.append(lib)
+    return _NATIVE[0]
+
+
+@torch.no_grad()
+def _native_flip(lib, flat, table, call, k0, k1, threshold, has_flips, want_mask=False):
+    """(y, packed zero mask or None) of flat contiguous ``flat`` through the native pass; the
+    dense fields' masks (if any) come from :func:`dense_masks` first."""
+    layout = check_dtype(flat.dtype)
+    src = flat
+    if has_flips and flat.numel():
+        dense = _dense_part(flat.numel(), flat.dtype, table, call, k0, k1, flat.device)
+        if dense is not None:
+            half = 1 << (layout.n_bits - 1)
+            dense = torch.where(dense >= half, dense - 2 * half, dense)  # unsigned -> signed
+            src = flat.clone()
+            ints = src.view(_INT_VIEW[layout.n_bits])
+            ints ^= dense.to(ints.dtype)
+    y = src if src is not flat else torch.empty_like(flat)
+    mask = None
+    if want_mask and threshold is not None:
+        mask = torch.empty(-(-flat.numel() // group_size(flat.dtype)), dtype=torch.uint8)
+    if flat.numel():
+        cpu_native.flip(lib, src, y, table, call, k0, k1, has_flips, threshold, mask)
+    return y, mask
+
+
+def _native_agrees(lib) -> bool:
+    """Whether the native pass gives the torch path's bits on a small check (every dtype, a
+    tail group, sparse and dense fields, the zero-out and its mask)."""
+    gen = torch.Generator().manual_seed(11)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = (torch.randn(4099, generator=gen) * 8).to(dtype)
+        ints = _INT_VIEW[check_dtype(dtype).n_bits]
+        for p_e, p_f, t in ((2**-6, 1e-2, 4.0), (0.3, 2**-8, None), (1.0, 0.0, 2.0)):
+            table = torch.tensor(table_values(p_e, p_f, dtype), dtype=torch.int64)
+            y, mask = _native_flip(lib, x, table, 7, 0x9E3779B9, 0xFFFFFFF1, t, True, True)
+            want = _torch_reference(x, table, 7, 0x9E3779B9, 0xFFFFFFF1, None, True)
+            if t is not None:
+                keep = keep_mask(want, t)
+                if not torch.equal(mask, pack_zero_mask(~keep, group_size(dtype))):
+                    return False
+                want = torch.where(keep, want, torch.zeros((), dtype=dtype))
+            if not torch.equal(y.view(ints), want.view(ints)):
+                return False
+    return True
+
+
 def bitflip_reference(
     x: torch.Tensor,
     table: torch.Tensor,
@@ -390,6 +463,16 @@ def bitflip_reference(
     has_flips: bool = True,
 ) -> torch.Tensor:
     """Flip bits of ``x`` as the kernel does, then zero ``|y| >= threshold``, NaN and Inf."""
+    check_dtype(x.dtype)
+    flat = x.contiguous().view(-1)
+    lib = native_library(x.device, k0, k1)
+    if lib is not None:
+        return _native_flip(lib, flat, table, call, k0, k1, threshold, has_flips)[0].view(x.shape)
+    return _torch_reference(x, table, call, k0, k1, threshold, has_flips)
+
+
+def _torch_reference(x, table, call, k0, k1, threshold, has_flips=True):
+    """:func:`bitflip_reference` with torch ops only (the path without the native pass)."""
     layout = check_dtype(x.dtype)
     flat = x.contiguous().view(-1)
     y = flat
@@ -438,6 +521,12 @@ def bitflip_backward_reference(
     has_flips: bool = True,
 ) -> torch.Tensor:
     """Straight-through gradient: ``grad`` where the forward kept the element, 0 where it zeroed."""
+    lib = native_library(x.device, k0, k1)
+    if lib is not None:
+        flat = x.contiguous().view(-1)
+        _, mask = _native_flip(lib, flat, table, call, k0, k1, threshold, has_flips, True)
+        zeroed = unpack_zero_mask(mask, flat.numel(), group_size(x.dtype)).view(grad.shape)
+        return grad.masked_fill(zeroed, 0)
     y = bitflip_reference(x, table, call, k0, k1, None, has_flips)
     keep = keep_mask(y, threshold).view(grad.shape)
     return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
@@ -471,6 +560,11 @@ def bitflip_masked_reference(
     has_flips: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(:func:`bitflip_reference`, its packed zero mask; see :func:`pack_zero_mask`)."""
+    lib = native_library(x.device, k0, k1)
+    if lib is not None:
+        flat = x.contiguous().view(-1)
+        y, mask = _native_flip(lib, flat, table, call, k0, k1, threshold, has_flips, True)
+        return y.view(x.shape), mask
     y = bitflip_reference(x, table, call, k0, k1, None, has_flips)
     keep = keep_mask(y, threshold)
     y = torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))

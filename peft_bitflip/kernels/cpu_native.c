@@ -1,0 +1,258 @@
+/* The sparse path of the flip kernel on the CPU, in one pass per tensor (peft_bitflip).
+ *
+ * Bit-identical to peft_bitflip/kernels/reference.py (see sampling.py for the scheme): per
+ * group of 128 data bits, the first Philox4x32-10 draw (vectorised over a block of groups:
+ * 32x32->64 products), the gap-sampling loop only for the fields that hold a flip, the flips
+ * XORed into the element bits, then the zero-out (an integer compare of the magnitude bits)
+ * and its packed mask (one byte per group, bit j = element j zeroed).
+ * Built by cpu_native.py with the system C compiler and called through ctypes. */
+
+#include <stdint.h>
+#include <string.h>
+
+#define PHILOX_M0 0xD2511F53u
+#define PHILOX_M1 0xCD9E8D57u
+#define PHILOX_W0 0x9E3779B9u
+#define PHILOX_W1 0xBB67AE85u
+#define ROUNDS 10
+#define BLOCK 64 /* groups per vectorised first-draw block */
+
+#if defined(PBF_AVX2)
+#include <immintrin.h>
+#endif
+
+/* Words of the draw of counter (c0, c1, c2, c3) under key (k0, k1). */
+static inline void philox(uint32_t w[4], uint32_t k0, uint32_t k1) {
+    uint32_t c0 = w[0], c1 = w[1], c2 = w[2], c3 = w[3];
+    for (int r = 0; r < ROUNDS; r++) {
+        uint64_t p0 = (uint64_t)c0 * PHILOX_M0;
+        uint64_t p1 = (uint64_t)c2 * PHILOX_M1;
+        uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ k0;
+        uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3 ^ k1;
+        c1 = (uint32_t)p1;
+        c3 = (uint32_t)p0;
+        c0 = n0;
+        c2 = n2;
+        k0 += PHILOX_W0;
+        k1 += PHILOX_W1;
+    }
+    w[0] = c0, w[1] = c1, w[2] = c2, w[3] = c3;
+}
+
+/* The 63-bit uniform of field `word` (0: exp, 1: frac) of `group` at `iteration`. */
+static inline int64_t uniform(uint64_t group, uint32_t iteration, uint32_t call, uint32_t k0,
+                              uint32_t k1, int word) {
+    uint32_t w[4] = {(uint32_t)group, (uint32_t)(group >> 32), iteration, call};
+    philox(w, k0, k1);
+    return (int64_t)((((uint64_t)(w[2 * word] >> 1)) << 32) | w[2 * word + 1]);
+}
+
+/* hits[i]: bit 0 when the exp field of group g0 + i holds a flip, bit 1 the frac field
+ * (portable version: the compiler may vectorise the lane loop). */
+static void first_draws_c(uint64_t g0, uint32_t call, uint32_t k0, uint32_t k1, int64_t last_e,
+                          int64_t last_f, uint8_t *hits) {
+    uint32_t a[BLOCK], b[BLOCK], c[BLOCK], d[BLOCK];
+    for (int i = 0; i < BLOCK; i++) {
+        uint64_t g = g0 + (uint64_t)i;
+        a[i] = (uint32_t)g;
+        b[i] = (uint32_t)(g >> 32);
+        c[i] = 0;
+        d[i] = call;
+    }
+    for (int r = 0; r < ROUNDS; r++) {
+        uint32_t ka = k0 + (uint32_t)r * PHILOX_W0, kb = k1 + (uint32_t)r * PHILOX_W1;
+        for (int i = 0; i < BLOCK; i++) {
+            uint64_t p0 = (uint64_t)a[i] * PHILOX_M0;
+            uint64_t p1 = (uint64_t)c[i] * PHILOX_M1;
+            uint32_t na = (uint32_t)(p1 >> 32) ^ b[i] ^ ka;
+            uint32_t nc = (uint32_t)(p0 >> 32) ^ d[i] ^ kb;
+            b[i] = (uint32_t)p1;
+            d[i] = (uint32_t)p0;
+            a[i] = na;
+            c[i] = nc;
+        }
+    }
+    for (int i = 0; i < BLOCK; i++) {
+        int64_t ue = (int64_t)((((uint64_t)(a[i] >> 1)) << 32) | b[i]);
+        int64_t uf = (int64_t)((((uint64_t)(c[i] >> 1)) << 32) | d[i]);
+        hits[i] = (uint8_t)((ue <= last_e) | ((uf <= last_f) << 1));
+    }
+}
+
+#if defined(PBF_AVX2)
+/* (high, low) words of the 32x32->64 products of the 8 lanes of v with m. */
+__attribute__((target("avx2"))) static inline void mulhilo8(__m256i v, __m256i m, __m256i *hi,
+                                                            __m256i *lo) {
+    __m256i even = _mm256_mul_epu32(v, m);                        /* lanes 0, 2, 4, 6 */
+    __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(v, 32), m); /* lanes 1, 3, 5, 7 */
+    *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+    *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+
+/* first_draws_c with AVX2: 8 groups per vector, VECS independent vectors in flight (the
+ * rounds are a dependent chain of multiplies). */
+#define VECS 4
+__attribute__((target("avx2"))) static void first_draws_avx2(uint64_t g0, uint32_t call,
+                                                              uint32_t k0, uint32_t k1,
+                                                              int64_t last_e, int64_t last_f,
+                                                              uint8_t *hits) {
+    const __m256i m0 = _mm256_set1_epi64x(PHILOX_M0), m1 = _mm256_set1_epi64x(PHILOX_M1);
+    for (int i = 0; i < BLOCK; i += 8 * VECS) {
+        __m256i a[VECS], b[VECS], c[VECS], d[VECS];
+        for (int v = 0; v < VECS; v++) {
+            uint32_t lo[8], hi[8];
+            for (int j = 0; j < 8; j++) {
+                uint64_t g = g0 + (uint64_t)(i + 8 * v + j);
+                lo[j] = (uint32_t)g;
+                hi[j] = (uint32_t)(g >> 32);
+            }
+            a[v] = _mm256_loadu_si256((const __m256i *)lo);
+            b[v] = _mm256_loadu_si256((const __m256i *)hi);
+            c[v] = _mm256_setzero_si256();
+            d[v] = _mm256_set1_epi32((int)call);
+        }
+        uint32_t ka = k0, kb = k1;
+        for (int r = 0; r < ROUNDS; r++) {
+            const __m256i ka8 = _mm256_set1_epi32((int)ka), kb8 = _mm256_set1_epi32((int)kb);
+            for (int v = 0; v < VECS; v++) {
+                __m256i hi0, lo0, hi1, lo1;
+                mulhilo8(a[v], m0, &hi0, &lo0);
+                mulhilo8(c[v], m1, &hi1, &lo1);
+                a[v] = _mm256_xor_si256(_mm256_xor_si256(hi1, b[v]), ka8);
+                c[v] = _mm256_xor_si256(_mm256_xor_si256(hi0, d[v]), kb8);
+                b[v] = lo1;
+                d[v] = lo0;
+            }
+            ka += PHILOX_W0;
+            kb += PHILOX_W1;
+        }
+        for (int v = 0; v < VECS; v++) {
+            uint32_t wa[8], wb[8], wc[8], wd[8];
+            _mm256_storeu_si256((__m256i *)wa, a[v]);
+            _mm256_storeu_si256((__m256i *)wb, b[v]);
+            _mm256_storeu_si256((__m256i *)wc, c[v]);
+            _mm256_storeu_si256((__m256i *)wd, d[v]);
+            for (int j = 0; j < 8; j++) {
+                int64_t ue = (int64_t)((((uint64_t)(wa[j] >> 1)) << 32) | wb[j]);
+                int64_t uf = (int64_t)((((uint64_t)(wc[j] >> 1)) << 32) | wd[j]);
+                hits[i + 8 * v + j] = (uint8_t)((ue <= last_e) | ((uf <= last_f) << 1));
+            }
+        }
+    }
+}
+#endif
+
+static void first_draws(uint64_t g0, uint32_t call, uint32_t k0, uint32_t k1, int64_t last_e,
+                        int64_t last_f, uint8_t *hits) {
+#if defined(PBF_AVX2)
+    if (__builtin_cpu_supports("avx2")) {
+        first_draws_avx2(g0, call, k0, k1, last_e, last_f, hits);
+        return;
+    }
+#endif
+    first_draws_c(g0, call, k0, k1, last_e, last_f, hits);
+}
+
+/* Number of table entries below u (the table is sorted). */
+static inline int64_t count_below(const int64_t *t, int64_t n, int64_t u) {
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+        int64_t mid = (lo + hi) >> 1;
+        if (t[mid] < u)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* Flip the bits of one field of `group` (elements `elems`, `valid` of them in the tensor),
+ * gap sampling from its first uniform `u`. */
+static void field_flips(uint64_t group, int word, int64_t u, const int64_t *t, int64_t n_field,
+                        int per_elem, int shift, int elem_bits, void *elems, int valid,
+                        uint32_t call, uint32_t k0, uint32_t k1) {
+    int64_t pos = 0;
+    uint32_t it = 0;
+    for (;;) {
+        int64_t q = pos + count_below(t, n_field, u);
+        if (q >= n_field) return;
+        int e = (int)(q / per_elem);
+        if (e < valid) {
+            uint32_t bit = 1u << (q % per_elem + shift);
+            if (elem_bits == 16)
+                ((uint16_t *)elems)[e] ^= (uint16_t)bit;
+            else
+                ((uint32_t *)elems)[e] ^= bit;
+        }
+        pos = q + 1;
+        if (pos >= n_field) return;
+        it++;
+        u = uniform(group, it, call, k0, k1, word);
+    }
+}
+
+/* y[g_begin * G .. g_end * G) (clipped to n elements) = flip(x) then zero-out.
+ *  x, y: elements (may be the same buffer); elem_bits 16 or 32; n_exp / n_frac: bits per
+ *  element of each field; t_e (n_e entries), t_f (n_f): the gap tables (T - 1), a field whose
+ *  last entry is < 0 never flips; flips: 0 to skip the sampling; keep_below: with zero != 0,
+ *  an element is kept iff its magnitude bits are < keep_below; mask: NULL or one byte per
+ *  group (bit j = element j zeroed). */
+int pbf_flip(const void *x, void *y, int64_t n, int elem_bits, int n_exp, int n_frac,
+             const int64_t *t_e, int64_t n_e, const int64_t *t_f, int64_t n_f, int flips,
+             int64_t g_begin, int64_t g_end, uint32_t call, uint32_t k0, uint32_t k1, int zero,
+             uint32_t keep_below, uint8_t *mask) {
+    const int G = 128 / elem_bits;
+    const size_t es = (size_t)elem_bits / 8;
+    const int64_t last_e = t_e[n_e - 1], last_f = t_f[n_f - 1];
+    const uint32_t mag = elem_bits == 16 ? 0x7FFFu : 0x7FFFFFFFu;
+    uint8_t hits[BLOCK], zeroed[BLOCK * 8];
+    flips = flips && (last_e >= 0 || last_f >= 0);
+    for (int64_t g0 = g_begin; g0 < g_end; g0 += BLOCK) {
+        int nb = (int)(g_end - g0 < BLOCK ? g_end - g0 : BLOCK);
+        int64_t e0 = g0 * G, e1 = (g0 + nb) * G;
+        if (e1 > n) e1 = n;
+        char *yb = (char *)y + (size_t)e0 * es;
+        if (x != y) memcpy(yb, (const char *)x + (size_t)e0 * es, (size_t)(e1 - e0) * es);
+        if (flips) {
+            first_draws((uint64_t)g0, call, k0, k1, last_e, last_f, hits);
+            for (int i = 0; i < nb; i++) {
+                if (!hits[i]) continue;
+                uint64_t g = (uint64_t)(g0 + i);
+                int64_t first = (g0 + i) * G;
+                int valid = (int)(n - first < G ? n - first : G);
+                char *elems = (char *)y + (size_t)first * es;
+                if (hits[i] & 1)
+                    field_flips(g, 0, uniform(g, 0, call, k0, k1, 0), t_e, n_e, n_exp,
+                                elem_bits - n_exp, elem_bits, elems, valid, call, k0, k1);
+                if (hits[i] & 2)
+                    field_flips(g, 1, uniform(g, 0, call, k0, k1, 1), t_f, n_f, n_frac, 0,
+                                elem_bits, elems, valid, call, k0, k1);
+            }
+        }
+        if (!zero) continue;
+        int64_t ne = e1 - e0;
+        if (elem_bits == 16) {
+            uint16_t *v = (uint16_t *)yb;
+            for (int64_t j = 0; j < ne; j++) {
+                uint16_t out = (uint16_t)(0 - ((uint32_t)(v[j] & mag) >= keep_below));
+                zeroed[j] = (uint8_t)out;
+                v[j] &= (uint16_t)~out;
+            }
+        } else {
+            uint32_t *v = (uint32_t *)yb;
+            for (int64_t j = 0; j < ne; j++) {
+                uint32_t out = 0u - ((v[j] & mag) >= keep_below);
+                zeroed[j] = (uint8_t)out;
+                v[j] &= ~out;
+            }
+        }
+        if (mask) {
+            for (int i = 0; i < nb; i++) {
+                uint8_t m = 0;
+                for (int j = 0; j < G && i * G + j < ne; j++) m |= (uint8_t)((zeroed[i * G + j] & 1) << j);
+                mask[g0 + i] = m;
+            }
+        }
+    }
+    return 0;
+}
