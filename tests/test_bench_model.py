@@ -131,13 +131,15 @@ def test_kernel_resources_compiles_the_launches_for_hopper():
     rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ")]
     assert rows[0][0].strip() == "launch"
     body = rows[1:]  # (the separator row does not start with "| ")
-    assert len(body) == 6  # four merge launches at the shipped tile, paired flip, correction
+    # the flip kernel (sparse-only and dense variants), the burst kernel, four merge launches at
+    # the shipped tile, the paired flip, the correction
+    assert len(body) == 9
     for cells in body:
         warps, registers, stack, shared = (int(c) for c in cells[2:6])
         assert warps > 0 and 0 < registers <= 255 and stack >= 0 and shared >= 0
         stores, wide = (int(v) for v in cells[6].replace("(", " ").replace(")", " ").split())
         assert 0 <= wide <= stores
-        if "merge" in cells[0] or "paired" in cells[0]:
+        if "merge" in cells[0] or "paired" in cells[0] or "flip x" in cells[0]:
             assert wide >= 1, cells
 
 
@@ -168,6 +170,12 @@ def test_kernel_resources_captures_the_launches_the_layers_make():
     assert constexprs[index["BM"]] == config["BM"] and signature["BM"] == "constexpr"
     _, args, config = rows["LoRA forward: merge + flip W, flip x (+ x mask)"]()
     assert config["WITH_X"] and config["X_MASK"] and not config["WANT_MASK"]
+    # a table without dense fields compiles the flip kernel without the dense path
+    from peft_bitflip.kernels.sampling import FLIPS_SPARSE_ONLY
+
+    assert config["HAS_FLIPS"] == config["X_FLIPS"] == FLIPS_SPARSE_ONLY
+    assert rows["flip x, p = 2^-16 (sparse fields only)"]()[2]["HAS_FLIPS"] == FLIPS_SPARSE_ONLY
+    assert rows["flip x, p = 2^-4 (dense fields)"]()[2]["HAS_FLIPS"] is True
     assert any(isinstance(a, torch.Tensor) and a.shape == (1024, 2048) for a in args)
 
 

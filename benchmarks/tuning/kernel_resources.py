@@ -26,7 +26,8 @@ from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 from triton.runtime.jit import native_specialize_impl
 
-from peft_bitflip.kernels import triton_bitflip, triton_lora
+from peft_bitflip.kernels import triton_bitflip, triton_burst, triton_lora
+from peft_bitflip.kernels.burst_sampling import burst_shape, burst_table
 from peft_bitflip.kernels.sampling import flip_table
 
 
@@ -148,7 +149,26 @@ def launches():
 
         return captured_launch(triton_lora, "_launch_zeroed_correction", host)
 
+    def single(p):
+        def host():
+            t = flip_table(p, p, torch.bfloat16, "cpu")
+            triton_bitflip.launch(x, t, call, 1, 2, 30.0, True, next_call=call.clone())
+
+        return lambda: captured_launch(triton_bitflip, "_launch_single", host)
+
+    def burst():
+        def host():
+            lengths = ((2, 0.5), (4, 0.5))
+            t = burst_table(1e-4, lengths, torch.bfloat16, "cpu")
+            shape = burst_shape(lengths, "any", torch.bfloat16)
+            triton_burst.launch_burst(x, t, shape, call, 1, 2, 30.0)
+
+        return captured_launch(triton_burst, "_launch_burst", host)
+
     return {
+        "flip x, p = 2^-16 (sparse fields only)": single(2**-16),
+        "flip x, p = 2^-4 (dense fields)": single(2**-4),
+        "burst faults on x (q = 1e-4, k = 2 or 4)": burst,
         "LoRA forward: merge + flip W, flip x (+ x mask)": merge(False, True, False),
         "LoRA backward: merge + flip W, mask, scaled factors": merge(True, False, True),
         "merge + flip W": merge(False, False, False),
