@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import BitflipConfig
+from .config import BURST_KEYS, P_BITS_KEYS, STUCK_KEYS, BitflipConfig
 from .layers import bitflip_layers
 
 __all__ = [
@@ -376,20 +376,37 @@ def flip_config_for(
     )
 
 
+_KEPT_RULE_KEYS = ("x_zero_out_t", "w_zero_out_t") + P_BITS_KEYS + STUCK_KEYS + BURST_KEYS
+
+
 def with_probabilities(config: BitflipConfig, values: dict, seed: int | None = None):
     """A copy of ``config`` whose four flip probabilities are ``values`` (keys of
-    ``x_p_exp`` ... ``w_p_frac``) for every module, keeping its zero-out thresholds (per-module
-    rules too), wrapped modules and skip list; ``seed`` replaces its seed if given."""
+    ``x_p_exp`` ... ``w_p_frac``) for every module, keeping its zero-out thresholds, per-bit-
+    position rates, stuck-at and burst settings (per-module rules too), wrapped modules and
+    skip list; ``seed`` replaces its seed if given.  Per-bit-position rates override the swept
+    group probabilities at their positions, so a warning names them."""
     d = config.to_dict()
     d.update(values)
     if seed is not None:
         d["seed"] = seed
+    rules = d["layer_name_to_config"] or []
+    p_bits = {k: d[k] for k in P_BITS_KEYS if d.get(k)}
+    p_bits.update(
+        {f"{pattern}: {k}": rule[k] for pattern, rule in rules if rule for k in P_BITS_KEYS
+         if rule.get(k)}
+    )  # fmt: skip
+    if p_bits:
+        warnings.warn(
+            f"the sweep sets the group flip probabilities; the per-bit-position rates {p_bits} "
+            "keep their own values at their positions",
+            stacklevel=2,
+        )
     if d["layer_name_to_config"] is not None:
         d["layer_name_to_config"] = [
             [pattern, None if rule is None else {k: v for k, v in rule.items() if k in
-                                                  ("x_zero_out_t", "w_zero_out_t")}]
+                                                  _KEPT_RULE_KEYS}]
             for pattern, rule in d["layer_name_to_config"]
-        ]
+        ]  # fmt: skip
     return BitflipConfig.from_dict(d)
 
 

@@ -323,3 +323,21 @@ def test_flip_config_for_takes_calibrated_thresholds():
 
 def test_auto_tokenizer_of_the_fixture(ckpt):
     assert AutoTokenizer.from_pretrained(ckpt / "clean")
+
+
+def test_sweep_configs_keep_the_other_fault_models_of_per_module_rules():
+    """with_probabilities (every sweep point) sets the group probabilities and keeps what a
+    module's rule sets besides them: stuck-at and burst rates were dropped from rules (kept at
+    the top level), so a sweep measured a different fault model than the config's; per-bit-
+    position rates stay too, with a warning that they are not swept."""
+    from peft_bitflip.evaluation import with_probabilities
+
+    rule = {"w_zero_out_t": 2.0, "w_stuck_p_frac": 1e-3, "w_burst_rate": 1e-4, "w_p_frac": 0.5}
+    cfg = pb.BitflipConfig(layer_name_to_config={"a": rule})
+    swept = with_probabilities(cfg, {"w_p_frac": 1e-2})
+    got = dict(swept.layer_name_to_config)["a"]
+    assert got["w_stuck_p_frac"] == 1e-3 and got["w_burst_rate"] == 1e-4
+    assert got["w_zero_out_t"] == 2.0 and "w_p_frac" not in got
+    assert swept.values_for("a")["w_p_frac"] == 1e-2
+    with pytest.warns(UserWarning, match="per-bit-position rates"):
+        with_probabilities(pb.BitflipConfig(w_p_bits={"sign": 1e-3}), {"w_p_frac": 1e-2})
