@@ -1,6 +1,9 @@
 """Bandwidth of the bit-flip kernel vs a device copy and vs mase-triton's ``random_bitflip_fn``.
 
 GB/s = 2 * bytes(x) / time (read x, write y), time = median of ``triton.testing.do_bench``.
+Ours is timed as the layers call it (``apply_flip_spec`` with the call index in a device tensor,
+so no call waits for the device; ``pb.bitflip`` with a tensor ``call`` checks its value, a host
+sync per call that would be timed too).
 Usage (on a CUDA machine)::
 
     python benchmarks/bench_kernel.py [--log2n 28] [--thresholds none,30] [--out results.md]
@@ -106,8 +109,10 @@ def main(argv=None):
         out = torch.empty_like(x)
         copy = gbps(lambda: out.copy_(x), nbytes)
         call = torch.tensor(0, device="cuda")
+        key = pb.stream_key(1, 0)
         for t, (pname, p) in itertools.product(thresholds, p_values):
-            ours = gbps(lambda: pb.bitflip(x, p, p, t, seed=1, call=call), nbytes)
+            spec = pb.FlipSpec(p, p, t)
+            ours = gbps(lambda: pb.apply_flip_spec(x, spec, key, call), nbytes)
             m = None
             halves = mase_halves(p)
             if mase is not None and halves is not None:

@@ -176,7 +176,7 @@ def test_kernel_dense_fields_match_reference(needs_interpreter, dtype, p_exp, p_
 
     torch.manual_seed(0)
     g = group_size(dtype)
-    x = torch.randn(70 * g + 3, dtype=dtype) * 4  # two programs, a ragged tail
+    x = torch.randn(130 * g + 3, dtype=dtype) * 4  # two programs of 128 groups, a ragged tail
     table = flip_table(p_exp, p_frac, dtype, "cpu", dense)
     for t, call in [(None, 0), (3.0, 5)]:
         got = triton_bitflip.launch(x, table, torch.tensor(call), *KEY, t, True)
@@ -187,3 +187,39 @@ def test_kernel_dense_fields_match_reference(needs_interpreter, dtype, p_exp, p_
         want_g = reference.bitflip_backward_reference(grad, x, table, call, *KEY, 2.0)
         assert torch.equal(got_g, want_g)
     assert not _same_bits(got, x)
+
+
+def test_dense_launches_take_their_block_shape_with_the_same_bits(needs_interpreter, monkeypatch):
+    """A table with a dense field launches 128 groups x 1 warp per program (the sparse shape
+    otherwise, also in the paired x + W launch); the flips do not depend on the shape."""
+    from peft_bitflip.kernels import triton_bitflip as tb
+
+    shapes = []
+    for name in ("_launch_single", "_launch_pair"):
+        launcher = getattr(tb, name)
+
+        def recording(grid, args, config, launcher=launcher):
+            shapes.append((config["ROWS"], config["num_warps"]))
+            return launcher(grid, args, config)
+
+        monkeypatch.setattr(tb, name, recording)
+    dtype = torch.bfloat16
+    x = torch.randn(200 * group_size(dtype) + 5, dtype=dtype) * 4
+    w = torch.randn(70 * group_size(dtype) + 1, dtype=dtype)
+    dense, sparse = flip_table(2**-4, 0.3, dtype, "cpu"), flip_table(2**-16, 2**-16, dtype, "cpu")
+    call = torch.tensor(3)
+    got = tb.launch(x, dense, call, *KEY, 3.0, True)
+    assert shapes.pop() == (tb.DENSE_ROWS_PER_PROGRAM, tb.DENSE_NUM_WARPS)
+    shipped = tb.launch(x, dense, call, *KEY, 3.0, True, rows=64, num_warps=2)
+    assert shapes.pop() == (64, 2)
+    assert _same_bits(got, shipped) and _same_bits(got, _flip_x(x, dense, 3, 3.0))
+    tb.launch(x, sparse, call, *KEY, 3.0, True)
+    assert shapes.pop() == (tb.ROWS_PER_PROGRAM, tb.NUM_WARPS)
+    xf, wf, _ = tb.launch_pair(x, w, dense, sparse, call, KEY, (5, 6), 3.0, None, True, True)
+    assert shapes.pop() == (tb.DENSE_ROWS_PER_PROGRAM, tb.DENSE_NUM_WARPS)
+    assert _same_bits(xf, got)
+    assert _same_bits(wf, reference.bitflip_reference(w, sparse, 3, 5, 6, None))
+
+
+def _flip_x(x, table, call, t):
+    return reference.bitflip_reference(x, table, call, *KEY, t)

@@ -663,6 +663,11 @@ def _zero_by_masks_kernel(
 MASK_ROWS_PER_PROGRAM = 1024  # groups per program of the mask-zeroing kernel
 ROWS_PER_PROGRAM = 64  # tuned on H100 (benchmarks/tuning/tune_kernel.py): best at p <= 2^-16
 NUM_WARPS = 2
+# launches whose table holds a dense field: 4 groups per thread give the dense loop's
+# independent Philox draws room to overlap (H100, tune_kernel.py, 2026-12-06: 2^-4 bf16 65 %
+# of copy vs 53 % at 64 x 2, 2^-6 48 vs 40 %, 2^-9 34 vs 29 %)
+DENSE_ROWS_PER_PROGRAM = 128
+DENSE_NUM_WARPS = 1
 SINGLE_GROUPS = 1  # a block with at most this many groups holding a flip takes them singly
 
 
@@ -676,6 +681,12 @@ def stream_args(key: tuple[int, int], threshold: float | None) -> tuple[int, int
     """A tensor's stream-key words (see :func:`key_word`) and zero-out threshold (0.0 when
     None: then the kernel does not read it), as every flip kernel takes them."""
     return key_word(key[0]), key_word(key[1]), float(threshold) if threshold is not None else 0.0
+
+
+def has_dense_field(table, has_flips: bool) -> bool:
+    """Whether a launch with ``table`` runs the dense path: the table is known (made by
+    :func:`~peft_bitflip.kernels.sampling.flip_table`) to hold a dense field."""
+    return bool(has_flips) and getattr(table, "_bitflip_sparse_only", True) is False
 
 
 def flip_args(table, call, next_call, k0, k1, threshold) -> tuple:
@@ -728,9 +739,13 @@ def _launch_config(
     rows,
     num_warps,
     writes_next_call: bool = False,
+    dense: bool = False,
 ):
     """(elements per program, the kernel's constexpr arguments): computed once per setting,
-    so a launch costs little Python."""
+    so a launch costs little Python.  ``dense``: the table holds a dense field (its block
+    shape unless ``rows`` / ``num_warps`` are given)."""
+    if dense:
+        rows, num_warps = rows or DENSE_ROWS_PER_PROGRAM, num_warps or DENSE_NUM_WARPS
     rows = rows or ROWS_PER_PROGRAM
     constexprs = dict(
         flip_constexprs(dtype, has_flips, has_zero),
@@ -778,6 +793,7 @@ def _run(
         rows,
         num_warps,
         next_call is not None,
+        has_dense_field(table, has_flips),
     )
     _launch_single(
         (ceil_div(n, per_program),),
@@ -883,7 +899,9 @@ def _pair_config(
     w_flips: bool,
     w_zero: bool,
     writes_next_call: bool = False,
+    dense: bool = False,
 ):
+    rows = DENSE_ROWS_PER_PROGRAM if dense else ROWS_PER_PROGRAM
     base = flip_constexprs(dtype, False, False)
     constexprs = {k: v for k, v in base.items() if k not in ("HAS_FLIPS", "HAS_ZERO")}
     constexprs.update(
@@ -893,11 +911,11 @@ def _pair_config(
         X_ZERO=x_zero,
         W_FLIPS=w_flips,
         W_ZERO=w_zero,
-        ROWS=ROWS_PER_PROGRAM,
+        ROWS=rows,
         SINGLES=SINGLE_GROUPS,
-        num_warps=NUM_WARPS,
+        num_warps=DENSE_NUM_WARPS if dense else NUM_WARPS,
     )
-    return ROWS_PER_PROGRAM * group_size(dtype), constexprs
+    return rows * group_size(dtype), constexprs
 
 
 def launch_pair(
@@ -928,6 +946,7 @@ def launch_pair(
         flips_mode(w_table, w_flips),
         w_threshold is not None,
         next_call is not None,
+        has_dense_field(x_table, x_flips) or has_dense_field(w_table, w_flips),
     )
     x_out, w_out = torch.empty_like(x), torch.empty_like(w)
     x_mask = None
