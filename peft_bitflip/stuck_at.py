@@ -36,6 +36,7 @@ positions of a model in that form, for ``BitflipConfig(stuck_at_positions=...)``
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import numbers
 import weakref
@@ -266,6 +267,17 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def _no_graph():
+    """Outside inference mode (the stuck weight outlives the call) and without autograd: in
+    that order, since ``inference_mode(False)`` turns grad mode back on.  (Built the other way
+    round, a copy cached while the weight required a gradient kept a graph into it: a later
+    step with the weight frozen computed and accumulated its gradient anyway.)"""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
+
+
 def _identity(t: Tensor) -> tuple:
     """What tells a tensor's values apart without reading them: the object, its version
     counter (in-place writes), storage, layout, dtype, device; () for an inference tensor
@@ -409,14 +421,14 @@ class StuckAt:
         if hit:
             stuck = cached[2]
         else:
-            with torch.no_grad(), torch.inference_mode(False):
+            with _no_graph():
                 stuck = self._store(key, sources, built())
         return _StraightThrough.apply(weight, stuck) if grad else stuck
 
     def _store(self, key, sources, weight: Tensor) -> Tensor:
         """The stuck copy of ``weight`` (detached), cached under ``key`` (None: not cached)."""
         self._weight = None  # the old copy goes before the new one is built
-        with torch.no_grad(), torch.inference_mode(False):
+        with _no_graph():
             stuck = self.stuck("w", weight)  # (weight itself where no bit is stuck)
         if key is not None and self.keep_weight:
             self._weight = (key, tuple(weakref.ref(p) for p in sources), stuck)

@@ -491,3 +491,27 @@ def test_export_under_autocast_gives_the_bits_the_layers_force():
     pb.apply_bitflip(replay, pb.BitflipConfig(stuck_at_positions=listed, w_zero_out_t=100.0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(_logits(replay, ids), want)
+
+
+def test_weight_frozen_after_a_cached_build_gets_no_gradient_pass():
+    """Issue 33.4: a stuck weight cached while W still required a gradient (an evaluation
+    before W is frozen, as before a LoRA adapter is added) must not keep a graph into W: the
+    frozen steps would compute dW (a third matmul) and accumulate it into W.grad."""
+    torch.manual_seed(0)
+    holder = nn.ModuleDict({"l": nn.Linear(32, 16, bias=False)})
+    pb.apply_bitflip(holder, pb.BitflipConfig(w_stuck_p_frac=0.05, w_zero_out_t=100.0))
+    lin = holder["l"]
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        lin(x)  # caches the stuck weight while lin.weight.requires_grad
+    cached = lin.bitflip_stuck._weight[2]
+    assert cached.grad_fn is None and not cached.requires_grad
+    lin.weight.requires_grad_(False)
+    xg = x.clone().requires_grad_()
+    lin(xg).square().sum().backward()
+    assert lin.weight.grad is None and xg.grad is not None
+    with torch.inference_mode():  # built in inference mode: still usable by autograd later
+        lin.bitflip_stuck.clear()
+        lin(x)
+    lin(xg).sum().backward()
+    assert lin.weight.grad is None
