@@ -12,8 +12,9 @@ the input lanes (``x+w``), every bit at rate p:
 
 Times are medians in ms (CUDA events on the GPU); ratios are to ``flip`` of the same job,
 tensors and p in the same run.  The op table times one stuck-weight build (what a layer pays
-once per weight change) and one stuck-lane pass over x against the flip op on the same
-tensor.  Usage::
+once per weight change) and one stuck-lane pass over x (what a layer pays where the flip
+kernel cannot take the lanes, e.g. on the CPU) against the flip op on the same tensor, and the
+flip of x with the stuck lanes forced in its own pass (what a layer runs on the GPU).  Usage::
 
     python benchmarks/bench_stuck_at.py [--shape 4096x4096 --tokens 8192] [--doc docs/benchmarks.md]
     python benchmarks/bench_stuck_at.py --small  # CPU smoke run of the script
@@ -28,6 +29,7 @@ from bench_model import W_T, X_T, meta_lines, parse_p, report, time_steps, write
 from torch import nn
 
 import peft_bitflip as pb
+from peft_bitflip.functional import apply_flip_spec_masked
 from peft_bitflip.spec import FlipSpec
 from peft_bitflip.stuck_at import StuckAt, StuckSpec
 
@@ -85,13 +87,14 @@ def op_times(w, x, p, device, warmup, reps) -> dict:
     spec = FlipSpec(p, p)
     stuck = StuckAt("bench", 0, StuckSpec(p, p), StuckSpec(p, p))
     stuck.bits("w", w.numel(), w.dtype, device)  # drawn once, as a layer does
-    stuck.bits("x", x.size(-1), x.dtype, device)
+    lanes = stuck.lanes(x.size(-1), x.dtype, device)
     key = pb.stream_key(0, "bench", "w")
     ops = {
         "flip W": lambda: pb.apply_flip_spec(w, spec, key, 1),
         "stuck W (build)": lambda: stuck.stuck("w", w),
         "flip x": lambda: pb.apply_flip_spec(x, spec, key, 1),
         "stuck x lanes": lambda: stuck.stuck("x", x),
+        "flip x + stuck lanes": lambda: apply_flip_spec_masked(x, spec, key, 1, False, None, lanes),
     }
     return {k: time_steps(f, device, warmup, reps)[0] for k, f in ops.items()}
 

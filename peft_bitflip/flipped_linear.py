@@ -43,6 +43,7 @@ def flipped_linear(
     weight_params=(),
     recompute_input=False,
     next_call=None,
+    x_lanes=None,
 ):
     """``flip(x) @ flip(weight)^T + bias`` (``flip(x) @ flip(weight) + bias`` for Conv1D layout).
 
@@ -79,13 +80,20 @@ def flipped_linear(
 
     A spec with per-bit-position rates (``p_bits``) runs :func:`flipped_linear_unfused`
     (``recompute_input`` has no effect there).
+
+    ``x_lanes``: stuck input lanes of x (keep / ones words per input feature, in x's dtype
+    under the autocast, see :meth:`~peft_bitflip.stuck_at.StuckAt.lanes`), forced before x's
+    flips: in the flip kernel's pass over x (and in backward's recompute), not a pass of
+    their own; the gradient passes straight through them.  None under ``torch.compile``.
     """
     build = weight if callable(weight) else None
+    if x_lanes is not None and (torch.compiler.is_compiling() or stats is not None):
+        raise ValueError("x_lanes is for eager calls without stats: force the lanes before")
     if x_spec.p_bits is not None or w_spec.p_bits is not None:
         # per-bit-position rates: no fused kernel, the flip ops one by one (in every mode)
         return flipped_linear_unfused(
             x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats,
-            next_call=next_call,
+            next_call=next_call, x_lanes=x_lanes,
         )  # fmt: skip
     if torch.compiler.is_compiling():
         if build is not None or stats is not None:  # (the layers send no stats here)
@@ -105,7 +113,7 @@ def flipped_linear(
     if not torch.is_grad_enabled():
         return flipped_linear_unfused(
             x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats,
-            next_call=next_call,
+            next_call=next_call, x_lanes=x_lanes,
         )  # fmt: skip
     compute = _autocast_dtype(x)
     if compute is not None:  # flip the values the matmul consumes, not the fp32 masters
@@ -116,7 +124,7 @@ def flipped_linear(
         x,
         None if build is not None else weight,
         bias,
-        (x_spec, w_spec, x_key, w_key, conv1d, stats, build, compute, recompute_input),
+        (x_spec, w_spec, x_key, w_key, conv1d, stats, build, compute, recompute_input, x_lanes),
         call,
         next_call,
         *(weight_params if build is not None else ()),
@@ -137,18 +145,22 @@ def flipped_linear_unfused(
     weight_params=(),
     recompute_input=False,
     next_call=None,
+    x_lanes=None,
 ):
     """:func:`flipped_linear` written as separate differentiable ops (the flip op on ``x``
     and on ``weight``, then a linear layer): autograd stores the flipped copies (and a built
     weight), whatever ``recompute_input`` says.  The reference that the recomputing path is
-    tested against."""
+    tested against.  ``x_lanes``: as in :func:`flipped_linear` (not with ``stats``: they
+    would count the stuck bits as flips)."""
     if callable(weight):
         weight = weight()
     compute = _autocast_dtype(x)
     if compute is not None:
         x, weight = x.to(compute), weight.to(compute)
         bias = None if bias is None else bias.to(compute)
-    xf, wf = apply_flip_specs(x, weight, x_spec, w_spec, x_key, w_key, call, next_call)
+    if x_lanes is not None and stats is not None:
+        raise ValueError("x_lanes with stats: force the stuck lanes before the layer")
+    xf, wf = apply_flip_specs(x, weight, x_spec, w_spec, x_key, w_key, call, next_call, x_lanes)
     out = linear(xf, wf, bias, conv1d)
     if stats is not None:
         stats.record("x", x, xf, x_spec, x_key, call)
@@ -163,15 +175,16 @@ class _FlippedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, settings, call, next_call, *weight_params):
-        x_spec, w_spec, x_key, w_key, conv1d, stats, build, compute, recompute = settings
+        x_spec, w_spec, x_key, w_key, conv1d, stats, build, compute, recompute, lanes = settings
         call = call if isinstance(call, torch.Tensor) else torch.tensor(call, device=x.device)
         need_x = ctx.needs_input_grad[0]
         need_w = ctx.needs_input_grad[1] or any(ctx.needs_input_grad[6:])
         if build is not None:
             weight = _built_weight(build, compute, x.device.type)
         xf, wf, x_mask = flip_specs_masked(
-            x, weight, x_spec, w_spec, x_key, w_key, call, need_x and not recompute, next_call
-        )
+            x, weight, x_spec, w_spec, x_key, w_key, call, need_x and not recompute, next_call,
+            lanes,
+        )  # fmt: skip
         out = linear(xf, wf, bias, conv1d)
         if stats is not None:
             stats.record("x", x, xf, x_spec, x_key, call)
@@ -189,7 +202,7 @@ class _FlippedLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         kept, x_mask, weight, call = ctx.saved_tensors
         x_shape, x_dtype = ctx.x_meta
-        x_spec, w_spec, x_key, w_key, conv1d, _, build, compute, recompute = ctx.settings
+        x_spec, w_spec, x_key, w_key, conv1d, _, build, compute, recompute, lanes = ctx.settings
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_params = ctx.needs_input_grad[6:]
         if build is not None:  # rebuild W (+ s B@A); with a graph only if A, B need gradients
@@ -199,7 +212,7 @@ class _FlippedLinear(torch.autograd.Function):
         g2 = grad_out.reshape(-1, grad_out.size(-1))
         grad_x, grad_w = linear_grads(
             g2, kept, x_mask, weight.detach(), call, x_shape, x_dtype, x_spec, w_spec,
-            x_key, w_key, conv1d, recompute, need_x, need_w,
+            x_key, w_key, conv1d, recompute, need_x, need_w, lanes,
         )  # fmt: skip
         grad_b = g2.sum(0) if need_b else None
         grad_params = [None] * len(need_params)

@@ -215,10 +215,13 @@ class BitflipLayerMixin:
             # counting is host-side work: a layer that records statistics runs eagerly (a
             # graph break), with the same flips
             return _eager_flipped_forward(self, x, weight, bias, weight_params)
+        x_lanes = None  # stuck input lanes that x's flip kernel forces (one pass less)
         if self.bitflip_stuck is not None:  # stuck bits first; the weight built with them
-            x, weight, weight_params = self.bitflip_stuck.apply(
-                x, weight, weight_params, _autocast_dtype(x), weight_key
-            )
+            fuse = self.bitflip_bursts is None and stats is None  # nothing in between
+            x, weight, weight_params, x_lanes = self.bitflip_stuck.apply_fused(
+                x, weight, weight_params, _autocast_dtype(x), weight_key,
+                self.x_spec if fuse else None,
+            )  # fmt: skip
         x_key, w_key = self.stream_keys()
         call, following = self.claim_call()
         if stats is not None and _checkpoint_phase() == "recompute":
@@ -231,6 +234,7 @@ class BitflipLayerMixin:
             return flipped_linear(
                 x, weight, bias, self.x_spec, self.w_spec, x_key, w_key, call,
                 self._is_conv1d, stats, weight_params, self.bitflip_recompute_input, following,
+                x_lanes,
             )  # fmt: skip
         except BaseException:
             write_next_call(call, following)  # the counter stays valid (writing it twice is ok)

@@ -54,7 +54,7 @@ def _built_weight(build, compute, device_type):
 
 def linear_grads(
     g2, kept, x_mask, weight, call, x_shape, x_dtype, x_spec, w_spec, x_key, w_key, conv1d,
-    recompute, need_x, need_w,
+    recompute, need_x, need_w, x_lanes=None,
 ):  # fmt: skip
     """(dX, dW) of ``flip(x) @ flip(W)^T`` (None where not wanted) from what the forward kept.
 
@@ -62,7 +62,9 @@ def linear_grads(
     flip(x) and x's zero-out are recomputed in one pass over x); ``x_mask``: x's packed zero
     mask (when not ``recompute``); ``weight``: W (detached), flipped again here with its zero
     mask.  Straight-through, zero where the forward zeroed x or W.  Shared by the eager
-    autograd Function and the op that carries the layer through ``torch.compile``."""
+    autograd Function and the op that carries the layer through ``torch.compile``.
+    ``x_lanes``: the stuck input lanes the forward forced before flipping x (the kept x of
+    ``recompute`` is x before them; see :func:`~peft_bitflip.functional.apply_flip_specs`)."""
     grad_x = grad_w = w_mask = None
     if need_x:  # flip(W) again; its zero mask too if dW will need it
         wf, w_mask = apply_flip_spec_masked(weight, w_spec, w_key, call, need_w)
@@ -70,7 +72,7 @@ def linear_grads(
         del wf
     xf = kept
     if recompute:  # one pass over x: zero grad_x where the forward zeroed, flip(x) if needed
-        xf = flip_spec_grad_(grad_x, kept, x_spec, x_key, call, want_flipped=need_w)
+        xf = flip_spec_grad_(grad_x, kept, x_spec, x_key, call, need_w, x_lanes)
     if need_w:
         xf = xf.reshape(-1, xf.size(-1))
         grad_w = xf.t() @ g2 if conv1d else g2.t() @ xf

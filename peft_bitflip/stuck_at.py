@@ -36,6 +36,7 @@ positions of a model in that form, for ``BitflipConfig(stuck_at_positions=...)``
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import numbers
 import weakref
@@ -47,6 +48,8 @@ import torch
 from torch import Tensor
 
 from .functional import apply_flip_spec, stream_key
+from .kernels.op import backend_for
+from .kernels.sampling import group_size
 from .linear_ops import _autocast_dtype
 from .spec import FlipSpec, check_dtype, validate_probability
 
@@ -266,6 +269,17 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def _no_graph():
+    """Outside inference mode (the stuck weight outlives the call) and without autograd: in
+    that order, since ``inference_mode(False)`` turns grad mode back on.  (Built the other way
+    round, a copy cached while the weight required a gradient kept a graph into it: a later
+    step with the weight frozen computed and accumulated its gradient anyway.)"""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
+
+
 def _identity(t: Tensor) -> tuple:
     """What tells a tensor's values apart without reading them: the object, its version
     counter (in-place writes), storage, layout, dtype, device; () for an inference tensor
@@ -358,6 +372,25 @@ class StuckAt:
             out += [[i, b, (ones >> b) & 1] for b in range(n_bits) if (mask >> b) & 1]
         return out
 
+    def lanes(self, in_features: int, dtype: torch.dtype, device) -> Tensor | None:
+        """The stuck input lanes as a dense (2, ``in_features``) tensor in the signed integer
+        view of ``dtype``: keep (``~mask``; -1 where no bit is stuck) and ones, per feature,
+        for the flip kernel to force in its pass over x; None where no lane is stuck.  Built
+        once per (in_features, dtype, device) and kept (two words per input feature)."""
+        device = torch.device(device)
+        cache_key = ("x_lanes", in_features, dtype, device)
+        if cache_key not in self._bits:
+            bits = self.bits("x", in_features, dtype, device)
+            dense = None
+            if bits.index.numel():
+                view = _INT_VIEW[check_dtype(dtype).n_bits]
+                dense = torch.zeros(2, in_features, dtype=view, device=device)
+                dense[0] = -1
+                dense[0, bits.index] = bits.keep
+                dense[1, bits.index] = bits.ones
+            self._bits[cache_key] = dense
+        return self._bits[cache_key]
+
     def stuck(self, tensor: str, t: Tensor) -> Tensor:
         """``t`` with the stuck bits of ``tensor`` forced (a new tensor; ``t`` if none)."""
         lanes = tensor == "x"
@@ -367,7 +400,38 @@ class StuckAt:
             return t
         return _ApplyStuck.apply(t, bits.index, bits.keep, bits.ones, lanes)
 
-    def apply(self, x: Tensor, weight, weight_params, compute, weight_key=()):
+    def apply_fused(self, x: Tensor, weight, weight_params, compute, weight_key, x_spec):
+        """:meth:`apply`, leaving the stuck input lanes to x's flip kernel where it can take
+        them: returns (x, weight, weight_params, x lanes or None).  With lanes, x comes back
+        without them (cast to ``compute``) and the caller passes them on with it
+        (``flipped_linear(..., x_lanes=)``): one pass over x fewer.  They are fused when x has
+        a flip kernel pass (``x_spec``, the layer's transient-flip spec of x, or None when
+        something acts between the stuck bits and the flips: bursts, statistics) with no
+        per-bit-position rates, outside ``torch.compile``, on the Triton backend, and
+        ``in_features`` is a multiple of the kernel's group (8 16-bit / 4 float32 elements);
+        else they are forced here, as :meth:`apply` does."""
+        lanes = None
+        if not self.x.is_identity and self._fusable(x, compute or x.dtype, x_spec):
+            x = x if compute is None else x.to(compute)
+            lanes = self.lanes(x.size(-1), x.dtype, x.device)
+        if lanes is not None:
+            x, weight, weight_params = self.apply(
+                x, weight, weight_params, compute, weight_key, lanes_done=True
+            )
+            return x, weight, weight_params, lanes
+        return (*self.apply(x, weight, weight_params, compute, weight_key), None)
+
+    @staticmethod
+    def _fusable(x: Tensor, dtype: torch.dtype, x_spec) -> bool:
+        """Whether x's flip kernel can force x's stuck lanes (see :meth:`apply_fused`);
+        ``dtype``: the dtype x is flipped in."""
+        if x_spec is None or x_spec.is_identity or x_spec.p_bits is not None:
+            return False
+        if torch.compiler.is_compiling() or x.dim() == 0 or x.numel() == 0:
+            return False
+        return backend_for(x.device) == "triton" and x.size(-1) % group_size(dtype) == 0
+
+    def apply(self, x: Tensor, weight, weight_params, compute, weight_key=(), lanes_done=False):
         """(x, weight, weight_params) of a layer forward with the stuck bits forced.
 
         ``weight``: a tensor, or a function building it from the tensors ``weight_params``
@@ -375,8 +439,9 @@ class StuckAt:
         merge function and scale).  ``compute``: the autocast dtype or None; stuck bits act on
         the values the matmul consumes, cast to it.  The weight comes back as a tensor (the
         cached stuck weight, see the class doc; gradients pass straight through to
-        ``weight`` or ``weight_params``) and ``weight_params`` as ``()``."""
-        if not self.x.is_identity:
+        ``weight`` or ``weight_params``) and ``weight_params`` as ``()``.  ``lanes_done``:
+        leave x as it is (its stuck lanes go to the flip kernel, :meth:`apply_fused`)."""
+        if not self.x.is_identity and not lanes_done:
             x = self.stuck("x", x if compute is None else x.to(compute))
         if self.w.is_identity:
             return x, weight, weight_params
@@ -409,14 +474,14 @@ class StuckAt:
         if hit:
             stuck = cached[2]
         else:
-            with torch.no_grad(), torch.inference_mode(False):
+            with _no_graph():
                 stuck = self._store(key, sources, built())
         return _StraightThrough.apply(weight, stuck) if grad else stuck
 
     def _store(self, key, sources, weight: Tensor) -> Tensor:
         """The stuck copy of ``weight`` (detached), cached under ``key`` (None: not cached)."""
         self._weight = None  # the old copy goes before the new one is built
-        with torch.no_grad(), torch.inference_mode(False):
+        with _no_graph():
             stuck = self.stuck("w", weight)  # (weight itself where no bit is stuck)
         if key is not None and self.keep_weight:
             self._weight = (key, tuple(weakref.ref(p) for p in sources), stuck)

@@ -132,8 +132,8 @@ def test_kernel_resources_compiles_the_launches_for_hopper():
     assert rows[0][0].strip() == "launch"
     body = rows[1:]  # (the separator row does not start with "| ")
     # the flip kernel (sparse-only and dense variants), the burst kernel, four merge launches at
-    # the shipped tile, the paired flip, the correction
-    assert len(body) == 9
+    # the shipped tile, the paired flip, the correction, the flip and paired flip with stuck lanes
+    assert len(body) == 11
     for cells in body:
         warps, registers, stack, shared = (int(c) for c in cells[2:6])
         assert warps > 0 and 0 < registers <= 255 and stack >= 0 and shared >= 0
@@ -176,6 +176,11 @@ def test_kernel_resources_captures_the_launches_the_layers_make():
     assert config["HAS_FLIPS"] == config["X_FLIPS"] == FLIPS_SPARSE_ONLY
     assert rows["flip x, p = 2^-16 (sparse fields only)"]()[2]["HAS_FLIPS"] == FLIPS_SPARSE_ONLY
     assert rows["flip x, p = 2^-4 (dense fields)"]()[2]["HAS_FLIPS"] is True
+    # stuck input lanes: a constexpr, off in the launches without them
+    assert rows["flip x with stuck input lanes, p = 2^-16"]()[2]["HAS_LANES"] is True
+    assert rows["flip x, p = 2^-16 (sparse fields only)"]()[2]["HAS_LANES"] is False
+    assert rows["paired flip of x (+ mask, stuck lanes) and W"]()[2]["X_LANES"] is True
+    assert rows["paired flip of x (+ mask) and W"]()[2]["X_LANES"] is False
     assert any(isinstance(a, torch.Tensor) and a.shape == (1024, 2048) for a in args)
 
 

@@ -533,3 +533,61 @@ def test_cuda_lora_merge_flip_at_high_p_matches_cpu():
     call = torch.tensor(7, device="cuda")
     got_w, got_m = lora.merge_flip_lora(wl.cuda(), a.cuda(), b.cuda(), *args, call, True)
     assert torch.equal(_bits(got_w.cpu()), _bits(want_w)) and torch.equal(got_m.cpu(), want_m)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_stuck_lanes_in_the_flip_kernel_match_the_separate_pass(monkeypatch, dtype):
+    """Issue 33.4: stuck input lanes forced in the flip kernel's pass over x equal the CPU
+    path (a separate pass, then the flips) bit for bit: flip + zero mask, the paired launch,
+    backward's zero-grad recompute; and a GPU layer's output and gradients equal those of the
+    same layer with the separate pass (forward and recompute; second calls: direct launches)."""
+    from torch import nn
+
+    from peft_bitflip.functional import apply_flip_spec_masked, flip_spec_grad_, flip_specs_masked
+    from peft_bitflip.spec import FlipSpec
+    from peft_bitflip.stuck_at import StuckAt, StuckSpec
+
+    stuck = StuckAt("l", 3, StuckSpec(1e-3, 1e-2), StuckSpec())
+    x = torch.randn(3, 37, 4096, generator=torch.Generator().manual_seed(1)).to(dtype) * 2
+    w = torch.randn(64, 4096).to(dtype)
+    spec, w_spec = FlipSpec(1e-4, 1e-3, 4.0), FlipSpec(0.0, 1e-3, 1.25)
+    got = {}
+    for device in ("cuda", "cpu"):
+        lanes = stuck.lanes(4096, dtype, device)
+        xd, wd, g = x.to(device), w.to(device), torch.ones(x.shape, dtype=dtype, device=device)
+        got[device] = [
+            *apply_flip_spec_masked(xd, spec, (1, 2), 5, True, x_lanes=lanes),
+            *flip_specs_masked(xd, wd, spec, w_spec, (1, 2), (3, 4), 5, True, x_lanes=lanes),
+            flip_spec_grad_(g, xd, spec, (1, 2), 5, True, lanes),
+            g,
+        ]
+    assert (got["cpu"][1] != 0).any()  # the zero-out fired
+    for a, b in zip(got["cuda"], got["cpu"]):  # (bytes: the masks are uint8)
+        assert torch.equal(a.cpu().contiguous().view(torch.uint8), b.view(torch.uint8)), dtype
+
+    def layer_run(recompute):
+        torch.manual_seed(0)
+        holder = nn.ModuleDict({"l": nn.Linear(4096, 64)}).to("cuda", dtype)
+        cfg = pb.BitflipConfig(
+            x_stuck_p_exp=1e-3, x_stuck_p_frac=1e-2, x_p_exp=1e-4, x_p_frac=1e-3,
+            w_p_frac=1e-3, x_zero_out_t=4.0, w_zero_out_t=1.25, seed=2,
+        )  # fmt: skip
+        pb.apply_bitflip(holder, cfg)
+        pb.recompute_flipped_inputs(holder, recompute)
+        xg = x.cuda().requires_grad_()
+        outs = []
+        for _ in range(2):
+            out = holder["l"](xg)
+            out.float().square().sum().backward()
+            outs += [out.detach(), xg.grad, holder["l"].weight.grad]
+            xg.grad = holder["l"].weight.grad = None
+        return outs
+
+    for recompute in (False, True):
+        fused = layer_run(recompute)
+        with monkeypatch.context() as m:
+            m.setattr(StuckAt, "_fusable", staticmethod(lambda *a: False))
+            separate = layer_run(recompute)
+        for a, b in zip(fused, separate):
+            assert torch.equal(_bits(a), _bits(b)), (dtype, recompute)

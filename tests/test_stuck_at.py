@@ -491,3 +491,162 @@ def test_export_under_autocast_gives_the_bits_the_layers_force():
     pb.apply_bitflip(replay, pb.BitflipConfig(stuck_at_positions=listed, w_zero_out_t=100.0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(_logits(replay, ids), want)
+
+
+def test_weight_frozen_after_a_cached_build_gets_no_gradient_pass():
+    """Issue 33.4: a stuck weight cached while W still required a gradient (an evaluation
+    before W is frozen, as before a LoRA adapter is added) must not keep a graph into W: the
+    frozen steps would compute dW (a third matmul) and accumulate it into W.grad."""
+    torch.manual_seed(0)
+    holder = nn.ModuleDict({"l": nn.Linear(32, 16, bias=False)})
+    pb.apply_bitflip(holder, pb.BitflipConfig(w_stuck_p_frac=0.05, w_zero_out_t=100.0))
+    lin = holder["l"]
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        lin(x)  # caches the stuck weight while lin.weight.requires_grad
+    cached = lin.bitflip_stuck._weight[2]
+    assert cached.grad_fn is None and not cached.requires_grad
+    lin.weight.requires_grad_(False)
+    xg = x.clone().requires_grad_()
+    lin(xg).square().sum().backward()
+    assert lin.weight.grad is None and xg.grad is not None
+    with torch.inference_mode():  # built in inference mode: still usable by autograd later
+        lin.bitflip_stuck.clear()
+        lin(x)
+    lin(xg).sum().backward()
+    assert lin.weight.grad is None
+
+
+def _lanes_layer(dtype, in_features, x_zero_out):
+    torch.manual_seed(0)
+    holder = nn.ModuleDict({"l": nn.Linear(in_features, 8)}).to(dtype)
+    faults = dict(x_stuck_p_exp=0.05, x_stuck_p_frac=0.2, x_p_frac=0.05, w_p_frac=0.05, seed=1)
+    if x_zero_out:
+        faults["x_zero_out_t"] = 1.0
+    pb.apply_bitflip(holder, pb.BitflipConfig(**faults))
+    return holder
+
+
+def _lanes_run(holder, shape, dtype, recompute):
+    """(train output, dX, dW, no-grad output) of the layer on a fixed x of ``shape``."""
+    pb.recompute_flipped_inputs(holder, recompute)
+    lin = holder["l"]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    x.requires_grad_()
+    out = lin(x)
+    out.square().sum().backward()
+    with torch.no_grad():
+        again = lin(x)
+    return out.detach(), x.grad, lin.weight.grad, again
+
+
+@pytest.mark.parametrize(
+    "dtype, shape, zero_out, recompute",
+    [
+        (torch.float32, (2, 3, 16), True, False),
+        (torch.bfloat16, (5, 16), True, True),
+        (torch.float16, (2, 2, 16), False, True),
+        (torch.bfloat16, (2, 3, 16), False, False),
+    ],
+)
+def test_flip_kernel_forces_stuck_lanes_as_the_separate_pass(
+    needs_interpreter, monkeypatch, dtype, shape, zero_out, recompute
+):
+    """Issue 33.4: stuck input lanes are forced in the flip kernel's pass over x (forward,
+    no-grad forward, backward's recompute), not by a pass of their own; outputs and gradients
+    are bit-identical to the CPU path, which forces them separately before the flips."""
+    from peft_bitflip.kernels import triton_bitflip
+    from peft_bitflip.stuck_at import _ApplyStuck
+
+    separate, x_launches = [], []
+    monkeypatch.setattr(
+        _ApplyStuck, "apply", lambda *a, _f=_ApplyStuck.apply: separate.append(1) or _f(*a)
+    )
+    run, pair = triton_bitflip._run, triton_bitflip.launch_pair
+
+    def spy(x, lanes):
+        if x.shape == shape:  # a launch over x (not W, nor the stuck bits' draw)
+            x_launches.append(lanes is not None)
+
+    monkeypatch.setattr(
+        triton_bitflip, "_run",
+        lambda *a, lanes=None, **k: spy(a[0], lanes) or run(*a, lanes=lanes, **k),
+    )  # fmt: skip
+    monkeypatch.setattr(triton_bitflip, "launch_pair", lambda *a: spy(a[0], a[-1]) or pair(*a))
+    got = {}
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", backend)
+        separate.clear()
+        got[backend] = _lanes_run(_lanes_layer(dtype, 16, zero_out), shape, dtype, recompute)
+        assert len(separate) == (0 if backend == "triton" else 2)
+    for a, b in zip(got["triton"], got["reference"]):
+        assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+    assert (got["triton"][1] == 0).any() == zero_out  # the zero-out of the stuck x masks dX
+    assert len(x_launches) == 2 + recompute and all(x_launches)  # fwd, bwd, no-grad
+
+
+def test_stuck_lanes_outside_the_kernel_where_it_cannot_take_them(needs_interpreter, monkeypatch):
+    """in_features not a multiple of the kernel's group (8 for bf16, also for a float32 x under
+    a bf16 autocast, whose group would be 4), or x without transient flips: the stuck lanes are
+    forced by the separate pass, with the same result."""
+    from peft_bitflip.stuck_at import _ApplyStuck
+
+    separate = []
+    monkeypatch.setattr(
+        _ApplyStuck, "apply", lambda *a, _f=_ApplyStuck.apply: separate.append(1) or _f(*a)
+    )
+    got = {}
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", backend)
+        separate.clear()
+        got[backend] = _lanes_run(
+            _lanes_layer(torch.bfloat16, 12, True), (3, 12), torch.bfloat16, False
+        )
+        assert len(separate) == 2
+    assert all(torch.equal(a, b) for a, b in zip(got["triton"], got["reference"]))
+    monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", "triton")
+    separate.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _lanes_run(_lanes_layer(torch.float32, 12, True), (3, 12), torch.float32, False)
+    assert len(separate) == 2
+    holder = nn.ModuleDict({"l": nn.Linear(16, 8)})
+    pb.apply_bitflip(holder, pb.BitflipConfig(x_stuck_p_frac=0.2, w_p_frac=0.05))
+    separate.clear()
+    monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", "triton")
+    holder["l"](torch.randn(2, 16))
+    assert len(separate) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_launches_with_lanes_equal_stuck_then_flipped(needs_interpreter, dtype):
+    """Every flip launch that takes stuck lanes (single, with mask, paired with W, backward's
+    zero-grad) gives what forcing them first and launching without them gives."""
+    from peft_bitflip.kernels import triton_bitflip as tb
+    from peft_bitflip.kernels.reference import stick_lanes
+    from peft_bitflip.kernels.sampling import flip_table
+
+    stuck = StuckAt("l", 4, StuckSpec(0.05, 0.2), StuckSpec())
+    n = 16
+    lanes = stuck.lanes(n, dtype, "cpu")
+    x = torch.randn(3, 5, n, generator=torch.Generator().manual_seed(0)).to(dtype)
+    w = torch.randn(6, n).to(dtype)
+    xs = stick_lanes(x, lanes)
+    assert not torch.equal(xs, x)
+    table, call = flip_table(0.05, 0.05, dtype, x.device), torch.tensor(3)
+
+    def same(a, b):
+        return a is None and b is None or torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+    assert same(tb.launch(x, table, call, 1, 2, 2.0, True, lanes=lanes),
+                tb.launch(xs, table, call, 1, 2, 2.0, True))  # fmt: skip
+    fused = tb.launch_with_mask(x, table, call, 1, 2, 2.0, True, lanes=lanes)
+    assert all(map(same, fused, tb.launch_with_mask(xs, table, call, 1, 2, 2.0, True)))
+    args = (table, table, call, (1, 2), (3, 4), 2.0, 1.0, True, True, True, None)
+    assert all(map(same, tb.launch_pair(x, w, *args, lanes), tb.launch_pair(xs, w, *args)))
+    g1, g2 = torch.randn_like(x), None
+    g2 = g1.clone()
+    y1 = tb.launch_zero_grad_(x, g1, table, call, 1, 2, 2.0, True, True, lanes)
+    assert same(y1, tb.launch_zero_grad_(xs, g2, table, call, 1, 2, 2.0, True, True))
+    assert same(g1, g2) and (g1 == 0).any()
+    with pytest.raises(ValueError, match="do not fit x"):
+        tb.launch(x[..., :8].contiguous(), table, call, 1, 2, 2.0, True, lanes=lanes)

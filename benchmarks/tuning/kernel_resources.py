@@ -128,14 +128,16 @@ def launches():
 
         return lambda: captured_launch(triton_lora, "_launch_merge_flip", host)
 
-    def pair():
+    lanes = torch.zeros(2, x.size(-1), dtype=torch.int16)  # stuck input lanes (keep, ones)
+
+    def pair(x_lanes=None):
         def host():
             triton_bitflip.launch_pair(
                 x, w, table, table, call, (3, 4), (1, 2), 30.0, 1.25, True, True, True,
-                call.clone(),
+                call.clone(), x_lanes,
             )  # fmt: skip
 
-        return captured_launch(triton_bitflip, "_launch_pair", host)
+        return lambda: captured_launch(triton_bitflip, "_launch_pair", host)
 
     def correction():
         def host():
@@ -149,10 +151,12 @@ def launches():
 
         return captured_launch(triton_lora, "_launch_zeroed_correction", host)
 
-    def single(p):
+    def single(p, x_lanes=None):
         def host():
             t = flip_table(p, p, torch.bfloat16, "cpu")
-            triton_bitflip.launch(x, t, call, 1, 2, 30.0, True, next_call=call.clone())
+            triton_bitflip.launch(
+                x, t, call, 1, 2, 30.0, True, next_call=call.clone(), lanes=x_lanes
+            )
 
         return lambda: captured_launch(triton_bitflip, "_launch_single", host)
 
@@ -173,7 +177,9 @@ def launches():
         "LoRA backward: merge + flip W, mask, scaled factors": merge(True, False, True),
         "merge + flip W": merge(False, False, False),
         "merge + flip W, mask": merge(True, False, False),
-        "paired flip of x (+ mask) and W": pair,
+        "paired flip of x (+ mask) and W": pair(),
+        "flip x with stuck input lanes, p = 2^-16": single(2**-16, lanes),
+        "paired flip of x (+ mask, stuck lanes) and W": pair(lanes),
         "LoRA backward: zeroed-weight correction (+ dX mask)": correction,
     }
 

@@ -64,7 +64,8 @@ def stub_kernels():
         torch.empty_like(w),
         mask_of(x) if a[9] and a[5] is not None else None,
     )
-    triton_bitflip.launch_zero_grad_ = lambda x, grad, *a: torch.empty_like(x) if a[-1] else None
+    # (x, grad, table, call, k0, k1, threshold, has_flips, want_y, lanes)
+    triton_bitflip.launch_zero_grad_ = lambda x, grad, *a: torch.empty_like(x) if a[6] else None
     triton_bitflip.zero_by_masks_ = lambda *a: None
     lora.backend_for = op.backend_for
 

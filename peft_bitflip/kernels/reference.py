@@ -576,3 +576,13 @@ def zero_by_mask_reference_(grad: torch.Tensor, mask: torch.Tensor, group: int) 
     flat = grad.view(-1)
     flat.masked_fill_(unpack_zero_mask(mask, flat.numel(), group), 0)
     return grad
+
+
+def stick_lanes(x: torch.Tensor, lanes: torch.Tensor) -> torch.Tensor:
+    """``x`` (any shape, last dimension the input features) with its stuck input lanes forced,
+    out of place: ``bits = (bits & lanes[0]) | lanes[1]`` per feature, ``lanes`` a
+    (2, in_features) tensor in the signed integer view of x's dtype (keep = -1, ones = 0 at
+    features without a stuck bit).  What the flip kernel does before its flips when given the
+    lanes (see :func:`~peft_bitflip.kernels.triton_bitflip.stick_lanes`)."""
+    ints = x.contiguous().view(lanes.dtype)
+    return ((ints & lanes[0]) | lanes[1]).view(x.dtype)

@@ -457,6 +457,24 @@ def flip_and_zero(
     return y, keep
 
 
+@triton.jit
+def stick_lanes(x, pid, cols, lanes_ptr, n_lanes, G: tl.constexpr, ROWS: tl.constexpr):
+    """Block ``pid`` (ROWS groups of G elements) ``x`` [ROWS, G] of a row-major tensor whose
+    last dimension has ``n_lanes`` elements (a multiple of G) with its stuck input lanes forced:
+    ``bits = (bits & keep[f]) | ones[f]`` for the element's feature f (its index modulo
+    n_lanes); ``lanes_ptr``: keep (n_lanes words) then ones (n_lanes words), in the signed
+    integer type of x's bits.  One scalar int64 modulo per program, int32 arithmetic per
+    group; groups never straddle a row."""
+    SINT: tl.constexpr = lanes_ptr.dtype.element_ty
+    first = ((pid * (ROWS * G)) % n_lanes).to(tl.int32)  # feature of the block's first element
+    lane = (first + tl.arange(0, ROWS) * G) % n_lanes
+    feature = lane[:, None] + cols[None, :]
+    keep = tl.load(lanes_ptr + feature)
+    ones = tl.load(lanes_ptr + n_lanes + feature)
+    bits = (x.to(SINT, bitcast=True) & keep) | ones
+    return bits.to(x.dtype, bitcast=True)
+
+
 # what a flip kernel does with a gradient (the GRAD_MODE constexpr): nothing; write
 # out = grad where kept, else 0; or set grad[zeroed] = 0 in place
 _GRAD_NONE, _GRAD_MASKED_COPY, _GRAD_ZERO_IN_PLACE = 0, 1, 2
@@ -491,15 +509,22 @@ def _flip_block(
     STEPS_F: tl.constexpr,
     N_ROUNDS: tl.constexpr,
     SINGLES: tl.constexpr,
+    HAS_LANES: tl.constexpr = False,
+    lanes_ptr=None,
+    n_lanes=None,
 ):
     """Block ``pid`` (ROWS groups of G elements) of a flat tensor: flip + zero-out, then write
     y, the gradient mask (GRAD_MODE) and/or the packed zero mask (WRITE_MASK: one uint8 per
-    group, bit j set when element j of the group was zeroed)."""
+    group, bit j set when element j of the group was zeroed).  HAS_LANES: force the stuck
+    input lanes first (:func:`stick_lanes`), so the flips, the zero-out and its masks act on
+    the stuck values."""
     rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)  # group indices
     cols = tl.arange(0, G)
     offs = rows[:, None] * G + cols[None, :]
     inb = offs < n_elements
     x = tl.load(x_ptr + offs, mask=inb, other=0)
+    if HAS_LANES:
+        x = stick_lanes(x, pid, cols, lanes_ptr, n_lanes, G, ROWS)
     y, keep = flip_and_zero(
         x, rows, cols, call_ptr, k0, k1, table_ptr, threshold, HAS_FLIPS, HAS_ZERO,
         ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
@@ -538,6 +563,8 @@ def _bitflip_kernel(
     k0,
     k1,
     threshold,
+    lanes_ptr,
+    n_lanes,
     WRITE_Y: tl.constexpr,
     GRAD_MODE: tl.constexpr,
     WRITE_MASK: tl.constexpr,
@@ -555,15 +582,17 @@ def _bitflip_kernel(
     STEPS_F: tl.constexpr,
     N_ROUNDS: tl.constexpr,
     SINGLES: tl.constexpr,
+    HAS_LANES: tl.constexpr,
 ):
     """:func:`_flip_block` over a flat tensor; WRITE_NEXT_CALL: program 0 also stores the call
-    index + 1 to ``next_call_ptr`` (a layer's counter for its next forward)."""
+    index + 1 to ``next_call_ptr`` (a layer's counter for its next forward); HAS_LANES: stuck
+    input lanes from ``lanes_ptr`` (``n_lanes`` features; unused otherwise)."""
     store_next_call(call_ptr, next_call_ptr, WRITE_NEXT_CALL)
     _flip_block(
         tl.program_id(0).to(tl.int64), x_ptr, out_ptr, grad_ptr, mask_ptr, n_elements,
         table_ptr, call_ptr, k0, k1, threshold, WRITE_Y, GRAD_MODE, WRITE_MASK, HAS_FLIPS,
         HAS_ZERO, ELEM_BITS, N_EXP, N_FRAC, G, ROWS, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
-        SINGLES,
+        SINGLES, HAS_LANES, lanes_ptr, n_lanes,
     )  # fmt: skip
 
 
@@ -587,6 +616,8 @@ def _bitflip_pair_kernel(
     call_ptr,
     next_call_ptr,
     programs_x,
+    x_lanes_ptr,
+    n_lanes,
     X_MASK: tl.constexpr,
     WRITE_NEXT_CALL: tl.constexpr,
     X_FLIPS: tl.constexpr,
@@ -604,17 +635,19 @@ def _bitflip_pair_kernel(
     STEPS_F: tl.constexpr,
     N_ROUNDS: tl.constexpr,
     SINGLES: tl.constexpr,
+    X_LANES: tl.constexpr,
 ):
     """The forward flips of a layer's input and weight (same dtype) in one launch: the first
     ``programs_x`` programs flip x, the others W, each with its own table, key and threshold;
-    X_MASK: also write x's packed zero mask; WRITE_NEXT_CALL: as in :func:`_bitflip_kernel`."""
+    X_MASK: also write x's packed zero mask; WRITE_NEXT_CALL: as in :func:`_bitflip_kernel`;
+    X_LANES: x's stuck input lanes from ``x_lanes_ptr`` (``n_lanes`` features)."""
     store_next_call(call_ptr, next_call_ptr, WRITE_NEXT_CALL)
     pid = tl.program_id(0).to(tl.int64)
     if pid < programs_x:
         _flip_block(
             pid, x_ptr, x_out_ptr, x_ptr, x_mask_ptr, n_x, x_table_ptr, call_ptr, x_k0, x_k1,
             x_threshold, True, 0, X_MASK, X_FLIPS, X_ZERO, ELEM_BITS, N_EXP, N_FRAC, G,
-            ROWS, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
+            ROWS, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES, X_LANES, x_lanes_ptr, n_lanes,
         )  # fmt: skip
     else:
         _flip_block(
@@ -740,6 +773,7 @@ def _launch_config(
     num_warps,
     writes_next_call: bool = False,
     dense: bool = False,
+    has_lanes: bool = False,
 ):
     """(elements per program, the kernel's constexpr arguments): computed once per setting,
     so a launch costs little Python.  ``dense``: the table holds a dense field (its block
@@ -755,9 +789,27 @@ def _launch_config(
         WRITE_NEXT_CALL=writes_next_call,
         ROWS=rows,
         SINGLES=SINGLE_GROUPS,
+        HAS_LANES=has_lanes,
         num_warps=num_warps or NUM_WARPS,
     )
     return rows * group_size(dtype), constexprs
+
+
+def lanes_args(x: torch.Tensor, lanes: torch.Tensor | None) -> tuple:
+    """The (lanes pointer, number of lanes) kernel arguments of ``x``'s stuck input lanes:
+    ``lanes`` a (2, in_features) tensor of keep / ones words (see
+    :meth:`~peft_bitflip.stuck_at.StuckAt.lanes`); ``(x, 0)`` (not read) when None.  Raises
+    ``ValueError`` naming what does not fit."""
+    if lanes is None:
+        return x, 0
+    n = lanes.size(-1)
+    if lanes.shape != (2, x.size(-1)) or n % group_size(x.dtype) or lanes.device != x.device:
+        raise ValueError(
+            f"stuck lanes of shape {tuple(lanes.shape)} on {lanes.device} do not fit x of "
+            f"shape {tuple(x.shape)} on {x.device} (need (2, in_features), in_features a "
+            f"multiple of {group_size(x.dtype)})"
+        )
+    return lanes, n
 
 
 def _run(
@@ -776,9 +828,11 @@ def _run(
     num_warps=None,
     mask=None,
     next_call=None,
+    lanes=None,
 ):
     """One launch of :func:`_bitflip_kernel`; ``next_call``: a 0-dim int64 tensor on x's
-    device that receives ``call + 1`` (see :func:`write_next_call`)."""
+    device that receives ``call + 1`` (see :func:`write_next_call`); ``lanes``: x's stuck
+    input lanes (:func:`lanes_args`) or None."""
     n = x.numel()
     if n == 0:
         write_next_call(call, next_call)
@@ -794,11 +848,13 @@ def _run(
         num_warps,
         next_call is not None,
         has_dense_field(table, has_flips),
+        lanes is not None,
     )
     _launch_single(
         (ceil_div(n, per_program),),
         (x, out, grad, x if mask is None else mask, n)
-        + flip_args(table, call, next_call, k0, k1, threshold),
+        + flip_args(table, call, next_call, k0, k1, threshold)
+        + lanes_args(x, lanes),
         constexprs,
     )
 
@@ -815,15 +871,17 @@ def launch(
     rows: int | None = None,
     num_warps: int | None = None,
     next_call: torch.Tensor | None = None,
+    lanes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the kernel on contiguous ``x``; returns y (forward) or the masked ``grad`` (backward,
-    a new tensor).  ``next_call`` (forward only): receives ``call + 1``."""
+    a new tensor).  ``next_call`` (forward only): receives ``call + 1``; ``lanes`` (forward
+    only): x's stuck input lanes, forced before the flips (see :func:`lanes_args`)."""
     if grad is None:
         out = torch.empty_like(x)
         mode = _GRAD_NONE
         _run(
             x, out, x, table, call, k0, k1, threshold, has_flips, True, mode, rows, num_warps,
-            next_call=next_call,
+            next_call=next_call, lanes=lanes,
         )  # fmt: skip
     else:
         out = torch.empty_like(grad)
@@ -841,14 +899,15 @@ def launch_with_mask(
     threshold: float,
     has_flips: bool,
     next_call: torch.Tensor | None = None,
+    lanes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(flip of contiguous ``x``, its packed zero mask) from one pass over ``x``;
-    ``next_call``: receives ``call + 1``."""
+    ``next_call``: receives ``call + 1``; ``lanes``: as in :func:`launch`."""
     out = torch.empty_like(x)
     mask = torch.empty(zero_mask_size(x.numel(), x.dtype), dtype=torch.uint8, device=x.device)
     _run(
         x, out, x, table, call, k0, k1, threshold, has_flips, True, _GRAD_NONE, mask=mask,
-        next_call=next_call,
+        next_call=next_call, lanes=lanes,
     )  # fmt: skip
     return out, mask
 
@@ -882,11 +941,16 @@ def launch_zero_grad_(
     threshold: float,
     has_flips: bool,
     want_y: bool,
+    lanes: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Set ``grad`` (contiguous, ``x``'s element order) to 0 in place where the fault model
-    zeroes ``x``; returns flip(x) too when ``want_y`` (one pass over ``x``)."""
+    zeroes ``x``; returns flip(x) too when ``want_y`` (one pass over ``x``).  ``lanes``: x's
+    stuck input lanes (as in :func:`launch`: the forward's zero-out of the stuck x)."""
     out = torch.empty_like(x) if want_y else x
-    _run(x, out, grad, table, call, k0, k1, threshold, has_flips, want_y, _GRAD_ZERO_IN_PLACE)
+    _run(
+        x, out, grad, table, call, k0, k1, threshold, has_flips, want_y, _GRAD_ZERO_IN_PLACE,
+        lanes=lanes,
+    )  # fmt: skip
     return out if want_y else None
 
 
@@ -900,6 +964,7 @@ def _pair_config(
     w_zero: bool,
     writes_next_call: bool = False,
     dense: bool = False,
+    x_lanes: bool = False,
 ):
     rows = DENSE_ROWS_PER_PROGRAM if dense else ROWS_PER_PROGRAM
     base = flip_constexprs(dtype, False, False)
@@ -913,6 +978,7 @@ def _pair_config(
         W_ZERO=w_zero,
         ROWS=rows,
         SINGLES=SINGLE_GROUPS,
+        X_LANES=x_lanes,
         num_warps=DENSE_NUM_WARPS if dense else NUM_WARPS,
     )
     return rows * group_size(dtype), constexprs
@@ -932,11 +998,13 @@ def launch_pair(
     w_flips,
     want_x_mask=False,
     next_call=None,
+    x_lanes=None,
 ):
     """flip(x) and flip(w) (contiguous, the same dtype, each with its own table, stream key,
     threshold and flips switch) in one launch; returns (x flipped, w flipped, x's packed zero
     mask or None).  The mask is written when ``want_x_mask`` and x has a threshold;
-    ``next_call`` receives ``call + 1``."""
+    ``next_call`` receives ``call + 1``; ``x_lanes``: x's stuck input lanes, forced before
+    its flips (see :func:`lanes_args`)."""
     want_x_mask = want_x_mask and x_threshold is not None
     per_program, constexprs = _pair_config(
         x.dtype,
@@ -947,6 +1015,7 @@ def launch_pair(
         w_threshold is not None,
         next_call is not None,
         has_dense_field(x_table, x_flips) or has_dense_field(w_table, w_flips),
+        x_lanes is not None,
     )
     x_out, w_out = torch.empty_like(x), torch.empty_like(w)
     x_mask = None
@@ -975,6 +1044,7 @@ def launch_pair(
             call,
             call if next_call is None else next_call,
             programs_x,
+            *lanes_args(x, x_lanes),
         ),
         constexprs,
     )
