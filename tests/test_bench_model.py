@@ -197,3 +197,18 @@ def test_ncu_kernels_launches_each_kernel_on_the_interpreter(needs_interpreter):
     names = ncu_kernels.main(argv)
     assert len(names) == 8 and names[0] == "clone W" and names[-1] == "correction"
     assert ncu_kernels.main(argv + ["--only", "7,2"]) == [names[2], names[7]]
+
+
+def test_bench_cpu_flip_runs_at_toy_size():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_cpu_flip
+    finally:
+        sys.path.pop(0)
+    table = bench_cpu_flip.main(
+        ["--shape", "64x32", "--p", "2^-16,0.5", "--repeats", "1", "--threads", "1",
+         "--paths", "native"]
+    )  # fmt: skip
+    lines = table.splitlines()
+    assert lines[0] == "| p | native ms |"
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| clone", "| 2^-16", "| 0.5"]

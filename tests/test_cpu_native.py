@@ -54,11 +54,11 @@ def _native_and_torch(monkeypatch, x, table, call, key, t):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("p", [0.0, 1e-12, 2**-16, 2**-10, 2**-9, 0.3])
+@pytest.mark.parametrize("p", [0.0, 1e-12, 2**-16, 2**-10, 2**-9, 2**-4, 0.3, 0.5])
 def test_native_equals_the_torch_path(native, monkeypatch, dtype, p):
     """Bit for bit: the flips, the zero-out, its packed mask and the backward, for tensors
-    with a tail group, two keys and calls, with and without the zero-out (2^-9 and 0.3 take the
-    dense path for both fields, applied before the native pass)."""
+    with a tail group, two keys and calls, with and without the zero-out (from 2^-9 on both
+    fields take the dense path: P's digits in the native pass, as torch's dense_masks)."""
     n = 3 * 2**14 + 5  # a ragged tail group for every dtype
     x = (torch.randn(n, generator=torch.Generator().manual_seed(1)) * 4).to(dtype).view(-1, 1)
     x[0, 0] = float("nan")
@@ -88,20 +88,22 @@ def test_native_mixed_sparse_and_dense_fields(native, monkeypatch, dtype):
 
 
 def test_native_threads_split_a_tensor_into_the_same_bits(native, monkeypatch):
-    """The pass split over two threads at block boundaries gives the single-thread bits."""
+    """The pass split over two threads at block boundaries gives the single-thread bits
+    (sparse fields, and a dense exp field beside a sparse frac field)."""
     monkeypatch.setattr(cpu_native, "_PARALLEL_FROM", 64)
     x = torch.randn(4 * 5000 + 1, generator=torch.Generator().manual_seed(3))
-    table = flip_table(2**-8, 2**-8, x.dtype, "cpu", (False, False))
     threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(3)
-        split = reference.bitflip_masked_reference(x, table, 1, *KEYS[0], 2.0)
-        torch.set_num_threads(1)
-        single = reference.bitflip_masked_reference(x, table, 1, *KEYS[0], 2.0)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(_bits(split[0]), _bits(single[0]))
-    assert torch.equal(split[1], single[1])
+    for dense in ((False, False), (True, False)):
+        table = flip_table(2**-8, 2**-8, x.dtype, "cpu", dense)
+        try:
+            torch.set_num_threads(3)
+            split = reference.bitflip_masked_reference(x, table, 1, *KEYS[0], 2.0)
+            torch.set_num_threads(1)
+            single = reference.bitflip_masked_reference(x, table, 1, *KEYS[0], 2.0)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(_bits(split[0]), _bits(single[0])), dense
+        assert torch.equal(split[1], single[1]), dense
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

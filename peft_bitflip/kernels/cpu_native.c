@@ -1,8 +1,9 @@
-/* The sparse path of the flip kernel on the CPU, in one pass per tensor (peft_bitflip).
+/* The flip kernel on the CPU, in one pass per tensor (peft_bitflip).
  *
  * Bit-identical to peft_bitflip/kernels/reference.py (see sampling.py for the scheme): per
- * group of 128 data bits, the first Philox4x32-10 draw (vectorised over a block of groups:
- * 32x32->64 products), the gap-sampling loop only for the fields that hold a flip, the flips
+ * group of 128 data bits, the dense fields' bit-sliced comparison (one Philox4x32-10 draw per
+ * digit of P, vectorised over a block of groups: 32x32->64 products), the first draw of the
+ * sparse fields, the gap-sampling loop only for the sparse fields that hold a flip, the flips
  * XORed into the element bits, then the zero-out (an integer compare of the magnitude bits)
  * and its packed mask (one byte per group, bit j = element j zeroed).
  * Built by cpu_native.py with the system C compiler and called through ctypes. */
@@ -15,7 +16,8 @@
 #define PHILOX_W0 0x9E3779B9u
 #define PHILOX_W1 0xBB67AE85u
 #define ROUNDS 10
-#define BLOCK 64 /* groups per vectorised first-draw block */
+#define BLOCK 64 /* groups per vectorised block of draws */
+#define DENSE_ITERATION 0x80000000u /* dense digit k draws at Philox iteration 2^31 + k */
 
 #if defined(PBF_AVX2)
 #include <immintrin.h>
@@ -47,16 +49,15 @@ static inline int64_t uniform(uint64_t group, uint32_t iteration, uint32_t call,
     return (int64_t)((((uint64_t)(w[2 * word] >> 1)) << 32) | w[2 * word + 1]);
 }
 
-/* hits[i]: bit 0 when the exp field of group g0 + i holds a flip, bit 1 the frac field
- * (portable version: the compiler may vectorise the lane loop). */
-static void first_draws_c(uint64_t g0, uint32_t call, uint32_t k0, uint32_t k1, int64_t last_e,
-                          int64_t last_f, uint8_t *hits) {
-    uint32_t a[BLOCK], b[BLOCK], c[BLOCK], d[BLOCK];
+/* The four words of the draws of groups g0 .. g0 + BLOCK - 1 at `iteration` (portable
+ * version: the compiler may vectorise the lane loop). */
+static void draws_c(uint64_t g0, uint32_t iteration, uint32_t call, uint32_t k0, uint32_t k1,
+                    uint32_t a[BLOCK], uint32_t b[BLOCK], uint32_t c[BLOCK], uint32_t d[BLOCK]) {
     for (int i = 0; i < BLOCK; i++) {
         uint64_t g = g0 + (uint64_t)i;
         a[i] = (uint32_t)g;
         b[i] = (uint32_t)(g >> 32);
-        c[i] = 0;
+        c[i] = iteration;
         d[i] = call;
     }
     for (int r = 0; r < ROUNDS; r++) {
@@ -72,11 +73,6 @@ static void first_draws_c(uint64_t g0, uint32_t call, uint32_t k0, uint32_t k1, 
             c[i] = nc;
         }
     }
-    for (int i = 0; i < BLOCK; i++) {
-        int64_t ue = (int64_t)((((uint64_t)(a[i] >> 1)) << 32) | b[i]);
-        int64_t uf = (int64_t)((((uint64_t)(c[i] >> 1)) << 32) | d[i]);
-        hits[i] = (uint8_t)((ue <= last_e) | ((uf <= last_f) << 1));
-    }
 }
 
 #if defined(PBF_AVX2)
@@ -89,13 +85,13 @@ __attribute__((target("avx2"))) static inline void mulhilo8(__m256i v, __m256i m
     *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
 }
 
-/* first_draws_c with AVX2: 8 groups per vector, VECS independent vectors in flight (the
- * rounds are a dependent chain of multiplies). */
+/* draws_c with AVX2: 8 groups per vector, VECS independent vectors in flight (the rounds
+ * are a dependent chain of multiplies). */
 #define VECS 4
-__attribute__((target("avx2"))) static void first_draws_avx2(uint64_t g0, uint32_t call,
-                                                              uint32_t k0, uint32_t k1,
-                                                              int64_t last_e, int64_t last_f,
-                                                              uint8_t *hits) {
+__attribute__((target("avx2"))) static void draws_avx2(uint64_t g0, uint32_t iteration,
+                                                        uint32_t call, uint32_t k0, uint32_t k1,
+                                                        uint32_t wa[BLOCK], uint32_t wb[BLOCK],
+                                                        uint32_t wc[BLOCK], uint32_t wd[BLOCK]) {
     const __m256i m0 = _mm256_set1_epi64x(PHILOX_M0), m1 = _mm256_set1_epi64x(PHILOX_M1);
     for (int i = 0; i < BLOCK; i += 8 * VECS) {
         __m256i a[VECS], b[VECS], c[VECS], d[VECS];
@@ -108,7 +104,7 @@ __attribute__((target("avx2"))) static void first_draws_avx2(uint64_t g0, uint32
             }
             a[v] = _mm256_loadu_si256((const __m256i *)lo);
             b[v] = _mm256_loadu_si256((const __m256i *)hi);
-            c[v] = _mm256_setzero_si256();
+            c[v] = _mm256_set1_epi32((int)iteration);
             d[v] = _mm256_set1_epi32((int)call);
         }
         uint32_t ka = k0, kb = k1;
@@ -127,30 +123,69 @@ __attribute__((target("avx2"))) static void first_draws_avx2(uint64_t g0, uint32
             kb += PHILOX_W1;
         }
         for (int v = 0; v < VECS; v++) {
-            uint32_t wa[8], wb[8], wc[8], wd[8];
-            _mm256_storeu_si256((__m256i *)wa, a[v]);
-            _mm256_storeu_si256((__m256i *)wb, b[v]);
-            _mm256_storeu_si256((__m256i *)wc, c[v]);
-            _mm256_storeu_si256((__m256i *)wd, d[v]);
-            for (int j = 0; j < 8; j++) {
-                int64_t ue = (int64_t)((((uint64_t)(wa[j] >> 1)) << 32) | wb[j]);
-                int64_t uf = (int64_t)((((uint64_t)(wc[j] >> 1)) << 32) | wd[j]);
-                hits[i + 8 * v + j] = (uint8_t)((ue <= last_e) | ((uf <= last_f) << 1));
-            }
+            _mm256_storeu_si256((__m256i *)(wa + i + 8 * v), a[v]);
+            _mm256_storeu_si256((__m256i *)(wb + i + 8 * v), b[v]);
+            _mm256_storeu_si256((__m256i *)(wc + i + 8 * v), c[v]);
+            _mm256_storeu_si256((__m256i *)(wd + i + 8 * v), d[v]);
         }
     }
 }
 #endif
 
-static void first_draws(uint64_t g0, uint32_t call, uint32_t k0, uint32_t k1, int64_t last_e,
-                        int64_t last_f, uint8_t *hits) {
+static void draws(uint64_t g0, uint32_t iteration, uint32_t call, uint32_t k0, uint32_t k1,
+                  uint32_t a[BLOCK], uint32_t b[BLOCK], uint32_t c[BLOCK], uint32_t d[BLOCK]) {
 #if defined(PBF_AVX2)
     if (__builtin_cpu_supports("avx2")) {
-        first_draws_avx2(g0, call, k0, k1, last_e, last_f, hits);
+        draws_avx2(g0, iteration, call, k0, k1, a, b, c, d);
         return;
     }
 #endif
-    first_draws_c(g0, call, k0, k1, last_e, last_f, hits);
+    draws_c(g0, iteration, call, k0, k1, a, b, c, d);
+}
+
+/* hits[i]: bit 0 when the exp field of group g0 + i holds a flip, bit 1 the frac field. */
+static void first_draws(uint64_t g0, uint32_t call, uint32_t k0, uint32_t k1, int64_t last_e,
+                        int64_t last_f, uint8_t *hits) {
+    uint32_t a[BLOCK], b[BLOCK], c[BLOCK], d[BLOCK];
+    draws(g0, 0, call, k0, k1, a, b, c, d);
+    for (int i = 0; i < BLOCK; i++) {
+        int64_t ue = (int64_t)((((uint64_t)(a[i] >> 1)) << 32) | b[i]);
+        int64_t uf = (int64_t)((((uint64_t)(c[i] >> 1)) << 32) | d[i]);
+        hits[i] = (uint8_t)((ue <= last_e) | ((uf <= last_f) << 1));
+    }
+}
+
+/* Binary digits of P / 2^64 up to its last 1 (0 for P = 0). */
+static inline int digits_of(uint64_t p) { return p ? 64 - __builtin_ctzll(p) : 0; }
+
+/* The dense fields of groups g0 .. g0 + nb - 1: their four lane words (word w: elements
+ * 2w, 2w + 1 of a 16-bit group, low half first; element w of a float32 group) get bit j set
+ * where lane j flips: its uniform (digit k: bit j of word w of the draw at iteration
+ * DENSE_ITERATION + k) is below P / 2^64 of its field (p_e, p_f: 0 for a sparse field).
+ * exp_lanes / frac_lanes: the lane bits of each field in a word. */
+static void dense_block(uint64_t g0, int nb, uint32_t call, uint32_t k0, uint32_t k1,
+                        uint64_t p_e, uint64_t p_f, uint32_t exp_lanes, uint32_t frac_lanes,
+                        uint32_t less[BLOCK][4]) {
+    uint32_t und[BLOCK][4], r[4][BLOCK];
+    const int d_e = digits_of(p_e), d_f = digits_of(p_f);
+    const uint32_t lanes = (p_e ? exp_lanes : 0) | (p_f ? frac_lanes : 0);
+    for (int i = 0; i < BLOCK; i++)
+        for (int w = 0; w < 4; w++) und[i][w] = lanes, less[i][w] = 0;
+    for (int k = 0; k < (d_e > d_f ? d_e : d_f); k++) {
+        /* lanes past their P's last 1 cannot flip: stop once no other lane is undecided */
+        const uint32_t live = (d_e > k ? exp_lanes : 0) | (d_f > k ? frac_lanes : 0);
+        uint32_t any = 0;
+        for (int i = 0; i < nb; i++) any |= (und[i][0] | und[i][1] | und[i][2] | und[i][3]) & live;
+        if (!any) break;
+        const uint32_t digit = ((p_e >> (63 - k)) & 1 ? exp_lanes : 0) |
+                               ((p_f >> (63 - k)) & 1 ? frac_lanes : 0);
+        draws(g0, DENSE_ITERATION + (uint32_t)k, call, k0, k1, r[0], r[1], r[2], r[3]);
+        for (int i = 0; i < BLOCK; i++)
+            for (int w = 0; w < 4; w++) {
+                less[i][w] |= und[i][w] & ~r[w][i] & digit;
+                und[i][w] &= ~(r[w][i] ^ digit);
+            }
+    }
 }
 
 /* Number of table entries below u (the table is sorted). */
@@ -194,18 +229,21 @@ static void field_flips(uint64_t group, int word, int64_t u, const int64_t *t, i
 /* y[g_begin * G .. g_end * G) (clipped to n elements) = flip(x) then zero-out.
  *  x, y: elements (may be the same buffer); elem_bits 16 or 32; n_exp / n_frac: bits per
  *  element of each field; t_e (n_e entries), t_f (n_f): the gap tables (T - 1), a field whose
- *  last entry is < 0 never flips; flips: 0 to skip the sampling; keep_below: with zero != 0,
- *  an element is kept iff its magnitude bits are < keep_below; mask: NULL or one byte per
- *  group (bit j = element j zeroed). */
+ *  last entry is < 0 never flips there; p_e, p_f: P of a dense field (0: sparse); flips: 0 to
+ *  skip the sampling; keep_below: with zero != 0, an element is kept iff its magnitude bits
+ *  are < keep_below; mask: NULL or one byte per group (bit j = element j zeroed). */
 int pbf_flip(const void *x, void *y, int64_t n, int elem_bits, int n_exp, int n_frac,
-             const int64_t *t_e, int64_t n_e, const int64_t *t_f, int64_t n_f, int flips,
-             int64_t g_begin, int64_t g_end, uint32_t call, uint32_t k0, uint32_t k1, int zero,
-             uint32_t keep_below, uint8_t *mask) {
+             const int64_t *t_e, int64_t n_e, const int64_t *t_f, int64_t n_f, uint64_t p_e,
+             uint64_t p_f, int flips, int64_t g_begin, int64_t g_end, uint32_t call,
+             uint32_t k0, uint32_t k1, int zero, uint32_t keep_below, uint8_t *mask) {
     const int G = 128 / elem_bits;
     const size_t es = (size_t)elem_bits / 8;
     const int64_t last_e = t_e[n_e - 1], last_f = t_f[n_f - 1];
     const uint32_t mag = elem_bits == 16 ? 0x7FFFu : 0x7FFFFFFFu;
+    const uint32_t frac_lanes = ((1u << n_frac) - 1u) * (elem_bits == 16 ? 0x10001u : 1u);
     uint8_t hits[BLOCK], zeroed[BLOCK * 8];
+    uint32_t less[BLOCK][4];
+    const int dense = flips && (p_e != 0 || p_f != 0);
     flips = flips && (last_e >= 0 || last_f >= 0);
     for (int64_t g0 = g_begin; g0 < g_end; g0 += BLOCK) {
         int nb = (int)(g_end - g0 < BLOCK ? g_end - g0 : BLOCK);
@@ -213,6 +251,19 @@ int pbf_flip(const void *x, void *y, int64_t n, int elem_bits, int n_exp, int n_
         if (e1 > n) e1 = n;
         char *yb = (char *)y + (size_t)e0 * es;
         if (x != y) memcpy(yb, (const char *)x + (size_t)e0 * es, (size_t)(e1 - e0) * es);
+        if (dense) {
+            dense_block((uint64_t)g0, nb, call, k0, k1, p_e, p_f, ~frac_lanes, frac_lanes, less);
+            for (int i = 0; i < nb; i++) {
+                int64_t first = (g0 + i) * G;
+                int valid = (int)(n - first < G ? n - first : G);
+                for (int e = 0; e < valid; e++) {
+                    if (elem_bits == 16)
+                        ((uint16_t *)yb)[i * G + e] ^= (uint16_t)(less[i][e >> 1] >> ((e & 1) * 16));
+                    else
+                        ((uint32_t *)yb)[i * G + e] ^= less[i][e];
+                }
+            }
+        }
         if (flips) {
             first_draws((uint64_t)g0, call, k0, k1, last_e, last_f, hits);
             for (int i = 0; i < nb; i++) {

@@ -1,13 +1,14 @@
 """The native CPU pass of the flip reference: ``cpu_native.c`` built on first use, via ctypes.
 
-One pass per tensor copies x to y, draws the first Philox word of every group (vectorised,
-native 32x32->64 products), runs the gap-sampling loop only for fields that hold a flip, XORs
-the flips into y and applies the zero-out with its packed mask.  Bit-identical to the torch
-reference (:mod:`.reference` checks it once when built).  The shared library is compiled with
-the system C compiler (``$CC``, ``cc``, ``gcc`` or ``clang``; about a second) into torch's
-extensions directory (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), named
-by a hash of the source and flags, so each machine builds it once.  ``PEFT_BITFLIP_CPU_NATIVE=0``
-or a failed build (one warning) leaves the torch path.
+One pass per tensor copies x to y, runs the dense fields' bit-sliced comparison (one Philox
+draw per digit of P), draws the first Philox word of every group for the sparse fields
+(vectorised, native 32x32->64 products), runs the gap-sampling loop only for fields that hold
+a flip, XORs the flips into y and applies the zero-out with its packed mask.  Bit-identical
+to the torch reference (:mod:`.reference` checks it once when built).  The shared library is
+compiled with the system C compiler (``$CC``, ``cc``, ``gcc`` or ``clang``; about a second)
+into torch's extensions directory (``$TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``), named by a hash of the source and flags, so each machine builds
+it once.  ``PEFT_BITFLIP_CPU_NATIVE=0`` or a failed build (one warning) leaves the torch path.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..spec import check_dtype
-from .sampling import field_sizes, group_size
+from .sampling import dense_words, field_sizes, group_size
 
 SOURCE = Path(__file__).with_name("cpu_native.c")
 _FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-fno-strict-aliasing")
@@ -82,8 +83,9 @@ def _compile(cc: str, flags: tuple[str, ...], source: bytes) -> Path:
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    p, i64, i32, u32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32
-    lib.pbf_flip.argtypes = [p, p, i64, i32, i32, i32, p, i64, p, i64, i32,
+    p, i64, i32, u32, u64 = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32,
+                             ctypes.c_uint64)  # fmt: skip
+    lib.pbf_flip.argtypes = [p, p, i64, i32, i32, i32, p, i64, p, i64, u64, u64, i32,
                              i64, i64, u32, u32, u32, i32, u32, p]  # fmt: skip
     lib.pbf_flip.restype = i32
     return lib
@@ -169,9 +171,9 @@ def flip(
     threshold: float | None,
     mask: torch.Tensor | None = None,
 ) -> None:
-    """``y = zero_out(x with its sparse flips)`` for flat contiguous CPU tensors ``x``, ``y``
-    (the same tensor is fine), the int64 flip ``table`` (its gap tables; dense fields are
-    applied by the caller beforehand), stream key ``k0``, ``k1`` (uint32) and ``call``;
+    """``y = zero_out(x with its flips)`` for flat contiguous CPU tensors ``x``, ``y`` (the
+    same tensor is fine), the int64 flip ``table`` (gap tables, then P of each field: 0 for a
+    sparse field, else the field is dense), stream key ``k0``, ``k1`` (uint32) and ``call``;
     ``mask``: a uint8 tensor of one byte per group that receives the packed zero mask
     (``threshold`` not None).  Threads: ``torch.get_num_threads()``."""
     layout = check_dtype(x.dtype)
@@ -182,8 +184,9 @@ def flip(
     zero = threshold is not None
     below = keep_below(float(threshold), x.dtype) if zero else 0
     t_e = table.data_ptr()
+    p_e, p_f = dense_words(table, x.dtype)
     args = (x.data_ptr(), y.data_ptr(), n, layout.n_bits, layout.n_exp, layout.n_frac,
-            t_e, n_e, t_e + 8 * n_e, n_f, int(flips))  # fmt: skip
+            t_e, n_e, t_e + 8 * n_e, n_f, p_e, p_f, int(flips))  # fmt: skip
     tail = (call % _U32, k0, k1, int(zero), below, mask.data_ptr() if mask is not None else None)
     workers = min(torch.get_num_threads(), max(1, n_groups // _PARALLEL_FROM))
     if workers <= 1:

@@ -411,24 +411,14 @@ def native_library(device, k0: int, k1: int):
 
 @torch.no_grad()
 def _native_flip(lib, flat, table, call, k0, k1, threshold, has_flips, want_mask=False):
-    """(y, packed zero mask or None) of flat contiguous ``flat`` through the native pass; the
-    dense fields' masks (if any) come from :func:`dense_masks` first."""
-    layout = check_dtype(flat.dtype)
-    src = flat
-    if has_flips and flat.numel():
-        dense = _dense_part(flat.numel(), flat.dtype, table, call, k0, k1, flat.device)
-        if dense is not None:
-            half = 1 << (layout.n_bits - 1)
-            dense = torch.where(dense >= half, dense - 2 * half, dense)  # unsigned -> signed
-            src = flat.clone()
-            ints = src.view(_INT_VIEW[layout.n_bits])
-            ints ^= dense.to(ints.dtype)
-    y = src if src is not flat else torch.empty_like(flat)
+    """(y, packed zero mask or None) of flat contiguous ``flat`` through the native pass
+    (sparse and dense fields, zero-out)."""
+    y = torch.empty_like(flat)
     mask = None
     if want_mask and threshold is not None:
         mask = torch.empty(-(-flat.numel() // group_size(flat.dtype)), dtype=torch.uint8)
     if flat.numel():
-        cpu_native.flip(lib, src, y, table, call, k0, k1, has_flips, threshold, mask)
+        cpu_native.flip(lib, flat, y, table, call, k0, k1, has_flips, threshold, mask)
     return y, mask
 
 
