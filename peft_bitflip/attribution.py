@@ -90,9 +90,7 @@ def _settings(flips: BitflipConfig, calibrated: BitflipConfig | None) -> list[tu
         )
         if _has_flips(flips):
             p = {k: getattr(flips, k) for k in NO_FLIPS}
-            rows.append(
-                ("flips + calibrated zero-out", with_probabilities(calibrated, p), True)
-            )
+            rows.append(("flips + calibrated zero-out", with_probabilities(calibrated, p), True))
     return rows
 
 
@@ -257,8 +255,10 @@ def _zero_out_share(rows) -> float | None:
     """(loss under zero-out x + W at p = 0 - clean) / (loss under the fault model - clean)."""
     by = {r["setting"]: r for r in rows}
     clean, full = by.get("clean"), by.get("flips + zero-out")
-    zero = by.get("zero-out x + W (p = 0)") or by.get("zero-out x (p = 0)") or by.get(
-        "zero-out W (p = 0)"
+    zero = (
+        by.get("zero-out x + W (p = 0)")
+        or by.get("zero-out x (p = 0)")
+        or by.get("zero-out W (p = 0)")
     )
     if not (clean and full and zero) or full["diverged"] or zero["diverged"]:
         return None
@@ -315,7 +315,7 @@ def attribution_markdown(report: dict, top: int = 10) -> str:
             f"{w_total:,} of {w_elems:,} weights ({w_total / max(w_elems, 1):.2e}) in "
             f"{w_layers} layers.",
         ]
-        ranked = sorted(layers, key=lambda v: (v.get("x_cut", 0) + v.get("w_cut", 0)), reverse=True)
+        ranked = sorted(layers, key=lambda v: v.get("x_cut", 0) + v.get("w_cut", 0), reverse=True)
         ranked = [v for v in ranked if v.get("x_cut", 0) + v.get("w_cut", 0) > 0][:top]
         if ranked:
             lines += [

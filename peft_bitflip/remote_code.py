@@ -81,9 +81,7 @@ def add_remote_code(path: str | os.PathLike) -> str:
     stub = os.path.join(path, STUB_FILE)
     with open(stub, "w", encoding="utf-8") as f:
         f.write(
-            _STUB.format(
-                config_class=config_class, model_class=model_class, stub_class=STUB_CLASS
-            )
+            _STUB.format(config_class=config_class, model_class=model_class, stub_class=STUB_CLASS)
         )
     auto_map = dict(data.get("auto_map") or {})
     auto_map["AutoModelForCausalLM"] = f"{STUB_FILE[:-3]}.{STUB_CLASS}"

@@ -352,9 +352,7 @@ class RealModelStudy(Study):
                 self.results["lora_r32_s0"]["argv"].index("--bitflip_seed") + 1])  # fmt: skip
             expected = self.results["eval_lora_r32_s0"]["original"]["per_seed"]
             expected = expected.get(seed, expected.get(str(seed)))
-            self.stage(
-                "reload_check", lambda: self.reload_check(lora_path, eval_blocks, expected)
-            )
+            self.stage("reload_check", lambda: self.reload_check(lora_path, eval_blocks, expected))
         if self.failed:
             raise SystemExit(f"LoRA runs failed twice: {sorted(self.failed)}")
 

@@ -56,8 +56,9 @@ def test_perplexity_of_a_nan_model_says_diverged_and_why():
     assert r["perplexity"] == math.inf and "without zero-out" in r["reason"]
     assert format_perplexity(r) == "diverged (2/2 batches non-finite)"
     # the same flips with zero-out stay finite and give no reason
-    pb.apply_bitflip(model, pb.BitflipConfig(x_p_exp=0.3, w_p_exp=0.3, x_zero_out_t=8.0,
-                                             w_zero_out_t=1.0))
+    pb.apply_bitflip(
+        model, pb.BitflipConfig(x_p_exp=0.3, w_p_exp=0.3, x_zero_out_t=8.0, w_zero_out_t=1.0)
+    )
     ok = perplexity(model, ids, batch_size=2)
     assert not ok["diverged"] and ok["reason"] is None and math.isfinite(ok["perplexity"])
 
@@ -73,8 +74,16 @@ def test_perplexity_of_a_model_nan_without_flips_blames_the_model():
 def test_sweep_without_zero_out_marks_every_flipped_point_diverged(tmp_path):
     model = tiny_llama()
     ids = token_ids(4, 16)
-    points = sweep(model, ids, [0.0, 0.2], seeds=[0], x_zero_out_t=None, w_zero_out_t=None,
-                   batch_size=2, progress=False)
+    points = sweep(
+        model,
+        ids,
+        [0.0, 0.2],
+        seeds=[0],
+        x_zero_out_t=None,
+        w_zero_out_t=None,
+        batch_size=2,
+        progress=False,
+    )
     assert [pt.diverged for pt in points] == [False, True]
     rows = summarize_sweep(points)
     assert rows[1]["diverged"] == 1 and rows[1]["nonfinite_share"] == 1.0
@@ -114,15 +123,27 @@ def test_sweep_resume_refuses_another_model(tmp_path):
     with pytest.raises(ValueError, match="model_fingerprint"):
         sweep(tiny_llama(1), ids, [1e-3], seeds=[0], csv_path=path, progress=False)
     with pytest.raises(ValueError, match="tokens_fingerprint"):
-        sweep(tiny_llama(0), token_ids(2, 16, seed=5), [1e-3], seeds=[0], csv_path=path,
-              progress=False)
+        sweep(
+            tiny_llama(0),
+            token_ids(2, 16, seed=5),
+            [1e-3],
+            seeds=[0],
+            csv_path=path,
+            progress=False,
+        )
 
 
 def test_sweep_grid_duplicates_are_measured_once(tmp_path):
     """Regression (35.5): --p 1e-3 0.001 and --seeds 0 0 were measured twice and counted as
     extra seeds with sd 0."""
-    points = sweep(tiny_llama(), token_ids(2, 16), [1e-3, 0.001], seeds=[0, 0],
-                   csv_path=str(tmp_path / "s.csv"), progress=False)
+    points = sweep(
+        tiny_llama(),
+        token_ids(2, 16),
+        [1e-3, 0.001],
+        seeds=[0, 0],
+        csv_path=str(tmp_path / "s.csv"),
+        progress=False,
+    )
     assert len(points) == 1
     assert summarize_sweep(points)[0]["seeds"] == 1
     assert len(list(csv.DictReader(open(tmp_path / "s.csv")))) == 1
@@ -181,10 +202,26 @@ def test_sweep_csv_write_is_atomic(tmp_path, monkeypatch):
 def test_sweep_point_csv_round_trip_keeps_divergence(tmp_path):
     model, ids = tiny_llama(), token_ids(2, 16)
     path = str(tmp_path / "s.csv")
-    pts = sweep(model, ids, [0.3], seeds=[0], x_zero_out_t=None, w_zero_out_t=None,
-                csv_path=path, progress=False)
-    again = sweep(model, ids, [0.3], seeds=[0], x_zero_out_t=None, w_zero_out_t=None,
-                  csv_path=path, progress=False)
+    pts = sweep(
+        model,
+        ids,
+        [0.3],
+        seeds=[0],
+        x_zero_out_t=None,
+        w_zero_out_t=None,
+        csv_path=path,
+        progress=False,
+    )
+    again = sweep(
+        model,
+        ids,
+        [0.3],
+        seeds=[0],
+        x_zero_out_t=None,
+        w_zero_out_t=None,
+        csv_path=path,
+        progress=False,
+    )
     assert isinstance(again[0], SweepPoint) and again[0].diverged  # read back, not measured
     assert [(p.key, p.perplexity, p.nonfinite_batches) for p in again] == [
         (p.key, p.perplexity, p.nonfinite_batches) for p in pts
@@ -304,8 +341,25 @@ def test_flags_override_field_by_field_on_top_of_the_checkpoint(ckpt, tmp_path, 
 def test_compare_records_every_seed_of_a_row(ckpt, tmp_path):
     """Regression (36.4 in part): compare wrote seed=0 for rows averaged over seeds 0 and 1."""
     out = tmp_path / "cmp"
-    assert main(["compare", "--clean_model", str(ckpt / "clean"), "--seeds", "0", "1",
-                 "--block_size", "32", "--max_batches", "1", "--output_dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--clean_model",
+                str(ckpt / "clean"),
+                "--seeds",
+                "0",
+                "1",
+                "--block_size",
+                "32",
+                "--max_batches",
+                "1",
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((out / "compare.json").read_text())["rows"]
     assert "seeds=0,1" in rows[1]["flips"] and rows[1]["flip_seeds"] == [0, 1]
     assert rows[1]["bitflip_config"]["seed"] is None
@@ -317,8 +371,12 @@ def test_flip_config_for_takes_calibrated_thresholds():
     )
     cfg = flip_config_for(1e-3, "w", "exp", seed=4, zero_out=cal)
     assert cfg.seed == 4 and cfg.w_p_exp == 1e-3 and cfg.x_p_exp == 0.0
-    assert cfg.values_for("a") == {**{k: 0.0 for k in ("x_p_exp", "x_p_frac", "w_p_frac")},
-                                   "w_p_exp": 1e-3, "x_zero_out_t": 3.0, "w_zero_out_t": None}
+    assert cfg.values_for("a") == {
+        **{k: 0.0 for k in ("x_p_exp", "x_p_frac", "w_p_frac")},
+        "w_p_exp": 1e-3,
+        "x_zero_out_t": 3.0,
+        "w_zero_out_t": None,
+    }
 
 
 def test_auto_tokenizer_of_the_fixture(ckpt):

@@ -141,9 +141,9 @@ def test_merged_bitflip_lora_reloads_in_a_fresh_process_and_runs_in_lm_eval(real
     from peft_bitflip.evaluation import load_model, perplexity
 
     again, _ = load_model(str(out))  # the same flips in this process, from call 0
-    assert json.loads(fresh.stdout.strip().splitlines()[-1]) == perplexity(again, blocks)[
-        "perplexity"
-    ]
+    assert (
+        json.loads(fresh.stdout.strip().splitlines()[-1]) == perplexity(again, blocks)["perplexity"]
+    )
     lm = subprocess.run(
         [sys.executable, "-m", "peft_bitflip.lm_eval_cli", "--model", "hf", "--model_args",
          f"pretrained={out}", "--tasks", "bitflip_text_ppl", "--limit", "2", "--metadata",
