@@ -404,8 +404,10 @@ def _experts_through_linear_layers(stock, layers, hidden, index, weights):
     return _stock_loop(stock, hidden, index, weights, lambda proj, e, h: layers[(proj, e)](h))
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
-@pytest.mark.parametrize("faults", ["stuck", "bursts", "both"])
+@pytest.mark.parametrize(
+    "arch, faults",
+    [("mixtral", "stuck"), ("gpt_oss", "bursts"), ("mixtral", "both"), ("gpt_oss", "both")],
+)
 def test_expert_faults_equal_linear_layers_expert_by_expert(arch, faults):
     """Stuck bits and bursts of every expert matmul are those of a plain linear layer named
     ``{module}.{proj}.{expert}`` with the expert's weight (the transposed layout: a Conv1D),
@@ -451,9 +453,10 @@ def expert_params(experts):
     return ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj")
 
 
-def test_expert_stuck_positions_per_matmul_stable_reloaded_and_replayed(tmp_path):
+def test_expert_stuck_positions_per_matmul_stable_reloaded_and_replayed(tmp_path, monkeypatch):
     """Every expert matmul has stuck bits of its own (named ``{module}.{proj}.{expert}``),
-    the same at every call and after save / reload; the exported list replays them."""
+    the same at every call, on another rank and after save / reload; the exported list
+    replays them."""
     from peft_bitflip.stuck_at import export_stuck_positions
 
     cfg = pb.BitflipConfig(**STUCK, **FLIPS, seed=3)
@@ -468,6 +471,11 @@ def test_expert_stuck_positions_per_matmul_stable_reloaded_and_replayed(tmp_path
     for t in ("x", "w"):
         sets = [frozenset(map(tuple, first[n][t])) for n in names]
         assert all(sets) and len(set(sets)) == len(sets), t  # per expert and projection
+    monkeypatch.setenv("RANK", "1")  # no rank in the stuck streams (unlike the flips)
+    other_rank = tiny_mixtral()
+    pb.apply_bitflip(other_rank, cfg)
+    assert export_stuck_positions(other_rank) == first
+    monkeypatch.delenv("RANK")
     model.save_pretrained(tmp_path)
     expected = _logits(model, ids)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -572,3 +580,34 @@ def test_frozen_expert_weights_are_stuck_once(monkeypatch):
     with torch.no_grad():
         experts(*routing)
     assert len(builds) == 3 * hit  # down_proj's slices again, gate_up_proj's kept
+
+
+def test_expert_stuck_lanes_fused_in_the_flip_kernel(needs_interpreter, monkeypatch):
+    """On the Triton backend (here its interpreter) the experts' stuck input lanes go to the
+    flip kernel's pass over x, not a pass of their own; outputs and gradients are those of the
+    CPU path, which forces them separately first."""
+    from peft_bitflip.stuck_at import _ApplyStuck
+
+    lane_passes = []
+    monkeypatch.setattr(
+        _ApplyStuck,
+        "apply",
+        lambda *a, _f=_ApplyStuck.apply: lane_passes.append(a[4]) or _f(*a),
+    )
+    cfg = pb.BitflipConfig(x_stuck_p_frac=2**-3, x_p_frac=2**-6, x_zero_out_t=40.0, seed=1)
+    got = {}
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", backend)
+        model = tiny_mixtral()
+        pb.apply_bitflip(model, cfg)
+        experts = _experts(model)
+        hidden, index, weights = _routing(experts, tokens=3)
+        lane_passes.clear()
+        h = hidden.requires_grad_()
+        out = experts(h, index, weights)
+        out.pow(2).sum().backward()
+        got[backend] = (out.detach(), h.grad, experts.down_proj.grad)
+        matmuls = 2 * index.unique().numel()
+        assert sum(lane_passes) == (0 if backend == "triton" else matmuls), backend
+    for a, b in zip(got["triton"], got["reference"]):
+        assert torch.equal(a, b)
