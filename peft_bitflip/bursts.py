@@ -169,6 +169,7 @@ class Bursts:
     def __init__(self, name: str, seed: int, x: BurstSpec, w: BurstSpec):
         self.name, self.seed, self.x, self.w = name, seed, x, w
         self._keys: dict = {}
+        self._matmuls: dict = {}
 
     def __repr__(self) -> str:
         return f"Bursts({self.name!r}, seed={self.seed}, x={self.x}, w={self.w})"
@@ -180,6 +181,17 @@ class Bursts:
             return self
         x, w = (dataclasses.replace(s, rate=s.rate * f) for s in (self.x, self.w))
         return Bursts(self.name, self.seed, x, w)
+
+    def matmul(self, proj: str, expert: int) -> Bursts:
+        """These settings for expert ``expert``'s matmul with parameter ``proj`` of a fused MoE
+        experts module named ``name``: streams of its own, named ``f"{name}.{proj}.{expert}"``
+        (kept)."""
+        found = self._matmuls.get((proj, expert))
+        if found is None:
+            found = Bursts(f"{self.name}.{proj}.{expert}", self.seed, self.x, self.w)
+            if not torch.compiler.is_compiling():
+                self._matmuls[(proj, expert)] = found
+        return found
 
     def key(self, tensor: str) -> tuple[int, int]:
         """The stream of ``tensor``'s bursts ("x" / "w") on this data-parallel rank."""

@@ -170,6 +170,7 @@ class BitflipConfig(QuantizationConfigMixin):
         stuck_at_positions: explicit stuck bits, ``{module name: {"x" | "w": [[element
             index, bit, value], ...]}}`` (a replayable fault list; see
             ``stuck_at.export_stuck_positions``), added to the drawn ones; ``None``: none.
+            The matmuls of an MoE experts module are named ``<module>.<parameter>.<expert>``.
         x_burst_rate, w_burst_rate: burst faults (``peft_bitflip.bursts``): probability in
             [0, 1] that an element of the layer input / weight holds a fault event that
             inverts ``burst_length`` adjacent bits, drawn afresh at every call; rules may set

@@ -25,6 +25,12 @@ call counter (``bitflip_calls``, one call per forward, shared by its experts' st
 weight is flipped when its expert computes (an expert that receives no token reads no weight).
 Biases are added unflipped, as in the linear layers.  With flips off (``disable_bitflips``) the
 stock forward runs.
+
+Stuck bits and bursts (``bitflip_stuck``: a :class:`~peft_bitflip.stuck_at.ExpertsStuckAt`;
+``bitflip_bursts``: a :class:`~peft_bitflip.bursts.Bursts`) act on every expert matmul as on a
+linear layer named ``f"{name}.{proj}.{e}"``, before its flips: stuck bits over the expert's
+weight slice ``W[e]`` (as the module stores it) and its input features, drawn on that name's
+streams and cached per slice; bursts on that name's burst streams at the module's call.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from .flipped_linear import flipped_linear
 from .functional import stream_key
 from .kernels.sampling import write_next_call
 from .layers import _PENDING_MAX, BitflipLayerMixin, _checkpoint_phase, data_parallel_rank
+from .linear_ops import _autocast_dtype
 
 __all__ = ["BitflipExpertsMixin", "bitflip_experts_class", "expert_weight_names", "is_experts"]
 
@@ -121,11 +128,25 @@ class BitflipExpertsMixin(BitflipLayerMixin):
     def _expert_matmul(self, proj: str, expert: int, x, weights, biases, call, stats):
         """flip(x) @ flip(W[expert])^T (W[expert] for a transposed layout), plus
         ``biases[expert]`` unless ``biases`` is None; ``weights`` / ``biases``: the stacked
-        parameters named ``proj`` and ``proj + "_bias"``."""
+        parameters named ``proj`` and ``proj + "_bias"``.  The matmul's stuck bits, then its
+        bursts act before the flips, as in a linear layer."""
         x_key, w_key = self.stream_keys(proj, expert)
+        weight, params, lanes = weights[expert], (), None
+        stuck = None if self.bitflip_stuck is None else self.bitflip_stuck.matmul(proj, expert)
+        bursts = None if self.bitflip_bursts is None else self.bitflip_bursts.matmul(proj, expert)
+        compute = _autocast_dtype(x)
+        if stuck is not None:  # the stuck slice cached against the stacked parameter
+            if not stuck.w.is_identity:
+                weight, params = (lambda: weights[expert]), (weights,)
+            fuse = bursts is None and stats is None  # nothing between stuck bits and flips
+            x, weight, params, lanes = stuck.apply_fused(
+                x, weight, params, compute, (), self.x_spec if fuse else None
+            )
+        if bursts is not None:
+            x, weight, params = bursts.apply(x, weight, params, compute, call, stats)
         out = flipped_linear(
-            x, weights[expert], None, self.x_spec, self.w_spec, x_key, w_key, call,
-            self.is_transposed, stats, recompute_input=self.bitflip_recompute_input,
+            x, weight, None, self.x_spec, self.w_spec, x_key, w_key, call,
+            self.is_transposed, stats, params, self.bitflip_recompute_input, x_lanes=lanes,
         )  # fmt: skip
         if biases is not None:  # added after the product, as the stock forward does
             out = out + biases[expert]

@@ -37,6 +37,7 @@ positions of a model in that form, for ``BitflipConfig(stuck_at_positions=...)``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import numbers
 import weakref
@@ -47,6 +48,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .experts import expert_weight_names, is_experts
 from .functional import apply_flip_spec, stream_key
 from .kernels.op import backend_for
 from .kernels.sampling import group_size
@@ -55,6 +57,7 @@ from .spec import FlipSpec, check_dtype, validate_probability
 
 __all__ = [
     "STUCK_RATE_KEYS",
+    "ExpertsStuckAt",
     "StuckAt",
     "StuckBits",
     "StuckSpec",
@@ -488,13 +491,21 @@ class StuckAt:
         return stuck
 
 
-def stuck_at_for(config, name: str) -> StuckAt | None:
-    """The :class:`StuckAt` of module ``name`` under ``config`` (a ``BitflipConfig``), or None
-    when none of its bits can be stuck."""
+def stuck_at_for(config, name: str, experts: bool = False) -> StuckAt | ExpertsStuckAt | None:
+    """The :class:`StuckAt` of module ``name`` under ``config`` (a ``BitflipConfig``), or, with
+    ``experts`` (a fused MoE experts module), its :class:`ExpertsStuckAt`; None when none of
+    its bits can be stuck."""
     values = config.stuck_values_for(name)
     if values is None:
         return None
-    lists = (config.stuck_at_positions or {}).get(name, {})
+    positions = config.stuck_at_positions or {}
+    if experts and name in positions:
+        raise ValueError(
+            f"stuck_at_positions names the MoE experts module {name!r}: name each expert "
+            f"matmul instead, as '{name}.<parameter>.<expert>' (e.g. '{name}.down_proj.0'), "
+            "the names export_stuck_positions writes"
+        )
+    lists = {} if experts else positions.get(name, {})
     share = values["stuck_one_share"]
     specs = {
         t: StuckSpec(
@@ -502,26 +513,115 @@ def stuck_at_for(config, name: str) -> StuckAt | None:
         )
         for t in TENSORS
     }
+    if experts:
+        listed = {k: v for k, v in positions.items() if k.startswith(name + ".")}
+        if all(s.is_identity for s in specs.values()) and not listed:
+            return None
+        return ExpertsStuckAt(name, config.seed, specs["x"], specs["w"], listed)
     if all(s.is_identity for s in specs.values()):
         return None
     return StuckAt(name, config.seed, specs["x"], specs["w"])
 
 
-def stuck_settings(stuck: StuckAt | None) -> tuple | None:
-    """What decides the stuck bits of a :class:`StuckAt` (for comparing two), or None."""
-    return None if stuck is None else (stuck.name, stuck.seed, stuck.x, stuck.w)
+class ExpertsStuckAt:
+    """The stuck-at faults of a fused MoE experts module: the module's rates (``x`` / ``w``,
+    :class:`StuckSpec` without positions) and, per expert matmul, a :class:`StuckAt` of its
+    own named ``f"{module}.{parameter}.{expert}"`` (e.g. ``...mlp.experts.down_proj.3``):
+    its stream, ``stream_key(seed, that name, "x_stuck" | "w_stuck")``, and its explicit
+    positions, ``stuck_at_positions[that name]``, over the expert's 2-D weight slice
+    ``W[expert]`` as the module stores it and over the expert's input features (``listed``:
+    those entries of the config)."""
+
+    def __init__(self, name: str, seed: int, x: StuckSpec, w: StuckSpec, listed: Mapping):
+        self.name, self.seed, self.x, self.w = name, seed, x, w
+        self.listed = {
+            k: {t: tuple(map(tuple, v)) for t, v in d.items()} for k, d in listed.items()
+        }
+        self._matmuls: dict = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"ExpertsStuckAt({self.name!r}, seed={self.seed}, x={self.x}, w={self.w}, "
+            f"{len(self.listed)} matmul(s) with explicit positions)"
+        )
+
+    def matmul(self, proj: str, expert: int) -> StuckAt | None:
+        """The :class:`StuckAt` of expert ``expert``'s matmul with parameter ``proj`` (kept:
+        its drawn bits and stuck weight slice are cached there), or None without stuck bits."""
+        found = self._matmuls.get((proj, expert), False)
+        if found is False:
+            name = f"{self.name}.{proj}.{expert}"
+            lists = self.listed.get(name, {})
+            x, w = (
+                dataclasses.replace(s, positions=lists.get(t, ()))
+                for t, s in zip(TENSORS, (self.x, self.w))
+            )
+            found = None if x.is_identity and w.is_identity else StuckAt(name, self.seed, x, w)
+            self._matmuls[(proj, expert)] = found
+        return found
+
+    def clear(self) -> None:
+        """Drop the cached stuck weight slices (see :meth:`StuckAt.clear`)."""
+        for stuck in self._matmuls.values():
+            if stuck is not None:
+                stuck.clear()
+
+    def sticks_listed(self, tensor: str) -> bool:
+        """Whether an explicit position of ``tensor`` ("x" / "w") is listed for a matmul."""
+        return any(lists.get(tensor) for lists in self.listed.values())
+
+
+def stuck_settings(stuck: StuckAt | ExpertsStuckAt | None) -> tuple | None:
+    """What decides the stuck bits of a :class:`StuckAt` / :class:`ExpertsStuckAt` (for
+    comparing two), or None."""
+    if stuck is None:
+        return None
+    return (stuck.name, stuck.seed, stuck.x, stuck.w, getattr(stuck, "listed", None))
 
 
 def check_position_names(config, flipped_names) -> None:
     """Raise ``ValueError`` naming the layers of ``config.stuck_at_positions`` that are not
-    bit-flip layers of the model (their faults would silently do nothing)."""
+    bit-flip layers (or expert matmuls ``<experts module>.<parameter>.<expert>``, see
+    :func:`position_names`) of the model: their faults would silently do nothing."""
     missing = [n for n in (config.stuck_at_positions or {}) if n not in flipped_names]
     if missing:
         names = list(flipped_names)
         raise ValueError(
             f"stuck_at_positions names layer(s) {missing} that are not bit-flip layers of the "
-            f"model; layers are named as e.g. {names[:3]}"
+            f"model; layers are named as e.g. {names[:3]} (the experts of an MoE module as "
+            "'<module>.<parameter>.<expert>')"
         )
+
+
+def position_names(name: str, module: torch.nn.Module) -> list[str]:
+    """The names ``stuck_at_positions`` gives the matmuls of bit-flip module ``name``: the
+    name itself for a linear layer, ``f"{name}.{parameter}.{expert}"`` for every expert matmul
+    of a fused MoE experts module."""
+    if not is_experts(module):
+        return [name]
+    return [
+        f"{name}.{proj}.{e}"
+        for proj in expert_weight_names(module)
+        for e in range(module.num_experts)
+    ]
+
+
+def _stuck_matmuls(module: torch.nn.Module):
+    """(StuckAt, weight as the matmul reads it, in_features) of every matmul of a bit-flip
+    module with stuck bits: the layer itself, or each expert's slice ``W[expert]``."""
+    stuck = module.bitflip_stuck
+    if not isinstance(stuck, ExpertsStuckAt):
+        weight = module.weight
+        conv1d = getattr(module, "_is_conv1d", False)
+        yield stuck, weight, weight.shape[0] if conv1d else weight.shape[1]
+        return
+    for proj in expert_weight_names(module):
+        stacked = module._parameters[proj]  # (not the attribute: a PEFT ParamWrapper adds dW)
+        for e in range(module.num_experts):
+            found = stuck.matmul(proj, e)
+            if found is not None:
+                weight = stacked[e]
+                yield found, weight, weight.shape[0] if module.is_transposed else weight.shape[1]
 
 
 def export_stuck_positions(model: torch.nn.Module, x_dtype: torch.dtype | None = None) -> dict:
@@ -530,21 +630,20 @@ def export_stuck_positions(model: torch.nn.Module, x_dtype: torch.dtype | None =
     it), in the dtype the layers force them in: under a ``torch.autocast`` active on the
     weights' device (call this inside the same autocast as the forward) its dtype for both;
     without, the weight's dtype, and for input lanes ``x_dtype`` (the input's dtype; default
-    the weight's)."""
+    the weight's).  A fused MoE experts module has one entry per expert matmul, named
+    ``f"{module}.{parameter}.{expert}"`` (its weight: the expert's 2-D slice ``W[expert]``)."""
     out = {}
     for _, module in model.named_modules():
-        stuck = getattr(module, "bitflip_stuck", None)
-        if stuck is None:
+        if getattr(module, "bitflip_stuck", None) is None:
             continue
-        weight = module.weight
-        compute = _autocast_dtype(weight)
-        in_features = weight.shape[0] if getattr(module, "_is_conv1d", False) else weight.shape[1]
-        entry = {}
-        if not stuck.x.is_identity:
-            dtype = compute or x_dtype or weight.dtype
-            entry["x"] = stuck.positions("x", in_features, dtype, weight.device)
-        if not stuck.w.is_identity:
-            dtype = compute or weight.dtype
-            entry["w"] = stuck.positions("w", weight.numel(), dtype, weight.device)
-        out[stuck.name] = entry
+        for stuck, weight, in_features in _stuck_matmuls(module):
+            compute = _autocast_dtype(weight)
+            entry = {}
+            if not stuck.x.is_identity:
+                dtype = compute or x_dtype or weight.dtype
+                entry["x"] = stuck.positions("x", in_features, dtype, weight.device)
+            if not stuck.w.is_identity:
+                dtype = compute or weight.dtype
+                entry["w"] = stuck.positions("w", weight.numel(), dtype, weight.device)
+            out[stuck.name] = entry
     return out

@@ -17,9 +17,11 @@ site       what flips                                                   when
 ========== ============================================================ =====================
 
 Each site has a :class:`~peft_bitflip.spec.FlipSpec` (``p_exp``: every sign/exponent bit,
-``p_frac``: every mantissa bit, optional zero-out threshold, inclusive: ``|v| >= t``, NaN and
-+-Inf become 0).  Tensors of other dtypes than float32/bfloat16/float16 (e.g. AdamW's ``step``
-counter) are left alone.
+``p_frac``: every mantissa bit, ``p_bits``: per-bit-position rates, optional zero-out
+threshold, inclusive: ``|v| >= t``, NaN and +-Inf become 0), applied by the forward flips'
+function.  Counts are per group (sign+exponent, mantissa): with ``p_bits`` the logged
+``_{exp,frac}_rate`` is the flips per bit of the group, over all of its positions.  Tensors
+of other dtypes than float32/bfloat16/float16 (e.g. AdamW's ``step`` counter) are left alone.
 
 Streams and determinism: the flips of a site are a pure function of (values, spec, ``seed``,
 stream, call), the stream named ``("training", site, <module or parameter name>, rank[, m])``
@@ -152,18 +154,29 @@ def parse_training_faults(text: str, seed: int = 0, modules: str | None = None) 
     """``"grad_w=1e-6,exp_avg_sq.exp=1e-7"`` -> :class:`TrainingFaults` (a recipe/CLI flag).
 
     ``site=p`` sets p for every bit of the site, ``site.exp=p`` / ``site.frac=p`` one group,
-    ``site.t=x`` its zero-out threshold; p may be written ``2^-20``."""
+    ``site.sign=p`` / ``site.bit:N=p`` / ``site.bit:N-M=p`` the rate of those bit positions
+    (``FlipSpec.p_bits``, 0 = least significant bit; the campaign sites' names), which then
+    flip at that rate instead of their group's, ``site.t=x`` its zero-out threshold; p may be
+    written ``2^-20``."""
+    from .campaign import check_site_bits, site_bit_rates
+
     fields: dict[str, dict] = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         key, sep, value = item.partition("=")
         site, _, part = key.strip().partition(".")
-        if not sep or site not in SITES or part not in ("", "exp", "frac", "t"):
+        try:
+            positions = part not in ("", "exp", "frac", "t") and check_site_bits(part)
+        except ValueError:
+            positions = None
+        if not sep or site not in SITES or positions is None:
             raise ValueError(
-                f"training fault {item!r}: expected site=p, site.exp=p, site.frac=p or site.t=x "
-                f"with site in {SITES}"
+                f"training fault {item!r}: expected site=p, site.exp=p, site.frac=p, "
+                f"site.sign=p, site.bit:N=p, site.bit:N-M=p or site.t=x with site in {SITES}"
             )
         number = _number(value.strip(), item)
         spec = fields.setdefault(site, {})
+        if positions:
+            spec.setdefault("p_bits", {}).update(site_bit_rates(positions, number))
         if part in ("", "exp"):
             spec["p_exp"] = number
         if part in ("", "frac"):

@@ -34,7 +34,7 @@ from .experts import bitflip_experts_class, expert_weight_names, is_experts
 from .layers import BitflipConv1D, BitflipLayerMixin, BitflipLinear, Conv1D, bitflip_layers
 from .model_config import attach_bitflip_config, detach_bitflip_config
 from .spec import FlipSpec
-from .stuck_at import check_position_names, stuck_at_for
+from .stuck_at import check_position_names, position_names, stuck_at_for
 
 __all__ = ["BitflipSummary", "apply_bitflip", "remove_bitflip", "candidate_modules"]
 
@@ -267,7 +267,8 @@ def _stuck_exponents(root: nn.Module, flipped) -> set[tuple[str, str]]:
         bursts = getattr(module, "bitflip_bursts", None)
         for tensor in ("x", "w"):
             spec = None if stuck is None else getattr(stuck, tensor)
-            if spec is not None and (spec.p_exp > 0 or spec.positions):
+            listed = getattr(stuck, "sticks_listed", None)  # an experts module's lists
+            if spec is not None and (spec.p_exp > 0 or spec.positions or listed and listed(tensor)):
                 out.add((name, tensor))
             burst = None if bursts is None else getattr(bursts, tensor)
             if burst is not None and not burst.is_identity and burst.field != "frac":
@@ -346,21 +347,8 @@ def apply_bitflip(
     candidates = [(n, m) for n, m, adapter_of in walked if _is_candidate(m, adapter_of)]
     if check_rules:
         config.check_rules_match(list(dict.fromkeys(n for n, _ in candidates)))
-        check_position_names(config, [n for n, _ in candidates if config.resolve(n) is not None])
-    for kind, faults_for, rates in (
-        ("stuck-at", stuck_at_for, "the stuck rates"),
-        ("burst", bursts_for, "x_burst_rate and w_burst_rate"),
-    ):
-        experts = [
-            n for n, m in candidates
-            if is_experts(m) and config.resolve(n) is not None and faults_for(config, n) is not None
-        ]  # fmt: skip
-        if experts:
-            raise ValueError(
-                f"{kind} faults are not implemented for MoE experts modules ({experts[0]}, "
-                f"{len(experts)} in all): exclude them with a layer_name_to_config rule that "
-                f"sets {rates} to 0 there"
-            )
+        flipped = [(n, m) for n, m in candidates if config.resolve(n) is not None]
+        check_position_names(config, [p for n, m in flipped for p in position_names(n, m)])
     summary = BitflipSummary()
     for name, module in candidates:
         specs = config.resolve(name)
@@ -381,7 +369,7 @@ def apply_bitflip(
             module.__class__ = _bitflip_class(module)
             module._bitflip_original_class = original
             module.init_bitflip(name, x_spec, w_spec, config.seed)
-        module.bitflip_stuck = stuck_at_for(config, name)
+        module.bitflip_stuck = stuck_at_for(config, name, is_experts(module))
         module.bitflip_bursts = bursts_for(config, name)
         summary.flipped[name] = (x_spec, w_spec)
     for name, module, adapter_of in walked:

@@ -34,7 +34,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from .bursts import burst_settings, bursts_for
 from .config import BURST_KEYS, P_BITS_KEYS, RULE_KEYS, STUCK_KEYS, BitflipConfig
-from .experts import BitflipExpertsMixin
+from .experts import BitflipExpertsMixin, is_experts
 from .kernels.lora import merge_lora_weight, merged_lora_weight
 from .layers import BitflipLayerMixin
 from .stuck_at import stuck_at_for, stuck_settings
@@ -293,10 +293,12 @@ def _check_model_fault_model(model, wanted: BitflipConfig) -> None:
                 f"{name}: model x {m.x_spec}, w {m.w_spec}, seed {m.bitflip_seed}; adapter x "
                 f"{specs[0]}, w {specs[1]}, seed {wanted.seed}"
             )
-        elif stuck_settings(m.bitflip_stuck) != stuck_settings(stuck_at_for(wanted, name)):
+        elif stuck_settings(m.bitflip_stuck) != stuck_settings(
+            stuck_at_for(wanted, name, is_experts(m))
+        ):
             differences.append(
                 f"{name}: model stuck-at {m.bitflip_stuck}; adapter stuck-at "
-                f"{stuck_at_for(wanted, name)}"
+                f"{stuck_at_for(wanted, name, is_experts(m))}"
             )
         elif burst_settings(m.bitflip_bursts) != burst_settings(bursts_for(wanted, name)):
             differences.append(

@@ -240,9 +240,10 @@ class BitflipArguments:
     train_faults: str | None = field(
         default=None,
         metadata={
-            "help": "faults in the training step: site=p[,site.exp=p,site.frac=p,site.t=x] with "
-            "site in grad_x, grad_w, exp_avg, exp_avg_sq, param (docs/fault-model.md), e.g. "
-            "'exp_avg_sq=1e-6'; seeded by --bitflip_seed",
+            "help": "faults in the training step: site=p[,site.exp=p,site.frac=p,site.sign=p,"
+            "site.bit:N=p,site.bit:N-M=p,site.t=x] with site in grad_x, grad_w, exp_avg, "
+            "exp_avg_sq, param (docs/fault-model.md), e.g. 'exp_avg_sq=1e-6' or "
+            "'exp_avg_sq.bit:30=1e-6'; seeded by --bitflip_seed",
             "metavar": "SITES",
         },
     )

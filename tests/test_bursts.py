@@ -370,15 +370,22 @@ def test_cuda_kernel_equals_cpu_reference(dtype):
             assert _same_bits(got, want), (dtype, rate, length, field)
 
 
-def test_moe_experts_refuse_bursts_and_exponent_bursts_warn(monkeypatch):
+def test_moe_experts_take_bursts_and_exponent_bursts_warn(monkeypatch):
+    """MoE experts take bursts (tests/test_moe_experts.py checks them); exponent bursts
+    without zero-out warn, on linear layers and on experts alike."""
     import warnings
 
     from tiny_models import tiny_mixtral
 
     from peft_bitflip import transform
 
-    with pytest.raises(ValueError, match="burst faults are not implemented for MoE experts"):
-        pb.apply_bitflip(tiny_mixtral(), pb.BitflipConfig(w_burst_rate=1e-3, w_zero_out_t=10.0))
+    experts = "model.layers.0.mlp.experts"
+    only_experts = {experts: {"w_burst_rate": 1e-3}}  # (the other modules: no faults)
+    monkeypatch.setattr(transform, "_WARNED_NO_ZERO_OUT", set())
+    with pytest.warns(UserWarning, match=f"without zero-out on w.*e.g. {experts}"):
+        model = tiny_mixtral()
+        pb.apply_bitflip(model, pb.BitflipConfig(layer_name_to_config=only_experts))
+    assert model.get_submodule(experts).bitflip_bursts.w.rate == 1e-3
     monkeypatch.setattr(transform, "_WARNED_NO_ZERO_OUT", set())
     with pytest.warns(UserWarning, match="without zero-out on w"):
         pb.apply_bitflip(tiny_llama(), pb.BitflipConfig(w_burst_rate=1e-3, burst_field="exp"))

@@ -88,9 +88,9 @@ def test_weight_zero_out_applies_to_the_experts(arch):
     assert not torch.equal(_logits(model, ids), _logits(MODELS[arch](), ids))
 
 
-def _reference_experts(experts, name, seed, x_spec, w_spec, hidden, index, weights, call):
-    """The stock eager loop with differentiable flips (apply_flip_spec) on every expert
-    matmul's input and weight, streams named ``{name}.{proj}.{e}`` / x|w / rank 0."""
+def _stock_loop(experts, hidden, index, weights, matmul):
+    """The stock eager loop over the experts that get tokens, ``matmul(proj, e, h)`` computing
+    each expert matmul without its bias (added after it, as the stock forward does)."""
     first = "gate_up_proj" if experts.has_gate else "up_proj"
     out = torch.zeros_like(hidden)
     mask = torch.nn.functional.one_hot(index, experts.num_experts + 1).permute(2, 1, 0)
@@ -100,18 +100,28 @@ def _reference_experts(experts, name, seed, x_spec, w_spec, hidden, index, weigh
             continue
         h = hidden[token_idx]
         for proj in (first, "down_proj"):
-            stream = f"{name}.{proj}.{e}"
-            xf = apply_flip_spec(h, x_spec, stream_key(seed, stream, "x", 0), call)
-            wf = apply_flip_spec(
-                getattr(experts, proj)[e], w_spec, stream_key(seed, stream, "w", 0), call
-            )
-            h = xf @ wf if experts.is_transposed else xf @ wf.t()
+            h = matmul(proj, e, h)
             if experts.has_bias:
                 h = h + getattr(experts, proj + "_bias")[e]
             if proj == first:
-                h = experts._apply_gate(h)
+                h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
         out.index_add_(0, token_idx, h * weights[token_idx, top_k_pos, None])
     return out
+
+
+def _reference_experts(experts, name, seed, x_spec, w_spec, hidden, index, weights, call):
+    """The stock eager loop with differentiable flips (apply_flip_spec) on every expert
+    matmul's input and weight, streams named ``{name}.{proj}.{e}`` / x|w / rank 0."""
+
+    def matmul(proj, e, h):
+        stream = f"{name}.{proj}.{e}"
+        xf = apply_flip_spec(h, x_spec, stream_key(seed, stream, "x", 0), call)
+        wf = apply_flip_spec(
+            getattr(experts, proj)[e], w_spec, stream_key(seed, stream, "w", 0), call
+        )
+        return xf @ wf if experts.is_transposed else xf @ wf.t()
+
+    return _stock_loop(experts, hidden, index, weights, matmul)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
@@ -344,4 +354,260 @@ def test_recompute_flipped_inputs_gives_the_same_expert_gradients():
         grads.append((h.grad, experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()))
         experts.zero_grad()
     for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- issue 33: stuck-at and bursts
+
+STUCK = dict(w_stuck_p_exp=2**-7, w_stuck_p_frac=2**-5, x_stuck_p_frac=2**-4, stuck_one_share=0.4)
+BURSTS = dict(x_burst_rate=2**-5, w_burst_rate=2**-4, burst_length={2: 0.5, 3: 0.5})
+FLIPS = dict(x_p_frac=2**-6, w_p_frac=2**-6, w_p_exp=2**-9, w_zero_out_t=0.06, x_zero_out_t=40.0)
+
+
+def _nested(path: str, leaf: torch.nn.Module) -> torch.nn.Module:
+    """A tree of ModuleDicts in which ``leaf`` is named ``path``."""
+    root = node = torch.nn.ModuleDict()
+    *parents, last = path.split(".")
+    for part in parents:
+        node[part] = torch.nn.ModuleDict()
+        node = node[part]
+    node[last] = leaf
+    return root
+
+
+def _linear_layers(stock, cfg):
+    """{(proj, expert): a plain bit-flip linear layer (nn.Linear, or Conv1D for the transposed
+    layout; no bias) named ``{EXPERTS}.{proj}.{expert}`` holding a copy of W[expert]}, flipped
+    by ``cfg``: its streams, stuck bits and bursts are those of a linear layer of that name."""
+    from transformers.pytorch_utils import Conv1D
+
+    layers = {}
+    for proj in ("gate_up_proj" if stock.has_gate else "up_proj", "down_proj"):
+        for e in range(stock.num_experts):
+            w = getattr(stock, proj)[e].detach().clone()
+            if stock.is_transposed:  # (in, out), as GPT-2's Conv1D stores it
+                layer = Conv1D(w.shape[1], w.shape[0])
+            else:
+                layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+            with torch.no_grad():
+                layer.weight.copy_(w)
+            if stock.is_transposed:
+                layer.bias = None
+            tree = _nested(f"{EXPERTS}.{proj}.{e}", layer)
+            pb.apply_bitflip(tree, cfg)
+            layers[(proj, e)] = tree.get_submodule(f"{EXPERTS}.{proj}.{e}")
+    return layers
+
+
+def _experts_through_linear_layers(stock, layers, hidden, index, weights):
+    """The stock eager loop with each expert matmul computed by its linear layer."""
+    return _stock_loop(stock, hidden, index, weights, lambda proj, e, h: layers[(proj, e)](h))
+
+
+@pytest.mark.parametrize(
+    "arch, faults",
+    [("mixtral", "stuck"), ("gpt_oss", "bursts"), ("mixtral", "both"), ("gpt_oss", "both")],
+)
+def test_expert_faults_equal_linear_layers_expert_by_expert(arch, faults):
+    """Stuck bits and bursts of every expert matmul are those of a plain linear layer named
+    ``{module}.{proj}.{expert}`` with the expert's weight (the transposed layout: a Conv1D),
+    forward and backward (straight-through where stuck), at two calls."""
+    kinds = {"stuck": STUCK, "bursts": BURSTS, "both": {**STUCK, **BURSTS}}[faults]
+    cfg = pb.BitflipConfig(**FLIPS, **kinds, seed=5)
+    model = MODELS[arch]()
+    stock = copy.deepcopy(_experts(model))
+    pb.apply_bitflip(model, cfg)
+    experts = _experts(model)
+    layers = _linear_layers(stock, cfg)
+    assert all((m.bitflip_stuck is not None) == (faults != "bursts") for m in layers.values())
+    assert all((m.bitflip_bursts is not None) == (faults != "stuck") for m in layers.values())
+    for call in range(2):
+        hidden, index, weights = _routing(experts, seed=call)
+        results = []
+        for run in ("experts", "linear"):
+            h = hidden.clone().requires_grad_()
+            if run == "experts":
+                out = experts(h, index, weights)
+            else:
+                out = _experts_through_linear_layers(stock, layers, h, index, weights)
+            out.pow(2).sum().backward()
+            results.append((out.detach(), h.grad))
+        assert torch.equal(results[0][0], results[1][0]), (call, "forward")
+        torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
+        for proj in expert_params(experts):
+            grad = getattr(experts, proj).grad
+            for e in range(experts.num_experts):
+                layer_grad = layers[(proj, e)].weight.grad
+                if layer_grad is None:  # the expert got no token
+                    assert not grad[e].any()
+                    continue
+                torch.testing.assert_close(grad[e], layer_grad, rtol=1e-5, atol=1e-6)
+        for p in [*experts.parameters(), *(p for m in layers.values() for p in m.parameters())]:
+            p.grad = None
+    # the faults were there: the stock module computes something else
+    with torch.no_grad():
+        assert not torch.equal(experts(*_routing(experts)), stock(*_routing(experts)))
+
+
+def expert_params(experts):
+    return ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj")
+
+
+def test_expert_stuck_positions_per_matmul_stable_reloaded_and_replayed(tmp_path, monkeypatch):
+    """Every expert matmul has stuck bits of its own (named ``{module}.{proj}.{expert}``),
+    the same at every call, on another rank and after save / reload; the exported list
+    replays them."""
+    from peft_bitflip.stuck_at import export_stuck_positions
+
+    cfg = pb.BitflipConfig(**STUCK, **FLIPS, seed=3)
+    model = tiny_mixtral()
+    pb.apply_bitflip(model, cfg)
+    ids = token_ids()
+    first = export_stuck_positions(model)
+    _logits(model, ids)
+    assert export_stuck_positions(model) == first
+    names = [f"{EXPERTS}.{p}.{e}" for p in ("gate_up_proj", "down_proj") for e in range(4)]
+    assert EXPERTS not in first and all(n in first for n in names)
+    for t in ("x", "w"):
+        sets = [frozenset(map(tuple, first[n][t])) for n in names]
+        assert all(sets) and len(set(sets)) == len(sets), t  # per expert and projection
+    monkeypatch.setenv("RANK", "1")  # no rank in the stuck streams (unlike the flips)
+    other_rank = tiny_mixtral()
+    pb.apply_bitflip(other_rank, cfg)
+    assert export_stuck_positions(other_rank) == first
+    monkeypatch.delenv("RANK")
+    model.save_pretrained(tmp_path)
+    expected = _logits(model, ids)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert export_stuck_positions(loaded) == first
+    assert torch.equal(_logits(loaded, ids), expected)
+    # the exported list alone (no rates) replays the drawn bits
+    replay = tiny_mixtral()
+    pb.apply_bitflip(replay, pb.BitflipConfig(**FLIPS, seed=3, stuck_at_positions=first))
+    _reset_counters(model)
+    assert torch.equal(_logits(replay, ids), _logits(model, ids))
+    with pytest.raises(ValueError, match=r"mlp\.experts'\].*<module>\.<parameter>\.<expert>"):
+        pb.apply_bitflip(tiny_mixtral(), pb.BitflipConfig(stuck_at_positions={EXPERTS: {}}))
+
+
+def test_expert_bursts_strike_at_their_rate():
+    """Burst events per element of the experts' inputs and weights: within 5 sd of the rate,
+    on streams that differ between experts (the same weight struck at other elements)."""
+    rate = 2**-6
+    model = tiny_mixtral()
+    thresholds = dict(x_zero_out_t=1e3, w_zero_out_t=1e3)
+    pb.apply_bitflip(model, pb.BitflipConfig(x_burst_rate=rate, w_burst_rate=rate, **thresholds))
+    experts = _experts(model)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(experts.gate_up_proj[0].expand_as(experts.gate_up_proj))
+    routing = _routing(experts, tokens=64)
+    with FlipStatsRecorder(model) as rec, torch.no_grad():
+        experts(*routing)
+        stats = rec.read_per_layer()[EXPERTS]
+    for kind in ("x", "w"):
+        s = stats[kind]
+        assert s.burst_elements == s.elements > 0
+        z = binomial_z(s.burst_events, s.burst_elements, rate)
+        assert abs(z) < 5, (kind, s)
+    struck = []
+    for e in range(2):
+        b = experts.bitflip_bursts.matmul("gate_up_proj", e)
+        w = experts.gate_up_proj[e]
+        struck.append(b.burst("w", w, torch.tensor(0)) != w)
+    assert struck[0].any() and not torch.equal(struck[0], struck[1])
+
+
+def test_training_step_with_expert_faults_and_lora_merge_keeps_them(tmp_path):
+    """A training step through stuck and burst experts reaches every expert parameter and the
+    LoRA factors of the experts (PEFT's ParamWrapper: the faults act on W + s*B@A);
+    merge_and_unload keeps the same outputs."""
+    from peft import get_peft_model
+
+    model = tiny_mixtral().train()
+    pb.apply_bitflip(model, pb.BitflipConfig(**STUCK, **BURSTS, **FLIPS))
+    ids = token_ids()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    for proj in ("gate_up_proj", "down_proj"):
+        grad = getattr(_experts(model), proj).grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    cfg = pb.BitflipLoraConfig(
+        r=4, target_modules=["q_proj"], target_parameters=EXPERT_PARAMS, init_lora_weights=False,
+        **STUCK, **BURSTS, **FLIPS,
+    )  # fmt: skip
+    peft_model = get_peft_model(tiny_mixtral(), cfg)
+    peft_model(ids, labels=ids).loss.backward()
+    factors = [p for n, p in peft_model.named_parameters() if "experts" in n and p.requires_grad]
+    assert factors and all(p.grad is not None and p.grad.abs().sum() > 0 for p in factors)
+    peft_model.eval()
+    _reset_counters(peft_model)
+    adapter = _logits(peft_model, ids)
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    _reset_counters(merged)
+    assert torch.equal(_logits(merged, ids), adapter)
+    with pb.disable_bitflips(merged):
+        assert not torch.equal(_logits(merged, ids), adapter)
+
+
+def test_frozen_expert_weights_are_stuck_once(monkeypatch):
+    """The stuck slice of each expert is built once while W does not change (evaluation,
+    frozen base weights: forward and backward reuse it) and again after an optimizer step."""
+    from peft_bitflip.stuck_at import StuckAt
+
+    builds = []
+    original = StuckAt.stuck
+
+    def counted(self, tensor, t):
+        if tensor == "w":
+            builds.append(self.name)
+        return original(self, tensor, t)
+
+    monkeypatch.setattr(StuckAt, "stuck", counted)
+    model = tiny_mixtral()
+    pb.apply_bitflip(model, pb.BitflipConfig(w_stuck_p_frac=2**-5, w_zero_out_t=1e3))
+    experts = _experts(model)
+    routing = _routing(experts, tokens=32)
+    hit = routing[1].unique().numel()
+    with torch.no_grad():
+        outputs = [experts(*routing) for _ in range(3)]
+    assert all(torch.equal(outputs[0], o) for o in outputs)
+    assert sorted(builds) == sorted({*builds}) and len(builds) == 2 * hit  # once per matmul
+    opt = torch.optim.SGD([experts.down_proj], lr=0.1)
+    experts(*routing).sum().backward()
+    assert len(builds) == 2 * hit and experts.down_proj.grad.abs().sum() > 0
+    opt.step()
+    with torch.no_grad():
+        experts(*routing)
+    assert len(builds) == 3 * hit  # down_proj's slices again, gate_up_proj's kept
+
+
+def test_expert_stuck_lanes_fused_in_the_flip_kernel(needs_interpreter, monkeypatch):
+    """On the Triton backend (here its interpreter) the experts' stuck input lanes go to the
+    flip kernel's pass over x, not a pass of their own; outputs and gradients are those of the
+    CPU path, which forces them separately first."""
+    from peft_bitflip.stuck_at import _ApplyStuck
+
+    lane_passes = []
+    monkeypatch.setattr(
+        _ApplyStuck,
+        "apply",
+        lambda *a, _f=_ApplyStuck.apply: lane_passes.append(a[4]) or _f(*a),
+    )
+    cfg = pb.BitflipConfig(x_stuck_p_frac=2**-3, x_p_frac=2**-6, x_zero_out_t=40.0, seed=1)
+    got = {}
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", backend)
+        model = tiny_mixtral()
+        pb.apply_bitflip(model, cfg)
+        experts = _experts(model)
+        hidden, index, weights = _routing(experts, tokens=3)
+        lane_passes.clear()
+        h = hidden.requires_grad_()
+        out = experts(h, index, weights)
+        out.pow(2).sum().backward()
+        got[backend] = (out.detach(), h.grad, experts.down_proj.grad)
+        matmuls = 2 * index.unique().numel()
+        assert sum(lane_passes) == (0 if backend == "triton" else matmuls), backend
+    for a, b in zip(got["triton"], got["reference"]):
         assert torch.equal(a, b)

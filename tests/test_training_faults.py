@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from bitstats import assert_binomial, group_counts
+from bitstats import assert_binomial, flipped_bits, group_counts, per_bit_counts
 from torch import nn
 
 from peft_bitflip.spec import FlipSpec
@@ -43,18 +43,24 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
-def test_grad_w_flips_the_gradient_the_optimizer_sees_at_its_rate():
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    hooks = TrainingFaults(grad_w=FlipSpec(p_exp=P, p_frac=P)).attach(model, opt)
+def _step_gradients(model, opt) -> tuple[dict, dict]:
+    """One step: ({id(param): its clean gradient}, {id(param): the gradient the update uses})."""
     seen = {}
-    opt.register_step_pre_hook(  # runs after ours: the gradient the update uses
+    opt.register_step_pre_hook(  # runs after the faults' hook: the gradient the update uses
         lambda o, a, k: seen.update({id(p): p.grad.clone() for p in model.parameters()})
     )
     x, y = _batch(0)
     ((model(x) - y) ** 2).mean().backward()
     clean = {id(p): p.grad.clone() for p in model.parameters()}
     opt.step()
+    return clean, seen
+
+
+def test_grad_w_flips_the_gradient_the_optimizer_sees_at_its_rate():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hooks = TrainingFaults(grad_w=FlipSpec(p_exp=P, p_frac=P)).attach(model, opt)
+    clean, seen = _step_gradients(model, opt)
     exp = frac = n = 0
     for p in model.parameters():
         e, f = group_counts(clean[id(p)], seen[id(p)])
@@ -192,6 +198,27 @@ def test_parse_training_faults():
     assert TrainingFaults.from_dict(f.to_dict()) == f
 
 
+def test_per_bit_position_rates_of_a_site_from_the_flag():
+    """``site.bit:N=p`` / ``site.sign=p`` (the campaign sites' names) give FlipSpec.p_bits:
+    the gradient's bit 30 and sign bit flip at their rates (5 sd), every other position
+    stays clean; the hooks count them in the sign+exponent group."""
+    f = parse_training_faults("grad_w.bit:30=0.02,grad_w.sign=2^-4,exp_avg.bit:3-5=1e-3")
+    assert f.grad_w == FlipSpec(p_bits={30: 0.02, "sign": 2**-4})
+    assert f.exp_avg == FlipSpec(p_bits={3: 1e-3, 4: 1e-3, 5: 1e-3})
+    assert TrainingFaults.from_dict(f.to_dict()) == f
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hooks = TrainingFaults(grad_w=f.grad_w).attach(model, opt)
+    clean, seen = _step_gradients(model, opt)
+    per_bit = sum(per_bit_counts(flipped_bits(clean[i], seen[i]), 32) for i in clean)
+    n = sum(p.numel() for p in model.parameters())
+    assert_binomial(int(per_bit[30]), n, 0.02, what="bit 30")
+    assert_binomial(int(per_bit[31]), n, 2**-4, what="sign")
+    assert int(per_bit[:30].sum()) == 0
+    counts = hooks.counts()["grad_w"]
+    assert (counts["exp_flips"], counts["frac_flips"]) == (int(per_bit[30:].sum()), 0)
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -201,6 +228,9 @@ def test_parse_training_faults():
         ("grad_w=1.5", "p_exp"),
         ("param=nan", "p_exp"),
         ("grad_w", "site=p"),
+        ("grad_w.bit:5-3=1e-3", "site.bit:N-M=p"),
+        ("grad_w.bit=1e-3", "site.bit:N=p"),
+        ("grad_w.sign=1.5", "p_bits"),
     ],
 )
 def test_bad_training_fault_flags_are_named(text, message):
