@@ -394,3 +394,34 @@ def test_moe_experts_take_bursts_and_exponent_bursts_warn(monkeypatch):
         warnings.simplefilter("always")  # reach the exponent: no warning
         pb.apply_bitflip(tiny_llama(), pb.BitflipConfig(w_burst_rate=1e-3, burst_field="frac"))
     assert not [w for w in caught if "zero-out" in str(w.message)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_native_cpu_pass_equals_the_torch_path(dtype, monkeypatch):
+    """The native CPU burst pass (the default on the CPU) and the torch path, bit for bit:
+    every case above, with and without the zero-out, a tail group, split over threads."""
+    from peft_bitflip.kernels import burst_reference as br
+    from peft_bitflip.kernels import cpu_native
+
+    assert br._native_burst_library("cpu", 1, 2) is not None  # built and checked (once)
+    calls = []
+    native_burst = cpu_native.burst
+    monkeypatch.setattr(cpu_native, "burst", lambda *a: (calls.append(1), native_burst(*a)))
+    monkeypatch.setattr(cpu_native, "_PARALLEL_FROM", 64)
+    x = (torch.randn(64 * 8 * 3 + 5, generator=torch.Generator().manual_seed(4)) * 8).to(dtype)
+    key = stream_key(3, "layer", "x_burst", 0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for (rate, length, field), t in zip(CASES * 2, [None] * len(CASES) + [3.0] * len(CASES)):
+            lengths = (
+                tuple(sorted(length.items())) if isinstance(length, dict) else ((length, 1.0),)
+            )
+            table = burst_table(rate, lengths, dtype, "cpu")
+            shape = burst_shape(lengths, field, dtype)
+            got = burst_reference(x, table, shape, 11, *key, t)
+            want = br._torch_burst(x, table, shape, 11, *key, t)
+            assert _same_bits(got, want), (dtype, rate, length, field, t)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 2 * len(CASES)  # the native pass ran every time

@@ -226,6 +226,35 @@ static void field_flips(uint64_t group, int word, int64_t u, const int64_t *t, i
     }
 }
 
+/* Zero the `ne` elements at yb whose magnitude bits are >= keep_below (NaN and Inf among
+ * them); mask: NULL or one byte per group of G for the nb groups (bit j = element j zeroed). */
+static void zero_out(void *yb, int64_t ne, int elem_bits, int G, uint32_t keep_below,
+                     uint8_t *mask, int nb) {
+    uint8_t zeroed[BLOCK * 8];
+    if (elem_bits == 16) {
+        uint16_t *v = (uint16_t *)yb;
+        for (int64_t j = 0; j < ne; j++) {
+            uint16_t out = (uint16_t)(0 - ((uint32_t)(v[j] & 0x7FFFu) >= keep_below));
+            zeroed[j] = (uint8_t)out;
+            v[j] &= (uint16_t)~out;
+        }
+    } else {
+        uint32_t *v = (uint32_t *)yb;
+        for (int64_t j = 0; j < ne; j++) {
+            uint32_t out = 0u - ((v[j] & 0x7FFFFFFFu) >= keep_below);
+            zeroed[j] = (uint8_t)out;
+            v[j] &= ~out;
+        }
+    }
+    if (mask) {
+        for (int i = 0; i < nb; i++) {
+            uint8_t m = 0;
+            for (int j = 0; j < G && i * G + j < ne; j++) m |= (uint8_t)((zeroed[i * G + j] & 1) << j);
+            mask[i] = m;
+        }
+    }
+}
+
 /* y[g_begin * G .. g_end * G) (clipped to n elements) = flip(x) then zero-out.
  *  x, y: elements (may be the same buffer); elem_bits 16 or 32; n_exp / n_frac: bits per
  *  element of each field; t_e (n_e entries), t_f (n_f): the gap tables (T - 1), a field whose
@@ -239,9 +268,8 @@ int pbf_flip(const void *x, void *y, int64_t n, int elem_bits, int n_exp, int n_
     const int G = 128 / elem_bits;
     const size_t es = (size_t)elem_bits / 8;
     const int64_t last_e = t_e[n_e - 1], last_f = t_f[n_f - 1];
-    const uint32_t mag = elem_bits == 16 ? 0x7FFFu : 0x7FFFFFFFu;
     const uint32_t frac_lanes = ((1u << n_frac) - 1u) * (elem_bits == 16 ? 0x10001u : 1u);
-    uint8_t hits[BLOCK], zeroed[BLOCK * 8];
+    uint8_t hits[BLOCK];
     uint32_t less[BLOCK][4];
     const int dense = flips && (p_e != 0 || p_f != 0);
     flips = flips && (last_e >= 0 || last_f >= 0);
@@ -280,30 +308,57 @@ int pbf_flip(const void *x, void *y, int64_t n, int elem_bits, int n_exp, int n_
                                 elem_bits, elems, valid, call, k0, k1);
             }
         }
-        if (!zero) continue;
-        int64_t ne = e1 - e0;
-        if (elem_bits == 16) {
-            uint16_t *v = (uint16_t *)yb;
-            for (int64_t j = 0; j < ne; j++) {
-                uint16_t out = (uint16_t)(0 - ((uint32_t)(v[j] & mag) >= keep_below));
-                zeroed[j] = (uint8_t)out;
-                v[j] &= (uint16_t)~out;
-            }
-        } else {
-            uint32_t *v = (uint32_t *)yb;
-            for (int64_t j = 0; j < ne; j++) {
-                uint32_t out = 0u - ((v[j] & mag) >= keep_below);
-                zeroed[j] = (uint8_t)out;
-                v[j] &= ~out;
-            }
-        }
-        if (mask) {
+        if (zero) zero_out(yb, e1 - e0, elem_bits, G, keep_below, mask ? mask + g0 : 0, nb);
+    }
+    return 0;
+}
+
+/* y[g_begin * G .. g_end * G) (clipped to n elements) = x with its burst events, then the
+ * zero-out (burst_sampling.py): gaps (G entries, T - 1 of the gap table at the event rate; a
+ * last entry < 0: no event), thr (n_len length thresholds), k_min, the field's lowest bit
+ * `shift` and `width`; zero, keep_below as in pbf_flip (no mask). */
+int pbf_burst(const void *x, void *y, int64_t n, int elem_bits, const int64_t *gaps,
+              const int64_t *thr, int k_min, int n_len, int shift, int width, int64_t g_begin,
+              int64_t g_end, uint32_t call, uint32_t k0, uint32_t k1, int zero,
+              uint32_t keep_below) {
+    const int G = 128 / elem_bits;
+    const size_t es = (size_t)elem_bits / 8;
+    const int64_t last = gaps[G - 1];
+    uint8_t hits[BLOCK];
+    for (int64_t g0 = g_begin; g0 < g_end; g0 += BLOCK) {
+        int nb = (int)(g_end - g0 < BLOCK ? g_end - g0 : BLOCK);
+        int64_t e0 = g0 * G, e1 = (g0 + nb) * G;
+        if (e1 > n) e1 = n;
+        char *yb = (char *)y + (size_t)e0 * es;
+        if (x != y) memcpy(yb, (const char *)x + (size_t)e0 * es, (size_t)(e1 - e0) * es);
+        if (last >= 0) {
+            first_draws((uint64_t)g0, call, k0, k1, last, -1, hits);
             for (int i = 0; i < nb; i++) {
-                uint8_t m = 0;
-                for (int j = 0; j < G && i * G + j < ne; j++) m |= (uint8_t)((zeroed[i * G + j] & 1) << j);
-                mask[g0 + i] = m;
+                if (!hits[i]) continue;
+                uint64_t g = (uint64_t)(g0 + i);
+                int64_t pos = 0;
+                for (uint32_t it = 0;; it++) {
+                    uint32_t w[4] = {(uint32_t)g, (uint32_t)(g >> 32), it, call};
+                    philox(w, k0, k1);
+                    int64_t u = (int64_t)((((uint64_t)(w[0] >> 1)) << 32) | w[1]);
+                    int64_t q = pos + count_below(gaps, G, u);
+                    if (q >= G) break;
+                    int k = k_min;
+                    for (int j = 0; j < n_len; j++) k += thr[j] <= (int64_t)w[3];
+                    int start = shift + (int)(((uint64_t)w[2] * (uint64_t)(width + 1 - k)) >> 32);
+                    uint64_t m = ((((uint64_t)1) << k) - 1) << start;
+                    if ((int64_t)g * G + q < n) {
+                        if (elem_bits == 16)
+                            ((uint16_t *)yb)[i * G + q] ^= (uint16_t)m;
+                        else
+                            ((uint32_t *)yb)[i * G + q] ^= (uint32_t)m;
+                    }
+                    pos = q + 1;
+                    if (pos >= G) break;
+                }
             }
         }
+        if (zero) zero_out(yb, e1 - e0, elem_bits, G, keep_below, 0, nb);
     }
     return 0;
 }

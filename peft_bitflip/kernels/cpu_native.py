@@ -88,6 +88,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.pbf_flip.argtypes = [p, p, i64, i32, i32, i32, p, i64, p, i64, u64, u64, i32,
                              i64, i64, u32, u32, u32, i32, u32, p]  # fmt: skip
     lib.pbf_flip.restype = i32
+    lib.pbf_burst.argtypes = [p, p, i64, i32, p, p, i32, i32, i32, i32,
+                              i64, i64, u32, u32, u32, i32, u32]  # fmt: skip
+    lib.pbf_burst.restype = i32
     return lib
 
 
@@ -188,15 +191,47 @@ def flip(
     args = (x.data_ptr(), y.data_ptr(), n, layout.n_bits, layout.n_exp, layout.n_frac,
             t_e, n_e, t_e + 8 * n_e, n_f, p_e, p_f, int(flips))  # fmt: skip
     tail = (call % _U32, k0, k1, int(zero), below, mask.data_ptr() if mask is not None else None)
+    _split(lib.pbf_flip, args, tail, n_groups)
+
+
+def _split(fn, args: tuple, tail: tuple, n_groups: int) -> None:
+    """``fn(*args, g_begin, g_end, *tail)`` over the groups, in whole blocks of 64 groups per
+    thread of ``torch.get_num_threads()`` (one call for small tensors)."""
     workers = min(torch.get_num_threads(), max(1, n_groups // _PARALLEL_FROM))
     if workers <= 1:
-        lib.pbf_flip(*args, 0, n_groups, *tail)
+        fn(*args, 0, n_groups, *tail)
         return
     step = -(-n_groups // workers)
     step += -step % 64  # whole blocks per thread
     jobs = [
-        _pool(workers).submit(lib.pbf_flip, *args, a, min(a + step, n_groups), *tail)
+        _pool(workers).submit(fn, *args, a, min(a + step, n_groups), *tail)
         for a in range(0, n_groups, step)
     ]
     for job in jobs:
         job.result()  # ctypes releases the GIL during each call
+
+
+def burst(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    table: torch.Tensor,
+    shape,
+    call: int,
+    k0: int,
+    k1: int,
+    threshold: float | None,
+) -> None:
+    """``y = zero_out(x with its burst events)`` (:mod:`.burst_sampling`) for flat contiguous
+    CPU tensors ``x``, ``y`` (the same tensor is fine), the int64 burst ``table``, its
+    :class:`~.burst_sampling.BurstShape` ``shape``, stream key ``k0``, ``k1`` and ``call``."""
+    layout = check_dtype(x.dtype)
+    g = group_size(x.dtype)
+    n = x.numel()
+    table = table.to(device="cpu", dtype=torch.int64).contiguous()
+    zero = threshold is not None
+    below = keep_below(float(threshold), x.dtype) if zero else 0
+    gaps = table.data_ptr()
+    args = (x.data_ptr(), y.data_ptr(), n, layout.n_bits, gaps, gaps + 8 * g, shape.k_min,
+            shape.n_len, shape.shift, shape.width)  # fmt: skip
+    _split(lib.pbf_burst, args, (call % _U32, k0, k1, int(zero), below), -(-n // g))
