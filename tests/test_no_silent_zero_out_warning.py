@@ -62,8 +62,22 @@ def test_stuck_exponent_bits_without_threshold_warn_too():
     _no_warning(lambda: pb.apply_bitflip(tiny_llama(), pb.BitflipConfig(w_stuck_p_frac=1e-3)))
 
 
-def test_stuck_at_on_moe_experts_is_refused_not_ignored():
-    from tiny_models import tiny_mixtral
+def test_stuck_at_on_moe_experts_acts_and_warns_without_zero_out():
+    """Stuck exponent bits on MoE experts change their output (once refused, never silently
+    ignored) and, without a weight zero-out, warn as they do on linear layers."""
+    import torch
+    from tiny_models import tiny_mixtral, token_ids
 
-    with pytest.raises(ValueError, match="stuck-at faults are not implemented for MoE experts"):
-        pb.apply_bitflip(tiny_mixtral(), pb.BitflipConfig(w_stuck_p_exp=1e-3, w_zero_out_t=10.0))
+    ids = token_ids()
+    with torch.no_grad():
+        clean = tiny_mixtral()(ids).logits
+    model = tiny_mixtral()
+    with pytest.warns(UserWarning, match=MATCH) as record:
+        pb.apply_bitflip(model, pb.BitflipConfig(w_stuck_p_exp=1e-2))
+    experts = [m for n, m in model.named_modules() if n.endswith("mlp.experts")]
+    assert experts and all(m.bitflip_stuck is not None for m in experts)
+    stuck = [m for m in model.modules() if getattr(m, "bitflip_stuck", None) is not None]
+    text = str(next(w.message for w in record if "zero-out" in str(w.message)))
+    assert f"of {len(stuck)} module(s)" in text  # the experts modules counted too
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, clean)
