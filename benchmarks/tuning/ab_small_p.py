@@ -5,7 +5,7 @@ zero-out).  Run it once per checkout, alternating::
     PYTHONPATH=/path/to/old python benchmarks/tuning/ab_small_p.py old
     PYTHONPATH=.            python benchmarks/tuning/ab_small_p.py new
 
-(docs/benchmarks.md: the sparse-only launches against the code before the dense path.)
+(Used on 2026-12-06 for the sparse-only launches against the code before the dense path.)
 """
 
 from __future__ import annotations
