@@ -13,8 +13,9 @@ the input lanes (``x+w``), every bit at rate p:
 Times are medians in ms (CUDA events on the GPU); ratios are to ``flip`` of the same job,
 tensors and p in the same run.  The op table times one stuck-weight build (what a layer pays
 once per weight change) and one stuck-lane pass over x (what a layer pays where the flip
-kernel cannot take the lanes, e.g. on the CPU) against the flip op on the same tensor, and the
-flip of x with the stuck lanes forced in its own pass (what a layer runs on the GPU).  Usage::
+kernel cannot take them, e.g. on the CPU) against the flip op on the same tensor, and the flips
+of W and of x with the stuck bits / lanes forced in their own pass (what a layer runs on the
+GPU; the weight's bits while at most ``StuckAt.kernel_density`` of its elements have one).  Usage::
 
     python benchmarks/bench_stuck_at.py [--shape 4096x4096 --tokens 8192] [--doc docs/benchmarks.md]
     python benchmarks/bench_stuck_at.py --small  # CPU smoke run of the script
@@ -83,15 +84,17 @@ def step_fn(m: nn.Module, x: torch.Tensor, job: str):
 
 
 def op_times(w, x, p, device, warmup, reps) -> dict:
-    """ms of: the flip op on W and on x, one stuck-weight build, one stuck-lane pass on x."""
+    """ms of: the flip op on W and on x, one stuck-weight build, the flip of W with its stuck
+    bits forced in the same pass, one stuck-lane pass on x, the flip of x with its lanes."""
     spec = FlipSpec(p, p)
     stuck = StuckAt("bench", 0, StuckSpec(p, p), StuckSpec(p, p))
-    stuck.bits("w", w.numel(), w.dtype, device)  # drawn once, as a layer does
+    sparse = stuck.sparse(w.numel(), w.dtype, device)  # drawn once, as a layer does
     lanes = stuck.lanes(x.size(-1), x.dtype, device)
     key = pb.stream_key(0, "bench", "w")
     ops = {
         "flip W": lambda: pb.apply_flip_spec(w, spec, key, 1),
         "stuck W (build)": lambda: stuck.stuck("w", w),
+        "flip W + stuck bits": lambda: apply_flip_spec_masked(w, spec, key, 1, False, stuck=sparse),
         "flip x": lambda: pb.apply_flip_spec(x, spec, key, 1),
         "stuck x lanes": lambda: stuck.stuck("x", x),
         "flip x + stuck lanes": lambda: apply_flip_spec_masked(x, spec, key, 1, False, None, lanes),
@@ -105,7 +108,8 @@ def markdown(rows, ops, meta: dict) -> str:
 
     run = (
         f"{meta['dtype']}, W {meta['shape']}, x {meta['tokens']} tokens; "
-        f"median of {meta['reps']} after {meta['warmup']}"
+        f"median of {meta['reps']} after {meta['warmup']}; W's stuck bits forced in its flip "
+        f"kernel up to {meta['kernel_density']:.4g} of its elements"
     )
     lines = [
         *meta_lines(meta, run),
@@ -137,6 +141,13 @@ def main(argv=None):
     ap.add_argument("--tensors", default="w,x+w", help="faults on w, or on x+w (comma-separated)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument(
+        "--kernel_density",
+        type=float,
+        default=StuckAt.kernel_density,
+        help="most stuck elements (share of W) that W's flip kernel forces; above, the stuck "
+        "copy is built (0: always build it, to compare)",
+    )
     ap.add_argument("--small", action="store_true", help="toy sizes, 2 reps (CPU smoke run)")
     ap.add_argument("--out", default=None, help="write the rows and metadata as JSON here")
     ap.add_argument("--doc", default=None, help="write the tables into this markdown file")
@@ -150,6 +161,7 @@ def main(argv=None):
     bad = [t for t in args.tensors.split(",") if t not in ("w", "x+w")]
     if bad:
         raise ValueError(f"--tensors: {bad} are not 'w' or 'x+w'")
+    StuckAt.kernel_density = args.kernel_density
     w = torch.randn(shape, dtype=dtype, device=device)
     x = torch.randn(args.tokens, shape[1], dtype=dtype, device=device)
     rows, ops = [], {}
@@ -168,6 +180,7 @@ def main(argv=None):
                 rows.append(dict(p=name, tensors=tensors, job=job, ms=ms, **ratios))
                 print(rows[-1], flush=True)
     extra = dict(dtype=args.dtype, shape=args.shape, tokens=args.tokens, reps=args.reps)
+    extra["kernel_density"] = args.kernel_density
     meta = report(rows, device, "", args.out, warmup=args.warmup, ops=ops, **extra)
     table = markdown(rows, ops, meta)
     print(table)

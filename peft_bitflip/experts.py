@@ -131,22 +131,27 @@ class BitflipExpertsMixin(BitflipLayerMixin):
         parameters named ``proj`` and ``proj + "_bias"``.  The matmul's stuck bits, then its
         bursts act before the flips, as in a linear layer."""
         x_key, w_key = self.stream_keys(proj, expert)
-        weight, params, lanes = weights[expert], (), None
+        weight, params, lanes, w_stuck = weights[expert], (), None, None
         stuck = None if self.bitflip_stuck is None else self.bitflip_stuck.matmul(proj, expert)
         bursts = None if self.bitflip_bursts is None else self.bitflip_bursts.matmul(proj, expert)
         compute = _autocast_dtype(x)
         if stuck is not None:  # the stuck slice cached against the stacked parameter
+            slice_ = weight
             if not stuck.w.is_identity:
                 weight, params = (lambda: weights[expert]), (weights,)
             fuse = bursts is None and stats is None  # nothing between stuck bits and flips
-            x, weight, params, lanes = stuck.apply_fused(
-                x, weight, params, compute, (), self.x_spec if fuse else None
-            )
+            x, weight, params, lanes, w_stuck = stuck.apply_fused(
+                x, weight, params, compute, (), self.x_spec if fuse else None,
+                self.w_spec if fuse else None, slice_,
+            )  # fmt: skip
+            if w_stuck is not None:  # the flip kernel forces them: the slice itself will do
+                weight, params = slice_, ()
         if bursts is not None:
             x, weight, params = bursts.apply(x, weight, params, compute, call, stats)
         out = flipped_linear(
             x, weight, None, self.x_spec, self.w_spec, x_key, w_key, call,
             self.is_transposed, stats, params, self.bitflip_recompute_input, x_lanes=lanes,
+            w_stuck=w_stuck,
         )  # fmt: skip
         if biases is not None:  # added after the product, as the stock forward does
             out = out + biases[expert]

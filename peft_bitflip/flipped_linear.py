@@ -44,6 +44,7 @@ def flipped_linear(
     recompute_input=False,
     next_call=None,
     x_lanes=None,
+    w_stuck=None,
 ):
     """``flip(x) @ flip(weight)^T + bias`` (``flip(x) @ flip(weight) + bias`` for Conv1D layout).
 
@@ -85,15 +86,27 @@ def flipped_linear(
     under the autocast, see :meth:`~peft_bitflip.stuck_at.StuckAt.lanes`), forced before x's
     flips: in the flip kernel's pass over x (and in backward's recompute), not a pass of
     their own; the gradient passes straight through them.  None under ``torch.compile``.
+
+    ``w_stuck``: the weight's listed stuck bits (a
+    :class:`~peft_bitflip.kernels.sparse_stuck.SparseStuck` drawn for the weight's element
+    count and dtype as the matmul reads it: the autocast dtype under autocast), forced before
+    its flips in the flip kernel's pass over the weight (and in backward's recompute), with
+    the gradient passed straight through: no stuck copy of the weight is built or kept.  None
+    under ``torch.compile``.
     """
     build = weight if callable(weight) else None
-    if x_lanes is not None and (torch.compiler.is_compiling() or stats is not None):
-        raise ValueError("x_lanes is for eager calls without stats: force the lanes before")
+    fused = dict(x_lanes=x_lanes, w_stuck=w_stuck)
+    if (x_lanes is not None or w_stuck is not None) and (
+        torch.compiler.is_compiling() or stats is not None
+    ):
+        raise ValueError(
+            "x_lanes / w_stuck are for eager calls without stats: force the stuck bits before"
+        )
     if x_spec.p_bits is not None or w_spec.p_bits is not None:
         # per-bit-position rates: no fused kernel, the flip ops one by one (in every mode)
         return flipped_linear_unfused(
             x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats,
-            next_call=next_call, x_lanes=x_lanes,
+            next_call=next_call, **fused,
         )  # fmt: skip
     if torch.compiler.is_compiling():
         if build is not None or stats is not None:  # (the layers send no stats here)
@@ -113,18 +126,22 @@ def flipped_linear(
     if not torch.is_grad_enabled():
         return flipped_linear_unfused(
             x, weight, bias, x_spec, w_spec, x_key, w_key, call, conv1d, stats,
-            next_call=next_call, x_lanes=x_lanes,
+            next_call=next_call, **fused,
         )  # fmt: skip
     compute = _autocast_dtype(x)
     if compute is not None:  # flip the values the matmul consumes, not the fp32 masters
         x = x.to(compute)
         weight = weight if build is not None else weight.to(compute)
         bias = None if bias is None else bias.to(compute)
+    settings = (
+        x_spec, w_spec, x_key, w_key, conv1d, stats, build, compute, recompute_input, x_lanes,
+        w_stuck,
+    )  # fmt: skip
     return _FlippedLinear.apply(
         x,
         None if build is not None else weight,
         bias,
-        (x_spec, w_spec, x_key, w_key, conv1d, stats, build, compute, recompute_input, x_lanes),
+        settings,
         call,
         next_call,
         *(weight_params if build is not None else ()),
@@ -146,21 +163,24 @@ def flipped_linear_unfused(
     recompute_input=False,
     next_call=None,
     x_lanes=None,
+    w_stuck=None,
 ):
     """:func:`flipped_linear` written as separate differentiable ops (the flip op on ``x``
     and on ``weight``, then a linear layer): autograd stores the flipped copies (and a built
     weight), whatever ``recompute_input`` says.  The reference that the recomputing path is
-    tested against.  ``x_lanes``: as in :func:`flipped_linear` (not with ``stats``: they
-    would count the stuck bits as flips)."""
+    tested against.  ``x_lanes``, ``w_stuck``: as in :func:`flipped_linear` (not with
+    ``stats``: they would count the stuck bits as flips)."""
     if callable(weight):
         weight = weight()
     compute = _autocast_dtype(x)
     if compute is not None:
         x, weight = x.to(compute), weight.to(compute)
         bias = None if bias is None else bias.to(compute)
-    if x_lanes is not None and stats is not None:
-        raise ValueError("x_lanes with stats: force the stuck lanes before the layer")
-    xf, wf = apply_flip_specs(x, weight, x_spec, w_spec, x_key, w_key, call, next_call, x_lanes)
+    if (x_lanes is not None or w_stuck is not None) and stats is not None:
+        raise ValueError("x_lanes / w_stuck with stats: force the stuck bits before the layer")
+    xf, wf = apply_flip_specs(
+        x, weight, x_spec, w_spec, x_key, w_key, call, next_call, x_lanes, w_stuck
+    )
     out = linear(xf, wf, bias, conv1d)
     if stats is not None:
         stats.record("x", x, xf, x_spec, x_key, call)
@@ -175,7 +195,8 @@ class _FlippedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, settings, call, next_call, *weight_params):
-        x_spec, w_spec, x_key, w_key, conv1d, stats, build, compute, recompute, lanes = settings
+        x_spec, w_spec, x_key, w_key, conv1d, stats, build, compute, recompute = settings[:9]
+        lanes, w_stuck = settings[9:]
         call = call if isinstance(call, torch.Tensor) else torch.tensor(call, device=x.device)
         need_x = ctx.needs_input_grad[0]
         need_w = ctx.needs_input_grad[1] or any(ctx.needs_input_grad[6:])
@@ -183,7 +204,7 @@ class _FlippedLinear(torch.autograd.Function):
             weight = _built_weight(build, compute, x.device.type)
         xf, wf, x_mask = flip_specs_masked(
             x, weight, x_spec, w_spec, x_key, w_key, call, need_x and not recompute, next_call,
-            lanes,
+            lanes, w_stuck,
         )  # fmt: skip
         out = linear(xf, wf, bias, conv1d)
         if stats is not None:
@@ -202,7 +223,8 @@ class _FlippedLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         kept, x_mask, weight, call = ctx.saved_tensors
         x_shape, x_dtype = ctx.x_meta
-        x_spec, w_spec, x_key, w_key, conv1d, _, build, compute, recompute, lanes = ctx.settings
+        x_spec, w_spec, x_key, w_key, conv1d, _, build, compute, recompute = ctx.settings[:9]
+        lanes, w_stuck = ctx.settings[9:]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_params = ctx.needs_input_grad[6:]
         if build is not None:  # rebuild W (+ s B@A); with a graph only if A, B need gradients
@@ -212,7 +234,7 @@ class _FlippedLinear(torch.autograd.Function):
         g2 = grad_out.reshape(-1, grad_out.size(-1))
         grad_x, grad_w = linear_grads(
             g2, kept, x_mask, weight.detach(), call, x_shape, x_dtype, x_spec, w_spec,
-            x_key, w_key, conv1d, recompute, need_x, need_w, lanes,
+            x_key, w_key, conv1d, recompute, need_x, need_w, lanes, w_stuck,
         )  # fmt: skip
         grad_b = g2.sum(0) if need_b else None
         grad_params = [None] * len(need_params)

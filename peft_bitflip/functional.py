@@ -128,6 +128,16 @@ def _stuck_lanes(x: Tensor, lanes: Tensor | None) -> Tensor:
     return _StraightThrough.apply(x, stuck) if x.requires_grad else stuck
 
 
+def _stuck_listed(x: Tensor, stuck) -> Tensor:
+    """``x`` with its listed stuck bits (a :class:`~.kernels.sparse_stuck.SparseStuck`)
+    forced (a separate pass, straight-through differentiable), for the paths that do not hand
+    them to a flip kernel; ``x`` if None."""
+    if stuck is None:
+        return x
+    forced = stuck.apply(x.detach())
+    return _StraightThrough.apply(x, forced) if x.requires_grad else forced
+
+
 def _flipped_positions(x: Tensor, spec: FlipSpec, key, call: Tensor) -> Tensor:
     """The flips of a spec with ``p_bits`` (no zero-out), straight-through differentiable."""
     if not spec.flips:
@@ -184,6 +194,7 @@ def apply_flip_specs(
     call: int | Tensor = 0,
     next_call: Tensor | None = None,
     x_lanes: Tensor | None = None,
+    w_stuck=None,
 ) -> tuple[Tensor, Tensor]:
     """``(apply_flip_spec(x, x_spec, x_key, call), apply_flip_spec(w, w_spec, w_key, call))``
     (the same values), with one kernel launch for both where it can: a layer's forward.
@@ -197,20 +208,24 @@ def apply_flip_specs(
     ``x_lanes``: stuck input lanes of x (a (2, in_features) tensor of keep / ones words in
     the signed integer view of x's dtype, see :meth:`~peft_bitflip.stuck_at.StuckAt.lanes`),
     forced before x's flips: by the flip kernel itself where it can (no extra pass over x),
-    else by a separate pass; straight-through."""
+    else by a separate pass; straight-through.  ``w_stuck``: w's listed stuck bits (a
+    :class:`~peft_bitflip.kernels.sparse_stuck.SparseStuck` drawn for w's element count and
+    dtype, see :meth:`~peft_bitflip.stuck_at.StuckAt.sparse`), forced before w's flips in the
+    same way."""
     _check_tensors(x, w)
     differentiable = torch.compiler.is_compiling() or (
         torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
     )
     if differentiable:
-        x = _stuck_lanes(x, x_lanes)
+        x, w = _stuck_lanes(x, x_lanes), _stuck_listed(w, w_stuck)
         out = apply_flip_spec(x, x_spec, x_key, call), apply_flip_spec(w, w_spec, w_key, call)
         if next_call is not None:
             write_next_call(_call_tensor(call, next_call.device), next_call)
         return out
     return flip_specs_masked(
-        x, w, x_spec, w_spec, x_key, w_key, call, next_call=next_call, x_lanes=x_lanes
-    )[:2]
+        x, w, x_spec, w_spec, x_key, w_key, call, next_call=next_call, x_lanes=x_lanes,
+        w_stuck=w_stuck,
+    )[:2]  # fmt: skip
 
 
 def flip_specs_masked(
@@ -224,23 +239,24 @@ def flip_specs_masked(
     want_x_mask: bool = False,
     next_call: Tensor | None = None,
     x_lanes: Tensor | None = None,
+    w_stuck=None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(flip of x, flip of w, x's packed zero mask or None) as :func:`apply_flip_spec_masked`
     gives them, with one kernel launch for both where it can.  Not differentiable: for the
-    forward of layers that write their own backward.  ``next_call``, ``x_lanes``: as in
-    :func:`apply_flip_specs`."""
+    forward of layers that write their own backward.  ``next_call``, ``x_lanes``,
+    ``w_stuck``: as in :func:`apply_flip_specs`."""
     _check_tensors(x, w)
-    lanes = dict(x_lanes=x_lanes)
+    lanes, stuck = dict(x_lanes=x_lanes), dict(stuck=w_stuck)
     if x_spec.p_bits is not None or w_spec.p_bits is not None:  # no pair kernel: one by one
         xf, x_mask = apply_flip_spec_masked(x, x_spec, x_key, call, want_x_mask, next_call, **lanes)
-        return xf, apply_flip_spec_masked(w, w_spec, w_key, call, False)[0], x_mask
+        return xf, apply_flip_spec_masked(w, w_spec, w_key, call, False, **stuck)[0], x_mask
     if x_spec.is_identity or w_spec.is_identity:
         if not x_spec.is_identity:  # the x flip writes next_call
             xf, x_mask = apply_flip_spec_masked(
                 x, x_spec, x_key, call, want_x_mask, next_call, **lanes
             )
-            return xf, apply_flip_spec(w, w_spec, w_key, call), x_mask
-        wf, _ = apply_flip_spec_masked(w, w_spec, w_key, call, False, next_call)
+            return xf, apply_flip_spec(_stuck_listed(w, w_stuck), w_spec, w_key, call), x_mask
+        wf, _ = apply_flip_spec_masked(w, w_spec, w_key, call, False, next_call, **stuck)
         return apply_flip_spec(_stuck_lanes(x, x_lanes), x_spec, x_key, call), wf, None
     check_dtype(x.dtype, "x")
     check_dtype(w.dtype, "w")
@@ -262,6 +278,7 @@ def flip_specs_masked(
         want_x_mask,
         next_call,
         x_lanes,
+        w_stuck,
     )
 
 
@@ -273,6 +290,7 @@ def apply_flip_spec_masked(
     want_mask: bool = True,
     next_call: Tensor | None = None,
     x_lanes: Tensor | None = None,
+    stuck=None,
 ) -> tuple[Tensor, Tensor | None]:
     """(``apply_flip_spec(x, spec, key, call)``, the packed zero mask of x or None), from one
     pass over ``x``.  Not differentiable.
@@ -283,26 +301,28 @@ def apply_flip_spec_masked(
     1/16 of the size of a bf16 tensor, so a backward pass can keep it instead of ``x`` and mask
     the gradient with :func:`zero_masked_`.  None when not ``want_mask`` or the spec has no
     threshold (nothing is ever zeroed).  ``next_call``, ``x_lanes`` (stuck input lanes of
-    ``x``): as in :func:`apply_flip_specs`."""
+    ``x``): as in :func:`apply_flip_specs`; ``stuck``: x's listed stuck bits (``w_stuck`` of
+    :func:`apply_flip_specs`)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     check_dtype(x.dtype)
     call = _call_tensor(call, x.device)
     if spec.is_identity:
         write_next_call(call, next_call)
-        return _stuck_lanes(x, x_lanes), None
+        return _stuck_listed(_stuck_lanes(x, x_lanes), stuck), None
     if spec.p_bits is not None:
         write_next_call(call, next_call)
-        x = _stuck_lanes(x, x_lanes)
+        x = _stuck_listed(_stuck_lanes(x, x_lanes), stuck)
         y = flip_positions(x, spec, key, call) if spec.flips else x
         return apply_flip_spec_masked(
             y, zero_out_spec(spec.zero_out_threshold), key, call, want_mask
         )
     table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
     t, flips = spec.zero_out_threshold, spec.flips
+    args = (x, table, call, key[0], key[1], t, flips, next_call, x_lanes, stuck)
     if not want_mask or t is None:
-        return bitflip_impl(x, table, call, key[0], key[1], t, flips, next_call, x_lanes), None
-    return bitflip_masked_impl(x, table, call, key[0], key[1], t, flips, next_call, x_lanes)
+        return bitflip_impl(*args), None
+    return bitflip_masked_impl(*args)
 
 
 def zero_masked_(grad: Tensor, mask: Tensor | None, dtype: torch.dtype, *more) -> Tensor:
@@ -357,30 +377,31 @@ def flip_spec_grad_(
     call: int | Tensor = 0,
     want_flipped: bool = False,
     x_lanes: Tensor | None = None,
+    stuck=None,
 ) -> Tensor | None:
     """:func:`flip_spec_grad` in place: sets ``grad`` (contiguous, ``x``'s shape) to 0 where the
     forward zeroed ``x``.  With ``want_flipped`` also returns ``apply_flip_spec(x, ...)``, from
     the same pass over ``x``.  For backward passes that own ``grad`` (not differentiable);
     on the GPU only the zeroed elements of ``grad`` are written.  ``grad=None`` (no input
-    gradient wanted) only flips.  ``x_lanes``: the stuck input lanes the forward forced
-    before flipping ``x`` (see :func:`apply_flip_specs`)."""
+    gradient wanted) only flips.  ``x_lanes``, ``stuck``: the stuck input lanes and listed
+    stuck bits the forward forced before flipping ``x`` (see :func:`apply_flip_specs`)."""
     masks = not spec.is_identity and spec.zero_out_threshold is not None
     if grad is None or not masks:
         if not want_flipped:
             return None
-        if x_lanes is not None:
-            return apply_flip_spec_masked(x, spec, key, call, False, x_lanes=x_lanes)[0]
+        if x_lanes is not None or stuck is not None:
+            return apply_flip_spec_masked(x, spec, key, call, False, None, x_lanes, stuck)[0]
         return apply_flip_spec(x, spec, key, call)
     call = _call_tensor(call, x.device)
     if spec.p_bits is not None:  # the zero-out of the flipped x decides
-        x = _stuck_lanes(x, x_lanes)
+        x = _stuck_listed(_stuck_lanes(x, x_lanes), stuck)
         y = flip_positions(x, spec, key, call) if spec.flips else x
         zero = zero_out_spec(spec.zero_out_threshold)
         return flip_spec_grad_(grad, y, zero, key, call, want_flipped)
     table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
     return bitflip_zero_grad_impl(
         x, grad, table, call, key[0], key[1], spec.zero_out_threshold, spec.flips,
-        want_flipped, x_lanes,
+        want_flipped, x_lanes, stuck,
     )  # fmt: skip
 
 

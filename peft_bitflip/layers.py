@@ -215,12 +215,13 @@ class BitflipLayerMixin:
             # counting is host-side work: a layer that records statistics runs eagerly (a
             # graph break), with the same flips
             return _eager_flipped_forward(self, x, weight, bias, weight_params)
-        x_lanes = None  # stuck input lanes that x's flip kernel forces (one pass less)
+        # stuck input lanes / weight bits that the flip kernels force (a pass less each)
+        x_lanes = w_stuck = None
         if self.bitflip_stuck is not None:  # stuck bits first; the weight built with them
             fuse = self.bitflip_bursts is None and stats is None  # nothing in between
-            x, weight, weight_params, x_lanes = self.bitflip_stuck.apply_fused(
+            x, weight, weight_params, x_lanes, w_stuck = self.bitflip_stuck.apply_fused(
                 x, weight, weight_params, _autocast_dtype(x), weight_key,
-                self.x_spec if fuse else None,
+                self.x_spec if fuse else None, self.w_spec if fuse else None,
             )  # fmt: skip
         x_key, w_key = self.stream_keys()
         call, following = self.claim_call()
@@ -234,7 +235,7 @@ class BitflipLayerMixin:
             return flipped_linear(
                 x, weight, bias, self.x_spec, self.w_spec, x_key, w_key, call,
                 self._is_conv1d, stats, weight_params, self.bitflip_recompute_input, following,
-                x_lanes,
+                x_lanes, w_stuck,
             )  # fmt: skip
         except BaseException:
             write_next_call(call, following)  # the counter stays valid (writing it twice is ok)

@@ -54,7 +54,7 @@ def _built_weight(build, compute, device_type):
 
 def linear_grads(
     g2, kept, x_mask, weight, call, x_shape, x_dtype, x_spec, w_spec, x_key, w_key, conv1d,
-    recompute, need_x, need_w, x_lanes=None,
+    recompute, need_x, need_w, x_lanes=None, w_stuck=None,
 ):  # fmt: skip
     """(dX, dW) of ``flip(x) @ flip(W)^T`` (None where not wanted) from what the forward kept.
 
@@ -64,10 +64,11 @@ def linear_grads(
     mask.  Straight-through, zero where the forward zeroed x or W.  Shared by the eager
     autograd Function and the op that carries the layer through ``torch.compile``.
     ``x_lanes``: the stuck input lanes the forward forced before flipping x (the kept x of
-    ``recompute`` is x before them; see :func:`~peft_bitflip.functional.apply_flip_specs`)."""
+    ``recompute`` is x before them; see :func:`~peft_bitflip.functional.apply_flip_specs`);
+    ``w_stuck``: W's listed stuck bits, forced again before W is flipped again."""
     grad_x = grad_w = w_mask = None
     if need_x:  # flip(W) again; its zero mask too if dW will need it
-        wf, w_mask = apply_flip_spec_masked(weight, w_spec, w_key, call, need_w)
+        wf, w_mask = apply_flip_spec_masked(weight, w_spec, w_key, call, need_w, stuck=w_stuck)
         grad_x = (g2 @ (wf.t() if conv1d else wf)).view(x_shape)
         del wf
     xf = kept
@@ -77,7 +78,7 @@ def linear_grads(
         xf = xf.reshape(-1, xf.size(-1))
         grad_w = xf.t() @ g2 if conv1d else g2.t() @ xf
         if not need_x:  # one read of W finds the zeroed weights
-            flip_spec_grad_(grad_w, weight, w_spec, w_key, call)
+            flip_spec_grad_(grad_w, weight, w_spec, w_key, call, stuck=w_stuck)
     if need_x:  # zero dX and dW where the forward zeroed x and W: one launch
         more = (grad_w, w_mask, weight.dtype) if w_mask is not None else ()
         zero_masked_(grad_x, x_mask, x_dtype, *more)

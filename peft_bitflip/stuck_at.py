@@ -52,6 +52,7 @@ from .experts import expert_weight_names, is_experts
 from .functional import apply_flip_spec, stream_key
 from .kernels.op import backend_for
 from .kernels.sampling import group_size
+from .kernels.sparse_stuck import SparseStuck
 from .linear_ops import _autocast_dtype
 from .spec import FlipSpec, check_dtype, validate_probability
 
@@ -403,16 +404,48 @@ class StuckAt:
             return t
         return _ApplyStuck.apply(t, bits.index, bits.keep, bits.ones, lanes)
 
-    def apply_fused(self, x: Tensor, weight, weight_params, compute, weight_key, x_spec):
-        """:meth:`apply`, leaving the stuck input lanes to x's flip kernel where it can take
-        them: returns (x, weight, weight_params, x lanes or None).  With lanes, x comes back
-        without them (cast to ``compute``) and the caller passes them on with it
-        (``flipped_linear(..., x_lanes=)``): one pass over x fewer.  They are fused when x has
-        a flip kernel pass (``x_spec``, the layer's transient-flip spec of x, or None when
-        something acts between the stuck bits and the flips: bursts, statistics) with no
-        per-bit-position rates, outside ``torch.compile``, on the Triton backend, and
-        ``in_features`` is a multiple of the kernel's group (8 16-bit / 4 float32 elements);
-        else they are forced here, as :meth:`apply` does."""
+    def sparse(self, numel: int, dtype: torch.dtype, device) -> SparseStuck:
+        """The weight's stuck bits for ``numel`` elements of ``dtype`` as the flip kernel takes
+        them (:class:`~peft_bitflip.kernels.sparse_stuck.SparseStuck`), built once and kept."""
+        device = torch.device(device)
+        cache_key = ("w_sparse", numel, dtype, device)
+        found = self._bits.get(cache_key)
+        if found is None:
+            bits = self.bits("w", numel, dtype, device)
+            found = SparseStuck(bits.index, bits.keep, bits.ones, numel, dtype)
+            self._bits[cache_key] = found
+        return found
+
+    def apply_fused(
+        self, x: Tensor, weight, weight_params, compute, weight_key, x_spec, w_spec=None,
+        weight_like: Tensor | None = None,
+    ):  # fmt: skip
+        """:meth:`apply`, leaving the stuck bits to the flip kernels where they can take them:
+        returns (x, weight, weight_params, x lanes or None, weight bits or None).
+
+        Input lanes: with lanes, x comes back without them (cast to ``compute``) and the
+        caller passes them on with it (``flipped_linear(..., x_lanes=)``): one pass over x
+        fewer.  They are fused when x has a flip kernel pass (``x_spec``, the layer's
+        transient-flip spec of x, or None when something acts between the stuck bits and the
+        flips: bursts, statistics) with no per-bit-position rates, outside ``torch.compile``,
+        on the Triton backend, and ``in_features`` is a multiple of the kernel's group (8
+        16-bit / 4 float32 elements); else they are forced here, as :meth:`apply` does.
+
+        Weight bits: with them (a :class:`~peft_bitflip.kernels.sparse_stuck.SparseStuck`),
+        ``weight`` and ``weight_params`` come back as they came and the caller passes the bits
+        on (``flipped_linear(..., w_stuck=)``): W's flip kernel forces them in its own pass, in
+        the forward and in backward's recompute, so no stuck copy of W is built (after every
+        optimizer step) or kept.  They are fused on the same terms with ``w_spec`` (the
+        layer's spec of W), when the stuck elements are at most :attr:`kernel_density` of the
+        weight (the kernel walks them one by one), and, for a weight that ``weight`` builds,
+        while a gradient flows to ``weight_params`` (then the cached stuck copy would be
+        rebuilt at every step anyway).  ``weight_like``: a tensor with the element count and
+        dtype of the weight ``weight`` builds (default: ``weight``, or ``weight_params[0]``
+        for a built weight)."""
+        w_bits = self._weight_bits(weight, weight_params, compute, w_spec, weight_like)
+        if w_bits is not None:
+            x, lanes = self._stuck_x(x, compute, x_spec)
+            return x, weight, weight_params, lanes, w_bits
         lanes = None
         if not self.x.is_identity and self._fusable(x, compute or x.dtype, x_spec):
             x = x if compute is None else x.to(compute)
@@ -421,8 +454,39 @@ class StuckAt:
             x, weight, weight_params = self.apply(
                 x, weight, weight_params, compute, weight_key, lanes_done=True
             )
-            return x, weight, weight_params, lanes
-        return (*self.apply(x, weight, weight_params, compute, weight_key), None)
+            return x, weight, weight_params, lanes, None
+        return (*self.apply(x, weight, weight_params, compute, weight_key), None, None)
+
+    kernel_density = 1 / 32
+    """Most elements with a stuck bit, as a share of the weight, whose bits the flip kernel
+    forces (above it the stuck copy of :meth:`apply` is built instead)."""
+
+    def _stuck_x(self, x: Tensor, compute, x_spec) -> tuple:
+        """(x, lanes or None) with x's stuck lanes forced here or left to the kernel."""
+        if self.x.is_identity:
+            return x, None
+        x = x if compute is None else x.to(compute)
+        if self._fusable(x, x.dtype, x_spec):
+            lanes = self.lanes(x.size(-1), x.dtype, x.device)
+            if lanes is not None:
+                return x, lanes
+        return self.stuck("x", x), None
+
+    def _weight_bits(self, weight, weight_params, compute, w_spec, weight_like):
+        """W's stuck bits for its flip kernel (see :meth:`apply_fused`), or None."""
+        if self.w.is_identity or w_spec is None or w_spec.is_identity or w_spec.p_bits is not None:
+            return None
+        if callable(weight):
+            if not (torch.is_grad_enabled() and any(p.requires_grad for p in weight_params)):
+                return None  # (frozen or evaluated: the cached stuck copy saves the build)
+            like = weight_like if weight_like is not None else weight_params[0]
+        else:
+            like = weight if weight_like is None else weight_like
+        if torch.compiler.is_compiling() or _capturing() or backend_for(like.device) != "triton":
+            return None
+        numel = like.numel()
+        bits = self.sparse(numel, compute or like.dtype, like.device)
+        return bits if len(bits) <= numel * self.kernel_density else None
 
     @staticmethod
     def _fusable(x: Tensor, dtype: torch.dtype, x_spec) -> bool:

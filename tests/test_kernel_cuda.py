@@ -591,3 +591,64 @@ def test_cuda_stuck_lanes_in_the_flip_kernel_match_the_separate_pass(monkeypatch
             separate = layer_run(recompute)
         for a, b in zip(fused, separate):
             assert torch.equal(_bits(a), _bits(b)), (dtype, recompute)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_stuck_weight_bits_in_the_flip_kernel_match_the_stuck_copy(monkeypatch, dtype):
+    """Issue 33.4: a weight's stuck bits forced in W's flip kernel equal the CPU path (a stuck
+    copy, then the flips) bit for bit: single launch with zero mask (both block shapes), the
+    paired launch, backward's zero-grad; and a GPU layer trained with W updated every step
+    gives the outputs and gradients of the same layer building the stuck copy."""
+    from torch import nn
+
+    from peft_bitflip.functional import apply_flip_spec_masked, flip_spec_grad_, flip_specs_masked
+    from peft_bitflip.spec import FlipSpec
+    from peft_bitflip.stuck_at import StuckAt, StuckSpec
+
+    stuck = StuckAt("l", 3, StuckSpec(), StuckSpec(1e-3, 2e-3))
+    w = torch.randn(256, 1000, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x = torch.randn(3, 1000).to(dtype)
+    got = {}
+    for device in ("cuda", "cpu"):
+        bits = stuck.sparse(w.numel(), dtype, device)
+        wd, xd, g = w.to(device), x.to(device), torch.ones(w.shape, dtype=dtype, device=device)
+        got[device] = []
+        for spec in (FlipSpec(1e-4, 1e-3, 1.25), FlipSpec(0.05, 0.05, 1.25)):  # sparse, dense
+            got[device] += apply_flip_spec_masked(wd, spec, (1, 2), 5, True, stuck=bits)
+            got[device] += flip_specs_masked(xd, wd, spec, spec, (3, 4), (1, 2), 5, w_stuck=bits)
+            got[device] += [flip_spec_grad_(g, wd, spec, (1, 2), 5, True, stuck=bits), g]
+    assert len(stuck.sparse(w.numel(), dtype, "cpu")) > 100
+    for a, b in zip(got["cuda"], got["cpu"]):
+        if a is not None:
+            assert torch.equal(a.cpu().contiguous().view(torch.uint8), b.view(torch.uint8)), dtype
+
+    def layer_run():
+        torch.manual_seed(0)
+        holder = nn.ModuleDict({"l": nn.Linear(1024, 256)}).to("cuda", dtype)
+        cfg = pb.BitflipConfig(
+            w_stuck_p_exp=1e-3, w_stuck_p_frac=1e-3, x_p_frac=1e-3, w_p_frac=1e-3,
+            x_zero_out_t=4.0, w_zero_out_t=1.25, seed=2,
+        )  # fmt: skip
+        pb.apply_bitflip(holder, cfg)
+        lin = holder["l"]
+        opt = torch.optim.SGD(lin.parameters(), lr=1e-2)
+        xg = (torch.randn(4, 7, 1024, device="cuda") * 2).to(dtype).requires_grad_()
+        outs = []
+        for _ in range(3):
+            out = lin(xg)
+            out.float().square().sum().backward()
+            outs += [out.detach(), xg.grad.clone(), lin.weight.grad.clone()]
+            opt.step()
+            opt.zero_grad()
+            xg.grad = None
+        return outs, lin.bitflip_stuck._weight
+
+    fused, kept = layer_run()
+    assert kept is None  # no stuck copy was built or kept
+    with monkeypatch.context() as m:
+        m.setattr(StuckAt, "kernel_density", 0.0)
+        separate, kept = layer_run()
+    assert kept is not None
+    for a, b in zip(fused, separate):
+        assert torch.equal(_bits(a), _bits(b)), dtype

@@ -572,7 +572,7 @@ def test_flip_kernel_forces_stuck_lanes_as_the_separate_pass(
         triton_bitflip, "_run",
         lambda *a, lanes=None, **k: spy(a[0], lanes) or run(*a, lanes=lanes, **k),
     )  # fmt: skip
-    monkeypatch.setattr(triton_bitflip, "launch_pair", lambda *a: spy(a[0], a[-1]) or pair(*a))
+    monkeypatch.setattr(triton_bitflip, "launch_pair", lambda *a: spy(a[0], a[13]) or pair(*a))
     got = {}
     for backend in ("triton", "reference"):
         monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", backend)
@@ -617,6 +617,36 @@ def test_stuck_lanes_outside_the_kernel_where_it_cannot_take_them(needs_interpre
     assert len(separate) == 1
 
 
+def _assert_launches_equal_forced_first(t, forced, other, table, lanes=None, stuck=None):
+    """Every flip launch of ``t`` that takes its stuck bits (``lanes``: input lanes, ``t``
+    the x of the paired launch; ``stuck``: listed bits, ``t`` its W): single, with mask,
+    paired with ``other``, backward's zero-grad, equals the launch of ``forced`` (``t`` with
+    them forced first) without them, bit for bit; the zero-grad launch zeroes something."""
+    from peft_bitflip.kernels import triton_bitflip as tb
+
+    call = torch.tensor(3)
+
+    def same(a, b):
+        return a is None and b is None or torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+    fused = dict(lanes=lanes, stuck=stuck)
+    assert same(tb.launch(t, table, call, 1, 2, 2.0, True, **fused),
+                tb.launch(forced, table, call, 1, 2, 2.0, True))  # fmt: skip
+    masked = tb.launch_with_mask(t, table, call, 1, 2, 2.0, True, **fused)
+    assert all(map(same, masked, tb.launch_with_mask(forced, table, call, 1, 2, 2.0, True)))
+    args = (table, table, call, (1, 2), (3, 4), 2.0, 1.0, True, True, True, None)
+    pair = (t, other) if stuck is None else (other, t)
+    pair_forced = (forced, other) if stuck is None else (other, forced)
+    assert all(
+        map(same, tb.launch_pair(*pair, *args, lanes, stuck), tb.launch_pair(*pair_forced, *args))
+    )
+    g1 = torch.randn_like(t)
+    g2 = g1.clone()
+    y1 = tb.launch_zero_grad_(t, g1, table, call, 1, 2, 1.0, True, True, **fused)
+    assert same(y1, tb.launch_zero_grad_(forced, g2, table, call, 1, 2, 1.0, True, True))
+    assert same(g1, g2) and (g1 == 0).any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_launches_with_lanes_equal_stuck_then_flipped(needs_interpreter, dtype):
     """Every flip launch that takes stuck lanes (single, with mask, paired with W, backward's
@@ -632,21 +662,124 @@ def test_kernel_launches_with_lanes_equal_stuck_then_flipped(needs_interpreter, 
     w = torch.randn(6, n).to(dtype)
     xs = stick_lanes(x, lanes)
     assert not torch.equal(xs, x)
-    table, call = flip_table(0.05, 0.05, dtype, x.device), torch.tensor(3)
-
-    def same(a, b):
-        return a is None and b is None or torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-
-    assert same(tb.launch(x, table, call, 1, 2, 2.0, True, lanes=lanes),
-                tb.launch(xs, table, call, 1, 2, 2.0, True))  # fmt: skip
-    fused = tb.launch_with_mask(x, table, call, 1, 2, 2.0, True, lanes=lanes)
-    assert all(map(same, fused, tb.launch_with_mask(xs, table, call, 1, 2, 2.0, True)))
-    args = (table, table, call, (1, 2), (3, 4), 2.0, 1.0, True, True, True, None)
-    assert all(map(same, tb.launch_pair(x, w, *args, lanes), tb.launch_pair(xs, w, *args)))
-    g1, g2 = torch.randn_like(x), None
-    g2 = g1.clone()
-    y1 = tb.launch_zero_grad_(x, g1, table, call, 1, 2, 2.0, True, True, lanes)
-    assert same(y1, tb.launch_zero_grad_(xs, g2, table, call, 1, 2, 2.0, True, True))
-    assert same(g1, g2) and (g1 == 0).any()
+    table = flip_table(0.05, 0.05, dtype, x.device)
+    _assert_launches_equal_forced_first(x, xs, w, table, lanes=lanes)
+    call = torch.tensor(3)
     with pytest.raises(ValueError, match="do not fit x"):
         tb.launch(x[..., :8].contiguous(), table, call, 1, 2, 2.0, True, lanes=lanes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [2**-12, 0.05])  # sparse fields (64 x 2 blocks), dense (128 x 1)
+def test_kernel_launches_with_listed_stuck_bits_equal_stuck_then_flipped(
+    needs_interpreter, dtype, p
+):
+    """Issue 33.4: every flip launch that takes a weight's listed stuck bits (single, with
+    mask, paired with x, backward's zero-grad) gives what forcing them first and launching
+    without them gives, with entries on program boundaries and in a partial last block."""
+    from peft_bitflip.kernels import triton_bitflip as tb
+    from peft_bitflip.kernels.sampling import flip_table, group_size
+
+    shape = (40, 60)  # 2400 elements: several blocks at both shapes, the last one partial
+    numel, per_program = shape[0] * shape[1], tb.ROWS_PER_PROGRAM * group_size(dtype)
+    edges = [0, per_program - 1, per_program, 2 * per_program + 3, numel - 1]
+    listed = tuple((i, b, (i + b) % 2) for i in edges for b in (0, 3))
+    stuck = StuckAt("l", 4, StuckSpec(), StuckSpec(0.004, 0.01, 0.5, listed))
+    bits = stuck.sparse(numel, dtype, "cpu")
+    starts = bits.starts(per_program)
+    assert len(bits) > 10 and (starts.diff() > 0).sum() >= 3  # entries in several blocks
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    ws = bits.apply(w)
+    assert not torch.equal(ws, w)
+    x = torch.randn(3, 5, 16).to(dtype)
+    table, call = flip_table(p, p, dtype, w.device), torch.tensor(3)
+    assert tb.has_dense_field(table, True) == (p > 2**-9)
+    _assert_launches_equal_forced_first(w, ws, x, table, stuck=bits)
+    with pytest.raises(ValueError, match="do not fit"):
+        tb.launch(w[:20].contiguous(), table, call, 1, 2, 2.0, True, stuck=bits)
+
+
+def _stuck_weight_layer(dtype, kind):
+    """A bit-flip layer (``kind``: "linear", "conv1d" (GPT-2 layout) or "lora", an adapter on
+    a frozen base weight) with stuck weight bits, transient flips and zero-out on x and W."""
+    torch.manual_seed(0)
+    faults = dict(
+        w_stuck_p_exp=0.001, w_stuck_p_frac=0.0005, x_stuck_p_frac=0.1, stuck_one_share=0.6,
+        x_p_frac=0.05, w_p_frac=0.02, w_p_exp=2**-8, x_zero_out_t=3.0, w_zero_out_t=0.2, seed=2,
+    )  # fmt: skip
+    if kind == "lora":
+        model = get_peft_model(
+            tiny_llama(), pb.BitflipLoraConfig(r=4, target_modules=["q_proj"], **faults)
+        )
+        for n, prm in model.named_parameters():
+            if "lora_B" in n:
+                nn.init.normal_(prm, std=0.05)
+        return model, model.get_submodule("base_model.model." + Q)
+    if kind == "conv1d":
+        from transformers.pytorch_utils import Conv1D
+
+        holder = nn.ModuleDict({"l": Conv1D(16, 32)})
+    else:
+        holder = nn.ModuleDict({"l": nn.Linear(32, 16)})
+    holder = holder.to(dtype)
+    pb.apply_bitflip(holder, pb.BitflipConfig(**faults))
+    return holder, holder["l"]
+
+
+@pytest.mark.parametrize(
+    "dtype, kind, recompute",
+    [
+        (torch.float32, "linear", False),
+        (torch.bfloat16, "linear", True),
+        (torch.float16, "conv1d", False),
+        (torch.float32, "lora", False),
+    ],
+)
+def test_flip_kernel_forces_stuck_weight_bits_without_a_stuck_copy(
+    needs_interpreter, monkeypatch, dtype, kind, recompute
+):
+    """Issue 33.4: on the Triton backend a weight's stuck bits are forced in W's flip kernel
+    (forward, backward's recompute, no-grad forward): no stuck copy of W is built at any
+    training step, though W (or the LoRA factors) changes after each.  Outputs and gradients
+    are bit-identical to the CPU path, which builds the stuck copy; so is the Triton path with
+    the bits above the kernel's density limit (it builds the copy too)."""
+    builds = []
+    original = StuckAt.stuck
+    monkeypatch.setattr(
+        StuckAt, "stuck", lambda s, t, v: (t == "w" and builds.append(1)) or original(s, t, v)
+    )
+    got = {}
+    for run in ("triton", "reference", "triton, dense"):
+        monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", run.split(",")[0])
+        monkeypatch.setattr(StuckAt, "kernel_density", 0.0 if "dense" in run else 1 / 32)
+        holder, lin = _stuck_weight_layer(dtype, kind)
+        pb.recompute_flipped_inputs(holder, recompute)
+        params = [p for p in lin.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=0.5)
+        builds.clear()
+        steps = []
+        for step in range(2):
+            shape = (2, 5, lin.in_features) if kind == "lora" else (3, 32)
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(step)).to(dtype)
+            out = lin(x.requires_grad_())
+            out.float().square().sum().backward()
+            grads = [p.grad.clone() for p in params]
+            steps.append((out.detach(), x.grad, *grads))
+            opt.step()
+            opt.zero_grad()
+        fused = run == "triton"
+        assert (len(builds) == 0) == fused, (run, len(builds))
+        stuck = getattr(lin, "base_layer", lin).bitflip_stuck
+        assert (stuck._weight is None) == fused  # no stuck copy kept either
+        with torch.no_grad():
+            steps.append((lin(x.detach()),))
+        got[run] = steps
+    for run in ("reference", "triton, dense"):
+        for i, (a_step, b_step) in enumerate(zip(got["triton"], got[run])):
+            for a, b in zip(a_step, b_step):
+                if kind == "lora" and i == 2 and run == "reference":
+                    # a no-grad LoRA forward merges with the merge kernel on the Triton
+                    # backend (its float32 sums may differ in the last bit), not the reference
+                    torch.testing.assert_close(a, b)
+                    continue
+                assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))

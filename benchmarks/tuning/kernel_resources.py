@@ -29,6 +29,7 @@ from triton.runtime.jit import native_specialize_impl
 from peft_bitflip.kernels import triton_bitflip, triton_burst, triton_lora
 from peft_bitflip.kernels.burst_sampling import burst_shape, burst_table
 from peft_bitflip.kernels.sampling import flip_table
+from peft_bitflip.kernels.sparse_stuck import SparseStuck
 
 
 def captured_launch(module, launcher_name: str, host_call):
@@ -130,11 +131,11 @@ def launches():
 
     lanes = torch.zeros(2, x.size(-1), dtype=torch.int16)  # stuck input lanes (keep, ones)
 
-    def pair(x_lanes=None):
+    def pair(x_lanes=None, stuck=None):
         def host():
             triton_bitflip.launch_pair(
                 x, w, table, table, call, (3, 4), (1, 2), 30.0, 1.25, True, True, True,
-                call.clone(), x_lanes,
+                call.clone(), x_lanes, stuck,
             )  # fmt: skip
 
         return lambda: captured_launch(triton_bitflip, "_launch_pair", host)
@@ -151,12 +152,21 @@ def launches():
 
         return captured_launch(triton_lora, "_launch_zeroed_correction", host)
 
-    def single(p, x_lanes=None):
+    listed = torch.arange(0, w.numel(), 4099)  # stuck weight bits, one element in ~4k
+    w_stuck = SparseStuck(
+        listed, torch.full_like(listed, -2, dtype=torch.int16),
+        torch.zeros_like(listed, dtype=torch.int16), w.numel(), w.dtype,
+    )  # fmt: skip
+
+    def single(p, x_lanes=None, stuck=None):
+        t_in = x if stuck is None else w
+
         def host():
             t = flip_table(p, p, torch.bfloat16, "cpu")
             triton_bitflip.launch(
-                x, t, call, 1, 2, 30.0, True, next_call=call.clone(), lanes=x_lanes
-            )
+                t_in, t, call, 1, 2, 30.0, True, next_call=call.clone(), lanes=x_lanes,
+                stuck=stuck,
+            )  # fmt: skip
 
         return lambda: captured_launch(triton_bitflip, "_launch_single", host)
 
@@ -180,6 +190,8 @@ def launches():
         "paired flip of x (+ mask) and W": pair(),
         "flip x with stuck input lanes, p = 2^-16": single(2**-16, lanes),
         "paired flip of x (+ mask, stuck lanes) and W": pair(lanes),
+        "flip W with listed stuck bits, p = 2^-16": single(2**-16, stuck=w_stuck),
+        "paired flip of x (+ mask) and W (+ listed stuck bits)": pair(None, w_stuck),
         "LoRA backward: zeroed-weight correction (+ dX mask)": correction,
     }
 

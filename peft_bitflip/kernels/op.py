@@ -101,20 +101,37 @@ def _lanes_for(x, lanes, backend: str):
     return reference.stick_lanes(x, lanes), None
 
 
-def bitflip_impl(x, table, call, key0, key1, threshold, has_flips, next_call=None, lanes=None):
+def _stuck_for(x, stuck, backend: str):
+    """(x, stuck bits for the kernel): x's listed stuck bits (a
+    :class:`~.sparse_stuck.SparseStuck`) go to the Triton kernel (forced in its pass over x);
+    elsewhere they are forced here first, out of place (the same bits)."""
+    if stuck is None:
+        return x, None
+    stuck.check_fits(x)
+    if backend == "triton":
+        return x, stuck
+    return stuck.apply(x), None
+
+
+def bitflip_impl(
+    x, table, call, key0, key1, threshold, has_flips, next_call=None, lanes=None, stuck=None
+):
     """Flip bits of ``x`` (any shape/strides) and zero out; returns a new contiguous tensor.
     ``next_call``: an optional 0-dim int64 tensor that receives ``call + 1`` (a layer's counter:
     written by the kernel itself on the GPU, no extra launch).  ``lanes``: x's stuck input
-    lanes, forced before the flips (:func:`_lanes_for`)."""
+    lanes, ``stuck``: x's listed stuck bits, forced before the flips (:func:`_lanes_for`,
+    :func:`_stuck_for`)."""
     backend = backend_for(x.device)
     x, lanes = _lanes_for(x, lanes, backend)
+    x, stuck = _stuck_for(x, stuck, backend)
     xc = x.contiguous()
     if backend == "triton":
         call = call.to(x.device)
         next_call = kernel_next_call(call, next_call, x.device)
         return kernels().launch(
-            xc, table, call, key0, key1, threshold, has_flips, next_call=next_call, lanes=lanes
-        )
+            xc, table, call, key0, key1, threshold, has_flips, next_call=next_call, lanes=lanes,
+            stuck=stuck,
+        )  # fmt: skip
     write_next_call(call, next_call)
     return reference.bitflip_reference(xc, table, int(call), key0, key1, threshold, has_flips)
 
@@ -130,20 +147,21 @@ def bitflip_backward_impl(grad, x, table, call, key0, key1, threshold, has_flips
 
 
 def bitflip_masked_impl(
-    x, table, call, key0, key1, threshold, has_flips, next_call=None, lanes=None
+    x, table, call, key0, key1, threshold, has_flips, next_call=None, lanes=None, stuck=None
 ):
     """(flip of ``x`` as :func:`bitflip_impl` gives it, its packed zero mask: one uint8 per
     group of ``group_size(x.dtype)`` elements, bit j set when element j was zeroed), from one
     pass over ``x``.  ``threshold`` must not be None.  Not differentiable.  ``next_call``,
-    ``lanes``: as in :func:`bitflip_impl`."""
+    ``lanes``, ``stuck``: as in :func:`bitflip_impl`."""
     backend = backend_for(x.device)
     x, lanes = _lanes_for(x, lanes, backend)
+    x, stuck = _stuck_for(x, stuck, backend)
     xc = x.contiguous()
     if backend == "triton":
         call = call.to(x.device)
         next_call = kernel_next_call(call, next_call, x.device)
         return kernels().launch_with_mask(
-            xc, table, call, key0, key1, threshold, has_flips, next_call, lanes
+            xc, table, call, key0, key1, threshold, has_flips, next_call, lanes, stuck
         )
     write_next_call(call, next_call)
     return reference.bitflip_masked_reference(
@@ -184,46 +202,51 @@ def bitflip_pair_impl(
     want_x_mask=False,
     next_call=None,
     x_lanes=None,
+    w_stuck=None,
 ):
     """(flip of x, flip of w, x's packed zero mask or None) as :func:`bitflip_impl` /
     :func:`bitflip_masked_impl` would give them; one kernel launch on the GPU when x and w
     share a dtype (a layer's forward: half the launches).  The mask is returned when
     ``want_x_mask`` and ``x_t`` is not None.  ``next_call``: as in :func:`bitflip_impl`;
-    ``x_lanes``: x's stuck input lanes (``lanes`` of :func:`bitflip_impl`)."""
+    ``x_lanes``: x's stuck input lanes (``lanes`` of :func:`bitflip_impl`); ``w_stuck``: w's
+    listed stuck bits (``stuck`` of :func:`bitflip_impl`)."""
     want_x_mask = want_x_mask and x_t is not None
     backend = backend_for(x.device)
     x, x_lanes = _lanes_for(x, x_lanes, backend)
+    w, w_stuck = _stuck_for(w, w_stuck, backend_for(w.device))
     if backend == "triton" and x.dtype == w.dtype and x.device == w.device:
         xc, wc = x.contiguous(), w.contiguous()
         call = call.to(x.device)
         return kernels().launch_pair(
             xc, wc, x_table, w_table, call, x_key, w_key, x_t, w_t, x_flips, w_flips,
-            want_x_mask, kernel_next_call(call, next_call, x.device), x_lanes,
+            want_x_mask, kernel_next_call(call, next_call, x.device), x_lanes, w_stuck,
         )  # fmt: skip
     x_args = (x, x_table, call, *x_key, x_t, x_flips, next_call, x_lanes)  # lanes in x's launch
     if want_x_mask:
         xf, x_mask = bitflip_masked_impl(*x_args)
     else:
         xf, x_mask = bitflip_impl(*x_args), None
-    return xf, bitflip_impl(w, w_table, call, *w_key, w_t, w_flips), x_mask
+    wf = bitflip_impl(w, w_table, call, *w_key, w_t, w_flips, stuck=w_stuck)
+    return xf, wf, x_mask
 
 
 def bitflip_zero_grad_impl(
-    x, grad, table, call, key0, key1, threshold, has_flips, want_y, lanes=None
+    x, grad, table, call, key0, key1, threshold, has_flips, want_y, lanes=None, stuck=None
 ):
     """Zero ``grad`` (contiguous, x's shape) in place where the forward zeroed ``x``, reading
     ``x`` once; returns the flipped ``x`` too when ``want_y`` (else None).  Not differentiable:
-    for the backward passes of the layers, which own ``grad``.  ``lanes``: x's stuck input
-    lanes, as the forward forced them (:func:`bitflip_impl`)."""
+    for the backward passes of the layers, which own ``grad``.  ``lanes``, ``stuck``: x's stuck
+    input lanes and listed stuck bits, as the forward forced them (:func:`bitflip_impl`)."""
     if not grad.is_contiguous():
         raise ValueError("grad must be contiguous to be masked in place")
     backend = backend_for(x.device)
     x, lanes = _lanes_for(x, lanes, backend)
+    x, stuck = _stuck_for(x, stuck, backend)
     xc = x.contiguous()
     if backend == "triton":
         call = call.to(x.device)
         return kernels().launch_zero_grad_(
-            xc, grad, table, call, key0, key1, threshold, has_flips, want_y, lanes
+            xc, grad, table, call, key0, key1, threshold, has_flips, want_y, lanes, stuck
         )
     masked = reference.bitflip_backward_reference(
         grad, xc, table, int(call), key0, key1, threshold, has_flips

@@ -34,6 +34,7 @@ from .sampling import (
     write_next_call,
     zero_mask_size,
 )
+from .sparse_stuck import SparseStuck
 
 
 # Constants reach the kernels as constexpr parameter defaults, not as module globals: Triton
@@ -475,6 +476,26 @@ def stick_lanes(x, pid, cols, lanes_ptr, n_lanes, G: tl.constexpr, ROWS: tl.cons
     return bits.to(x.dtype, bitcast=True)
 
 
+@triton.jit
+def stick_sparse(x, pid, offs, starts_ptr, stuck_ptr):
+    """Block ``pid`` ``x`` [ROWS, G] (element indices ``offs``) with the stuck bits listed for
+    it forced: ``bits = (bits & keep) | ones`` at each entry ``starts[pid] <= j <
+    starts[pid + 1]`` of ``stuck_ptr`` (int64 pairs: element index, keep in the low and ones
+    in the high 32 bits; see :class:`~peft_bitflip.kernels.sparse_stuck.SparseStuck`).  A
+    block without an entry costs the two offset loads."""
+    SINT: tl.constexpr = tl.int16 if x.dtype.primitive_bitwidth == 16 else tl.int32
+    lo = tl.load(starts_ptr + pid)
+    hi = tl.load(starts_ptr + pid + 1)
+    bits = x.to(SINT, bitcast=True)
+    for j in range(lo, hi):
+        index = tl.load(stuck_ptr + 2 * j)
+        word = tl.load(stuck_ptr + 2 * j + 1)
+        keep = word.to(tl.int32).to(SINT)
+        ones = (word >> 32).to(tl.int32).to(SINT)
+        bits = tl.where(offs == index, (bits & keep) | ones, bits)
+    return bits.to(x.dtype, bitcast=True)
+
+
 # what a flip kernel does with a gradient (the GRAD_MODE constexpr): nothing; write
 # out = grad where kept, else 0; or set grad[zeroed] = 0 in place
 _GRAD_NONE, _GRAD_MASKED_COPY, _GRAD_ZERO_IN_PLACE = 0, 1, 2
@@ -512,12 +533,15 @@ def _flip_block(
     HAS_LANES: tl.constexpr = False,
     lanes_ptr=None,
     n_lanes=None,
+    HAS_STUCK: tl.constexpr = False,
+    starts_ptr=None,
+    stuck_ptr=None,
 ):
     """Block ``pid`` (ROWS groups of G elements) of a flat tensor: flip + zero-out, then write
     y, the gradient mask (GRAD_MODE) and/or the packed zero mask (WRITE_MASK: one uint8 per
     group, bit j set when element j of the group was zeroed).  HAS_LANES: force the stuck
-    input lanes first (:func:`stick_lanes`), so the flips, the zero-out and its masks act on
-    the stuck values."""
+    input lanes first (:func:`stick_lanes`); HAS_STUCK: force the listed stuck bits first
+    (:func:`stick_sparse`); the flips, the zero-out and its masks act on the stuck values."""
     rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)  # group indices
     cols = tl.arange(0, G)
     offs = rows[:, None] * G + cols[None, :]
@@ -525,6 +549,8 @@ def _flip_block(
     x = tl.load(x_ptr + offs, mask=inb, other=0)
     if HAS_LANES:
         x = stick_lanes(x, pid, cols, lanes_ptr, n_lanes, G, ROWS)
+    if HAS_STUCK:
+        x = stick_sparse(x, pid, offs, starts_ptr, stuck_ptr)
     y, keep = flip_and_zero(
         x, rows, cols, call_ptr, k0, k1, table_ptr, threshold, HAS_FLIPS, HAS_ZERO,
         ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
@@ -565,6 +591,8 @@ def _bitflip_kernel(
     threshold,
     lanes_ptr,
     n_lanes,
+    starts_ptr,
+    stuck_ptr,
     WRITE_Y: tl.constexpr,
     GRAD_MODE: tl.constexpr,
     WRITE_MASK: tl.constexpr,
@@ -583,16 +611,18 @@ def _bitflip_kernel(
     N_ROUNDS: tl.constexpr,
     SINGLES: tl.constexpr,
     HAS_LANES: tl.constexpr,
+    HAS_STUCK: tl.constexpr,
 ):
     """:func:`_flip_block` over a flat tensor; WRITE_NEXT_CALL: program 0 also stores the call
     index + 1 to ``next_call_ptr`` (a layer's counter for its next forward); HAS_LANES: stuck
-    input lanes from ``lanes_ptr`` (``n_lanes`` features; unused otherwise)."""
+    input lanes from ``lanes_ptr`` (``n_lanes`` features); HAS_STUCK: listed stuck bits from
+    ``stuck_ptr`` with per-program offsets ``starts_ptr`` (each unused otherwise)."""
     store_next_call(call_ptr, next_call_ptr, WRITE_NEXT_CALL)
     _flip_block(
         tl.program_id(0).to(tl.int64), x_ptr, out_ptr, grad_ptr, mask_ptr, n_elements,
         table_ptr, call_ptr, k0, k1, threshold, WRITE_Y, GRAD_MODE, WRITE_MASK, HAS_FLIPS,
         HAS_ZERO, ELEM_BITS, N_EXP, N_FRAC, G, ROWS, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
-        SINGLES, HAS_LANES, lanes_ptr, n_lanes,
+        SINGLES, HAS_LANES, lanes_ptr, n_lanes, HAS_STUCK, starts_ptr, stuck_ptr,
     )  # fmt: skip
 
 
@@ -618,6 +648,8 @@ def _bitflip_pair_kernel(
     programs_x,
     x_lanes_ptr,
     n_lanes,
+    w_starts_ptr,
+    w_stuck_ptr,
     X_MASK: tl.constexpr,
     WRITE_NEXT_CALL: tl.constexpr,
     X_FLIPS: tl.constexpr,
@@ -636,11 +668,13 @@ def _bitflip_pair_kernel(
     N_ROUNDS: tl.constexpr,
     SINGLES: tl.constexpr,
     X_LANES: tl.constexpr,
+    W_STUCK: tl.constexpr,
 ):
     """The forward flips of a layer's input and weight (same dtype) in one launch: the first
     ``programs_x`` programs flip x, the others W, each with its own table, key and threshold;
     X_MASK: also write x's packed zero mask; WRITE_NEXT_CALL: as in :func:`_bitflip_kernel`;
-    X_LANES: x's stuck input lanes from ``x_lanes_ptr`` (``n_lanes`` features)."""
+    X_LANES: x's stuck input lanes from ``x_lanes_ptr`` (``n_lanes`` features); W_STUCK: W's
+    listed stuck bits (``w_stuck_ptr``, per-program offsets ``w_starts_ptr``)."""
     store_next_call(call_ptr, next_call_ptr, WRITE_NEXT_CALL)
     pid = tl.program_id(0).to(tl.int64)
     if pid < programs_x:
@@ -653,7 +687,8 @@ def _bitflip_pair_kernel(
         _flip_block(
             pid - programs_x, w_ptr, w_out_ptr, w_ptr, w_ptr, n_w, w_table_ptr, call_ptr, w_k0,
             w_k1, w_threshold, True, 0, False, W_FLIPS, W_ZERO, ELEM_BITS, N_EXP, N_FRAC,
-            G, ROWS, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
+            G, ROWS, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES, False, w_ptr, 0, W_STUCK,
+            w_starts_ptr, w_stuck_ptr,
         )  # fmt: skip
 
 
@@ -774,6 +809,7 @@ def _launch_config(
     writes_next_call: bool = False,
     dense: bool = False,
     has_lanes: bool = False,
+    has_stuck: bool = False,
 ):
     """(elements per program, the kernel's constexpr arguments): computed once per setting,
     so a launch costs little Python.  ``dense``: the table holds a dense field (its block
@@ -790,6 +826,7 @@ def _launch_config(
         ROWS=rows,
         SINGLES=SINGLE_GROUPS,
         HAS_LANES=has_lanes,
+        HAS_STUCK=has_stuck,
         num_warps=num_warps or NUM_WARPS,
     )
     return rows * group_size(dtype), constexprs
@@ -812,6 +849,17 @@ def lanes_args(x: torch.Tensor, lanes: torch.Tensor | None) -> tuple:
     return lanes, n
 
 
+def stuck_args(x: torch.Tensor, stuck: SparseStuck | None, per_program: int) -> tuple:
+    """The (per-program offsets, entries) kernel arguments of ``x``'s listed stuck bits
+    (:class:`~peft_bitflip.kernels.sparse_stuck.SparseStuck`, drawn for x's element count,
+    dtype and device: else ``ValueError``) for a launch of ``per_program`` elements per
+    program; ``(x, x)`` (not read) when None."""
+    if stuck is None:
+        return x, x
+    stuck.check_fits(x)
+    return stuck.starts(per_program), stuck.entries
+
+
 def _run(
     x,
     out,
@@ -829,10 +877,12 @@ def _run(
     mask=None,
     next_call=None,
     lanes=None,
+    stuck=None,
 ):
     """One launch of :func:`_bitflip_kernel`; ``next_call``: a 0-dim int64 tensor on x's
     device that receives ``call + 1`` (see :func:`write_next_call`); ``lanes``: x's stuck
-    input lanes (:func:`lanes_args`) or None."""
+    input lanes (:func:`lanes_args`) or None; ``stuck``: x's listed stuck bits
+    (:func:`stuck_args`) or None."""
     n = x.numel()
     if n == 0:
         write_next_call(call, next_call)
@@ -849,12 +899,14 @@ def _run(
         next_call is not None,
         has_dense_field(table, has_flips),
         lanes is not None,
+        stuck is not None,
     )
     _launch_single(
         (ceil_div(n, per_program),),
         (x, out, grad, x if mask is None else mask, n)
         + flip_args(table, call, next_call, k0, k1, threshold)
-        + lanes_args(x, lanes),
+        + lanes_args(x, lanes)
+        + stuck_args(x, stuck, per_program),
         constexprs,
     )
 
@@ -872,16 +924,18 @@ def launch(
     num_warps: int | None = None,
     next_call: torch.Tensor | None = None,
     lanes: torch.Tensor | None = None,
+    stuck: SparseStuck | None = None,
 ) -> torch.Tensor:
     """Run the kernel on contiguous ``x``; returns y (forward) or the masked ``grad`` (backward,
-    a new tensor).  ``next_call`` (forward only): receives ``call + 1``; ``lanes`` (forward
-    only): x's stuck input lanes, forced before the flips (see :func:`lanes_args`)."""
+    a new tensor).  ``next_call`` (forward only): receives ``call + 1``; ``lanes``, ``stuck``
+    (forward only): x's stuck input lanes (see :func:`lanes_args`) and listed stuck bits
+    (:func:`stuck_args`), forced before the flips."""
     if grad is None:
         out = torch.empty_like(x)
         mode = _GRAD_NONE
         _run(
             x, out, x, table, call, k0, k1, threshold, has_flips, True, mode, rows, num_warps,
-            next_call=next_call, lanes=lanes,
+            next_call=next_call, lanes=lanes, stuck=stuck,
         )  # fmt: skip
     else:
         out = torch.empty_like(grad)
@@ -900,14 +954,15 @@ def launch_with_mask(
     has_flips: bool,
     next_call: torch.Tensor | None = None,
     lanes: torch.Tensor | None = None,
+    stuck: SparseStuck | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(flip of contiguous ``x``, its packed zero mask) from one pass over ``x``;
-    ``next_call``: receives ``call + 1``; ``lanes``: as in :func:`launch`."""
+    ``next_call``: receives ``call + 1``; ``lanes``, ``stuck``: as in :func:`launch`."""
     out = torch.empty_like(x)
     mask = torch.empty(zero_mask_size(x.numel(), x.dtype), dtype=torch.uint8, device=x.device)
     _run(
         x, out, x, table, call, k0, k1, threshold, has_flips, True, _GRAD_NONE, mask=mask,
-        next_call=next_call, lanes=lanes,
+        next_call=next_call, lanes=lanes, stuck=stuck,
     )  # fmt: skip
     return out, mask
 
@@ -942,14 +997,16 @@ def launch_zero_grad_(
     has_flips: bool,
     want_y: bool,
     lanes: torch.Tensor | None = None,
+    stuck: SparseStuck | None = None,
 ) -> torch.Tensor | None:
     """Set ``grad`` (contiguous, ``x``'s element order) to 0 in place where the fault model
-    zeroes ``x``; returns flip(x) too when ``want_y`` (one pass over ``x``).  ``lanes``: x's
-    stuck input lanes (as in :func:`launch`: the forward's zero-out of the stuck x)."""
+    zeroes ``x``; returns flip(x) too when ``want_y`` (one pass over ``x``).  ``lanes``,
+    ``stuck``: x's stuck input lanes and listed stuck bits (as in :func:`launch`: the
+    forward's zero-out of the stuck x)."""
     out = torch.empty_like(x) if want_y else x
     _run(
         x, out, grad, table, call, k0, k1, threshold, has_flips, want_y, _GRAD_ZERO_IN_PLACE,
-        lanes=lanes,
+        lanes=lanes, stuck=stuck,
     )  # fmt: skip
     return out if want_y else None
 
@@ -965,6 +1022,7 @@ def _pair_config(
     writes_next_call: bool = False,
     dense: bool = False,
     x_lanes: bool = False,
+    w_stuck: bool = False,
 ):
     rows = DENSE_ROWS_PER_PROGRAM if dense else ROWS_PER_PROGRAM
     base = flip_constexprs(dtype, False, False)
@@ -979,6 +1037,7 @@ def _pair_config(
         ROWS=rows,
         SINGLES=SINGLE_GROUPS,
         X_LANES=x_lanes,
+        W_STUCK=w_stuck,
         num_warps=DENSE_NUM_WARPS if dense else NUM_WARPS,
     )
     return rows * group_size(dtype), constexprs
@@ -999,12 +1058,14 @@ def launch_pair(
     want_x_mask=False,
     next_call=None,
     x_lanes=None,
+    w_stuck=None,
 ):
     """flip(x) and flip(w) (contiguous, the same dtype, each with its own table, stream key,
     threshold and flips switch) in one launch; returns (x flipped, w flipped, x's packed zero
     mask or None).  The mask is written when ``want_x_mask`` and x has a threshold;
     ``next_call`` receives ``call + 1``; ``x_lanes``: x's stuck input lanes, forced before
-    its flips (see :func:`lanes_args`)."""
+    its flips (see :func:`lanes_args`); ``w_stuck``: w's listed stuck bits, forced before
+    its flips (see :func:`stuck_args`)."""
     want_x_mask = want_x_mask and x_threshold is not None
     per_program, constexprs = _pair_config(
         x.dtype,
@@ -1016,6 +1077,7 @@ def launch_pair(
         next_call is not None,
         has_dense_field(x_table, x_flips) or has_dense_field(w_table, w_flips),
         x_lanes is not None,
+        w_stuck is not None,
     )
     x_out, w_out = torch.empty_like(x), torch.empty_like(w)
     x_mask = None
@@ -1045,6 +1107,7 @@ def launch_pair(
             call if next_call is None else next_call,
             programs_x,
             *lanes_args(x, x_lanes),
+            *stuck_args(w, w_stuck, per_program),
         ),
         constexprs,
     )
