@@ -24,7 +24,10 @@ autocast, ``recompute_flipped_inputs``, statistics.  Every expert matmul has str
 call counter (``bitflip_calls``, one call per forward, shared by its experts' streams).  A
 weight is flipped when its expert computes (an expert that receives no token reads no weight).
 Biases are added unflipped, as in the linear layers.  With flips off (``disable_bitflips``) the
-stock forward runs.
+stock forward runs.  Under ``torch.compile`` the flipped forward runs eagerly (a graph break per
+experts module): which experts get tokens, and how many, steers the loop, and every expert
+matmul has constants of its own (stream keys, stuck bits), so tracing it would compile a graph
+per routing pattern and expert.
 
 Stuck bits and bursts (``bitflip_stuck``: a :class:`~peft_bitflip.stuck_at.ExpertsStuckAt`;
 ``bitflip_bursts``: a :class:`~peft_bitflip.bursts.Bursts`) act on every expert matmul as on a
@@ -113,6 +116,8 @@ class BitflipExpertsMixin(BitflipLayerMixin):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         if not self.bitflip_enabled:
             return self._stock_forward(hidden_states, top_k_index, top_k_weights)
+        if torch.compiler.is_compiling():  # the data-dependent loop runs eagerly (module doc)
+            return _eager_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         # (the parameters, not self.down_proj: under a PEFT ParamWrapper reading it sums W + dW)
         if hidden_states.device.type == "meta" or next(self.parameters()).device.type == "meta":
             return torch.zeros_like(hidden_states, device="meta")  # shape inference only
@@ -189,6 +194,11 @@ class BitflipExpertsMixin(BitflipLayerMixin):
     def extra_repr(self) -> str:
         return "bitflip(" + self.bitflip_repr() + ")"  # (the stock class has no extra_repr)
 
+
+# the flipped experts outside torch.compile (dynamo breaks the graph around them)
+_eager_experts_forward = torch.compiler.disable(
+    BitflipExpertsMixin.forward, reason="peft_bitflip: data-dependent MoE experts loop"
+)
 
 _CLASSES: dict[type, type] = {}
 

@@ -288,10 +288,15 @@ def test_recorder_counts_burst_events():
 
 
 def test_compiled_layer_gives_the_eager_result():
-    """Under torch.compile the burst op is the custom op peft_bitflip::burst: same values."""
+    """Under torch.compile the burst op is the custom op peft_bitflip::burst: same values.
+    x and W have burst and flip tables of their own, both constants of the one graph (two
+    different tables from one function failed in AOTAutograd before)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 16))
-    cfg = pb.BitflipConfig(x_burst_rate=0.05, w_burst_rate=0.05, w_p_frac=0.01, w_zero_out_t=4.0)
+    cfg = pb.BitflipConfig(
+        x_burst_rate=0.05, w_burst_rate=0.1, x_p_frac=0.02, w_p_frac=0.01,
+        x_zero_out_t=40.0, w_zero_out_t=4.0,
+    )  # fmt: skip
     pb.apply_bitflip(model, cfg)
     x = torch.randn(4, 32)
     eager = torch.stack([model(x) for _ in range(2)])

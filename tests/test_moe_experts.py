@@ -404,25 +404,57 @@ def _experts_through_linear_layers(stock, layers, hidden, index, weights):
     return _stock_loop(stock, hidden, index, weights, lambda proj, e, h: layers[(proj, e)](h))
 
 
-@pytest.mark.parametrize(
-    "arch, faults",
-    [("mixtral", "stuck"), ("gpt_oss", "bursts"), ("mixtral", "both"), ("gpt_oss", "both")],
-)
-def test_expert_faults_equal_linear_layers_expert_by_expert(arch, faults):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+FAULT_CASES = [
+    ("mixtral", "stuck"),
+    ("gpt_oss", "bursts"),
+    ("mixtral", "both"),
+    ("gpt_oss", "both"),
+]
+
+
+def _faults(kind: str) -> dict:
+    return {"stuck": STUCK, "bursts": BURSTS, "both": {**STUCK, **BURSTS}}[kind]
+
+
+def _struck(stuck, bursts, t, call, tensor="w"):
+    """``t`` (a matmul's weight, or with ``tensor="x"`` its input) with the matmul's stuck
+    bits and its bursts at ``call`` (no flips); ``stuck`` / ``bursts`` may be None."""
+    if stuck is not None:
+        t = stuck.stuck(tensor, t)
+    if bursts is not None:
+        t = bursts.burst(tensor, t, call)
+    return t
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch, faults", FAULT_CASES)
+def test_expert_faults_equal_linear_layers_expert_by_expert(arch, faults, device):
     """Stuck bits and bursts of every expert matmul are those of a plain linear layer named
     ``{module}.{proj}.{expert}`` with the expert's weight (the transposed layout: a Conv1D),
-    forward and backward (straight-through where stuck), at two calls."""
-    kinds = {"stuck": STUCK, "bursts": BURSTS, "both": {**STUCK, **BURSTS}}[faults]
-    cfg = pb.BitflipConfig(**FLIPS, **kinds, seed=5)
+    forward and backward (straight-through where stuck), at two calls.  On CUDA both run the
+    Triton kernels: the stuck / burst weights are equal bit for bit, outputs and gradients
+    within cuBLAS rounding (the same matmul on another operand layout may round otherwise)."""
+    cfg = pb.BitflipConfig(**FLIPS, **_faults(faults), seed=5)
     model = MODELS[arch]()
     stock = copy.deepcopy(_experts(model))
     pb.apply_bitflip(model, cfg)
-    experts = _experts(model)
-    layers = _linear_layers(stock, cfg)
+    experts = _experts(model).to(device)
+    layers = {k: m.to(device) for k, m in _linear_layers(stock, cfg).items()}
+    stock.to(device)
     assert all((m.bitflip_stuck is not None) == (faults != "bursts") for m in layers.values())
     assert all((m.bitflip_bursts is not None) == (faults != "stuck") for m in layers.values())
+    for (proj, e), layer in layers.items():
+        call = torch.tensor(1, device=device)
+        stuck = experts.bitflip_stuck and experts.bitflip_stuck.matmul(proj, e)
+        bursts = experts.bitflip_bursts and experts.bitflip_bursts.matmul(proj, e)
+        with torch.no_grad():
+            got = _struck(stuck, bursts, getattr(experts, proj)[e], call)
+            want = _struck(layer.bitflip_stuck, layer.bitflip_bursts, layer.weight, call)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (proj, e)
     for call in range(2):
-        hidden, index, weights = _routing(experts, seed=call)
+        hidden, index, weights = (t.to(device) for t in _routing(experts, seed=call))
         results = []
         for run in ("experts", "linear"):
             h = hidden.clone().requires_grad_()
@@ -432,7 +464,9 @@ def test_expert_faults_equal_linear_layers_expert_by_expert(arch, faults):
                 out = _experts_through_linear_layers(stock, layers, h, index, weights)
             out.pow(2).sum().backward()
             results.append((out.detach(), h.grad))
-        assert torch.equal(results[0][0], results[1][0]), (call, "forward")
+        if device == "cpu":
+            assert torch.equal(results[0][0], results[1][0]), (call, "forward")
+        torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
         for proj in expert_params(experts):
             grad = getattr(experts, proj).grad
@@ -446,11 +480,47 @@ def test_expert_faults_equal_linear_layers_expert_by_expert(arch, faults):
             p.grad = None
     # the faults were there: the stock module computes something else
     with torch.no_grad():
-        assert not torch.equal(experts(*_routing(experts)), stock(*_routing(experts)))
+        routing = [t.to(device) for t in _routing(experts)]
+        assert not torch.equal(experts(*routing), stock(*routing))
 
 
 def expert_params(experts):
     return ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj")
+
+
+@CUDA
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_cuda_expert_faults_equal_the_cpu_ones(arch):
+    """The experts' faults do not depend on the device: ``export_stuck_positions`` lists the
+    same stuck bits, and every expert's weight slice and input with its stuck bits and the
+    bursts of a call are equal bit for bit on CUDA (Triton kernels) and on the CPU."""
+    from peft_bitflip.stuck_at import export_stuck_positions
+
+    cfg = pb.BitflipConfig(**FLIPS, **STUCK, **BURSTS, seed=7)
+    models = {}
+    for device in ("cpu", "cuda"):
+        models[device] = MODELS[arch]()
+        pb.apply_bitflip(models[device], cfg)
+        models[device].to(device)
+    assert export_stuck_positions(models["cpu"]) == export_stuck_positions(models["cuda"])
+    cpu, gpu = _experts(models["cpu"]), _experts(models["cuda"])
+    for dtype, ints in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16)):
+        for proj in expert_params(cpu):
+            w = getattr(cpu, proj).detach().to(dtype)
+            x = torch.randn(5, w.shape[1 if cpu.is_transposed else 2]).to(dtype)
+            for e in range(cpu.num_experts):
+                for tensor, t in (("w", w[e]), ("x", x)):
+                    got, want = (
+                        _struck(
+                            m.bitflip_stuck.matmul(proj, e),
+                            m.bitflip_bursts.matmul(proj, e),
+                            t.to(device),
+                            torch.tensor(3, device=device),
+                            tensor,
+                        )
+                        for m, device in ((gpu, "cuda"), (cpu, "cpu"))
+                    )
+                    assert torch.equal(got.cpu().view(ints), want.view(ints)), (proj, e, tensor)
 
 
 def test_expert_stuck_positions_per_matmul_stable_reloaded_and_replayed(tmp_path, monkeypatch):
@@ -611,3 +681,99 @@ def test_expert_stuck_lanes_fused_in_the_flip_kernel(needs_interpreter, monkeypa
         assert sum(lane_passes) == (0 if backend == "triton" else matmuls), backend
     for a, b in zip(got["triton"], got["reference"]):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------- issue 33: torch.compile with stuck bits and bursts
+
+EAGER_LOOP = "data-dependent MoE experts loop"  # the reason of the experts' graph break
+
+
+def _expert_rules(kind: str) -> pb.BitflipConfig:
+    """Flips and zero-out on every layer; the stuck bits and / or bursts on the experts."""
+    rule = {k: v for k, v in _faults(kind).items() if k != "burst_length"}
+    rules = {r".*\.experts": rule, "default": {}}
+    return pb.BitflipConfig(
+        **FLIPS, seed=5, burst_length=BURSTS["burst_length"], layer_name_to_config=rules
+    )
+
+
+def _counters(model) -> list[int]:
+    return [int(m.bitflip_calls) for m in model.modules() if hasattr(m, "bitflip_calls")]
+
+
+@pytest.mark.parametrize(
+    "arch, faults", [("gpt_oss", "stuck"), ("mixtral", "bursts"), ("gpt_oss", "both")]
+)
+def test_compiled_model_with_expert_faults_gives_the_eager_results(arch, faults):
+    """Under ``torch.compile`` (aot_eager) the flipped experts loop runs eagerly, its only
+    graph break (the rest of the model compiles): a tiny MoE model with stuck bits and / or
+    bursts on its experts gives the eager model's logits, input and parameter gradients at
+    two calls, without recompiling at the second, and the call counters advance alike."""
+    from torch._dynamo.utils import counters
+
+    eager = MODELS[arch]().train()
+    pb.apply_bitflip(eager, _expert_rules(faults))
+    experts = _experts(eager)
+    assert (experts.bitflip_stuck is not None) == (faults != "bursts")
+    assert (experts.bitflip_bursts is not None) == (faults != "stuck")
+    assert eager.get_submodule("model.layers.0.self_attn.q_proj").bitflip_stuck is None
+    twin = copy.deepcopy(eager)
+    ids = token_ids(2, 6)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled = torch.compile(twin, backend="aot_eager")
+        for call in range(2):
+            results = []
+            for model, run in ((eager, eager), (twin, compiled)):
+                embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+                out = run(inputs_embeds=embeds, labels=ids)
+                out.loss.backward()
+                grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+                results.append((out.logits.detach(), embeds.grad, grads))
+                model.zero_grad(set_to_none=True)
+            (logits, grad_in, grads), (c_logits, c_grad_in, c_grads) = results
+            assert torch.equal(logits, c_logits), call
+            assert torch.equal(grad_in, c_grad_in), call
+            assert grads.keys() == c_grads.keys() and any("experts" in n for n in grads)
+            assert all(torch.equal(grads[n], c_grads[n]) for n in grads), call
+            if call == 0:
+                graphs = counters["stats"]["unique_graphs"]
+        assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs  # no recompile
+        breaks = list(counters["graph_break"])
+        assert breaks and all(EAGER_LOOP in reason for reason in breaks), breaks
+        assert _counters(twin) == _counters(eager) == [2] * len(_counters(eager))
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_compiled_experts_module_gives_the_eager_results_and_no_full_graph(arch):
+    """The experts module compiled on its own, with stuck bits, bursts, flips and zero-out:
+    the eager outputs, input and weight gradients at two calls.  ``fullgraph=True`` cannot
+    hold it (which experts get tokens, and how many, decides the loop): the error says why."""
+    model = MODELS[arch]()
+    pb.apply_bitflip(model, pb.BitflipConfig(**FLIPS, **STUCK, **BURSTS, seed=5))
+    experts = _experts(model)
+    routings = [_routing(experts, tokens=6, seed=call) for call in range(2)]
+    results = {"eager": [], "compiled": []}
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(experts, backend="aot_eager")
+        for run, module in (("eager", experts), ("compiled", compiled)):
+            experts.bitflip_calls.zero_()
+            for hidden, index, weights in routings:
+                h = hidden.clone().requires_grad_()
+                out = module(h, index, weights)
+                out.pow(2).sum().backward()
+                results[run] += [out.detach(), h.grad]
+                results[run] += [p.grad for p in experts.parameters() if p.grad is not None]
+                experts.zero_grad(set_to_none=True)
+            assert int(experts.bitflip_calls) == 2
+        assert len(results["eager"]) == len(results["compiled"]) >= 2 * 4
+        assert all(torch.equal(a, b) for a, b in zip(results["eager"], results["compiled"]))
+        full = torch.compile(experts, backend="aot_eager", fullgraph=True)
+        with pytest.raises(Exception, match=EAGER_LOOP):
+            full(*_routing(experts, tokens=6))
+    finally:
+        torch._dynamo.reset()

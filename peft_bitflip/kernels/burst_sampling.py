@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 
 from ..spec import check_dtype
-from .sampling import _cached_device_tensor, gap_table, group_size
+from .sampling import _cached_device_tensor, gap_table, graph_constant, group_size
 
 __all__ = ["BURST_FIELDS", "BurstShape", "burst_shape", "burst_table", "length_thresholds"]
 
@@ -102,7 +102,7 @@ _TABLES: dict = {}
 _MAX_CACHED = 256
 
 
-@torch.compiler.assume_constant_result
+@graph_constant
 def burst_table(rate: float, lengths: tuple, dtype: torch.dtype, device) -> torch.Tensor:
     """The int64 burst table (see the module doc) on ``device`` (cached)."""
     device = torch.device(device)

@@ -196,6 +196,28 @@ def dense_words(table: torch.Tensor, dtype: torch.dtype) -> tuple[int, int]:
 _DEVICE_TABLES: dict = {}
 
 
+def graph_constant(make):
+    """``make`` (a function returning a tensor that depends on its arguments only, e.g. a
+    cached table), made a constant of a ``torch.compile`` graph: while tracing it runs once
+    and the graph holds its result (as ``torch.compiler.assume_constant_result`` gives), under
+    a name of its own per result.  (Dynamo names a tensor that an ``assume_constant_result``
+    function returns after the function, so two different results in one graph, e.g. the
+    tables of x and of W, failed in AOTAutograd: "source ConstantSource(...) already in
+    seen_sources"; the result of one inside a tuple gets a unique name.)"""
+
+    @torch.compiler.assume_constant_result
+    def in_tuple(*args, **kwargs):
+        return (make(*args, **kwargs),)
+
+    @functools.wraps(make)
+    def constant(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return in_tuple(*args, **kwargs)[0]
+        return make(*args, **kwargs)
+
+    return constant
+
+
 def _cached_device_tensor(values, device: torch.device) -> torch.Tensor:
     """An int64 tensor of ``values`` on ``device`` that a cache may keep for the process.
 
@@ -232,7 +254,7 @@ _MAX_CACHED_TABLES = 1024
 FORCE_DENSE = {"1": True, "0": False}.get(os.environ.get("PEFT_BITFLIP_DENSE", "auto"))
 
 
-@torch.compiler.assume_constant_result
+@graph_constant
 def flip_table(
     p_exp: float, p_frac: float, dtype: torch.dtype, device, dense: tuple[bool, bool] | None = None
 ) -> torch.Tensor:
