@@ -15,9 +15,9 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
 from .functional import apply_flip_spec
-from .kernels.op import backend_for
-from .kernels.sampling import ceil_div
-from .spec import check_dtype
+from .kernels.op import backend_for, bitflip_counted_impl
+from .kernels.sampling import ceil_div, flip_table
+from .spec import FlipSpec, check_dtype
 
 INT_VIEW = {16: torch.int16, 32: torch.int32}
 
@@ -245,6 +245,41 @@ def _add_counts(out: torch.Tensor, x: torch.Tensor, flipped: torch.Tensor, thres
 
 
 _COUNTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def apply_flip_spec_counted(
+    x: torch.Tensor, spec, key, call, counts: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``apply_flip_spec(x, spec, key, call)`` (not differentiable), adding what it did to
+    ``counts`` (:func:`~peft_bitflip.kernels.op.new_flip_counts` on x's device: int64 rows
+    whose sum is [sign/exponent bits flipped, mantissa bits flipped, elements zeroed]).
+    ``out``: where the result goes (``x`` itself: in place; the result is returned either
+    way).  On the Triton backend one kernel pass flips, zeroes, counts and
+    writes (a contiguous ``x`` without per-bit-position rates); elsewhere the flips, the count
+    (:func:`_add_counts`) and the zero-out run one after the other.  No host synchronisation."""
+    with torch.no_grad():
+        if spec.is_identity:
+            y = x
+        elif (
+            spec.p_bits is None
+            and backend_for(x.device) == "triton"
+            and x.is_contiguous()
+            and not torch.compiler.is_compiling()
+        ):
+            table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
+            call = torch.as_tensor(call, dtype=torch.int64, device=x.device)
+            t = spec.zero_out_threshold
+            return bitflip_counted_impl(x, table, call, *key, t, spec.flips, counts, out)
+        else:
+            y = apply_flip_spec(x, replace(spec, zero_out_threshold=None), key, call)
+            _add_counts(counts[0], x, y, spec.zero_out_threshold)
+            if spec.zero_out_threshold is not None:
+                y = apply_flip_spec(y, FlipSpec(zero_out_threshold=spec.zero_out_threshold), key)
+        if out is None:
+            return y
+        if y is not out:
+            out.copy_(y)
+        return out
 
 
 def _add_nonfinite(out: torch.Tensor, y: torch.Tensor) -> None:

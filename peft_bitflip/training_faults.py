@@ -55,10 +55,11 @@ import torch
 from torch import nn
 from transformers import DefaultFlowCallback, TrainerCallback
 
-from .functional import apply_flip_spec, stream_key
+from .functional import stream_key
+from .kernels.op import new_flip_counts
 from .layers import data_parallel_rank
 from .spec import FlipSpec, check_dtype, validate_seed
-from .stats import flip_count_tensor
+from .stats import apply_flip_spec_counted
 
 __all__ = [
     "SITES",
@@ -226,7 +227,7 @@ class TrainingFaultHooks:
         self.faults = faults
         self.step = int(step)
         self._micro: dict[str, int] = {}
-        self._counts: dict[str, torch.Tensor] = {}
+        self._counts: dict[tuple, torch.Tensor] = {}  # (site, device) -> new_flip_counts
         self._trials: dict[str, list[int]] = {s: [0, 0] for s in SITES}
         self._handles = []
         self.optimizer = _unwrap(optimizer) if optimizer is not None else None
@@ -260,21 +261,22 @@ class TrainingFaultHooks:
 
     # -- flipping -------------------------------------------------------------------------
 
-    def _flip(self, site: str, t: torch.Tensor, name: str, *extra) -> torch.Tensor:
-        """``t`` after the site's flips (and zero-out), counting them; ``t`` itself if no flip."""
+    def _flip(
+        self, site: str, t: torch.Tensor, name: str, *extra, in_place: bool = False
+    ) -> torch.Tensor:
+        """``t`` after the site's flips (and zero-out), counting them (one kernel pass on the
+        GPU); ``t`` itself if no flip, or with ``in_place`` when it was flipped in place (a
+        contiguous tensor: the kernel writes into it, no copy)."""
         spec = getattr(self.faults, site)
         if spec is None or spec.is_identity or t.dtype not in _FLOAT_DTYPES or t.numel() == 0:
             return t
         key = stream_key(self.faults.seed, "training", site, name, data_parallel_rank(), *extra)
-        flips_only = dataclasses.replace(spec, zero_out_threshold=None)
-        with torch.no_grad():
-            flipped = apply_flip_spec(t.detach(), flips_only, key, self.step)
-            counts = flip_count_tensor(t.detach(), flipped, spec.zero_out_threshold)
-            if spec.zero_out_threshold is not None:
-                flipped = apply_flip_spec(
-                    flipped, FlipSpec(zero_out_threshold=spec.zero_out_threshold), key
-                )
-        self._counts[site] = self._counts[site] + counts if site in self._counts else counts
+        counts = self._counts.get((site, t.device))
+        if counts is None:
+            counts = new_flip_counts(t.device)
+            self._counts[(site, t.device)] = counts
+        out = t if in_place and t.is_contiguous() else None
+        flipped = apply_flip_spec_counted(t.detach(), spec, key, self.step, counts, out)
         layout = check_dtype(t.dtype)  # the exp group holds the sign bit
         self._trials[site][0] += t.numel() * layout.n_exp
         self._trials[site][1] += t.numel() * layout.n_frac
@@ -299,7 +301,7 @@ class TrainingFaultHooks:
     def _before_update(self, optimizer, args, kwargs):
         for name, p in self._params():
             if p.grad is not None:
-                flipped = self._flip("grad_w", p.grad, name)
+                flipped = self._flip("grad_w", p.grad, name, in_place=True)
                 if flipped is not p.grad:
                     p.grad.copy_(flipped)
 
@@ -309,12 +311,13 @@ class TrainingFaultHooks:
             for site in OPTIMIZER_STATE_SITES:
                 value = state.get(site)
                 if isinstance(value, torch.Tensor):
-                    flipped = self._flip(site, value, name)
+                    flipped = self._flip(site, value, name, in_place=True)
                     if flipped is not value:
                         value.copy_(flipped)
-            flipped = self._flip("param", p.data, name)
-            if flipped is not p.data:
-                p.data.copy_(flipped)
+            data = p.data
+            flipped = self._flip("param", data, name, in_place=True)
+            if flipped is not data:
+                data.copy_(flipped)
         self.step += 1
         self._micro.clear()
 
@@ -325,8 +328,11 @@ class TrainingFaultHooks:
         through the fault model and the measured rates (reads the device counters)."""
         out = {}
         for site in self.faults.active_sites:
-            c = self._counts.get(site)
-            exp, frac, zeroed = (0, 0, 0) if c is None else (int(v) for v in c.tolist())
+            exp = frac = zeroed = 0
+            for (counted, _), c in self._counts.items():
+                if counted == site:
+                    e, f, z = (int(v) for v in c.sum(0).tolist())
+                    exp, frac, zeroed = exp + e, frac + f, zeroed + z
             n_exp, n_frac = self._trials[site]
             out[site] = {
                 "exp_flips": exp,

@@ -52,3 +52,35 @@ def test_bench_bursts_small_prints_its_table(reference_backend, capsys):
     assert len(rows) == 1
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert cells[1] == "3" and all(float(c.rstrip("x")) > 0 for c in cells[3:])
+
+
+def test_bench_training_faults_small_writes_its_table(reference_backend, tmp_path):
+    """benchmarks/bench_training_faults.py runs end to end at toy size and writes its table;
+    the site variant leaves the tensor flipped as the transient-flip op flips it."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_training_faults as bench
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    from peft_bitflip.spec import FlipSpec
+
+    doc = tmp_path / "benchmarks.md"
+    start, end = bench.DOC_MARKERS
+    doc.write_text(f"before\n{start}\nold\n{end}\nafter\n")
+    rows = bench.main(["--small", "--device", "cpu", "--p", "2^-6", "--doc", str(doc)])
+    assert [(r["dtype"], r["threshold"]) for r in rows] == [
+        (d, t) for d in ("bf16", "fp32") for t in ("-", 1.0)
+    ]
+    assert all(set(r["ms"]) == set(bench.VARIANTS) for r in rows)
+    text = doc.read_text()
+    assert "old" not in text and text.count("| bf16 | 2^-6 |") == 2
+    t = torch.randn(8, 16)
+    want = bench.variant_fns(t.clone(), FlipSpec(0.1, 0.1, 1.0))["flip"]()
+    for variant in ("site", "separate"):
+        u = t.clone()
+        bench.variant_fns(u, FlipSpec(0.1, 0.1, 1.0))[variant]()
+        assert torch.equal(u, want), variant
+    with pytest.raises(ValueError, match="'fp8'"):
+        bench.main(["--device", "cpu", "--dtypes", "fp8"])

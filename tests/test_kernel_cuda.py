@@ -627,7 +627,7 @@ def test_cuda_stuck_weight_bits_in_the_flip_kernel_match_the_stuck_copy(monkeypa
         torch.manual_seed(0)
         holder = nn.ModuleDict({"l": nn.Linear(1024, 256)}).to("cuda", dtype)
         cfg = pb.BitflipConfig(
-            w_stuck_p_exp=1e-3, w_stuck_p_frac=1e-3, x_p_frac=1e-3, w_p_frac=1e-3,
+            w_stuck_p_exp=1e-3, w_stuck_p_frac=5e-4, x_p_frac=1e-3, w_p_frac=1e-3,
             x_zero_out_t=4.0, w_zero_out_t=1.25, seed=2,
         )  # fmt: skip
         pb.apply_bitflip(holder, cfg)
@@ -652,3 +652,26 @@ def test_cuda_stuck_weight_bits_in_the_flip_kernel_match_the_stuck_copy(monkeypa
     assert kept is not None
     for a, b in zip(fused, separate):
         assert torch.equal(_bits(a), _bits(b)), dtype
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_counted_flip_in_place_matches_cpu(dtype):
+    """Issue 33.4: the training sites' counted flip (one kernel pass that flips, zeroes,
+    counts and writes in place) equals the CPU path (flip, count, zero-out) bit for bit, and
+    its counts equal the CPU's, at a sparse and a dense rate."""
+    from peft_bitflip.kernels.op import new_flip_counts
+    from peft_bitflip.spec import FlipSpec
+    from peft_bitflip.stats import apply_flip_spec_counted
+
+    x = torch.randn(1000, 999, generator=torch.Generator().manual_seed(3)).to(dtype)
+    for spec in (FlipSpec(1e-4, 1e-3, 1.0), FlipSpec(0.05, 0.05), FlipSpec(0.3, 0.3, 2.0)):
+        got = {}
+        for device in ("cuda", "cpu"):
+            t = x.to(device)
+            counts = new_flip_counts(device)
+            assert apply_flip_spec_counted(t, spec, (1, 2), 9, counts, out=t) is t
+            got[device] = (t, counts.sum(0))
+        assert torch.equal(_bits(got["cuda"][0].cpu()), _bits(got["cpu"][0])), (dtype, spec)
+        assert torch.equal(got["cuda"][1].cpu(), got["cpu"][1]), (dtype, spec)
+        assert got["cpu"][1][:2].sum() > 0

@@ -308,3 +308,59 @@ def test_the_fault_model_guide_snippet_runs(tmp_path):
     ]
     assert len(added) == 1 and added[0].faults.active_sites == ("grad_w", "exp_avg_sq")
     assert namespace["hooks"].faults.active_sites == ("grad_w", "exp_avg_sq")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p, threshold", [(2**-12, None), (0.05, 1.0)])  # sparse; dense + zero
+def test_counted_flip_kernel_equals_flip_then_count(
+    needs_interpreter, monkeypatch, dtype, p, threshold
+):
+    """Issue 33.4: the training sites' flip counts its flips and zeroed elements in the flip
+    kernel's own pass (the Triton backend, here its interpreter), in place or not: the result
+    is ``apply_flip_spec``'s and the counts those of the separate count, bit for bit."""
+    from peft_bitflip.functional import apply_flip_spec
+    from peft_bitflip.kernels.op import new_flip_counts
+    from peft_bitflip.stats import apply_flip_spec_counted, flip_count_tensor
+
+    monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", "triton")
+    spec = FlipSpec(p, p, threshold)
+    x = torch.randn(37, 29, generator=torch.Generator().manual_seed(0)).to(dtype)  # a tail
+    want = apply_flip_spec(x, spec, (5, 6), 7)
+    flips_only = apply_flip_spec(x, FlipSpec(p, p), (5, 6), 7)
+    want_counts = flip_count_tensor(x, flips_only, threshold)
+    assert want_counts[:2].sum() > 0 and (want_counts[2] > 0) == (threshold is not None)
+    counts = new_flip_counts("cpu")
+    got = apply_flip_spec_counted(x, spec, (5, 6), 7, counts)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(counts.sum(0), want_counts)
+    assert (counts != 0).any(1).sum() > 1  # spread over the rows (several blocks counted)
+    inplace = x.clone()
+    assert apply_flip_spec_counted(inplace, spec, (5, 6), 7, counts, out=inplace) is inplace
+    assert torch.equal(inplace.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(counts.sum(0), 2 * want_counts)  # added to, not overwritten
+    with pytest.raises(ValueError, match=r"counts must be an int64 tensor of shape \(64, 3\)"):
+        apply_flip_spec_counted(x, spec, (5, 6), 7, torch.zeros(3, dtype=torch.int64))
+
+
+def test_sites_on_the_triton_backend_equal_the_cpu_path(needs_interpreter, monkeypatch):
+    """Every site (dX, dW, AdamW moments, parameters, with a zero-out on one) flips and counts
+    the same on the Triton backend (one counted kernel pass, in place for the optimizer's
+    tensors) as on the CPU path."""
+    faults = TrainingFaults(
+        grad_x=FlipSpec(P, P), grad_w=FlipSpec(P, P, 0.5), exp_avg=FlipSpec(P, P),
+        exp_avg_sq=FlipSpec(P, P), param=FlipSpec(P / 4, P / 4), seed=3,
+    )  # fmt: skip
+    got = {}
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", backend)
+        model = _model()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        hooks = faults.attach(model, opt)
+        _train(model, opt, 1)
+        got[backend] = ([p.detach().clone() for p in model.parameters()], hooks.counts())
+        hooks.remove()
+    for a, b in zip(got["triton"][0], got["reference"][0]):  # (bytes: flips may give NaN)
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    assert got["triton"][1] == got["reference"][1]
+    assert all(c["exp_flips"] + c["frac_flips"] > 0 for c in got["triton"][1].values())
+    assert got["triton"][1]["grad_w"]["zeroed"] > 0

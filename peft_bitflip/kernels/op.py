@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .sampling import group_size, write_next_call
+from .sampling import COUNT_SLOTS, group_size, write_next_call
 
 _TRITON = None
 
@@ -134,6 +134,31 @@ def bitflip_impl(
         )  # fmt: skip
     write_next_call(call, next_call)
     return reference.bitflip_reference(xc, table, int(call), key0, key1, threshold, has_flips)
+
+
+def new_flip_counts(device) -> Tensor:
+    """Zeroed counts for :func:`bitflip_counted_impl`: int64 (COUNT_SLOTS, 3) on ``device``;
+    ``counts.sum(0)`` is [sign/exponent flips, mantissa flips, zeroed elements]."""
+    return torch.zeros(COUNT_SLOTS, 3, dtype=torch.int64, device=device)
+
+
+def bitflip_counted_impl(x, table, call, key0, key1, threshold, has_flips, counts, out=None):
+    """:func:`bitflip_impl` on the Triton backend (contiguous ``x``) with the flips and the
+    zeroed elements added to ``counts`` (int64 (COUNT_SLOTS, 3) on x's device, see
+    :func:`new_flip_counts`: the sum of its rows is [sign/exponent flips, mantissa flips,
+    zeroed]) by the flip kernel itself; ``out``: where the result goes (``x``: in place),
+    default a new tensor.  Returns the result."""
+    if backend_for(x.device) != "triton" or not x.is_contiguous():
+        raise ValueError("the counted flip runs the Triton kernel on a contiguous tensor")
+    shape = (COUNT_SLOTS, 3)
+    if counts.dtype != torch.int64 or counts.shape != shape or counts.device != x.device:
+        raise ValueError(
+            f"counts must be an int64 tensor of shape {shape} on {x.device} (new_flip_counts),"
+            f" got {counts.dtype} {tuple(counts.shape)} on {counts.device}"
+        )
+    return kernels().launch(
+        x, table, call.to(x.device), key0, key1, threshold, has_flips, counts=counts, out=out
+    )
 
 
 def bitflip_backward_impl(grad, x, table, call, key0, key1, threshold, has_flips):

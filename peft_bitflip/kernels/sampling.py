@@ -193,6 +193,11 @@ def dense_words(table: torch.Tensor, dtype: torch.dtype) -> tuple[int, int]:
     return e % (1 << 64), f % (1 << 64)
 
 
+# rows of a counted flip launch's counts: program i adds to row i % COUNT_SLOTS (at p = 2^-10
+# every program of a 4096^2 tensor has flips, and atomic adds to one address serialise: the
+# counted flip took 2x the flip's time on an H100 with one row)
+COUNT_SLOTS = 64
+
 _DEVICE_TABLES: dict = {}
 
 

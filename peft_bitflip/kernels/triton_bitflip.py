@@ -18,6 +18,7 @@ import triton.language as tl
 from ..spec import check_dtype
 from .launcher import KernelLauncher
 from .sampling import (
+    COUNT_SLOTS,
     DENSE_FREE_DIGITS,
     DENSE_ITERATION,
     FLIPS_SPARSE_ONLY,
@@ -459,6 +460,35 @@ def flip_and_zero(
 
 
 @triton.jit
+def popcount32(v):
+    """Set bits of each element of a non-negative int32 tensor (SWAR)."""
+    v = v - ((v >> 1) & 0x55555555)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F
+    v = v + (v >> 8)
+    v = v + (v >> 16)
+    return v & 0x3F
+
+
+@triton.jit
+def add_flip_counts(x, flipped, keep, inb, count_ptr, N_EXP: tl.constexpr, N_FRAC: tl.constexpr):
+    """Adds the block's [sign/exponent flips, mantissa flips, zeroed elements] to
+    ``count_ptr[0:3]`` (int64): bits that differ between ``x`` and ``flipped`` (before the
+    zero-out), and in-bounds elements the zero-out removed (``keep`` False).  A block with
+    nothing to add makes no atomic add (at small p, nearly all)."""
+    SINT: tl.constexpr = tl.int16 if x.dtype.primitive_bitwidth == 16 else tl.int32
+    d = (x.to(SINT, bitcast=True) ^ flipped.to(SINT, bitcast=True)).to(tl.int32)
+    d = tl.where(inb, d, 0)
+    n_exp = tl.sum(tl.sum(popcount32((d >> N_FRAC) & ((1 << N_EXP) - 1)), axis=1), axis=0)
+    n_frac = tl.sum(tl.sum(popcount32(d & ((1 << N_FRAC) - 1)), axis=1), axis=0)
+    n_zeroed = tl.sum(tl.sum(tl.where(inb & (keep == 0), 1, 0), axis=1), axis=0)
+    if (n_exp + n_frac + n_zeroed) > 0:
+        tl.atomic_add(count_ptr, n_exp.to(tl.int64))
+        tl.atomic_add(count_ptr + 1, n_frac.to(tl.int64))
+        tl.atomic_add(count_ptr + 2, n_zeroed.to(tl.int64))
+
+
+@triton.jit
 def stick_lanes(x, pid, cols, lanes_ptr, n_lanes, G: tl.constexpr, ROWS: tl.constexpr):
     """Block ``pid`` (ROWS groups of G elements) ``x`` [ROWS, G] of a row-major tensor whose
     last dimension has ``n_lanes`` elements (a multiple of G) with its stuck input lanes forced:
@@ -536,12 +566,18 @@ def _flip_block(
     HAS_STUCK: tl.constexpr = False,
     starts_ptr=None,
     stuck_ptr=None,
+    COUNT: tl.constexpr = False,
+    count_ptr=None,
+    COUNT_SLOTS: tl.constexpr = 1,
 ):
     """Block ``pid`` (ROWS groups of G elements) of a flat tensor: flip + zero-out, then write
     y, the gradient mask (GRAD_MODE) and/or the packed zero mask (WRITE_MASK: one uint8 per
     group, bit j set when element j of the group was zeroed).  HAS_LANES: force the stuck
     input lanes first (:func:`stick_lanes`); HAS_STUCK: force the listed stuck bits first
-    (:func:`stick_sparse`); the flips, the zero-out and its masks act on the stuck values."""
+    (:func:`stick_sparse`); the flips, the zero-out and its masks act on the stuck values.
+    COUNT: add the block's flips and zeroed elements to row ``pid % COUNT_SLOTS`` of
+    ``count_ptr`` (int64 [COUNT_SLOTS, 3], :func:`add_flip_counts`; the rows spread the
+    atomic adds, their sum is the count; the flips of the values after the stuck bits)."""
     rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)  # group indices
     cols = tl.arange(0, G)
     offs = rows[:, None] * G + cols[None, :]
@@ -551,10 +587,24 @@ def _flip_block(
         x = stick_lanes(x, pid, cols, lanes_ptr, n_lanes, G, ROWS)
     if HAS_STUCK:
         x = stick_sparse(x, pid, offs, starts_ptr, stuck_ptr)
-    y, keep = flip_and_zero(
-        x, rows, cols, call_ptr, k0, k1, table_ptr, threshold, HAS_FLIPS, HAS_ZERO,
-        ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
-    )  # fmt: skip
+    if COUNT:  # the flips before the zero-out, counted; then the zero-out
+        y, keep = flip_and_zero(
+            x, rows, cols, call_ptr, k0, k1, table_ptr, threshold, HAS_FLIPS, False,
+            ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
+        )  # fmt: skip
+        if HAS_ZERO:
+            keep = tl.abs(y.to(tl.float32)) < threshold  # as flip_and_zero: NaN, Inf -> 0
+            y_counted = y
+            y = tl.where(keep, y, 0)
+        else:
+            y_counted = y
+        slot = count_ptr + (pid % COUNT_SLOTS) * 3
+        add_flip_counts(x, y_counted, keep, inb, slot, N_EXP, N_FRAC)
+    else:
+        y, keep = flip_and_zero(
+            x, rows, cols, call_ptr, k0, k1, table_ptr, threshold, HAS_FLIPS, HAS_ZERO,
+            ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
+        )  # fmt: skip
     if WRITE_Y:
         tl.store(out_ptr + offs, y, mask=inb)
     if GRAD_MODE == 1:  # _GRAD_MASKED_COPY
@@ -593,6 +643,7 @@ def _bitflip_kernel(
     n_lanes,
     starts_ptr,
     stuck_ptr,
+    count_ptr,
     WRITE_Y: tl.constexpr,
     GRAD_MODE: tl.constexpr,
     WRITE_MASK: tl.constexpr,
@@ -612,17 +663,21 @@ def _bitflip_kernel(
     SINGLES: tl.constexpr,
     HAS_LANES: tl.constexpr,
     HAS_STUCK: tl.constexpr,
+    COUNT: tl.constexpr,
+    COUNT_SLOTS: tl.constexpr,
 ):
     """:func:`_flip_block` over a flat tensor; WRITE_NEXT_CALL: program 0 also stores the call
     index + 1 to ``next_call_ptr`` (a layer's counter for its next forward); HAS_LANES: stuck
     input lanes from ``lanes_ptr`` (``n_lanes`` features); HAS_STUCK: listed stuck bits from
-    ``stuck_ptr`` with per-program offsets ``starts_ptr`` (each unused otherwise)."""
+    ``stuck_ptr`` with per-program offsets ``starts_ptr``; COUNT: add the flips and zeroed
+    elements to ``count_ptr`` (int64 [COUNT_SLOTS, 3]) (each pointer unused otherwise)."""
     store_next_call(call_ptr, next_call_ptr, WRITE_NEXT_CALL)
     _flip_block(
         tl.program_id(0).to(tl.int64), x_ptr, out_ptr, grad_ptr, mask_ptr, n_elements,
         table_ptr, call_ptr, k0, k1, threshold, WRITE_Y, GRAD_MODE, WRITE_MASK, HAS_FLIPS,
         HAS_ZERO, ELEM_BITS, N_EXP, N_FRAC, G, ROWS, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
-        SINGLES, HAS_LANES, lanes_ptr, n_lanes, HAS_STUCK, starts_ptr, stuck_ptr,
+        SINGLES, HAS_LANES, lanes_ptr, n_lanes, HAS_STUCK, starts_ptr, stuck_ptr, COUNT,
+        count_ptr, COUNT_SLOTS,
     )  # fmt: skip
 
 
@@ -810,6 +865,7 @@ def _launch_config(
     dense: bool = False,
     has_lanes: bool = False,
     has_stuck: bool = False,
+    count: bool = False,
 ):
     """(elements per program, the kernel's constexpr arguments): computed once per setting,
     so a launch costs little Python.  ``dense``: the table holds a dense field (its block
@@ -827,6 +883,8 @@ def _launch_config(
         SINGLES=SINGLE_GROUPS,
         HAS_LANES=has_lanes,
         HAS_STUCK=has_stuck,
+        COUNT=count,
+        COUNT_SLOTS=COUNT_SLOTS,
         num_warps=num_warps or NUM_WARPS,
     )
     return rows * group_size(dtype), constexprs
@@ -878,11 +936,14 @@ def _run(
     next_call=None,
     lanes=None,
     stuck=None,
+    counts=None,
 ):
     """One launch of :func:`_bitflip_kernel`; ``next_call``: a 0-dim int64 tensor on x's
     device that receives ``call + 1`` (see :func:`write_next_call`); ``lanes``: x's stuck
     input lanes (:func:`lanes_args`) or None; ``stuck``: x's listed stuck bits
-    (:func:`stuck_args`) or None."""
+    (:func:`stuck_args`) or None; ``counts``: None or a contiguous int64 (COUNT_SLOTS, 3)
+    tensor on x's device: the launch adds its [sign/exponent flips, mantissa flips, zeroed
+    elements] spread over the rows (their sum is the count)."""
     n = x.numel()
     if n == 0:
         write_next_call(call, next_call)
@@ -900,13 +961,15 @@ def _run(
         has_dense_field(table, has_flips),
         lanes is not None,
         stuck is not None,
+        counts is not None,
     )
     _launch_single(
         (ceil_div(n, per_program),),
         (x, out, grad, x if mask is None else mask, n)
         + flip_args(table, call, next_call, k0, k1, threshold)
         + lanes_args(x, lanes)
-        + stuck_args(x, stuck, per_program),
+        + stuck_args(x, stuck, per_program)
+        + (x if counts is None else counts,),
         constexprs,
     )
 
@@ -925,17 +988,21 @@ def launch(
     next_call: torch.Tensor | None = None,
     lanes: torch.Tensor | None = None,
     stuck: SparseStuck | None = None,
+    counts: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the kernel on contiguous ``x``; returns y (forward) or the masked ``grad`` (backward,
     a new tensor).  ``next_call`` (forward only): receives ``call + 1``; ``lanes``, ``stuck``
     (forward only): x's stuck input lanes (see :func:`lanes_args`) and listed stuck bits
-    (:func:`stuck_args`), forced before the flips."""
+    (:func:`stuck_args`), forced before the flips; ``counts`` (forward only): see
+    :func:`_run`; ``out`` (forward only): where y goes (``x`` itself: in place, each program
+    reads its block before it writes it), default a new tensor."""
     if grad is None:
-        out = torch.empty_like(x)
+        out = torch.empty_like(x) if out is None else out
         mode = _GRAD_NONE
         _run(
             x, out, x, table, call, k0, k1, threshold, has_flips, True, mode, rows, num_warps,
-            next_call=next_call, lanes=lanes, stuck=stuck,
+            next_call=next_call, lanes=lanes, stuck=stuck, counts=counts,
         )  # fmt: skip
     else:
         out = torch.empty_like(grad)
