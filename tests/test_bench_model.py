@@ -132,8 +132,9 @@ def test_kernel_resources_compiles_the_launches_for_hopper():
     assert rows[0][0].strip() == "launch"
     body = rows[1:]  # (the separator row does not start with "| ")
     # the flip kernel (sparse-only and dense variants), the burst kernel, four merge launches at
-    # the shipped tile, the paired flip, the correction, the flip and paired flip with stuck lanes
-    assert len(body) == 11
+    # the shipped tile, the paired flip, the correction, the flip and paired flip with stuck lanes,
+    # the flip and paired flip with listed stuck weight bits, the counted flip (sparse, dense)
+    assert len(body) == 15
     for cells in body:
         warps, registers, stack, shared = (int(c) for c in cells[2:6])
         assert warps > 0 and 0 < registers <= 255 and stack >= 0 and shared >= 0

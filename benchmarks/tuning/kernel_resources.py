@@ -28,6 +28,7 @@ from triton.runtime.jit import native_specialize_impl
 
 from peft_bitflip.kernels import triton_bitflip, triton_burst, triton_lora
 from peft_bitflip.kernels.burst_sampling import burst_shape, burst_table
+from peft_bitflip.kernels.op import new_flip_counts
 from peft_bitflip.kernels.sampling import flip_table
 from peft_bitflip.kernels.sparse_stuck import SparseStuck
 
@@ -158,14 +159,14 @@ def launches():
         torch.zeros_like(listed, dtype=torch.int16), w.numel(), w.dtype,
     )  # fmt: skip
 
-    def single(p, x_lanes=None, stuck=None):
+    def single(p, x_lanes=None, stuck=None, counted=False):
         t_in = x if stuck is None else w
 
         def host():
             t = flip_table(p, p, torch.bfloat16, "cpu")
             triton_bitflip.launch(
                 t_in, t, call, 1, 2, 30.0, True, next_call=call.clone(), lanes=x_lanes,
-                stuck=stuck,
+                stuck=stuck, counts=new_flip_counts("cpu") if counted else None,
             )  # fmt: skip
 
         return lambda: captured_launch(triton_bitflip, "_launch_single", host)
@@ -192,6 +193,8 @@ def launches():
         "paired flip of x (+ mask, stuck lanes) and W": pair(lanes),
         "flip W with listed stuck bits, p = 2^-16": single(2**-16, stuck=w_stuck),
         "paired flip of x (+ mask) and W (+ listed stuck bits)": pair(None, w_stuck),
+        "flip with counts (a training-fault site), p = 2^-16": single(2**-16, counted=True),
+        "flip with counts (a training-fault site), p = 2^-4": single(2**-4, counted=True),
         "LoRA backward: zeroed-weight correction (+ dX mask)": correction,
     }
 
