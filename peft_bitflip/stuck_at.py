@@ -309,7 +309,9 @@ class StuckAt:
     dtype and device: a pure function of them, so never saved), and their application.
 
     Memory: the drawn bits (an int64 index plus two mask words per element with a stuck bit)
-    and, in eager mode, the layer's weight with its stuck bits forced: one weight-sized tensor
+    and, in eager mode where W's flip kernel does not force them itself (see
+    :meth:`apply_fused`: the CPU, dense stuck bits, a built weight without gradients), the
+    layer's weight with its stuck bits forced: one weight-sized tensor
     in the dtype the matmul reads (e.g. bf16 under a bf16 autocast), kept between calls so
     that a weight that does not change (a frozen base weight under LoRA, evaluation) is built
     once, not at every forward and again in backward.  It is rebuilt when what it was built
