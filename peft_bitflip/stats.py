@@ -158,16 +158,7 @@ def _flip_counts(x: torch.Tensor, flipped: torch.Tensor, t32) -> torch.Tensor:
 
 
 if triton is not None:
-
-    @triton.jit
-    def _popc(v):
-        """Set bits of each element of a non-negative int32 tensor (SWAR)."""
-        v = v - ((v >> 1) & 0x55555555)
-        v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
-        v = (v + (v >> 4)) & 0x0F0F0F0F
-        v = v + (v >> 8)
-        v = v + (v >> 16)
-        return v & 0x3F
+    from .kernels.triton_bitflip import popcount32
 
     @triton.jit
     def _flip_count_kernel(
@@ -193,8 +184,8 @@ if triton is not None:
             d = x.to(tl.int32, bitcast=True) ^ f.to(tl.int32, bitcast=True)
         frac = d & ((1 << N_FRAC) - 1)
         exp = (d >> N_FRAC) & ((1 << N_EXP) - 1)
-        tl.atomic_add(out_ptr, tl.sum(_popc(exp), axis=0).to(tl.int64))
-        tl.atomic_add(out_ptr + 1, tl.sum(_popc(frac), axis=0).to(tl.int64))
+        tl.atomic_add(out_ptr, tl.sum(popcount32(exp), axis=0).to(tl.int64))
+        tl.atomic_add(out_ptr + 1, tl.sum(popcount32(frac), axis=0).to(tl.int64))
         if HAS_ZERO:
             keep = tl.abs(f.to(tl.float32)) < threshold  # NaN and Inf compare false
             zeroed = tl.where(inb & (keep == 0), 1, 0)

@@ -445,26 +445,20 @@ class StuckAt:
         dtype of the weight ``weight`` builds (default: ``weight``, or ``weight_params[0]``
         for a built weight)."""
         w_bits = self._weight_bits(weight, weight_params, compute, w_spec, weight_like)
-        if w_bits is not None:
-            x, lanes = self._stuck_x(x, compute, x_spec)
-            return x, weight, weight_params, lanes, w_bits
-        lanes = None
-        if not self.x.is_identity and self._fusable(x, compute or x.dtype, x_spec):
-            x = x if compute is None else x.to(compute)
-            lanes = self.lanes(x.size(-1), x.dtype, x.device)
-        if lanes is not None:
+        x, lanes = self._stuck_x(x, compute, x_spec)
+        if w_bits is None:  # the stuck copy of the weight (x is done)
             x, weight, weight_params = self.apply(
                 x, weight, weight_params, compute, weight_key, lanes_done=True
             )
-            return x, weight, weight_params, lanes, None
-        return (*self.apply(x, weight, weight_params, compute, weight_key), None, None)
+        return x, weight, weight_params, lanes, w_bits
 
     kernel_density = 1 / 32
     """Most elements with a stuck bit, as a share of the weight, whose bits the flip kernel
     forces (above it the stuck copy of :meth:`apply` is built instead)."""
 
     def _stuck_x(self, x: Tensor, compute, x_spec) -> tuple:
-        """(x, lanes or None) with x's stuck lanes forced here or left to the kernel."""
+        """(x cast to ``compute``, lanes or None): x's stuck lanes forced here (a separate
+        pass), or left to its flip kernel (returned as lanes, see :meth:`apply_fused`)."""
         if self.x.is_identity:
             return x, None
         x = x if compute is None else x.to(compute)
