@@ -16,6 +16,7 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 
 from .functional import apply_flip_spec
 from .kernels.op import backend_for, bitflip_counted_impl
+from .kernels.reference import bitflip_counted_native
 from .kernels.sampling import ceil_div, flip_table
 from .spec import FlipSpec, check_dtype
 
@@ -261,6 +262,13 @@ def apply_flip_spec_counted(
             call = torch.as_tensor(call, dtype=torch.int64, device=x.device)
             t = spec.zero_out_threshold
             return bitflip_counted_impl(x, table, call, *key, t, spec.flips, counts, out)
+        elif (
+            spec.p_bits is None
+            and x.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and (y := _counted_native(x, spec, key, call, counts, out)) is not None
+        ):
+            return y
         else:
             y = apply_flip_spec(x, replace(spec, zero_out_threshold=None), key, call)
             _add_counts(counts[0], x, y, spec.zero_out_threshold)
@@ -271,6 +279,14 @@ def apply_flip_spec_counted(
         if y is not out:
             out.copy_(y)
         return out
+
+
+def _counted_native(x, spec, key, call, counts, out):
+    """The counted flip through the native CPU pass (one pass: flips, counts, zero-out,
+    written to ``out``), or None where that pass does not run."""
+    table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
+    t = spec.zero_out_threshold
+    return bitflip_counted_native(x, table, call, *key, t, spec.flips, counts, out)
 
 
 def _add_nonfinite(out: torch.Tensor, y: torch.Tensor) -> None:

@@ -106,6 +106,58 @@ def test_native_threads_split_a_tensor_into_the_same_bits(native, monkeypatch):
         assert torch.equal(split[1], single[1]), dense
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "p_exp, p_frac, t",
+    [(2**-12, 2**-12, None), (2**-10, 2**-10, 1.0), (0.3, 2**-12, 1.0), (2**-12, 0.2, None),
+     (0.05, 0.05, 0.5)],
+)  # fmt: skip
+def test_native_counted_flip_equals_flip_then_count(native, monkeypatch, dtype, p_exp, p_frac, t):
+    """Issue 33.4 on the CPU: a training site's counted flip runs in the native pass (flips,
+    counts, zero-out, in place), bit for bit ``apply_flip_spec`` with the torch count of the
+    flips before the zero-out and of the zeroed elements, split over threads or not, sparse,
+    dense and mixed fields, NaN / Inf in x (the torch path: PEFT_BITFLIP_CPU_NATIVE=0)."""
+    from peft_bitflip.functional import apply_flip_spec
+    from peft_bitflip.kernels.op import new_flip_counts
+    from peft_bitflip.stats import apply_flip_spec_counted, flip_count_tensor
+
+    monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", "reference")
+    monkeypatch.setattr(cpu_native, "_PARALLEL_FROM", 64)
+    spec, key = pb.FlipSpec(p_exp, p_frac, t), KEYS[0]
+    x = (torch.randn(61, 257, generator=torch.Generator().manual_seed(4)) * 3).to(dtype)
+    x[0, :2] = torch.tensor([float("nan"), float("inf")])
+    monkeypatch.setenv("PEFT_BITFLIP_CPU_NATIVE", "0")
+    want = apply_flip_spec(x, spec, key, 6)
+    want_counts = flip_count_tensor(x, apply_flip_spec(x, pb.FlipSpec(p_exp, p_frac), key, 6), t)
+    torch_counts = new_flip_counts("cpu")
+    torch_path = apply_flip_spec_counted(x, spec, key, 6, torch_counts)
+    monkeypatch.delenv("PEFT_BITFLIP_CPU_NATIVE")
+    counted_passes = []
+    native_flip = cpu_native.flip
+    monkeypatch.setattr(
+        cpu_native,
+        "flip",
+        lambda *a, counts=None, **k: (
+            counted_passes.append(counts is not None) or native_flip(*a, counts=counts, **k)
+        ),
+    )
+    assert torch.equal(_bits(torch_path), _bits(want))
+    assert torch.equal(torch_counts.sum(0), want_counts)
+    assert want_counts[0] > 0 and want_counts[1] > 0 and (want_counts[2] > 0) == (t is not None)
+    threads = torch.get_num_threads()
+    for n_threads in (1, 3):
+        counts, inplace = new_flip_counts("cpu"), x.clone()
+        try:
+            torch.set_num_threads(n_threads)
+            got = apply_flip_spec_counted(x, spec, key, 6, counts)
+            assert apply_flip_spec_counted(inplace, spec, key, 6, counts, out=inplace) is inplace
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(_bits(got), _bits(want)) and torch.equal(_bits(inplace), _bits(want))
+        assert torch.equal(counts.sum(0), 2 * want_counts), n_threads  # added to, twice
+    assert counted_passes == [True] * 4  # one native pass per call, nothing else
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("t", [0.0, 1e-6, 1.25, 30.0, 65504.0, 1e30, float("inf"), float("nan")])
 def test_keep_below_matches_the_float32_comparison_on_every_code(dtype, t):

@@ -227,15 +227,18 @@ static void field_flips(uint64_t group, int word, int64_t u, const int64_t *t, i
 }
 
 /* Zero the `ne` elements at yb whose magnitude bits are >= keep_below (NaN and Inf among
- * them); mask: NULL or one byte per group of G for the nb groups (bit j = element j zeroed). */
-static void zero_out(void *yb, int64_t ne, int elem_bits, int G, uint32_t keep_below,
-                     uint8_t *mask, int nb) {
+ * them); mask: NULL or one byte per group of G for the nb groups (bit j = element j zeroed).
+ * Returns the number of elements zeroed. */
+static int64_t zero_out(void *yb, int64_t ne, int elem_bits, int G, uint32_t keep_below,
+                        uint8_t *mask, int nb) {
     uint8_t zeroed[BLOCK * 8];
+    int64_t n_zeroed = 0;
     if (elem_bits == 16) {
         uint16_t *v = (uint16_t *)yb;
         for (int64_t j = 0; j < ne; j++) {
             uint16_t out = (uint16_t)(0 - ((uint32_t)(v[j] & 0x7FFFu) >= keep_below));
             zeroed[j] = (uint8_t)out;
+            n_zeroed += out & 1;
             v[j] &= (uint16_t)~out;
         }
     } else {
@@ -243,6 +246,7 @@ static void zero_out(void *yb, int64_t ne, int elem_bits, int G, uint32_t keep_b
         for (int64_t j = 0; j < ne; j++) {
             uint32_t out = 0u - ((v[j] & 0x7FFFFFFFu) >= keep_below);
             zeroed[j] = (uint8_t)out;
+            n_zeroed += out & 1;
             v[j] &= ~out;
         }
     }
@@ -253,6 +257,20 @@ static void zero_out(void *yb, int64_t ne, int elem_bits, int G, uint32_t keep_b
             mask[i] = m;
         }
     }
+    return n_zeroed;
+}
+
+/* c[0] += sign/exponent bits, c[1] += mantissa bits (the low n_frac) that differ between the
+ * `ne` elements at a and at b. */
+static void count_diff(const void *a, const void *b, int64_t ne, int elem_bits, int n_frac,
+                       int64_t c[2]) {
+    const uint32_t frac = (1u << n_frac) - 1u;
+    for (int64_t j = 0; j < ne; j++) {
+        uint32_t d = elem_bits == 16 ? (uint32_t)(((const uint16_t *)a)[j] ^ ((const uint16_t *)b)[j])
+                                     : ((const uint32_t *)a)[j] ^ ((const uint32_t *)b)[j];
+        c[0] += __builtin_popcount(d >> n_frac);
+        c[1] += __builtin_popcount(d & frac);
+    }
 }
 
 /* y[g_begin * G .. g_end * G) (clipped to n elements) = flip(x) then zero-out.
@@ -260,14 +278,19 @@ static void zero_out(void *yb, int64_t ne, int elem_bits, int G, uint32_t keep_b
  *  element of each field; t_e (n_e entries), t_f (n_f): the gap tables (T - 1), a field whose
  *  last entry is < 0 never flips there; p_e, p_f: P of a dense field (0: sparse); flips: 0 to
  *  skip the sampling; keep_below: with zero != 0, an element is kept iff its magnitude bits
- *  are < keep_below; mask: NULL or one byte per group (bit j = element j zeroed). */
+ *  are < keep_below; mask: NULL or one byte per group (bit j = element j zeroed); counts:
+ *  NULL or int64 [sign/exponent bits flipped, mantissa bits flipped, elements zeroed] that
+ *  this call adds to (atomically, once per call: calls on disjoint ranges may run at once). */
 int pbf_flip(const void *x, void *y, int64_t n, int elem_bits, int n_exp, int n_frac,
              const int64_t *t_e, int64_t n_e, const int64_t *t_f, int64_t n_f, uint64_t p_e,
              uint64_t p_f, int flips, int64_t g_begin, int64_t g_end, uint32_t call,
-             uint32_t k0, uint32_t k1, int zero, uint32_t keep_below, uint8_t *mask) {
+             uint32_t k0, uint32_t k1, int zero, uint32_t keep_below, uint8_t *mask,
+             int64_t *counts) {
     const int G = 128 / elem_bits;
     const size_t es = (size_t)elem_bits / 8;
     const int64_t last_e = t_e[n_e - 1], last_f = t_f[n_f - 1];
+    int64_t c[3] = {0, 0, 0};
+    uint32_t before[BLOCK * 4]; /* the block's bits before its flips (counts only) */
     const uint32_t frac_lanes = ((1u << n_frac) - 1u) * (elem_bits == 16 ? 0x10001u : 1u);
     uint8_t hits[BLOCK];
     uint32_t less[BLOCK][4];
@@ -279,6 +302,7 @@ int pbf_flip(const void *x, void *y, int64_t n, int elem_bits, int n_exp, int n_
         if (e1 > n) e1 = n;
         char *yb = (char *)y + (size_t)e0 * es;
         if (x != y) memcpy(yb, (const char *)x + (size_t)e0 * es, (size_t)(e1 - e0) * es);
+        if (counts && dense) memcpy(before, yb, (size_t)(e1 - e0) * es);
         if (dense) {
             dense_block((uint64_t)g0, nb, call, k0, k1, p_e, p_f, ~frac_lanes, frac_lanes, less);
             for (int i = 0; i < nb; i++) {
@@ -300,16 +324,21 @@ int pbf_flip(const void *x, void *y, int64_t n, int elem_bits, int n_exp, int n_
                 int64_t first = (g0 + i) * G;
                 int valid = (int)(n - first < G ? n - first : G);
                 char *elems = (char *)y + (size_t)first * es;
+                if (counts && !dense) memcpy(before + i * 4, elems, (size_t)valid * es);
                 if (hits[i] & 1)
                     field_flips(g, 0, uniform(g, 0, call, k0, k1, 0), t_e, n_e, n_exp,
                                 elem_bits - n_exp, elem_bits, elems, valid, call, k0, k1);
                 if (hits[i] & 2)
                     field_flips(g, 1, uniform(g, 0, call, k0, k1, 1), t_f, n_f, n_frac, 0,
                                 elem_bits, elems, valid, call, k0, k1);
+                if (counts && !dense) count_diff(before + i * 4, elems, valid, elem_bits, n_frac, c);
             }
         }
-        if (zero) zero_out(yb, e1 - e0, elem_bits, G, keep_below, mask ? mask + g0 : 0, nb);
+        if (counts && dense) count_diff(before, yb, e1 - e0, elem_bits, n_frac, c);
+        if (zero) c[2] += zero_out(yb, e1 - e0, elem_bits, G, keep_below, mask ? mask + g0 : 0, nb);
     }
+    if (counts)
+        for (int k = 0; k < 3; k++) __atomic_fetch_add(counts + k, c[k], __ATOMIC_RELAXED);
     return 0;
 }
 

@@ -86,7 +86,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32, u32, u64 = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32,
                              ctypes.c_uint64)  # fmt: skip
     lib.pbf_flip.argtypes = [p, p, i64, i32, i32, i32, p, i64, p, i64, u64, u64, i32,
-                             i64, i64, u32, u32, u32, i32, u32, p]  # fmt: skip
+                             i64, i64, u32, u32, u32, i32, u32, p, p]  # fmt: skip
     lib.pbf_flip.restype = i32
     lib.pbf_burst.argtypes = [p, p, i64, i32, p, p, i32, i32, i32, i32,
                               i64, i64, u32, u32, u32, i32, u32]  # fmt: skip
@@ -173,12 +173,15 @@ def flip(
     flips: bool,
     threshold: float | None,
     mask: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> None:
     """``y = zero_out(x with its flips)`` for flat contiguous CPU tensors ``x``, ``y`` (the
     same tensor is fine), the int64 flip ``table`` (gap tables, then P of each field: 0 for a
     sparse field, else the field is dense), stream key ``k0``, ``k1`` (uint32) and ``call``;
     ``mask``: a uint8 tensor of one byte per group that receives the packed zero mask
-    (``threshold`` not None).  Threads: ``torch.get_num_threads()``."""
+    (``threshold`` not None); ``counts``: a contiguous int64 CPU tensor whose first three
+    words receive += [sign/exponent bits flipped, mantissa bits flipped (before the zero-out),
+    elements zeroed].  Threads: ``torch.get_num_threads()``."""
     layout = check_dtype(x.dtype)
     n_e, n_f = field_sizes(x.dtype)
     n = x.numel()
@@ -190,7 +193,8 @@ def flip(
     p_e, p_f = dense_words(table, x.dtype)
     args = (x.data_ptr(), y.data_ptr(), n, layout.n_bits, layout.n_exp, layout.n_frac,
             t_e, n_e, t_e + 8 * n_e, n_f, p_e, p_f, int(flips))  # fmt: skip
-    tail = (call % _U32, k0, k1, int(zero), below, mask.data_ptr() if mask is not None else None)
+    tail = (call % _U32, k0, k1, int(zero), below, mask.data_ptr() if mask is not None else None,
+            counts.data_ptr() if counts is not None else None)  # fmt: skip
     _split(lib.pbf_flip, args, tail, n_groups)
 
 
