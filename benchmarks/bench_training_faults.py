@@ -87,6 +87,11 @@ def main(argv=None):
     ap.add_argument("--thresholds", default="none,1.0", help="zero-out thresholds (none: off)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument(
+        "--count_shape",
+        default=None,
+        help="ROWSxWARPS of the counted launch on sparse tables (tuning; default: the library's)",
+    )
     ap.add_argument("--small", action="store_true", help="toy sizes, 2 reps (CPU smoke run)")
     ap.add_argument("--out", default=None, help="write the rows and metadata as JSON here")
     ap.add_argument("--doc", default=None, help="write the table into this markdown file")
@@ -100,6 +105,11 @@ def main(argv=None):
     if bad:
         raise ValueError(f"--dtypes: {bad} are not among {sorted(DTYPES)}")
     thresholds = [None if v == "none" else float(v) for v in args.thresholds.split(",")]
+    if args.count_shape:
+        from peft_bitflip.kernels import triton_bitflip
+
+        triton_bitflip.COUNT_SHAPE = tuple(int(v) for v in args.count_shape.lower().split("x"))
+        triton_bitflip._launch_config.cache_clear()
     device = torch.device(args.device)
     rows = []
     for dtype in args.dtypes.split(","):

@@ -675,3 +675,23 @@ def test_cuda_counted_flip_in_place_matches_cpu(dtype):
         assert torch.equal(_bits(got["cuda"][0].cpu()), _bits(got["cpu"][0])), (dtype, spec)
         assert torch.equal(got["cuda"][1].cpu(), got["cpu"][1]), (dtype, spec)
         assert got["cpu"][1][:2].sum() > 0
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_flip_count_kernel_matches_the_torch_count(dtype):
+    """The callback's count kernel (``stats._add_counts``: one Triton pass with the hardware
+    population count on CUDA) gives the torch ops' [sign/exponent flips, mantissa flips,
+    zeroed] of a flipped tensor, with and without a zero-out threshold."""
+    from peft_bitflip.functional import apply_flip_spec
+    from peft_bitflip.spec import FlipSpec
+    from peft_bitflip.stats import _add_counts, flip_count_tensor
+
+    x = torch.randn(777, 1001, generator=torch.Generator().manual_seed(5)).to(dtype) * 4
+    y = apply_flip_spec(x, FlipSpec(0.01, 0.02), (3, 4), 1)
+    for t in (None, 2.0):
+        want = flip_count_tensor(x, y, t)
+        got = torch.zeros(3, dtype=torch.int64, device="cuda")
+        _add_counts(got, x.cuda(), y.cuda(), t)
+        assert torch.equal(got.cpu(), want), (dtype, t)
+        assert want[:2].min() > 0 and (want[2] > 0) == (t is not None)

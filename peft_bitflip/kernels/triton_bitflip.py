@@ -10,6 +10,7 @@ gap-sampling loop.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -459,9 +460,22 @@ def flip_and_zero(
     return y, keep
 
 
+# the PTX population count on NVIDIA GPUs (one instruction; the SWAR fallback is ~12 integer
+# ops per element, which made the counted flip compute-bound); the interpreter and ROCm take
+# the SWAR form
+HW_POPCOUNT = (
+    os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    and getattr(torch.version, "hip", None) is None
+)
+
+
 @triton.jit
-def popcount32(v):
-    """Set bits of each element of a non-negative int32 tensor (SWAR)."""
+def popcount32(v, HW: tl.constexpr = HW_POPCOUNT):
+    """Set bits of each element of a non-negative int32 tensor (``popc.b32``, or SWAR)."""
+    if HW:
+        return tl.inline_asm_elementwise(
+            "popc.b32 $0, $1;", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1
+        )
     v = v - ((v >> 1) & 0x55555555)
     v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
     v = (v + (v >> 4)) & 0x0F0F0F0F
@@ -473,19 +487,24 @@ def popcount32(v):
 @triton.jit
 def add_flip_counts(x, flipped, keep, inb, count_ptr, N_EXP: tl.constexpr, N_FRAC: tl.constexpr):
     """Adds the block's [sign/exponent flips, mantissa flips, zeroed elements] to
-    ``count_ptr[0:3]`` (int64): bits that differ between ``x`` and ``flipped`` (before the
-    zero-out), and in-bounds elements the zero-out removed (``keep`` False).  A block with
-    nothing to add makes no atomic add (at small p, nearly all)."""
+    ``count_ptr[0:3]`` (int64): bits that differ between ``x`` and ``flipped`` [ROWS, G]
+    (before the zero-out), and in-bounds elements the zero-out removed (``keep`` False).  The
+    three counts of a group (<= 72, 92, 8) are summed within the group, packed into one int64
+    (21 bits each: exact for up to 2^14 groups per block) and summed over the block in one
+    reduction; a block with nothing to add makes no atomic add (at small p, nearly all)."""
     SINT: tl.constexpr = tl.int16 if x.dtype.primitive_bitwidth == 16 else tl.int32
     d = (x.to(SINT, bitcast=True) ^ flipped.to(SINT, bitcast=True)).to(tl.int32)
     d = tl.where(inb, d, 0)
-    n_exp = tl.sum(tl.sum(popcount32((d >> N_FRAC) & ((1 << N_EXP) - 1)), axis=1), axis=0)
-    n_frac = tl.sum(tl.sum(popcount32(d & ((1 << N_FRAC) - 1)), axis=1), axis=0)
-    n_zeroed = tl.sum(tl.sum(tl.where(inb & (keep == 0), 1, 0), axis=1), axis=0)
-    if (n_exp + n_frac + n_zeroed) > 0:
-        tl.atomic_add(count_ptr, n_exp.to(tl.int64))
-        tl.atomic_add(count_ptr + 1, n_frac.to(tl.int64))
-        tl.atomic_add(count_ptr + 2, n_zeroed.to(tl.int64))
+    n_exp = tl.sum(popcount32((d >> N_FRAC) & ((1 << N_EXP) - 1)), axis=1)
+    n_frac = tl.sum(popcount32(d & ((1 << N_FRAC) - 1)), axis=1)
+    n_zeroed = tl.sum(tl.where(inb & (keep == 0), 1, 0), axis=1)
+    packed = n_exp.to(tl.int64) | (n_frac.to(tl.int64) << 21) | (n_zeroed.to(tl.int64) << 42)
+    total = tl.sum(packed, axis=0)
+    if total != 0:
+        field = (1 << 21) - 1
+        tl.atomic_add(count_ptr, total & field)
+        tl.atomic_add(count_ptr + 1, (total >> 21) & field)
+        tl.atomic_add(count_ptr + 2, total >> 42)
 
 
 @triton.jit
@@ -598,6 +617,7 @@ def _flip_block(
             y = tl.where(keep, y, 0)
         else:
             y_counted = y
+        tl.static_assert(ROWS <= 16384, "add_flip_counts packs 21-bit counts per block")
         slot = count_ptr + (pid % COUNT_SLOTS) * 3
         add_flip_counts(x, y_counted, keep, inb, slot, N_EXP, N_FRAC)
     else:
@@ -791,6 +811,9 @@ NUM_WARPS = 2
 # of copy vs 53 % at 64 x 2, 2^-6 48 vs 40 %, 2^-9 34 vs 29 %)
 DENSE_ROWS_PER_PROGRAM = 128
 DENSE_NUM_WARPS = 1
+# counted launches (training-fault sites) of sparse tables: (rows, warps), None: the flip's
+# shape; the block's count costs one reduction, so larger blocks spend less on it
+COUNT_SHAPE: tuple[int, int] | None = None
 SINGLE_GROUPS = 1  # a block with at most this many groups holding a flip takes them singly
 
 
@@ -872,6 +895,8 @@ def _launch_config(
     shape unless ``rows`` / ``num_warps`` are given)."""
     if dense:
         rows, num_warps = rows or DENSE_ROWS_PER_PROGRAM, num_warps or DENSE_NUM_WARPS
+    elif count and COUNT_SHAPE is not None:
+        rows, num_warps = rows or COUNT_SHAPE[0], num_warps or COUNT_SHAPE[1]
     rows = rows or ROWS_PER_PROGRAM
     constexprs = dict(
         flip_constexprs(dtype, has_flips, has_zero),
