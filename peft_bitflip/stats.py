@@ -17,7 +17,7 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 from .functional import apply_flip_spec
 from .kernels.op import backend_for, bitflip_counted_impl
 from .kernels.reference import bitflip_counted_native
-from .kernels.sampling import ceil_div, flip_table
+from .kernels.sampling import ceil_div, check_flip_counts, flip_table
 from .spec import FlipSpec, check_dtype
 
 INT_VIEW = {16: torch.int16, 32: torch.int32}
@@ -246,47 +246,32 @@ def apply_flip_spec_counted(
     ``counts`` (:func:`~peft_bitflip.kernels.op.new_flip_counts` on x's device: int64 rows
     whose sum is [sign/exponent bits flipped, mantissa bits flipped, elements zeroed]).
     ``out``: where the result goes (``x`` itself: in place; the result is returned either
-    way).  On the Triton backend one kernel pass flips, zeroes, counts and
-    writes (a contiguous ``x`` without per-bit-position rates); elsewhere the flips, the count
-    (:func:`_add_counts`) and the zero-out run one after the other.  No host synchronisation."""
+    way).  For a contiguous ``x`` without per-bit-position rates one pass flips, counts,
+    zeroes and writes: the Triton kernel (CUDA, the interpreter) or the native CPU pass;
+    elsewhere the flips, the count (:func:`_add_counts`) and the zero-out run one after the
+    other.  No host synchronisation."""
+    check_flip_counts(x, counts, out)
     with torch.no_grad():
+        y = None
         if spec.is_identity:
             y = x
-        elif (
-            spec.p_bits is None
-            and backend_for(x.device) == "triton"
-            and x.is_contiguous()
-            and not torch.compiler.is_compiling()
-        ):
+        elif spec.p_bits is None and x.is_contiguous() and not torch.compiler.is_compiling():
             table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
-            call = torch.as_tensor(call, dtype=torch.int64, device=x.device)
             t = spec.zero_out_threshold
-            return bitflip_counted_impl(x, table, call, *key, t, spec.flips, counts, out)
-        elif (
-            spec.p_bits is None
-            and x.device.type == "cpu"
-            and not torch.compiler.is_compiling()
-            and (y := _counted_native(x, spec, key, call, counts, out)) is not None
-        ):
-            return y
-        else:
+            if backend_for(x.device) == "triton":
+                call = torch.as_tensor(call, dtype=torch.int64, device=x.device)
+                return bitflip_counted_impl(x, table, call, *key, t, spec.flips, counts, out)
+            if x.device.type == "cpu":  # None where the native pass does not run
+                y = bitflip_counted_native(x, table, call, *key, t, spec.flips, counts, out)
+        if y is None:
             y = apply_flip_spec(x, replace(spec, zero_out_threshold=None), key, call)
             _add_counts(counts[0], x, y, spec.zero_out_threshold)
             if spec.zero_out_threshold is not None:
                 y = apply_flip_spec(y, FlipSpec(zero_out_threshold=spec.zero_out_threshold), key)
-        if out is None:
+        if out is None or y is out:
             return y
-        if y is not out:
-            out.copy_(y)
+        out.copy_(y)
         return out
-
-
-def _counted_native(x, spec, key, call, counts, out):
-    """The counted flip through the native CPU pass (one pass: flips, counts, zero-out,
-    written to ``out``), or None where that pass does not run."""
-    table = flip_table(spec.effective_p_exp, spec.effective_p_frac, x.dtype, x.device)
-    t = spec.zero_out_threshold
-    return bitflip_counted_native(x, table, call, *key, t, spec.flips, counts, out)
 
 
 def _add_nonfinite(out: torch.Tensor, y: torch.Tensor) -> None:

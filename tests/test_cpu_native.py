@@ -156,6 +156,14 @@ def test_native_counted_flip_equals_flip_then_count(native, monkeypatch, dtype, 
         assert torch.equal(_bits(got), _bits(want)) and torch.equal(_bits(inplace), _bits(want))
         assert torch.equal(counts.sum(0), 2 * want_counts), n_threads  # added to, twice
     assert counted_passes == [True] * 4  # one native pass per call, nothing else
+    for native_on in ("1", "0"):  # bad counts or out are refused on both CPU paths
+        monkeypatch.setenv("PEFT_BITFLIP_CPU_NATIVE", native_on)
+        bad_counts = torch.zeros(3, dtype=torch.int64)
+        with pytest.raises(ValueError, match=r"counts must be .* shape \(64, 3\)"):
+            apply_flip_spec_counted(x, spec, key, 6, bad_counts)
+        with pytest.raises(ValueError, match=r"out must be a contiguous .* shape \(61, 257\)"):
+            apply_flip_spec_counted(x, spec, key, 6, new_flip_counts("cpu"), out=x.t())
+    assert counted_passes == [True] * 4  # refused before any pass
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -338,7 +338,7 @@ def test_counted_flip_kernel_equals_flip_then_count(
     assert apply_flip_spec_counted(inplace, spec, (5, 6), 7, counts, out=inplace) is inplace
     assert torch.equal(inplace.view(torch.uint8), want.view(torch.uint8))
     assert torch.equal(counts.sum(0), 2 * want_counts)  # added to, not overwritten
-    with pytest.raises(ValueError, match=r"counts must be an int64 tensor of shape \(64, 3\)"):
+    with pytest.raises(ValueError, match=r"counts must be .* of shape \(64, 3\)"):
         apply_flip_spec_counted(x, spec, (5, 6), 7, torch.zeros(3, dtype=torch.int64))
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .sampling import COUNT_SLOTS, group_size, write_next_call
+from .sampling import COUNT_SLOTS, check_flip_counts, group_size, write_next_call
 
 _TRITON = None
 
@@ -150,12 +150,7 @@ def bitflip_counted_impl(x, table, call, key0, key1, threshold, has_flips, count
     default a new tensor.  Returns the result."""
     if backend_for(x.device) != "triton" or not x.is_contiguous():
         raise ValueError("the counted flip runs the Triton kernel on a contiguous tensor")
-    shape = (COUNT_SLOTS, 3)
-    if counts.dtype != torch.int64 or counts.shape != shape or counts.device != x.device:
-        raise ValueError(
-            f"counts must be an int64 tensor of shape {shape} on {x.device} (new_flip_counts),"
-            f" got {counts.dtype} {tuple(counts.shape)} on {counts.device}"
-        )
+    check_flip_counts(x, counts, out)
     return kernels().launch(
         x, table, call.to(x.device), key0, key1, threshold, has_flips, counts=counts, out=out
     )

@@ -426,21 +426,15 @@ def _native_flip(lib, flat, table, call, k0, k1, threshold, has_flips, want_mask
 def bitflip_counted_native(x, table, call, k0, k1, threshold, has_flips, counts, out=None):
     """:func:`bitflip_reference` of a contiguous CPU ``x`` through the native pass, adding
     [sign/exponent bits flipped, mantissa bits flipped (before the zero-out), elements zeroed]
-    to row 0 of ``counts`` (contiguous int64 on the CPU) in the same pass; ``out``: where the
-    result goes (``x`` itself: in place), default a new tensor.  Returns the result, or None
-    where the native pass does not run (:func:`native_library`) and nothing was done."""
+    to row 0 of ``counts`` in the same pass; ``out``: where the result goes (``x`` itself: in
+    place), default a new tensor (``counts`` and ``out`` as
+    :func:`~.sampling.check_flip_counts` accepts them).  Returns the result, or None where the
+    native pass does not run (:func:`native_library`) and nothing was done."""
     lib = native_library(x.device, k0, k1)
     if lib is None or not x.is_contiguous():
         return None
     check_dtype(x.dtype)
-    if counts.dtype != torch.int64 or counts.device != x.device or not counts.is_contiguous():
-        raise ValueError(
-            f"counts must be a contiguous int64 tensor on {x.device}, got {counts.dtype} on "
-            f"{counts.device}"
-        )
     y = torch.empty_like(x) if out is None else out
-    if y.shape != x.shape or y.dtype != x.dtype or not y.is_contiguous():
-        raise ValueError(f"out must be a contiguous {x.dtype} {tuple(x.shape)} tensor")
     if x.numel():
         cpu_native.flip(
             lib, x.view(-1), y.view(-1), table, int(call), k0, k1, has_flips, threshold,

@@ -198,6 +198,34 @@ def dense_words(table: torch.Tensor, dtype: torch.dtype) -> tuple[int, int]:
 # counted flip took 2x the flip's time on an H100 with one row)
 COUNT_SLOTS = 64
 
+
+def check_flip_counts(x: torch.Tensor, counts: torch.Tensor, out: torch.Tensor | None) -> None:
+    """Raise ValueError unless ``counts`` is an int64 (COUNT_SLOTS, 3) contiguous tensor on x's
+    device (``op.new_flip_counts``) and ``out`` is None or a contiguous tensor of x's dtype,
+    shape and device (a counted flip writes there)."""
+    shape = (COUNT_SLOTS, 3)
+    if (
+        counts.dtype != torch.int64
+        or tuple(counts.shape) != shape
+        or counts.device != x.device
+        or not counts.is_contiguous()
+    ):
+        raise ValueError(
+            f"counts must be a contiguous int64 tensor of shape {shape} on {x.device} "
+            f"(new_flip_counts), got {counts.dtype} {tuple(counts.shape)} on {counts.device}"
+        )
+    if out is not None and (
+        out.dtype != x.dtype
+        or out.shape != x.shape
+        or out.device != x.device
+        or not out.is_contiguous()
+    ):
+        raise ValueError(
+            f"out must be a contiguous {x.dtype} tensor of shape {tuple(x.shape)} on "
+            f"{x.device}, got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+
+
 _DEVICE_TABLES: dict = {}
 
 
