@@ -13,6 +13,7 @@ For each event rate q and burst length k, the transient flips run at ``p = q k /
 Ratios are ``burst / flip``.  Usage (CUDA: the Triton kernels; CPU: the PyTorch reference)::
 
     python benchmarks/bench_bursts.py [--device cuda] [--out 4096 --in 4096 --tokens 8192]
+        [--doc docs/benchmarks.md]                     # writes its table there
     python benchmarks/bench_bursts.py --small          # a CPU smoke run (seconds)
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_model import time_steps
+from bench_model import meta_lines, report, time_steps, write_doc_table
 from torch import nn
 
 import peft_bitflip as pb
@@ -30,6 +31,10 @@ from peft_bitflip.spec import FlipSpec, check_dtype
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 THRESHOLD = 1.25  # the original's weight threshold
+DOC_MARKERS = (
+    "<!-- bench_bursts.py --doc: bursts vs flips (start) -->",
+    "<!-- bench_bursts.py --doc: bursts vs flips (end) -->",
+)
 
 
 def median_ms(fn, device: torch.device, reps: int) -> float:
@@ -49,6 +54,26 @@ def parse_rate(text: str) -> float:
     return 2.0 ** float(text[2:]) if text.startswith("2^") else float(text)
 
 
+def markdown(rows, meta: dict) -> str:
+    """The doc table: one row per (q, k), times in ms, ratios burst / flip of the same run."""
+    run = f"{meta['dtype']}, {meta['shapes']}, median of {meta['reps']}, t = {THRESHOLD}; ms"
+    lines = [
+        *meta_lines(meta, run),
+        "| q | k | p = qk/bits | op: flip | burst | burst/flip | flip+t | burst+t | burst/flip "
+        "| layer fwd: clean | flip | burst | burst/flip |",
+        "|---" * 13 + "|",
+    ]
+    for r in rows:
+        ms, fwd = r["op"], r["fwd"]
+        lines.append(
+            f"| {r['q']} | {r['k']} | {r['p']:.3g} | {ms['flip']:.3f} | {ms['burst']:.3f} "
+            f"| {ms['burst'] / ms['flip']:.2f}x | {ms['flip_t']:.3f} | {ms['burst_t']:.3f} "
+            f"| {ms['burst_t'] / ms['flip_t']:.2f}x | {fwd['clean']:.2f} | {fwd['flip']:.2f} "
+            f"| {fwd['burst']:.2f} | {fwd['burst'] / fwd['flip']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -60,6 +85,7 @@ def main(argv=None):
     ap.add_argument("--k", default="2,4", help="comma-separated burst lengths")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--small", action="store_true", help="256x256 weight, 64 tokens, 3 reps")
+    ap.add_argument("--doc", default=None, help="write the table into this markdown file")
     args = ap.parse_args(argv)
     if args.small:
         args.n_out = args.n_in = 256
@@ -69,14 +95,8 @@ def main(argv=None):
     w = torch.randn(args.n_out, args.n_in, dtype=dtype, device=device)
     x = torch.randn(args.tokens, args.n_in, dtype=dtype, device=device)
     key = pb.stream_key(0, "bench", "w")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     shapes = f"W {args.n_out}x{args.n_in}, x {args.tokens}x{args.n_in}"
-    print(f"device {device} ({name}), {args.dtype}, {shapes}, median of {args.reps}, t={THRESHOLD}")
-    print(
-        "| q | k | p = qk/bits | op: flip | burst | burst/flip | flip+t | burst+t | burst/flip "
-        "| layer fwd: clean | flip | burst | burst/flip |"
-    )
-    print("|---" * 13 + "|")
+    rows = []
     for q_text in args.q.split(","):
         q = parse_rate(q_text)
         for k in (int(s) for s in args.k.split(",")):
@@ -115,12 +135,14 @@ def main(argv=None):
             with torch.no_grad():
                 for name, m in layers.items():
                     fwd[name] = median_ms(lambda m=m: m(x), device, args.reps)
-            print(
-                f"| {q_text} | {k} | {p:.3g} | {ms['flip']:.3f} | {ms['burst']:.3f} "
-                f"| {ms['burst'] / ms['flip']:.2f}x | {ms['flip_t']:.3f} | {ms['burst_t']:.3f} "
-                f"| {ms['burst_t'] / ms['flip_t']:.2f}x | {fwd['clean']:.2f} | {fwd['flip']:.2f} "
-                f"| {fwd['burst']:.2f} | {fwd['burst'] / fwd['flip']:.2f}x |"
-            )
+            rows.append(dict(q=q_text, k=k, p=p, op=ms, fwd=fwd))
+            print(rows[-1], flush=True)
+    meta = report(rows, device, "", None, dtype=args.dtype, shapes=shapes, reps=args.reps)
+    table = markdown(rows, meta)
+    print(table)
+    if args.doc:
+        write_doc_table(args.doc, table, DOC_MARKERS)
+    return rows
 
 
 if __name__ == "__main__":

@@ -40,18 +40,29 @@ def test_bench_stuck_at_small_writes_its_tables_into_the_doc(reference_backend, 
         bench.main(["--device", "cpu", "--shape", "4096"])
 
 
-def test_bench_bursts_small_prints_its_table(reference_backend, capsys):
-    """benchmarks/bench_bursts.py runs end to end at toy size (it shares bench_model's timer)."""
+def test_bench_bursts_small_writes_its_table(reference_backend, tmp_path):
+    """benchmarks/bench_bursts.py runs end to end at toy size (it shares bench_model's timer)
+    and writes its table between its markers; the ratios are those of the times it returns."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
         import bench_bursts
     finally:
         sys.path.pop(0)
-    bench_bursts.main(["--small", "--device", "cpu", "--q", "2^-10", "--k", "3"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2^-10 |")]
-    assert len(rows) == 1
-    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    doc = tmp_path / "benchmarks.md"
+    start, end = bench_bursts.DOC_MARKERS
+    doc.write_text(f"before\n{start}\nold table\n{end}\nafter\n")
+    rows = bench_bursts.main(
+        ["--small", "--device", "cpu", "--q", "2^-10", "--k", "3", "--doc", str(doc)]
+    )
+    assert [(r["q"], r["k"]) for r in rows] == [("2^-10", 3)]
+    assert rows[0]["p"] == 2**-10 * 3 / 16  # bf16: 16 bits per element
+    text = doc.read_text()
+    assert "old table" not in text and text.startswith("before\n") and text.endswith("after\n")
+    (line,) = [line for line in text.splitlines() if line.startswith("| 2^-10 |")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[1] == "3" and all(float(c.rstrip("x")) > 0 for c in cells[3:])
+    op = rows[0]["op"]
+    assert cells[5] == f"{op['burst'] / op['flip']:.2f}x"
 
 
 def test_bench_training_faults_small_writes_its_table(reference_backend, tmp_path):

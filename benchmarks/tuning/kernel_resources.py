@@ -167,6 +167,7 @@ def launches():
             triton_bitflip.launch(
                 t_in, t, call, 1, 2, 30.0, True, next_call=call.clone(), lanes=x_lanes,
                 stuck=stuck, counts=new_flip_counts("cpu") if counted else None,
+                out=t_in if counted else None,
             )  # fmt: skip
 
         return lambda: captured_launch(triton_bitflip, "_launch_single", host)
@@ -193,8 +194,8 @@ def launches():
         "paired flip of x (+ mask, stuck lanes) and W": pair(lanes),
         "flip W with listed stuck bits, p = 2^-16": single(2**-16, stuck=w_stuck),
         "paired flip of x (+ mask) and W (+ listed stuck bits)": pair(None, w_stuck),
-        "flip with counts (a training-fault site), p = 2^-16": single(2**-16, counted=True),
-        "flip with counts (a training-fault site), p = 2^-4": single(2**-4, counted=True),
+        "counted flip in place (a training-fault site), p = 2^-16": single(2**-16, counted=True),
+        "counted flip in place (a training-fault site), p = 2^-4": single(2**-4, counted=True),
         "LoRA backward: zeroed-weight correction (+ dX mask)": correction,
     }
 

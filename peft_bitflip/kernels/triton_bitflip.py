@@ -494,10 +494,13 @@ def add_flip_counts(x, flipped, keep, inb, count_ptr, N_EXP: tl.constexpr, N_FRA
     reduction; a block with nothing to add makes no atomic add (at small p, nearly all)."""
     SINT: tl.constexpr = tl.int16 if x.dtype.primitive_bitwidth == 16 else tl.int32
     d = (x.to(SINT, bitcast=True) ^ flipped.to(SINT, bitcast=True)).to(tl.int32)
-    d = tl.where(inb, d, 0)
-    n_exp = tl.sum(popcount32((d >> N_FRAC) & ((1 << N_EXP) - 1)), axis=1)
+    if x.dtype.primitive_bitwidth == 16:  # the xor widened sign-extended: its own 16 bits
+        d = d & 0xFFFF
+    d = tl.where(inb, d, 0)  # every bit is a sign/exponent or a mantissa bit
+    n_all = tl.sum(popcount32(d), axis=1)
     n_frac = tl.sum(popcount32(d & ((1 << N_FRAC) - 1)), axis=1)
-    n_zeroed = tl.sum(tl.where(inb & (keep == 0), 1, 0), axis=1)
+    n_zeroed = tl.sum((inb & (keep == 0)).to(tl.int32), axis=1)
+    n_exp = n_all - n_frac
     packed = n_exp.to(tl.int64) | (n_frac.to(tl.int64) << 21) | (n_zeroed.to(tl.int64) << 42)
     total = tl.sum(packed, axis=0)
     if total != 0:
@@ -549,6 +552,9 @@ def stick_sparse(x, pid, offs, starts_ptr, stuck_ptr):
 # what a flip kernel does with a gradient (the GRAD_MODE constexpr): nothing; write
 # out = grad where kept, else 0; or set grad[zeroed] = 0 in place
 _GRAD_NONE, _GRAD_MASKED_COPY, _GRAD_ZERO_IN_PLACE = 0, 1, 2
+# how a flip kernel writes y (the WRITE_Y constexpr; True / False also work): not at all, every
+# element, or (in place: out is x) only the groups whose bits changed
+_Y_NONE, _Y_ALL, _Y_CHANGED = 0, 1, 2
 
 
 @triton.jit
@@ -603,6 +609,7 @@ def _flip_block(
     offs = rows[:, None] * G + cols[None, :]
     inb = offs < n_elements
     x = tl.load(x_ptr + offs, mask=inb, other=0)
+    x_in = x  # as in memory (before the stuck bits)
     if HAS_LANES:
         x = stick_lanes(x, pid, cols, lanes_ptr, n_lanes, G, ROWS)
     if HAS_STUCK:
@@ -626,7 +633,12 @@ def _flip_block(
             x, rows, cols, call_ptr, k0, k1, table_ptr, threshold, HAS_FLIPS, HAS_ZERO,
             ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
         )  # fmt: skip
-    if WRITE_Y:
+    if WRITE_Y == 2:  # _Y_CHANGED, in place: the groups whose bits changed (small p: few)
+        SINT: tl.constexpr = tl.int16 if x.dtype.primitive_bitwidth == 16 else tl.int32
+        diff = (y.to(SINT, bitcast=True) != x_in.to(SINT, bitcast=True)).to(tl.int32)
+        changed = tl.max(diff, axis=1) != 0
+        tl.store(out_ptr + offs, y, mask=inb & changed[:, None])
+    elif WRITE_Y:
         tl.store(out_ptr + offs, y, mask=inb)
     if GRAD_MODE == 1:  # _GRAD_MASKED_COPY
         g = tl.load(grad_ptr + offs, mask=inb, other=0)
@@ -1026,8 +1038,9 @@ def launch(
     if grad is None:
         out = torch.empty_like(x) if out is None else out
         mode = _GRAD_NONE
+        write_y = _Y_CHANGED if out.data_ptr() == x.data_ptr() else _Y_ALL
         _run(
-            x, out, x, table, call, k0, k1, threshold, has_flips, True, mode, rows, num_warps,
+            x, out, x, table, call, k0, k1, threshold, has_flips, write_y, mode, rows, num_warps,
             next_call=next_call, lanes=lanes, stuck=stuck, counts=counts,
         )  # fmt: skip
     else:
