@@ -334,6 +334,9 @@ def test_counted_flip_kernel_equals_flip_then_count(
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
     assert torch.equal(counts.sum(0), want_counts)
     assert (counts != 0).any(1).sum() > 1  # spread over the rows (several blocks counted)
+    # in place the kernel stores only the groups that changed: both kinds are here
+    changed = (want.view(torch.uint8) != x.view(torch.uint8)).view(-1, x.element_size()).any(1)
+    assert changed.any() and not changed.all()
     inplace = x.clone()
     assert apply_flip_spec_counted(inplace, spec, (5, 6), 7, counts, out=inplace) is inplace
     assert torch.equal(inplace.view(torch.uint8), want.view(torch.uint8))

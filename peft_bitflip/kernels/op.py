@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .sampling import COUNT_SLOTS, check_flip_counts, group_size, write_next_call
+from .sampling import COUNT_SLOTS, group_size, write_next_call
 
 _TRITON = None
 
@@ -147,10 +147,11 @@ def bitflip_counted_impl(x, table, call, key0, key1, threshold, has_flips, count
     zeroed elements added to ``counts`` (int64 (COUNT_SLOTS, 3) on x's device, see
     :func:`new_flip_counts`: the sum of its rows is [sign/exponent flips, mantissa flips,
     zeroed]) by the flip kernel itself; ``out``: where the result goes (``x``: in place),
-    default a new tensor.  Returns the result."""
+    default a new tensor (``counts`` and ``out`` as :func:`~.sampling.check_flip_counts`
+    accepts them: its caller, ``stats.apply_flip_spec_counted``, checks them).  Returns the
+    result."""
     if backend_for(x.device) != "triton" or not x.is_contiguous():
         raise ValueError("the counted flip runs the Triton kernel on a contiguous tensor")
-    check_flip_counts(x, counts, out)
     return kernels().launch(
         x, table, call.to(x.device), key0, key1, threshold, has_flips, counts=counts, out=out
     )

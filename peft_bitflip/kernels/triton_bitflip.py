@@ -552,9 +552,9 @@ def stick_sparse(x, pid, offs, starts_ptr, stuck_ptr):
 # what a flip kernel does with a gradient (the GRAD_MODE constexpr): nothing; write
 # out = grad where kept, else 0; or set grad[zeroed] = 0 in place
 _GRAD_NONE, _GRAD_MASKED_COPY, _GRAD_ZERO_IN_PLACE = 0, 1, 2
-# how a flip kernel writes y (the WRITE_Y constexpr; True / False also work): not at all, every
-# element, or (in place: out is x) only the groups whose bits changed
-_Y_NONE, _Y_ALL, _Y_CHANGED = 0, 1, 2
+# how a flip kernel writes y (the WRITE_Y constexpr; False: not at all): every element, or (in
+# place: out is x) only the groups whose bits changed
+_Y_ALL, _Y_CHANGED = 1, 2
 
 
 @triton.jit
