@@ -311,24 +311,41 @@ def test_the_fault_model_guide_snippet_runs(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("p, threshold", [(2**-12, None), (0.05, 1.0)])  # sparse; dense + zero
+@pytest.mark.parametrize(
+    "p, threshold, shape",
+    [
+        (2**-12, None, (37, 29)),  # sparse, every block holds a flip
+        (2**-14, 1.0, (97, 61)),  # sparse + zero-out: some blocks hold no flip, only zeros
+        (0.05, 1.0, (37, 29)),  # dense + zero-out
+    ],
+)
 def test_counted_flip_kernel_equals_flip_then_count(
-    needs_interpreter, monkeypatch, dtype, p, threshold
+    needs_interpreter, monkeypatch, dtype, p, threshold, shape
 ):
     """Issue 33.4: the training sites' flip counts its flips and zeroed elements in the flip
     kernel's own pass (the Triton backend, here its interpreter), in place or not: the result
-    is ``apply_flip_spec``'s and the counts those of the separate count, bit for bit."""
+    is ``apply_flip_spec``'s and the counts those of the separate count, bit for bit.  A block
+    without a flip counts only its zeroed elements (its own branch of the kernel)."""
     from peft_bitflip.functional import apply_flip_spec
+    from peft_bitflip.kernels import triton_bitflip
     from peft_bitflip.kernels.op import new_flip_counts
     from peft_bitflip.stats import apply_flip_spec_counted, flip_count_tensor
 
     monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", "triton")
     spec = FlipSpec(p, p, threshold)
-    x = torch.randn(37, 29, generator=torch.Generator().manual_seed(0)).to(dtype)  # a tail
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)  # a tail
     want = apply_flip_spec(x, spec, (5, 6), 7)
     flips_only = apply_flip_spec(x, FlipSpec(p, p), (5, 6), 7)
     want_counts = flip_count_tensor(x, flips_only, threshold)
     assert want_counts[:2].sum() > 0 and (want_counts[2] > 0) == (threshold is not None)
+    if p < 2**-13:  # which blocks of the counted launch hold a flip: some, not all
+        block, _ = triton_bitflip._launch_config(
+            dtype, True, 0, False, threshold is not None, True, None, None, count=True
+        )
+        flipped = flips_only.view(-1).view(torch.uint8) != x.view(-1).view(torch.uint8)
+        per_block = flipped.view(-1, x.element_size()).any(1).nonzero().squeeze(1) // block
+        n_blocks = -(-x.numel() // block)
+        assert 0 < per_block.unique().numel() < n_blocks
     counts = new_flip_counts("cpu")
     got = apply_flip_spec_counted(x, spec, (5, 6), 7, counts)
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))

@@ -159,13 +159,13 @@ def launches():
         torch.zeros_like(listed, dtype=torch.int16), w.numel(), w.dtype,
     )  # fmt: skip
 
-    def single(p, x_lanes=None, stuck=None, counted=False):
+    def single(p, x_lanes=None, stuck=None, counted=False, threshold=30.0):
         t_in = x if stuck is None else w
 
         def host():
             t = flip_table(p, p, torch.bfloat16, "cpu")
             triton_bitflip.launch(
-                t_in, t, call, 1, 2, 30.0, True, next_call=call.clone(), lanes=x_lanes,
+                t_in, t, call, 1, 2, threshold, p > 0, next_call=call.clone(), lanes=x_lanes,
                 stuck=stuck, counts=new_flip_counts("cpu") if counted else None,
                 out=t_in if counted else None,
             )  # fmt: skip
@@ -196,6 +196,10 @@ def launches():
         "paired flip of x (+ mask) and W (+ listed stuck bits)": pair(None, w_stuck),
         "counted flip in place (a training-fault site), p = 2^-16": single(2**-16, counted=True),
         "counted flip in place (a training-fault site), p = 2^-4": single(2**-4, counted=True),
+        "counted flip in place, no zero-out, p = 2^-16": single(
+            2**-16, counted=True, threshold=None
+        ),
+        "counted zero-out in place (no flips)": single(0.0, counted=True),
         "LoRA backward: zeroed-weight correction (+ dX mask)": correction,
     }
 

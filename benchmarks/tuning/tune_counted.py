@@ -5,7 +5,8 @@ place) against the plain flip on a CUDA GPU, kernel time only.
 
 Prints microseconds per launch (``triton.testing.do_bench``, median) of the flip (out of
 place, the layers' shape), the counted launch at the shipped shape and at each (rows, warps)
-of ``--shapes``, per dtype, p and threshold (1.0)."""
+of ``--shapes``, per dtype, p and zero-out threshold (``--thresholds``, default 1.0; ``none``:
+no zero-out)."""
 
 from __future__ import annotations
 
@@ -31,18 +32,20 @@ def main(argv=None):
     ap.add_argument("--p", default="1e-6,2^-16,2^-10")
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--shapes", default="64x2,128x2,128x4,256x4,256x8")
+    ap.add_argument("--thresholds", default="1.0", help="comma-separated; none: no zero-out")
     args = ap.parse_args(argv)
+    thresholds = [None if v == "none" else float(v) for v in args.thresholds.split(",")]
     rows, cols = (int(v) for v in args.shape.split("x"))
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     call = torch.ones((), dtype=torch.int64, device="cuda")
     print(
-        "| dtype | p | flip us | counted (shipped) us | "
+        "| dtype | p | zero-out | flip us | counted (shipped) us | "
         + " | ".join(f"{r}x{w}" for r, w in shapes)
         + " |"
     )
     for dname in args.dtypes.split(","):
         x = torch.randn(rows, cols, device="cuda", dtype=DTYPES[dname]) * 0.01
-        for ptext in args.p.split(","):
+        for ptext, t in ((pt, t) for pt in args.p.split(",") for t in thresholds):
             p = parse_p(ptext)
             table = flip_table(p, p, x.dtype, x.device)
             counts = new_flip_counts(x.device)
@@ -50,20 +53,20 @@ def main(argv=None):
             def bench(fn):
                 return 1e3 * triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
 
-            flip = bench(lambda: triton_bitflip.launch(x, table, call, 3, 4, 1.0, True))
+            flip = bench(lambda: triton_bitflip.launch(x, table, call, 3, 4, t, True))
             shipped = bench(
-                lambda: triton_bitflip.launch(x, table, call, 3, 4, 1.0, True, counts=counts, out=x)
+                lambda: triton_bitflip.launch(x, table, call, 3, 4, t, True, counts=counts, out=x)
             )
             cells = []
             for r, w in shapes:
                 try:
                     cells.append(bench(lambda: triton_bitflip.launch(
-                        x, table, call, 3, 4, 1.0, True, rows=r, num_warps=w, counts=counts, out=x
+                        x, table, call, 3, 4, t, True, rows=r, num_warps=w, counts=counts, out=x
                     )))  # fmt: skip
                 except Exception as err:  # e.g. out of resources
                     print(f"{dname} {ptext} {r}x{w}: {type(err).__name__}")
                     cells.append(float("nan"))
-            print(f"| {dname} | {ptext} | {flip:.1f} | {shipped:.1f} | "
+            print(f"| {dname} | {ptext} | {t or '-'} | {flip:.1f} | {shipped:.1f} | "
                   + " | ".join(f"{c:.1f}" for c in cells) + " |", flush=True)  # fmt: skip
 
 

@@ -136,13 +136,17 @@ def _flips_of_groups(
     N_ROUNDS: tl.constexpr,
 ):
     """The XOR masks [R, G] of the groups ``rows`` [R] (int64 group indices): the whole gap
-    sampling, from iteration 0 until every field of every group is settled."""
+    sampling, from iteration 0 until every field of every group is settled.  Returns (masks,
+    the flips of each group's sign/exponent field [R], of its mantissa field [R]): each flip
+    is one bit (the positions of a field are distinct), so these are the masks' bit counts."""
     UINT: tl.constexpr = tl.uint16 if ELEM_BITS == 16 else tl.uint32
     c0, c1, zero, key0, key1 = _philox_words(rows, key0, key1)
     flips = (zero[:, None] + cols[None, :] * 0).to(UINT)
     pos_e = (rows * 0).to(tl.int32)
     pos_f = pos_e
     it = pos_e * 0
+    n_e = pos_e
+    n_f = pos_e
     active_e = pos_e == 0
     active_f = active_e
     while tl.max((active_e | active_f).to(tl.int32), axis=0) > 0:
@@ -156,10 +160,12 @@ def _flips_of_groups(
         gap_f = _gap(table_ptr + N_E, u_f, active_f, N_F, STEPS_F)
         m_f, pos_f, active_f = _flip_field_bits(pos_f, gap_f, active_f, cols, N_F, N_FRAC, 0, UINT)
         flips = flips ^ m_e ^ m_f
+        n_e += active_e.to(tl.int32)  # active here: a flip taken in this iteration
+        n_f += active_f.to(tl.int32)
         active_e = active_e & (pos_e < N_E)
         active_f = active_f & (pos_f < N_F)
         it += 1
-    return flips
+    return flips, n_e, n_f
 
 
 @triton.jit
@@ -342,19 +348,24 @@ def flip_group_bits(
 
     Dense fields (P words at the end of the table, nonzero) are flipped by the bit-sliced
     comparison (:func:`_dense_flips`); the gap sampling runs unless both fields are dense.
-    With both fields sparse this costs two scalar loads and a uniform branch per program."""
+    With both fields sparse this costs two scalar loads and a uniform branch per program.
+
+    Returns (bits, hits): ``hits`` (an int32 scalar) is 0 when no bit of the block flipped
+    (nonzero does not promise a flip: a dense field always reads as a hit)."""
     p_e = tl.load(table_ptr + (N_E + N_F)).to(tl.uint64, bitcast=True)
     p_f = tl.load(table_ptr + (N_E + N_F + 1)).to(tl.uint64, bitcast=True)
+    hits = ((p_e | p_f) != 0).to(tl.int32)
     if (p_e | p_f) != 0:
         bits = bits ^ _dense_flips(
             rows, cols, call, k0, k1, p_e, p_f, ELEM_BITS, N_FRAC, N_ROUNDS
         )  # fmt: skip
     if (p_e == 0) | (p_f == 0):
-        bits = _sparse_group_bits(
+        bits, n_hit, _, _, _ = _sparse_group_bits(
             bits, rows, cols, call, k0, k1, table_ptr,
             ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
         )  # fmt: skip
-    return bits
+        hits = hits + n_hit
+    return bits, hits
 
 
 @triton.jit
@@ -375,35 +386,96 @@ def _sparse_group_bits(
     STEPS_F: tl.constexpr,
     N_ROUNDS: tl.constexpr,
     SINGLES: tl.constexpr,
+    extra=0,
 ):
-    """The gap sampling of :func:`flip_group_bits` (a dense field's table never flips)."""
+    """The gap sampling of :func:`flip_group_bits` (a dense field's table never flips).
+    Returns (bits, the number of the block's groups that hold a flip, each group's flipped
+    sign/exponent bits [R], its flipped mantissa bits [R], the block's sum of ``extra``);
+    unused results cost nothing.  ``extra``: a count per group [R] (int32, its block sum
+    < 2^15) summed in the same reduction as the hits (0: none)."""
     UINT: tl.constexpr = tl.uint16 if ELEM_BITS == 16 else tl.uint32
     c0, c1, zero, key0, key1 = _philox_words(rows, k0, k1)
     w0, w1, w2, w3 = _philox4x32(c0, c1, zero, zero + call, key0, key1, N_ROUNDS)
     last_e = tl.load(table_ptr + (N_E - 1))
     last_f = tl.load(table_ptr + (N_E + N_F - 1))
     hit = (_u63(w0, w1) <= last_e) | (_u63(w2, w3) <= last_f)
-    n_hit = tl.sum(hit.to(tl.int32), axis=0)
+    packed = tl.sum(hit.to(tl.int32) + (extra << 16), axis=0)  # one reduction for both
+    n_hit = packed & 0xFFFF
+    extra_sum = packed >> 16
+    n_e = (rows * 0).to(tl.int32)
+    n_f = n_e
     if n_hit > 0:
         if n_hit <= SINGLES:
             flips = bits * 0
             while tl.max(hit.to(tl.int32), axis=0) > 0:
                 g = tl.min(tl.where(hit, rows, 0x7FFFFFFFFFFFFFFF), axis=0)  # next such group
                 one = tl.zeros([1], tl.int64) + g
-                f = _flips_of_groups(
+                f, f_e, f_f = _flips_of_groups(
                     one, cols, call, k0, k1, table_ptr,
                     ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
                 )  # fmt: skip
                 chosen = rows == g
                 flips = flips ^ tl.where(chosen[:, None], f, 0).to(UINT)
+                n_e = tl.where(chosen, f_e, n_e)
+                n_f = tl.where(chosen, f_f, n_f)
                 hit = hit & ~chosen
         else:
-            flips = _flips_of_groups(
+            flips, n_e, n_f = _flips_of_groups(
                 rows, cols, call, k0, k1, table_ptr,
                 ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
             )  # fmt: skip
         bits = bits ^ flips
-    return bits
+    return bits, n_hit, n_e, n_f, extra_sum
+
+
+@triton.jit
+def flip_block_bits(
+    x,
+    rows,
+    cols,
+    call_ptr,
+    k0,
+    k1,
+    table_ptr,
+    HAS_FLIPS: tl.constexpr,
+    ELEM_BITS: tl.constexpr,
+    N_EXP: tl.constexpr,
+    N_FRAC: tl.constexpr,
+    N_E: tl.constexpr,
+    N_F: tl.constexpr,
+    STEPS_E: tl.constexpr,
+    STEPS_F: tl.constexpr,
+    N_ROUNDS: tl.constexpr,
+    SINGLES: tl.constexpr = 1,
+    SPARSE_ONLY: tl.constexpr = FLIPS_SPARSE_ONLY,
+    extra=0,
+):
+    """The flips of :func:`flip_and_zero` without its zero-out: (y, hits, n_e, n_f,
+    extra_sum).  ``hits``: 0 (an int32 scalar, or the constant 0 without flips) when no bit of
+    the block flipped.  ``n_e`` / ``n_f``: with a sparse-only table (HAS_FLIPS == SPARSE_ONLY), each
+    group's flipped sign/exponent and mantissa bits [R] (out-of-bounds elements included);
+    else zeros (unused: the caller knows HAS_FLIPS).  ``extra_sum``: the block's sum of
+    ``extra`` (see :func:`_sparse_group_bits`) with a sparse-only table, else 0."""
+    UINT: tl.constexpr = tl.uint16 if ELEM_BITS == 16 else tl.uint32
+    SINT: tl.constexpr = tl.int16 if ELEM_BITS == 16 else tl.int32
+    bits = x.to(SINT, bitcast=True).to(UINT, bitcast=True)
+    hits = 0
+    n_e = rows.to(tl.int32) * 0
+    n_f = n_e
+    extra_sum = 0
+    if HAS_FLIPS == SPARSE_ONLY:  # the host knows the table has no dense field
+        call = tl.load(call_ptr).to(tl.uint32)
+        bits, hits, n_e, n_f, extra_sum = _sparse_group_bits(
+            bits, rows, cols, call, k0, k1, table_ptr,
+            ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES, extra,
+        )  # fmt: skip
+    elif HAS_FLIPS:
+        call = tl.load(call_ptr).to(tl.uint32)
+        bits, hits = flip_group_bits(
+            bits, rows, cols, call, k0, k1, table_ptr,
+            ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
+        )  # fmt: skip
+    return bits.to(SINT, bitcast=True).to(x.dtype, bitcast=True), hits, n_e, n_f, extra_sum
 
 
 @triton.jit
@@ -436,22 +508,10 @@ def flip_and_zero(
     HAS_FLIPS: False (no flips), True (the table may hold dense fields: read from its end) or
     FLIPS_SPARSE_ONLY (:func:`flips_mode`: the host knows both fields are sparse, so the
     program compiles without the dense path and its table reads)."""
-    UINT: tl.constexpr = tl.uint16 if ELEM_BITS == 16 else tl.uint32
-    SINT: tl.constexpr = tl.int16 if ELEM_BITS == 16 else tl.int32
-    bits = x.to(SINT, bitcast=True).to(UINT, bitcast=True)
-    if HAS_FLIPS == SPARSE_ONLY:  # the host knows the table has no dense field
-        call = tl.load(call_ptr).to(tl.uint32)
-        bits = _sparse_group_bits(
-            bits, rows, cols, call, k0, k1, table_ptr,
-            ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
-        )  # fmt: skip
-    elif HAS_FLIPS:
-        call = tl.load(call_ptr).to(tl.uint32)
-        bits = flip_group_bits(
-            bits, rows, cols, call, k0, k1, table_ptr,
-            ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
-        )  # fmt: skip
-    y = bits.to(SINT, bitcast=True).to(x.dtype, bitcast=True)
+    y, _, _, _, _ = flip_block_bits(
+        x, rows, cols, call_ptr, k0, k1, table_ptr, HAS_FLIPS,
+        ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES, SPARSE_ONLY,
+    )  # fmt: skip
     if HAS_ZERO:
         keep = tl.abs(y.to(tl.float32)) < threshold  # NaN and Inf compare false -> zeroed
         y = tl.where(keep, y, 0)
@@ -485,30 +545,66 @@ def popcount32(v, HW: tl.constexpr = HW_POPCOUNT):
 
 
 @triton.jit
-def add_flip_counts(x, flipped, keep, inb, count_ptr, N_EXP: tl.constexpr, N_FRAC: tl.constexpr):
+def add_flip_counts(
+    x, flipped, keep, inb, hits, n_e, n_f, full, pre_zeroed, count_ptr, HAS_FLIPS: tl.constexpr,
+    HAS_ZERO: tl.constexpr, N_EXP: tl.constexpr, N_FRAC: tl.constexpr,
+    SPARSE_ONLY: tl.constexpr = FLIPS_SPARSE_ONLY,
+):  # fmt: skip
     """Adds the block's [sign/exponent flips, mantissa flips, zeroed elements] to
     ``count_ptr[0:3]`` (int64): bits that differ between ``x`` and ``flipped`` [ROWS, G]
-    (before the zero-out), and in-bounds elements the zero-out removed (``keep`` False).  The
-    three counts of a group (<= 72, 92, 8) are summed within the group, packed into one int64
-    (21 bits each: exact for up to 2^14 groups per block) and summed over the block in one
-    reduction; a block with nothing to add makes no atomic add (at small p, nearly all)."""
+    (before the zero-out), and in-bounds elements the zero-out removed (``keep`` False; only
+    with HAS_ZERO).  ``hits``: 0 when the block holds no flip (:func:`flip_block_bits`; at
+    small p nearly every block), which then counts only its zeroed elements, or nothing:
+    with a sparse-only table those are ``pre_zeroed`` (the elements out of range before the
+    flips, summed in the sampling's own reduction), so such a block reduces nothing more.
+    ``n_e`` / ``n_f``: the sampling's own flip counts per group (HAS_FLIPS == SPARSE_ONLY);
+    taken as they are when the block is ``full`` (no element out of bounds), else (and with
+    a dense field) the differing bits are counted (a population count per element).  A
+    group's three counts (<= 128, 128, 8) are packed into one int64 (21 bits each: exact for
+    up to 2^14 groups per block) and summed over the block in one reduction.  A block with
+    nothing to add makes no atomic add."""
     SINT: tl.constexpr = tl.int16 if x.dtype.primitive_bitwidth == 16 else tl.int32
+    if HAS_FLIPS and hits != 0:
+        if HAS_FLIPS == SPARSE_ONLY:
+            if full:
+                n_exp = n_e
+                n_frac = n_f
+            else:
+                n_exp, n_frac = _differing_bits(x, flipped, inb, SINT, N_FRAC)
+        else:
+            n_exp, n_frac = _differing_bits(x, flipped, inb, SINT, N_FRAC)
+        packed = n_exp.to(tl.int64) | (n_frac.to(tl.int64) << 21)
+        if HAS_ZERO:
+            n_zeroed = tl.sum((inb & (keep == 0)).to(tl.int32), axis=1)
+            packed = packed | (n_zeroed.to(tl.int64) << 42)
+        total = tl.sum(packed, axis=0)
+        if total != 0:
+            field = (1 << 21) - 1
+            # relaxed: the default acq_rel orders memory around each add (a fence per block)
+            tl.atomic_add(count_ptr, total & field, sem="relaxed")
+            tl.atomic_add(count_ptr + 1, (total >> 21) & field, sem="relaxed")
+            if HAS_ZERO:
+                tl.atomic_add(count_ptr + 2, total >> 42, sem="relaxed")
+    elif HAS_ZERO:
+        if HAS_FLIPS == SPARSE_ONLY:
+            zeroed = pre_zeroed  # no flip: y is x
+        else:
+            zeroed = tl.sum(tl.sum((inb & (keep == 0)).to(tl.int32), axis=1), axis=0)
+        if zeroed != 0:
+            tl.atomic_add(count_ptr + 2, zeroed.to(tl.int64), sem="relaxed")
+
+
+@triton.jit
+def _differing_bits(x, flipped, inb, SINT: tl.constexpr, N_FRAC: tl.constexpr):
+    """Per group of ``x`` / ``flipped`` [R, G]: (differing sign/exponent bits, differing
+    mantissa bits) [R] of the in-bounds elements (``popc.b32`` per element)."""
     d = (x.to(SINT, bitcast=True) ^ flipped.to(SINT, bitcast=True)).to(tl.int32)
     if x.dtype.primitive_bitwidth == 16:  # the xor widened sign-extended: its own 16 bits
         d = d & 0xFFFF
     d = tl.where(inb, d, 0)  # every bit is a sign/exponent or a mantissa bit
     n_all = tl.sum(popcount32(d), axis=1)
     n_frac = tl.sum(popcount32(d & ((1 << N_FRAC) - 1)), axis=1)
-    n_zeroed = tl.sum((inb & (keep == 0)).to(tl.int32), axis=1)
-    n_exp = n_all - n_frac
-    packed = n_exp.to(tl.int64) | (n_frac.to(tl.int64) << 21) | (n_zeroed.to(tl.int64) << 42)
-    total = tl.sum(packed, axis=0)
-    if total != 0:
-        field = (1 << 21) - 1
-        # relaxed: the default acq_rel orders memory around each add (a fence per block)
-        tl.atomic_add(count_ptr, total & field, sem="relaxed")
-        tl.atomic_add(count_ptr + 1, (total >> 21) & field, sem="relaxed")
-        tl.atomic_add(count_ptr + 2, total >> 42, sem="relaxed")
+    return n_all - n_frac, n_frac
 
 
 @triton.jit
@@ -615,19 +711,25 @@ def _flip_block(
     if HAS_STUCK:
         x = stick_sparse(x, pid, offs, starts_ptr, stuck_ptr)
     if COUNT:  # the flips before the zero-out, counted; then the zero-out
-        y, keep = flip_and_zero(
-            x, rows, cols, call_ptr, k0, k1, table_ptr, threshold, HAS_FLIPS, False,
-            ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
+        tl.static_assert(ROWS * G < 32768, "the counted launch packs 15-bit block counts")
+        pre = 0  # per group: in-bounds elements out of range before the flips
+        if HAS_ZERO:
+            pre = tl.sum((inb & ~(tl.abs(x.to(tl.float32)) < threshold)).to(tl.int32), axis=1)
+        y, hits, n_e, n_f, pre_zeroed = flip_block_bits(
+            x, rows, cols, call_ptr, k0, k1, table_ptr, HAS_FLIPS,
+            ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES, extra=pre,
         )  # fmt: skip
+        y_counted = y
+        keep = tl.full(y.shape, 1, tl.int1)
         if HAS_ZERO:
             keep = tl.abs(y.to(tl.float32)) < threshold  # as flip_and_zero: NaN, Inf -> 0
-            y_counted = y
             y = tl.where(keep, y, 0)
-        else:
-            y_counted = y
-        tl.static_assert(ROWS <= 16384, "add_flip_counts packs 21-bit counts per block")
         slot = count_ptr + (pid % COUNT_SLOTS) * 3
-        add_flip_counts(x, y_counted, keep, inb, slot, N_EXP, N_FRAC)
+        full = (pid.to(tl.int64) + 1) * (ROWS * G) <= n_elements  # no element out of bounds
+        add_flip_counts(
+            x, y_counted, keep, inb, hits, n_e, n_f, full, pre_zeroed, slot, HAS_FLIPS, HAS_ZERO,
+            N_EXP, N_FRAC,
+        )  # fmt: skip
     else:
         y, keep = flip_and_zero(
             x, rows, cols, call_ptr, k0, k1, table_ptr, threshold, HAS_FLIPS, HAS_ZERO,
