@@ -194,34 +194,45 @@ class Bursts:
         return found
 
     def key(self, tensor: str) -> tuple[int, int]:
-        """The stream of ``tensor``'s bursts ("x" / "w") on this data-parallel rank."""
-        from .layers import data_parallel_rank
-
-        rank = data_parallel_rank()
-        found = self._keys.get((tensor, rank))
+        """The stream of ``tensor``'s bursts ("x" / "w") on this data-parallel rank (the rank
+        read at the first call and kept, as the layers keep their flip streams' keys)."""
+        found = self._keys.get(tensor)
         if found is None:
-            found = stream_key(self.seed, self.name, f"{tensor}_burst", rank)
+            from .layers import data_parallel_rank
+
+            found = stream_key(self.seed, self.name, f"{tensor}_burst", data_parallel_rank())
             if not torch.compiler.is_compiling():
-                self._keys[(tensor, rank)] = found
+                self._keys[tensor] = found
         return found
 
-    def burst(self, tensor: str, t: Tensor, call: Tensor, stats=None) -> Tensor:
-        """``t`` with ``tensor``'s burst events at ``call`` (``t`` itself at rate 0);
-        ``stats``: a FlipStatsAccumulator that counts the events."""
+    def burst(
+        self, tensor: str, t: Tensor, call: Tensor, stats=None, zero_out_threshold=None
+    ) -> Tensor:
+        """``t`` with ``tensor``'s burst events at ``call`` (``t`` itself at rate 0), then
+        the zero-out at ``zero_out_threshold`` (None: none) in the same pass; ``stats``: a
+        FlipStatsAccumulator that counts the events (only without a zero-out here: it counts
+        the bits that changed)."""
         spec = self.x if tensor == "x" else self.w
         if spec.is_identity:
             return t
-        out = apply_burst_spec(t, spec, self.key(tensor), call)
+        if stats is not None and zero_out_threshold is not None:
+            raise ValueError("bursts counted by stats take no zero-out of their own")
+        out = apply_burst_spec(t, spec, self.key(tensor), call, zero_out_threshold)
         if stats is not None:
             stats.record_bursts(tensor, t, out)
         return out
 
-    def apply(self, x: Tensor, weight, weight_params, compute, call: Tensor, stats=None):
+    def apply(
+        self, x: Tensor, weight, weight_params, compute, call: Tensor, stats=None,
+        x_zero_out=None, w_zero_out=None,
+    ):  # fmt: skip
         """(x, weight, weight_params) of a layer forward with the bursts of ``call`` applied,
         as :meth:`peft_bitflip.stuck_at.StuckAt.apply` does for stuck bits: x at once, the
-        weight as a function that builds it (backward builds it again: the same bursts)."""
+        weight as a function that builds it (backward builds it again: the same bursts).
+        ``x_zero_out`` / ``w_zero_out``: a zero-out threshold run in the burst pass (the
+        layer passes its own when that tensor has no transient flips: one pass, not two)."""
         if not self.x.is_identity:
-            x = self.burst("x", x if compute is None else x.to(compute), call, stats)
+            x = self.burst("x", x if compute is None else x.to(compute), call, stats, x_zero_out)
         if self.w.is_identity:
             return x, weight, weight_params
         build = weight if callable(weight) else None
@@ -230,7 +241,8 @@ class Bursts:
 
         def burst_weight():
             w = build() if build is not None else weight
-            out = self.burst("w", w if compute is None else w.to(compute), call, counted[0])
+            w = w if compute is None else w.to(compute)
+            out = self.burst("w", w, call, counted[0], w_zero_out)
             counted[0] = None  # a rebuild in backward is not counted again
             return out
 

@@ -64,6 +64,7 @@ __all__ = [
 ]
 
 _PENDING_MAX = 1024
+_NO_FLIPS = FlipSpec()  # the identity (built once: a FlipSpec validates its fields)
 
 
 def data_parallel_rank() -> int:
@@ -87,6 +88,19 @@ def _checkpoint_phase() -> str | None:
     if name.startswith("_recomputation_hook"):
         return "recompute"
     return None
+
+
+def _zero_out_only(spec: FlipSpec, burst_spec, stats, stuck) -> float | None:
+    """The zero-out threshold of ``spec`` when the burst pass can run it instead of a flip
+    pass of its own: without gradients (with them the flip kernel's backward keeps the zero
+    mask for the gradient at no extra pass), ``spec`` flips nothing, the tensor has burst
+    events, nothing counts what changed (``stats``: the counts keep bursts and zeroed elements
+    apart) and no stuck bits are forced in the flip pass; else None."""
+    if spec.flips or spec.zero_out_threshold is None or burst_spec.is_identity:
+        return None
+    if torch.is_grad_enabled() or stats is not None or stuck is not None:
+        return None
+    return spec.zero_out_threshold
 
 
 def _on_meta(*tensors) -> bool:
@@ -227,13 +241,20 @@ class BitflipLayerMixin:
         call, following = self.claim_call()
         if stats is not None and _checkpoint_phase() == "recompute":
             stats = None  # the recomputation repeats flips that were counted in the forward
+        x_spec, w_spec = self.x_spec, self.w_spec
         try:
             if self.bitflip_bursts is not None:  # burst events of this call; weight built
-                x, weight, weight_params = self.bitflip_bursts.apply(
-                    x, weight, weight_params, _autocast_dtype(x), call, stats
+                bursts = self.bitflip_bursts
+                # a tensor whose spec is only a zero-out: the burst pass zeroes (one pass)
+                x_zero = _zero_out_only(x_spec, bursts.x, stats, x_lanes)
+                w_zero = _zero_out_only(w_spec, bursts.w, stats, w_stuck)
+                x_spec = x_spec if x_zero is None else _NO_FLIPS
+                w_spec = w_spec if w_zero is None else _NO_FLIPS
+                x, weight, weight_params = bursts.apply(
+                    x, weight, weight_params, _autocast_dtype(x), call, stats, x_zero, w_zero
                 )
             return flipped_linear(
-                x, weight, bias, self.x_spec, self.w_spec, x_key, w_key, call,
+                x, weight, bias, x_spec, w_spec, x_key, w_key, call,
                 self._is_conv1d, stats, weight_params, self.bitflip_recompute_input, following,
                 x_lanes, w_stuck,
             )  # fmt: skip

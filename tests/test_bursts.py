@@ -187,6 +187,56 @@ def test_layer_applies_bursts_before_flips_and_zero_out_with_ste_gradient():
     assert torch.allclose(x.grad, torch.where(x_keep, xs.grad, 0))
 
 
+def test_a_zero_out_only_spec_runs_in_the_burst_pass(monkeypatch):
+    """Without gradients, a tensor with bursts and a zero-out but no transient flips is zeroed
+    by the burst pass itself (one pass over it, not two): the same values and counter as the
+    two-pass path, which the layer keeps while a recorder counts and under autograd (where the
+    flip kernel's backward keeps the zero mask); eager and compiled."""
+    import peft_bitflip.bursts as bursts_mod
+
+    thresholds = []
+    real = bursts_mod.apply_burst_spec
+
+    def spy(x, spec, key, call=0, zero_out_threshold=None):
+        thresholds.append(zero_out_threshold)
+        return real(x, spec, key, call, zero_out_threshold)
+
+    monkeypatch.setattr(bursts_mod, "apply_burst_spec", spy)
+    cfg = pb.BitflipConfig(
+        x_burst_rate=0.2, w_burst_rate=0.2, burst_length=4, w_zero_out_t=1.0, x_zero_out_t=2.0
+    )
+    results = {}
+    for mode in ("one pass", "recorded", "with grad", "compiled"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(24, 16))
+        pb.apply_bitflip(model, cfg)
+        x = torch.randn(5, 24)
+        thresholds.clear()
+        with torch.set_grad_enabled(mode == "with grad"):
+            if mode == "recorded":
+                with pb.FlipStatsRecorder(model):
+                    out = model(x)
+            elif mode == "compiled":
+                torch._dynamo.reset()
+                try:
+                    out = torch.compile(model, backend="aot_eager")(x)
+                finally:
+                    torch._dynamo.reset()
+            else:
+                out = model(x)
+        if mode in ("one pass", "compiled"):
+            assert thresholds == [2.0, 1.0]  # x, then W in the burst pass
+        else:
+            assert thresholds == [None, None]  # the flip kernel zeroes
+        results[mode] = (out.detach(), model[0].bitflip_calls)
+    want = results["recorded"]
+    w_bursts = model[0].bitflip_bursts.burst("w", model[0].weight.detach(), torch.tensor(0))
+    assert (w_bursts.abs() >= 1.0).any()  # the zero-out acts on W
+    for mode in ("one pass", "with grad", "compiled"):
+        for got, ref in zip(results[mode], want):
+            assert torch.equal(got, ref), mode
+
+
 def test_save_reload_keeps_bursts(tmp_path):
     cfg = pb.BitflipConfig(
         x_burst_rate=0.01,

@@ -24,8 +24,17 @@ import triton.language as tl
 from peft import LoraConfig, get_peft_model
 
 import peft_bitflip as pb
+from peft_bitflip.bursts import Bursts, BurstSpec
 from peft_bitflip.functional import apply_flip_spec
-from peft_bitflip.kernels import launcher, lora, op, triton_bitflip, triton_lora
+from peft_bitflip.kernels import (
+    burst_op,
+    launcher,
+    lora,
+    op,
+    triton_bitflip,
+    triton_burst,
+    triton_lora,
+)
 from peft_bitflip.kernels.sampling import ceil_div, flip_table, zero_mask_size
 from peft_bitflip.spec import FlipSpec
 
@@ -86,6 +95,8 @@ def stub_kernels():
 
     triton_lora.merge_flip_with_x = merge_flip_with_x
     triton_lora.subtract_zeroed_correction_ = lambda *a: None
+    burst_op.backend_for = op.backend_for
+    triton_burst.launch_burst = lambda x, *a, **k: torch.empty_like(x)
 
 
 BITFLIP = pb.BitflipConfig.original_default()
@@ -157,6 +168,10 @@ def python_only(n=40000):
     spec_x, spec_w = FlipSpec(2**-16, 2**-16, 30.0), FlipSpec(2**-16, 2**-16, 1.25)
     layer = pb.BitflipLinear(64, 64)
     layer.init_bitflip("layer", spec_x, spec_w)
+    # bursts on W with only a zero-out (no flips): one burst pass zeroes W (spec_x on x)
+    bursts = pb.BitflipLinear(64, 64)
+    bursts.init_bitflip("bursts", spec_x, FlipSpec(zero_out_threshold=1.25))
+    bursts.bitflip_bursts = Bursts("bursts", 0, BurstSpec(0.0), BurstSpec(2**-16, 2))
     plain = torch.nn.Linear(64, 64)
     x = torch.randn(1, 64, requires_grad=True)
     dy = torch.ones(1, 64)
@@ -183,7 +198,10 @@ def python_only(n=40000):
     ):
         torch.manual_seed(0)
         lora_models[name] = get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 64)), config)
-    rows = [("BitflipLinear", layer), ("nn.Linear", plain), *lora_models.items()]
+    rows = [
+        ("BitflipLinear", layer), ("+W-bursts", bursts), ("nn.Linear", plain),
+        *lora_models.items(),
+    ]  # fmt: skip
     for name, module in rows:
         with torch.no_grad():
             fwd = timed(lambda: module(x))
