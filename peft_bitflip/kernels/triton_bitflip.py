@@ -399,6 +399,7 @@ def _sparse_group_bits(
     last_e = tl.load(table_ptr + (N_E - 1))
     last_f = tl.load(table_ptr + (N_E + N_F - 1))
     hit = (_u63(w0, w1) <= last_e) | (_u63(w2, w3) <= last_f)
+    tl.static_assert(rows.shape[0] < 65536, "the hits count is packed in 16 bits")
     packed = tl.sum(hit.to(tl.int32) + (extra << 16), axis=0)  # one reduction for both
     n_hit = packed & 0xFFFF
     extra_sum = packed >> 16
