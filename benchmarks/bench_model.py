@@ -278,6 +278,31 @@ def time_steps(step, device, warmup: int, steps: int):
     return statistics.median(times), peak
 
 
+def time_back_to_back(step, device, warmup: int, steps: int, rounds: int = 5) -> float:
+    """Median over ``rounds`` of the mean ms per call of ``steps`` calls made back to back
+    (device events around the round on CUDA: the host queues calls ahead of the GPU, as in a
+    model's forward, so a call's host time is hidden while the GPU is busy)."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    means = []
+    for _ in range(rounds):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                step()
+            end.record()
+            end.synchronize()
+            means.append(start.elapsed_time(end) / steps)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            means.append((time.perf_counter() - t0) * 1e3 / steps)
+    return statistics.median(means)
+
+
 def cleanup():
     """Free what a cell held before the next one: compiled code and CUDA-graph trees too (global
     state that can keep the previous cell's graph pools and inputs alive), then cached blocks."""

@@ -5,6 +5,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,8 +62,26 @@ def test_bench_bursts_small_writes_its_table(reference_backend, tmp_path):
     (line,) = [line for line in text.splitlines() if line.startswith("| 2^-10 |")]
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[1] == "3" and all(float(c.rstrip("x")) > 0 for c in cells[3:])
-    op = rows[0]["op"]
+    op, fwd, queued = rows[0]["op"], rows[0]["fwd"], rows[0]["queued"]
     assert cells[5] == f"{op['burst'] / op['flip']:.2f}x"
+    assert cells[9] == f"{fwd['burst'] / fwd['flip']:.2f}x"  # per synchronised call
+    assert cells[13] == f"{queued['burst'] / queued['flip']:.2f}x"  # back to back
+    assert len(cells) == 14
+
+
+def test_back_to_back_timing_makes_every_call_and_returns_the_mean(monkeypatch):
+    """bench_model.time_back_to_back: warmup + rounds x steps calls, each round's mean time."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_model
+    finally:
+        sys.path.pop(0)
+    clock = iter(range(0, 1000, 2))  # each perf_counter call 2 s later: one round of 3 = 2 s
+    monkeypatch.setattr(bench_model.time, "perf_counter", lambda: next(clock))
+    calls = []
+    ms = bench_model.time_back_to_back(lambda: calls.append(1), torch.device("cpu"), 2, 3, 4)
+    assert len(calls) == 2 + 3 * 4
+    assert ms == 2e3 / 3
 
 
 def test_bench_training_faults_small_writes_its_table(reference_backend, tmp_path):

@@ -338,14 +338,20 @@ def test_counted_flip_kernel_equals_flip_then_count(
     flips_only = apply_flip_spec(x, FlipSpec(p, p), (5, 6), 7)
     want_counts = flip_count_tensor(x, flips_only, threshold)
     assert want_counts[:2].sum() > 0 and (want_counts[2] > 0) == (threshold is not None)
+    block, _ = triton_bitflip._launch_config(
+        dtype, True, 0, False, threshold is not None, True, None, None, count=True
+    )
+    flipped = flips_only.view(-1).view(torch.uint8) != x.view(-1).view(torch.uint8)
+    flipped = flipped.view(-1, x.element_size()).any(1)  # per element
     if p < 2**-13:  # which blocks of the counted launch hold a flip: some, not all
-        block, _ = triton_bitflip._launch_config(
-            dtype, True, 0, False, threshold is not None, True, None, None, count=True
-        )
-        flipped = flips_only.view(-1).view(torch.uint8) != x.view(-1).view(torch.uint8)
-        per_block = flipped.view(-1, x.element_size()).any(1).nonzero().squeeze(1) // block
+        per_block = flipped.nonzero().squeeze(1) // block
         n_blocks = -(-x.numel() // block)
         assert 0 < per_block.unique().numel() < n_blocks
+    if p < 2**-10:  # full blocks whose one group with flips adds its own counts, and others
+        g = 16 // x.element_size()  # elements per group
+        n_full = x.numel() // block
+        groups_hit = flipped[: n_full * block].view(n_full, block // g, g).any(2).sum(1)
+        assert (groups_hit == 1).any() if p < 2**-13 else (groups_hit > 1).any()
     counts = new_flip_counts("cpu")
     got = apply_flip_spec_counted(x, spec, (5, 6), 7, counts)
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))

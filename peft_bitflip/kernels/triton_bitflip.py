@@ -360,7 +360,7 @@ def flip_group_bits(
             rows, cols, call, k0, k1, p_e, p_f, ELEM_BITS, N_FRAC, N_ROUNDS
         )  # fmt: skip
     if (p_e == 0) | (p_f == 0):
-        bits, n_hit, _, _, _ = _sparse_group_bits(
+        bits, n_hit, _, _ = _sparse_group_bits(
             bits, rows, cols, call, k0, k1, table_ptr,
             ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
         )  # fmt: skip
@@ -386,23 +386,17 @@ def _sparse_group_bits(
     STEPS_F: tl.constexpr,
     N_ROUNDS: tl.constexpr,
     SINGLES: tl.constexpr,
-    extra=0,
 ):
     """The gap sampling of :func:`flip_group_bits` (a dense field's table never flips).
     Returns (bits, the number of the block's groups that hold a flip, each group's flipped
-    sign/exponent bits [R], its flipped mantissa bits [R], the block's sum of ``extra``);
-    unused results cost nothing.  ``extra``: a count per group [R] (int32, its block sum
-    < 2^15) summed in the same reduction as the hits (0: none)."""
+    sign/exponent bits [R], its flipped mantissa bits [R]); unused results cost nothing."""
     UINT: tl.constexpr = tl.uint16 if ELEM_BITS == 16 else tl.uint32
     c0, c1, zero, key0, key1 = _philox_words(rows, k0, k1)
     w0, w1, w2, w3 = _philox4x32(c0, c1, zero, zero + call, key0, key1, N_ROUNDS)
     last_e = tl.load(table_ptr + (N_E - 1))
     last_f = tl.load(table_ptr + (N_E + N_F - 1))
     hit = (_u63(w0, w1) <= last_e) | (_u63(w2, w3) <= last_f)
-    tl.static_assert(rows.shape[0] < 65536, "the hits count is packed in 16 bits")
-    packed = tl.sum(hit.to(tl.int32) + (extra << 16), axis=0)  # one reduction for both
-    n_hit = packed & 0xFFFF
-    extra_sum = packed >> 16
+    n_hit = tl.sum(hit.to(tl.int32), axis=0)
     n_e = (rows * 0).to(tl.int32)
     n_f = n_e
     if n_hit > 0:
@@ -426,7 +420,7 @@ def _sparse_group_bits(
                 ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS,
             )  # fmt: skip
         bits = bits ^ flips
-    return bits, n_hit, n_e, n_f, extra_sum
+    return bits, n_hit, n_e, n_f
 
 
 @triton.jit
@@ -449,26 +443,24 @@ def flip_block_bits(
     N_ROUNDS: tl.constexpr,
     SINGLES: tl.constexpr = 1,
     SPARSE_ONLY: tl.constexpr = FLIPS_SPARSE_ONLY,
-    extra=0,
 ):
-    """The flips of :func:`flip_and_zero` without its zero-out: (y, hits, n_e, n_f,
-    extra_sum).  ``hits``: 0 (an int32 scalar, or the constant 0 without flips) when no bit of
-    the block flipped.  ``n_e`` / ``n_f``: with a sparse-only table (HAS_FLIPS == SPARSE_ONLY), each
-    group's flipped sign/exponent and mantissa bits [R] (out-of-bounds elements included);
-    else zeros (unused: the caller knows HAS_FLIPS).  ``extra_sum``: the block's sum of
-    ``extra`` (see :func:`_sparse_group_bits`) with a sparse-only table, else 0."""
+    """The flips of :func:`flip_and_zero` without its zero-out: (y, hits, n_e, n_f).
+    ``hits``: the number of the block's groups holding a flip with a sparse-only table, else
+    0 when no bit of the block flipped (an int32 scalar, or the constant 0 without flips).
+    ``n_e`` / ``n_f``: with a sparse-only table (HAS_FLIPS == SPARSE_ONLY), each group's
+    flipped sign/exponent and mantissa bits [R] (out-of-bounds elements included); else zeros
+    (unused: the caller knows HAS_FLIPS)."""
     UINT: tl.constexpr = tl.uint16 if ELEM_BITS == 16 else tl.uint32
     SINT: tl.constexpr = tl.int16 if ELEM_BITS == 16 else tl.int32
     bits = x.to(SINT, bitcast=True).to(UINT, bitcast=True)
     hits = 0
     n_e = rows.to(tl.int32) * 0
     n_f = n_e
-    extra_sum = 0
     if HAS_FLIPS == SPARSE_ONLY:  # the host knows the table has no dense field
         call = tl.load(call_ptr).to(tl.uint32)
-        bits, hits, n_e, n_f, extra_sum = _sparse_group_bits(
+        bits, hits, n_e, n_f = _sparse_group_bits(
             bits, rows, cols, call, k0, k1, table_ptr,
-            ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES, extra,
+            ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
         )  # fmt: skip
     elif HAS_FLIPS:
         call = tl.load(call_ptr).to(tl.uint32)
@@ -476,7 +468,7 @@ def flip_block_bits(
             bits, rows, cols, call, k0, k1, table_ptr,
             ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
         )  # fmt: skip
-    return bits.to(SINT, bitcast=True).to(x.dtype, bitcast=True), hits, n_e, n_f, extra_sum
+    return bits.to(SINT, bitcast=True).to(x.dtype, bitcast=True), hits, n_e, n_f
 
 
 @triton.jit
@@ -509,7 +501,7 @@ def flip_and_zero(
     HAS_FLIPS: False (no flips), True (the table may hold dense fields: read from its end) or
     FLIPS_SPARSE_ONLY (:func:`flips_mode`: the host knows both fields are sparse, so the
     program compiles without the dense path and its table reads)."""
-    y, _, _, _, _ = flip_block_bits(
+    y, _, _, _ = flip_block_bits(
         x, rows, cols, call_ptr, k0, k1, table_ptr, HAS_FLIPS,
         ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES, SPARSE_ONLY,
     )  # fmt: skip
@@ -547,52 +539,76 @@ def popcount32(v, HW: tl.constexpr = HW_POPCOUNT):
 
 @triton.jit
 def add_flip_counts(
-    x, flipped, keep, inb, hits, n_e, n_f, full, pre_zeroed, count_ptr, HAS_FLIPS: tl.constexpr,
-    HAS_ZERO: tl.constexpr, N_EXP: tl.constexpr, N_FRAC: tl.constexpr,
-    SPARSE_ONLY: tl.constexpr = FLIPS_SPARSE_ONLY,
+    x, flipped, keep, inb, rows, hits, n_e, n_f, full, count_ptr, slot, HAS_FLIPS: tl.constexpr,
+    HAS_ZERO: tl.constexpr, N_FRAC: tl.constexpr, COUNT_SLOTS: tl.constexpr,
+    SINGLES: tl.constexpr, SPARSE_ONLY: tl.constexpr = FLIPS_SPARSE_ONLY,
 ):  # fmt: skip
     """Adds the block's [sign/exponent flips, mantissa flips, zeroed elements] to
-    ``count_ptr[0:3]`` (int64): bits that differ between ``x`` and ``flipped`` [ROWS, G]
-    (before the zero-out), and in-bounds elements the zero-out removed (``keep`` False; only
-    with HAS_ZERO).  ``hits``: 0 when the block holds no flip (:func:`flip_block_bits`; at
-    small p nearly every block), which then counts only its zeroed elements, or nothing:
-    with a sparse-only table those are ``pre_zeroed`` (the elements out of range before the
-    flips, summed in the sampling's own reduction), so such a block reduces nothing more.
-    ``n_e`` / ``n_f``: the sampling's own flip counts per group (HAS_FLIPS == SPARSE_ONLY);
-    taken as they are when the block is ``full`` (no element out of bounds), else (and with
-    a dense field) the differing bits are counted (a population count per element).  A
-    group's three counts (<= 128, 128, 8) are packed into one int64 (21 bits each: exact for
-    up to 2^14 groups per block) and summed over the block in one reduction.  A block with
-    nothing to add makes no atomic add."""
+    ``count_ptr`` (int64 [COUNT_SLOTS, 3], summed over its rows): bits that differ between
+    ``x`` and ``flipped`` [ROWS, G] (before the zero-out), and in-bounds elements the zero-out
+    removed (``keep`` False; only with HAS_ZERO).  ``rows`` [R]: the block's group indices;
+    ``slot``: the block's row of ``count_ptr``.
+
+    ``hits``: 0 when the block holds no flip (:func:`flip_block_bits`; at small p nearly every
+    block), which then counts only its zeroed elements.  ``n_e`` / ``n_f``: the sampling's own
+    flip counts per group (HAS_FLIPS == SPARSE_ONLY), taken as they are when the block is
+    ``full`` (no element out of bounds); else (and with a dense field) the differing bits are
+    counted (a population count per element).  A full block with at most SINGLES groups
+    holding flips lets those groups add their own counts (masked atomic adds to row ``group
+    % COUNT_SLOTS``: no reduction over the block); any other block reduces its counts (one
+    packed reduction) and adds them to ``slot``.  Nothing to add: no atomic add."""
     SINT: tl.constexpr = tl.int16 if x.dtype.primitive_bitwidth == 16 else tl.int32
-    if HAS_FLIPS and hits != 0:
-        if HAS_FLIPS == SPARSE_ONLY:
-            if full:
-                n_exp = n_e
-                n_frac = n_f
+    n_zeroed = rows.to(tl.int32) * 0
+    if HAS_ZERO:
+        n_zeroed = tl.sum((inb & (keep == 0)).to(tl.int32), axis=1)
+    if HAS_FLIPS == SPARSE_ONLY:
+        if hits != 0:
+            if full & (hits <= SINGLES):
+                by_group = count_ptr + (rows % COUNT_SLOTS) * 3
+                # relaxed: the default acq_rel orders memory around each add (a fence per add)
+                tl.atomic_add(by_group, n_e.to(tl.int64), mask=n_e != 0, sem="relaxed")
+                tl.atomic_add(by_group + 1, n_f.to(tl.int64), mask=n_f != 0, sem="relaxed")
+                if HAS_ZERO:
+                    _add_zeroed(n_zeroed, slot)
+            elif full:
+                _add_block_counts(n_e, n_f, n_zeroed, slot, HAS_ZERO)
             else:
                 n_exp, n_frac = _differing_bits(x, flipped, inb, SINT, N_FRAC)
-        else:
+                _add_block_counts(n_exp, n_frac, n_zeroed, slot, HAS_ZERO)
+        elif HAS_ZERO:
+            _add_zeroed(n_zeroed, slot)
+    elif HAS_FLIPS:
+        if hits != 0:
             n_exp, n_frac = _differing_bits(x, flipped, inb, SINT, N_FRAC)
-        packed = n_exp.to(tl.int64) | (n_frac.to(tl.int64) << 21)
-        if HAS_ZERO:
-            n_zeroed = tl.sum((inb & (keep == 0)).to(tl.int32), axis=1)
-            packed = packed | (n_zeroed.to(tl.int64) << 42)
-        total = tl.sum(packed, axis=0)
-        if total != 0:
-            field = (1 << 21) - 1
-            # relaxed: the default acq_rel orders memory around each add (a fence per block)
-            tl.atomic_add(count_ptr, total & field, sem="relaxed")
-            tl.atomic_add(count_ptr + 1, (total >> 21) & field, sem="relaxed")
-            if HAS_ZERO:
-                tl.atomic_add(count_ptr + 2, total >> 42, sem="relaxed")
+            _add_block_counts(n_exp, n_frac, n_zeroed, slot, HAS_ZERO)
+        elif HAS_ZERO:
+            _add_zeroed(n_zeroed, slot)
     elif HAS_ZERO:
-        if HAS_FLIPS == SPARSE_ONLY:
-            zeroed = pre_zeroed  # no flip: y is x
-        else:
-            zeroed = tl.sum(tl.sum((inb & (keep == 0)).to(tl.int32), axis=1), axis=0)
-        if zeroed != 0:
-            tl.atomic_add(count_ptr + 2, zeroed.to(tl.int64), sem="relaxed")
+        _add_zeroed(n_zeroed, slot)
+
+
+@triton.jit
+def _add_zeroed(n_zeroed, slot):
+    """Adds the block's zeroed elements (``n_zeroed`` per group [R]) to ``slot[2]``."""
+    zeroed = tl.sum(n_zeroed, axis=0)
+    if zeroed != 0:
+        tl.atomic_add(slot + 2, zeroed.to(tl.int64), sem="relaxed")
+
+
+@triton.jit
+def _add_block_counts(n_exp, n_frac, n_zeroed, slot, HAS_ZERO: tl.constexpr):
+    """Adds a block's per-group counts [R] (<= 128, 128, 8 each) to its row ``slot[0:3]``:
+    packed into one int64 per group (21 bits each: exact for up to 2^14 groups per block),
+    summed in one reduction, then one atomic add per count."""
+    tl.static_assert(n_exp.shape[0] < 16384, "the block counts are packed in 21 bits")
+    packed = n_exp.to(tl.int64) | (n_frac.to(tl.int64) << 21) | (n_zeroed.to(tl.int64) << 42)
+    total = tl.sum(packed, axis=0)
+    if total != 0:
+        field = (1 << 21) - 1
+        tl.atomic_add(slot, total & field, sem="relaxed")
+        tl.atomic_add(slot + 1, (total >> 21) & field, sem="relaxed")
+        if HAS_ZERO:
+            tl.atomic_add(slot + 2, total >> 42, sem="relaxed")
 
 
 @triton.jit
@@ -712,24 +728,21 @@ def _flip_block(
     if HAS_STUCK:
         x = stick_sparse(x, pid, offs, starts_ptr, stuck_ptr)
     if COUNT:  # the flips before the zero-out, counted; then the zero-out
-        tl.static_assert(ROWS * G < 32768, "the counted launch packs 15-bit block counts")
-        pre = 0  # per group: in-bounds elements out of range before the flips
-        if HAS_ZERO:
-            pre = tl.sum((inb & ~(tl.abs(x.to(tl.float32)) < threshold)).to(tl.int32), axis=1)
-        y, hits, n_e, n_f, pre_zeroed = flip_block_bits(
+        y, hits, n_e, n_f = flip_block_bits(
             x, rows, cols, call_ptr, k0, k1, table_ptr, HAS_FLIPS,
-            ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES, extra=pre,
+            ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
         )  # fmt: skip
         y_counted = y
         keep = tl.full(y.shape, 1, tl.int1)
         if HAS_ZERO:
             keep = tl.abs(y.to(tl.float32)) < threshold  # as flip_and_zero: NaN, Inf -> 0
             y = tl.where(keep, y, 0)
-        slot = count_ptr + (pid % COUNT_SLOTS) * 3
         full = (pid.to(tl.int64) + 1) * (ROWS * G) <= n_elements  # no element out of bounds
+        slot = count_ptr + (pid % COUNT_SLOTS) * 3
         add_flip_counts(
-            x, y_counted, keep, inb, hits, n_e, n_f, full, pre_zeroed, slot, HAS_FLIPS, HAS_ZERO,
-            N_EXP, N_FRAC,
+            x, y_counted, keep, inb, rows, hits, n_e, n_f, full, count_ptr, slot, HAS_FLIPS,
+            HAS_ZERO,
+            N_FRAC, COUNT_SLOTS, SINGLES,
         )  # fmt: skip
     else:
         y, keep = flip_and_zero(
@@ -928,8 +941,11 @@ NUM_WARPS = 2
 DENSE_ROWS_PER_PROGRAM = 128
 DENSE_NUM_WARPS = 1
 # counted launches (training-fault sites) of sparse tables: (rows, warps), None: the flip's
-# shape; the block's count costs one reduction, so larger blocks spend less on it
-COUNT_SHAPE: tuple[int, int] | None = None
+# shape.  One warp of two groups per thread: the in-place launch is latency-bound at small p,
+# and this keeps twice the flip shape's bytes in flight per warp, with its block reductions
+# inside the warp (H100, tune_counted.py, 2026-12-07: bf16 2^-16 with a zero-out 41.1 -> 38.0
+# us, fp32 2^-10 178.0 -> 159.0 us against 64 x 2; 32 x 1 and 128 x 1 slower)
+COUNT_SHAPE: tuple[int, int] | None = (64, 1)
 SINGLE_GROUPS = 1  # a block with at most this many groups holding a flip takes them singly
 
 
