@@ -314,9 +314,10 @@ def test_the_fault_model_guide_snippet_runs(tmp_path):
 @pytest.mark.parametrize(
     "p, threshold, shape",
     [
-        (2**-12, None, (37, 29)),  # sparse, every block holds a flip
+        (2**-12, None, (37, 29)),  # sparse: blocks with several groups holding flips
         (2**-14, 1.0, (97, 61)),  # sparse + zero-out: some blocks hold no flip, only zeros
         (0.05, 1.0, (37, 29)),  # dense + zero-out
+        (0.0, 1.0, (97, 61)),  # the zero-out alone (a site without flips)
     ],
 )
 def test_counted_flip_kernel_equals_flip_then_count(
@@ -337,17 +338,18 @@ def test_counted_flip_kernel_equals_flip_then_count(
     want = apply_flip_spec(x, spec, (5, 6), 7)
     flips_only = apply_flip_spec(x, FlipSpec(p, p), (5, 6), 7)
     want_counts = flip_count_tensor(x, flips_only, threshold)
-    assert want_counts[:2].sum() > 0 and (want_counts[2] > 0) == (threshold is not None)
+    assert (want_counts[:2].sum() > 0) == (p > 0)
+    assert (want_counts[2] > 0) == (threshold is not None)
     block, _ = triton_bitflip._launch_config(
         dtype, True, 0, False, threshold is not None, True, None, None, count=True
     )
     flipped = flips_only.view(-1).view(torch.uint8) != x.view(-1).view(torch.uint8)
     flipped = flipped.view(-1, x.element_size()).any(1)  # per element
-    if p < 2**-13:  # which blocks of the counted launch hold a flip: some, not all
+    if 0 < p < 2**-13:  # which blocks of the counted launch hold a flip: some, not all
         per_block = flipped.nonzero().squeeze(1) // block
         n_blocks = -(-x.numel() // block)
         assert 0 < per_block.unique().numel() < n_blocks
-    if p < 2**-10:  # full blocks whose one group with flips adds its own counts, and others
+    if 0 < p < 2**-10:  # full blocks whose one group with flips adds its own counts, and others
         g = 16 // x.element_size()  # elements per group
         n_full = x.numel() // block
         groups_hit = flipped[: n_full * block].view(n_full, block // g, g).any(2).sum(1)

@@ -597,11 +597,13 @@ def _add_zeroed(n_zeroed, slot):
 
 @triton.jit
 def _add_block_counts(n_exp, n_frac, n_zeroed, slot, HAS_ZERO: tl.constexpr):
-    """Adds a block's per-group counts [R] (<= 128, 128, 8 each) to its row ``slot[0:3]``:
-    packed into one int64 per group (21 bits each: exact for up to 2^14 groups per block),
-    summed in one reduction, then one atomic add per count."""
+    """Adds a block's per-group counts [R] (<= 128, 128, 8 each; the zeroed only with
+    HAS_ZERO) to its row ``slot[0:3]``: packed into one int64 per group (21 bits each: exact
+    for up to 2^14 groups per block), summed in one reduction, then one atomic add per count."""
     tl.static_assert(n_exp.shape[0] < 16384, "the block counts are packed in 21 bits")
-    packed = n_exp.to(tl.int64) | (n_frac.to(tl.int64) << 21) | (n_zeroed.to(tl.int64) << 42)
+    packed = n_exp.to(tl.int64) | (n_frac.to(tl.int64) << 21)
+    if HAS_ZERO:
+        packed = packed | (n_zeroed.to(tl.int64) << 42)
     total = tl.sum(packed, axis=0)
     if total != 0:
         field = (1 << 21) - 1
@@ -741,8 +743,7 @@ def _flip_block(
         slot = count_ptr + (pid % COUNT_SLOTS) * 3
         add_flip_counts(
             x, y_counted, keep, inb, rows, hits, n_e, n_f, full, count_ptr, slot, HAS_FLIPS,
-            HAS_ZERO,
-            N_FRAC, COUNT_SLOTS, SINGLES,
+            HAS_ZERO, N_FRAC, COUNT_SLOTS, SINGLES,
         )  # fmt: skip
     else:
         y, keep = flip_and_zero(
@@ -943,8 +944,10 @@ DENSE_NUM_WARPS = 1
 # counted launches (training-fault sites) of sparse tables: (rows, warps), None: the flip's
 # shape.  One warp of two groups per thread: the in-place launch is latency-bound at small p,
 # and this keeps twice the flip shape's bytes in flight per warp, with its block reductions
-# inside the warp (H100, tune_counted.py, 2026-12-07: bf16 2^-16 with a zero-out 41.1 -> 38.0
-# us, fp32 2^-10 178.0 -> 159.0 us against 64 x 2; 32 x 1 and 128 x 1 slower)
+# inside the warp (H100, tune_counted.py --shapes 64x1,128x1,32x1, 2026-12-07, on three forms
+# of the counting, the shipped one not among them: faster than 64 x 2 in 34 of 36 cells, the
+# other two within 0.5 us; e.g. bf16 2^-16 with a zero-out 44.1 -> 40.7 us, fp32 2^-10
+# 189.1 -> 159.7 us for the previous form; 32 x 1 and 128 x 1 slower)
 COUNT_SHAPE: tuple[int, int] | None = (64, 1)
 SINGLE_GROUPS = 1  # a block with at most this many groups holding a flip takes them singly
 
