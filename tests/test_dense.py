@@ -189,6 +189,40 @@ def test_kernel_dense_fields_match_reference(needs_interpreter, dtype, p_exp, p_
     assert not _same_bits(got, x)
 
 
+def test_flips_mode_compiles_only_the_paths_a_table_needs():
+    """A table known to hold no dense field compiles without the dense path, one known to hold
+    two without the gap sampling; a mixed or unknown table keeps both (read from its P words)."""
+    from peft_bitflip.kernels.sampling import FLIPS_DENSE_ONLY, FLIPS_SPARSE_ONLY, flips_mode
+
+    dtype = torch.bfloat16
+    sparse = flip_table(2**-16, 2**-16, dtype, "cpu")
+    dense = flip_table(2**-4, 0.3, dtype, "cpu")
+    mixed = flip_table(0.3, 2**-8, dtype, "cpu", (True, False))
+    assert flips_mode(sparse, True) == FLIPS_SPARSE_ONLY
+    assert flips_mode(dense, True) == FLIPS_DENSE_ONLY
+    assert flips_mode(mixed, True) is True
+    assert flips_mode(dense.clone(), True) is True  # not made by flip_table: nothing known
+    assert flips_mode(dense, False) is False
+    assert all(dense[-2:] != 0) and (mixed[-2] != 0) and (mixed[-1] == 0)
+
+
+@pytest.mark.parametrize("p_exp,p_frac", [(2**-4, 0.3), (0.3, 2**-12)])
+def test_in_place_dense_launch_equals_the_flip(needs_interpreter, p_exp, p_frac):
+    """In place (``out=x``) a launch with a dense-only table stores every group, a mixed one
+    only the groups that changed: both leave x equal to the out-of-place flip, bit for bit."""
+    from peft_bitflip.kernels import triton_bitflip
+
+    dtype = torch.bfloat16
+    x = torch.randn(130 * group_size(dtype) + 3, dtype=dtype) * 4
+    table = flip_table(p_exp, p_frac, dtype, "cpu")
+    call = torch.tensor(2)
+    for t in (None, 3.0):
+        want = triton_bitflip.launch(x, table, call, *KEY, t, True)
+        inplace = x.clone()
+        assert triton_bitflip.launch(inplace, table, call, *KEY, t, True, out=inplace) is inplace
+        assert _same_bits(inplace, want) and not _same_bits(inplace, x)
+
+
 def test_dense_launches_take_their_block_shape_with_the_same_bits(needs_interpreter, monkeypatch):
     """A table with a dense field launches 128 groups x 1 warp per program (the sparse shape
     otherwise, also in the paired x + W launch); the flips do not depend on the shape."""

@@ -659,13 +659,19 @@ def test_cuda_stuck_weight_bits_in_the_flip_kernel_match_the_stuck_copy(monkeypa
 def test_cuda_counted_flip_in_place_matches_cpu(dtype):
     """Issue 33.4: the training sites' counted flip (one kernel pass that flips, zeroes,
     counts and writes in place) equals the CPU path (flip, count, zero-out) bit for bit, and
-    its counts equal the CPU's, at a sparse and a dense rate."""
+    its counts equal the CPU's, at sparse and dense rates and with one field of each."""
     from peft_bitflip.kernels.op import new_flip_counts
     from peft_bitflip.spec import FlipSpec
     from peft_bitflip.stats import apply_flip_spec_counted
 
     x = torch.randn(1000, 999, generator=torch.Generator().manual_seed(3)).to(dtype)
-    for spec in (FlipSpec(1e-4, 1e-3, 1.0), FlipSpec(0.05, 0.05), FlipSpec(0.3, 0.3, 2.0)):
+    specs = (
+        FlipSpec(1e-4, 1e-3, 1.0),
+        FlipSpec(0.05, 0.05),
+        FlipSpec(0.3, 0.3, 2.0),
+        FlipSpec(2**-12, 0.05, 1.0),
+    )
+    for spec in specs:
         got = {}
         for device in ("cuda", "cpu"):
             t = x.to(device)

@@ -317,6 +317,7 @@ def test_the_fault_model_guide_snippet_runs(tmp_path):
         (2**-12, None, (37, 29)),  # sparse: blocks with several groups holding flips
         (2**-14, 1.0, (97, 61)),  # sparse + zero-out: some blocks hold no flip, only zeros
         (0.05, 1.0, (37, 29)),  # dense + zero-out
+        ((2**-12, 0.05), None, (37, 29)),  # a sparse and a dense field: their counts add up
         (0.0, 1.0, (97, 61)),  # the zero-out alone (a site without flips)
     ],
 )
@@ -326,23 +327,33 @@ def test_counted_flip_kernel_equals_flip_then_count(
     """Issue 33.4: the training sites' flip counts its flips and zeroed elements in the flip
     kernel's own pass (the Triton backend, here its interpreter), in place or not: the result
     is ``apply_flip_spec``'s and the counts those of the separate count, bit for bit.  A block
-    without a flip counts only its zeroed elements (its own branch of the kernel)."""
+    without a flip counts only its zeroed elements (its own branch of the kernel); full
+    blocks take the sampling's own counts, the last (partial) one counts differing bits.
+    ``p``: both fields' rate, or (sign/exponent, mantissa)."""
     from peft_bitflip.functional import apply_flip_spec
     from peft_bitflip.kernels import triton_bitflip
     from peft_bitflip.kernels.op import new_flip_counts
     from peft_bitflip.stats import apply_flip_spec_counted, flip_count_tensor
 
     monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", "triton")
-    spec = FlipSpec(p, p, threshold)
+    p_exp, p_frac = p if isinstance(p, tuple) else (p, p)
+    spec = FlipSpec(p_exp, p_frac, threshold)
+    p = max(p_exp, p_frac)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)  # a tail
     want = apply_flip_spec(x, spec, (5, 6), 7)
-    flips_only = apply_flip_spec(x, FlipSpec(p, p), (5, 6), 7)
+    flips_only = apply_flip_spec(x, FlipSpec(p_exp, p_frac), (5, 6), 7)
     want_counts = flip_count_tensor(x, flips_only, threshold)
     assert (want_counts[:2].sum() > 0) == (p > 0)
     assert (want_counts[2] > 0) == (threshold is not None)
+    assert (want_counts[0] > 0) == (p_exp > 0) and (want_counts[1] > 0) == (p_frac > 0)
     block, _ = triton_bitflip._launch_config(
         dtype, True, 0, False, threshold is not None, True, None, None, count=True
     )
+    if p > 2**-10:  # the dense launch: full blocks and a partial one
+        dense_block, _ = triton_bitflip._launch_config(
+            dtype, True, 0, False, threshold is not None, True, None, None, dense=True, count=True
+        )
+        assert x.numel() > dense_block and x.numel() % dense_block != 0
     flipped = flips_only.view(-1).view(torch.uint8) != x.view(-1).view(torch.uint8)
     flipped = flipped.view(-1, x.element_size()).any(1)  # per element
     if 0 < p < 2**-13:  # which blocks of the counted launch hold a flip: some, not all

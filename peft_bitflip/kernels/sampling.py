@@ -303,6 +303,7 @@ def flip_table(
         values = table_values(p_exp, p_frac, dtype, dense)
         t = _cached_device_tensor(values, device)
         t._bitflip_sparse_only = not any(values[-2:])  # read by flips_mode
+        t._bitflip_dense_only = all(values[-2:])
         if len(_DEVICE_TABLES) >= _MAX_CACHED_TABLES:
             _DEVICE_TABLES.pop(next(iter(_DEVICE_TABLES)))
         _DEVICE_TABLES[key] = t
@@ -310,15 +311,20 @@ def flip_table(
 
 
 FLIPS_SPARSE_ONLY = 2  # the HAS_FLIPS value of a launch whose table has no dense field
+FLIPS_DENSE_ONLY = 3  # ... whose table's two fields are both dense
 
 
 def flips_mode(table: torch.Tensor, has_flips: bool) -> int | bool:
     """The HAS_FLIPS constexpr of a flip launch: False without flips; FLIPS_SPARSE_ONLY when
     ``table`` is known (made by :func:`flip_table`) to hold no dense field, so the kernel
-    compiles without the dense path; else True (the kernel reads the table's P words)."""
+    compiles without the dense path; FLIPS_DENSE_ONLY when it is known to hold two, so the
+    kernel compiles without the gap sampling (fewer registers); else True (the kernel reads
+    the table's P words and takes the paths they ask for)."""
     if not has_flips:
         return False
-    return FLIPS_SPARSE_ONLY if getattr(table, "_bitflip_sparse_only", False) else True
+    if getattr(table, "_bitflip_sparse_only", False):
+        return FLIPS_SPARSE_ONLY
+    return FLIPS_DENSE_ONLY if getattr(table, "_bitflip_dense_only", False) else True
 
 
 def ceil_div(a: int, b: int) -> int:

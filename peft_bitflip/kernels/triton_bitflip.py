@@ -22,6 +22,7 @@ from .sampling import (
     COUNT_SLOTS,
     DENSE_FREE_DIGITS,
     DENSE_ITERATION,
+    FLIPS_DENSE_ONLY,
     FLIPS_SPARSE_ONLY,
     PHILOX_M0,
     PHILOX_M1,
@@ -236,7 +237,9 @@ def _dense_flips(
     DENSE_BASE: tl.constexpr = DENSE_ITERATION,
     FREE_DIGITS: tl.constexpr = DENSE_FREE_DIGITS,
 ):
-    """The XOR masks [R, G] of the dense fields of groups ``rows`` [R] (int64 group indices):
+    """The XOR masks [R, G] of the dense fields of groups ``rows`` [R] (int64 group indices),
+    and each group's flipped sign/exponent and mantissa bits [R] (out-of-bounds elements
+    included; unused counts cost nothing):
     ``p_e``, ``p_f`` (uint64) are P of the exp and frac field (0: sparse, no lane).  Lane
     (word w, bit j) of a group flips iff its uniform (digit k: bit j of word w of the draw at
     iteration DENSE_BASE + k) is below P / 2^64 (see :mod:`.sampling`); four uint32 words per
@@ -315,7 +318,16 @@ def _dense_flips(
     else:  # element c: word c
         m = tl.where(cols < 2, tl.where(cols == 0, l0[:, None], l1[:, None]), 0)
         m = tl.where(cols >= 2, tl.where(cols == 2, l2[:, None], l3[:, None]), m)
-    return m.to(UINT)
+    n_all = _set_bits(l0) + _set_bits(l1) + _set_bits(l2) + _set_bits(l3)
+    n_f = _set_bits(l0 & FRAC_LANES) + _set_bits(l1 & FRAC_LANES)
+    n_f += _set_bits(l2 & FRAC_LANES) + _set_bits(l3 & FRAC_LANES)
+    return m.to(UINT), n_all - n_f, n_f
+
+
+@triton.jit
+def _set_bits(word):
+    """Set bits of each uint32 word (int32)."""
+    return popcount32(word.to(tl.int32, bitcast=True))
 
 
 @triton.jit
@@ -350,22 +362,29 @@ def flip_group_bits(
     comparison (:func:`_dense_flips`); the gap sampling runs unless both fields are dense.
     With both fields sparse this costs two scalar loads and a uniform branch per program.
 
-    Returns (bits, hits): ``hits`` (an int32 scalar) is 0 when no bit of the block flipped
-    (nonzero does not promise a flip: a dense field always reads as a hit)."""
+    Returns (bits, hits, n_e, n_f): ``hits`` (an int32 scalar) is 0 when no bit of the block
+    flipped (nonzero does not promise a flip: a dense field always reads as a hit); ``n_e`` /
+    ``n_f`` each group's flipped sign/exponent and mantissa bits [R] (out-of-bounds elements
+    included; unused counts cost nothing)."""
     p_e = tl.load(table_ptr + (N_E + N_F)).to(tl.uint64, bitcast=True)
     p_f = tl.load(table_ptr + (N_E + N_F + 1)).to(tl.uint64, bitcast=True)
     hits = ((p_e | p_f) != 0).to(tl.int32)
+    n_e = (rows * 0).to(tl.int32)
+    n_f = n_e
     if (p_e | p_f) != 0:
-        bits = bits ^ _dense_flips(
+        flips, n_e, n_f = _dense_flips(
             rows, cols, call, k0, k1, p_e, p_f, ELEM_BITS, N_FRAC, N_ROUNDS
         )  # fmt: skip
-    if (p_e == 0) | (p_f == 0):
-        bits, n_hit, _, _ = _sparse_group_bits(
+        bits = bits ^ flips
+    if (p_e == 0) | (p_f == 0):  # a dense field's table never flips: the counts add up
+        bits, n_hit, s_e, s_f = _sparse_group_bits(
             bits, rows, cols, call, k0, k1, table_ptr,
             ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
         )  # fmt: skip
         hits = hits + n_hit
-    return bits, hits
+        n_e += s_e
+        n_f += s_f
+    return bits, hits, n_e, n_f
 
 
 @triton.jit
@@ -443,13 +462,13 @@ def flip_block_bits(
     N_ROUNDS: tl.constexpr,
     SINGLES: tl.constexpr = 1,
     SPARSE_ONLY: tl.constexpr = FLIPS_SPARSE_ONLY,
+    DENSE_ONLY: tl.constexpr = FLIPS_DENSE_ONLY,
 ):
     """The flips of :func:`flip_and_zero` without its zero-out: (y, hits, n_e, n_f).
     ``hits``: the number of the block's groups holding a flip with a sparse-only table, else
     0 when no bit of the block flipped (an int32 scalar, or the constant 0 without flips).
-    ``n_e`` / ``n_f``: with a sparse-only table (HAS_FLIPS == SPARSE_ONLY), each group's
-    flipped sign/exponent and mantissa bits [R] (out-of-bounds elements included); else zeros
-    (unused: the caller knows HAS_FLIPS)."""
+    ``n_e`` / ``n_f``: each group's flipped sign/exponent and mantissa bits [R] (out-of-bounds
+    elements included; zeros without flips)."""
     UINT: tl.constexpr = tl.uint16 if ELEM_BITS == 16 else tl.uint32
     SINT: tl.constexpr = tl.int16 if ELEM_BITS == 16 else tl.int32
     bits = x.to(SINT, bitcast=True).to(UINT, bitcast=True)
@@ -462,9 +481,18 @@ def flip_block_bits(
             bits, rows, cols, call, k0, k1, table_ptr,
             ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
         )  # fmt: skip
+    elif HAS_FLIPS == DENSE_ONLY:  # the host knows both fields are dense: no gap sampling
+        call = tl.load(call_ptr).to(tl.uint32)
+        p_e = tl.load(table_ptr + (N_E + N_F)).to(tl.uint64, bitcast=True)
+        p_f = tl.load(table_ptr + (N_E + N_F + 1)).to(tl.uint64, bitcast=True)
+        flips, n_e, n_f = _dense_flips(
+            rows, cols, call, k0, k1, p_e, p_f, ELEM_BITS, N_FRAC, N_ROUNDS
+        )  # fmt: skip
+        bits = bits ^ flips
+        hits = 1
     elif HAS_FLIPS:
         call = tl.load(call_ptr).to(tl.uint32)
-        bits, hits = flip_group_bits(
+        bits, hits, n_e, n_f = flip_group_bits(
             bits, rows, cols, call, k0, k1, table_ptr,
             ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
         )  # fmt: skip
@@ -498,9 +526,10 @@ def flip_and_zero(
     int64 group indices): flips, then zero-out (``|y| >= threshold``, NaN, Inf -> 0).
     Returns (y, keep): keep is False where the zero-out removed the element.
 
-    HAS_FLIPS: False (no flips), True (the table may hold dense fields: read from its end) or
+    HAS_FLIPS: False (no flips), True (the table may hold dense fields: read from its end),
     FLIPS_SPARSE_ONLY (:func:`flips_mode`: the host knows both fields are sparse, so the
-    program compiles without the dense path and its table reads)."""
+    program compiles without the dense path and its table reads) or FLIPS_DENSE_ONLY (both
+    are dense: the program compiles without the gap sampling)."""
     y, _, _, _ = flip_block_bits(
         x, rows, cols, call_ptr, k0, k1, table_ptr, HAS_FLIPS,
         ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES, SPARSE_ONLY,
@@ -539,28 +568,21 @@ def popcount32(v, HW: tl.constexpr = HW_POPCOUNT):
 
 @triton.jit
 def add_flip_counts(
-    x, flipped, keep, inb, rows, hits, n_e, n_f, full, count_ptr, slot, HAS_FLIPS: tl.constexpr,
-    HAS_ZERO: tl.constexpr, N_FRAC: tl.constexpr, COUNT_SLOTS: tl.constexpr,
-    SINGLES: tl.constexpr, SPARSE_ONLY: tl.constexpr = FLIPS_SPARSE_ONLY,
+    rows, hits, n_e, n_f, n_zeroed, full, count_ptr, slot, HAS_FLIPS: tl.constexpr,
+    HAS_ZERO: tl.constexpr, COUNT_SLOTS: tl.constexpr, SINGLES: tl.constexpr,
+    SPARSE_ONLY: tl.constexpr = FLIPS_SPARSE_ONLY,
 ):  # fmt: skip
-    """Adds the block's [sign/exponent flips, mantissa flips, zeroed elements] to
-    ``count_ptr`` (int64 [COUNT_SLOTS, 3], summed over its rows): bits that differ between
-    ``x`` and ``flipped`` [ROWS, G] (before the zero-out), and in-bounds elements the zero-out
-    removed (``keep`` False; only with HAS_ZERO).  ``rows`` [R]: the block's group indices;
-    ``slot``: the block's row of ``count_ptr``.
+    """Adds a block's [sign/exponent flips, mantissa flips, zeroed elements] to ``count_ptr``
+    (int64 [COUNT_SLOTS, 3], summed over its rows): ``n_e`` / ``n_f`` / ``n_zeroed`` per group
+    [R] (in-bounds elements only; the zeroed only with HAS_ZERO), ``rows`` [R] the block's
+    group indices, ``slot`` the block's row of ``count_ptr``.
 
     ``hits``: 0 when the block holds no flip (:func:`flip_block_bits`; at small p nearly every
-    block), which then counts only its zeroed elements.  ``n_e`` / ``n_f``: the sampling's own
-    flip counts per group (HAS_FLIPS == SPARSE_ONLY), taken as they are when the block is
-    ``full`` (no element out of bounds); else (and with a dense field) the differing bits are
-    counted (a population count per element).  A full block with at most SINGLES groups
-    holding flips lets those groups add their own counts (masked atomic adds to row ``group
-    % COUNT_SLOTS``: no reduction over the block); any other block reduces its counts (one
-    packed reduction) and adds them to ``slot``.  Nothing to add: no atomic add."""
-    SINT: tl.constexpr = tl.int16 if x.dtype.primitive_bitwidth == 16 else tl.int32
-    n_zeroed = rows.to(tl.int32) * 0
-    if HAS_ZERO:
-        n_zeroed = tl.sum((inb & (keep == 0)).to(tl.int32), axis=1)
+    block), which then adds only its zeroed elements.  A ``full`` block (no element out of
+    bounds) with at most SINGLES groups holding flips (a sparse-only table) lets those groups
+    add their own counts (masked atomic adds to row ``group % COUNT_SLOTS``: no reduction over
+    the block); any other block reduces its counts (one packed reduction) and adds them to
+    ``slot``.  Nothing to add: no atomic add."""
     if HAS_FLIPS == SPARSE_ONLY:
         if hits != 0:
             if full & (hits <= SINGLES):
@@ -570,17 +592,13 @@ def add_flip_counts(
                 tl.atomic_add(by_group + 1, n_f.to(tl.int64), mask=n_f != 0, sem="relaxed")
                 if HAS_ZERO:
                     _add_zeroed(n_zeroed, slot)
-            elif full:
-                _add_block_counts(n_e, n_f, n_zeroed, slot, HAS_ZERO)
             else:
-                n_exp, n_frac = _differing_bits(x, flipped, inb, SINT, N_FRAC)
-                _add_block_counts(n_exp, n_frac, n_zeroed, slot, HAS_ZERO)
+                _add_block_counts(n_e, n_f, n_zeroed, slot, HAS_ZERO)
         elif HAS_ZERO:
             _add_zeroed(n_zeroed, slot)
     elif HAS_FLIPS:
         if hits != 0:
-            n_exp, n_frac = _differing_bits(x, flipped, inb, SINT, N_FRAC)
-            _add_block_counts(n_exp, n_frac, n_zeroed, slot, HAS_ZERO)
+            _add_block_counts(n_e, n_f, n_zeroed, slot, HAS_ZERO)
         elif HAS_ZERO:
             _add_zeroed(n_zeroed, slot)
     elif HAS_ZERO:
@@ -710,6 +728,7 @@ def _flip_block(
     COUNT: tl.constexpr = False,
     count_ptr=None,
     COUNT_SLOTS: tl.constexpr = 1,
+    DENSE_ONLY: tl.constexpr = FLIPS_DENSE_ONLY,
 ):
     """Block ``pid`` (ROWS groups of G elements) of a flat tensor: flip + zero-out, then write
     y, the gradient mask (GRAD_MODE) and/or the packed zero mask (WRITE_MASK: one uint8 per
@@ -724,6 +743,7 @@ def _flip_block(
     offs = rows[:, None] * G + cols[None, :]
     inb = offs < n_elements
     x = tl.load(x_ptr + offs, mask=inb, other=0)
+    SINT: tl.constexpr = tl.int16 if x.dtype.primitive_bitwidth == 16 else tl.int32
     x_in = x  # as in memory (before the stuck bits)
     if HAS_LANES:
         x = stick_lanes(x, pid, cols, lanes_ptr, n_lanes, G, ROWS)
@@ -734,26 +754,31 @@ def _flip_block(
             x, rows, cols, call_ptr, k0, k1, table_ptr, HAS_FLIPS,
             ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
         )  # fmt: skip
-        y_counted = y
+        full = (pid.to(tl.int64) + 1) * (ROWS * G) <= n_elements  # no element out of bounds
+        if HAS_FLIPS:
+            if not full:  # the sampling's counts include out-of-bounds elements: count bits
+                n_e, n_f = _differing_bits(x, y, inb, SINT, N_FRAC)
         keep = tl.full(y.shape, 1, tl.int1)
+        n_zeroed = rows.to(tl.int32) * 0
         if HAS_ZERO:
             keep = tl.abs(y.to(tl.float32)) < threshold  # as flip_and_zero: NaN, Inf -> 0
             y = tl.where(keep, y, 0)
-        full = (pid.to(tl.int64) + 1) * (ROWS * G) <= n_elements  # no element out of bounds
-        slot = count_ptr + (pid % COUNT_SLOTS) * 3
-        add_flip_counts(
-            x, y_counted, keep, inb, rows, hits, n_e, n_f, full, count_ptr, slot, HAS_FLIPS,
-            HAS_ZERO, N_FRAC, COUNT_SLOTS, SINGLES,
-        )  # fmt: skip
+            n_zeroed = tl.sum((inb & (keep == 0)).to(tl.int32), axis=1)
     else:
         y, keep = flip_and_zero(
             x, rows, cols, call_ptr, k0, k1, table_ptr, threshold, HAS_FLIPS, HAS_ZERO,
             ELEM_BITS, N_EXP, N_FRAC, N_E, N_F, STEPS_E, STEPS_F, N_ROUNDS, SINGLES,
         )  # fmt: skip
-    if WRITE_Y == 2:  # _Y_CHANGED, in place: the groups whose bits changed (small p: few)
-        SINT: tl.constexpr = tl.int16 if x.dtype.primitive_bitwidth == 16 else tl.int32
-        diff = (y.to(SINT, bitcast=True) != x_in.to(SINT, bitcast=True)).to(tl.int32)
-        changed = tl.max(diff, axis=1) != 0
+    if WRITE_Y == 2 and HAS_FLIPS == DENSE_ONLY:  # in place, most groups changed
+        tl.store(out_ptr + offs, y, mask=inb)
+    elif WRITE_Y == 2:  # _Y_CHANGED, in place: the groups whose bits changed (small p: few)
+        if COUNT and not HAS_LANES and not HAS_STUCK:  # flipped or zeroed: the counts tell
+            changed = (n_e | n_f) != 0
+            if HAS_ZERO:
+                changed = changed | (tl.min(keep.to(tl.int32), axis=1) == 0)
+        else:
+            diff = (y.to(SINT, bitcast=True) != x_in.to(SINT, bitcast=True)).to(tl.int32)
+            changed = tl.max(diff, axis=1) != 0
         tl.store(out_ptr + offs, y, mask=inb & changed[:, None])
     elif WRITE_Y:
         tl.store(out_ptr + offs, y, mask=inb)
@@ -765,6 +790,12 @@ def _flip_block(
     if WRITE_MASK:
         zeroed = tl.where(keep | ~inb, 0, (1 << cols)[None, :])  # no bits past the end
         tl.store(mask_ptr + rows, tl.sum(zeroed, axis=1).to(tl.uint8), mask=rows * G < n_elements)
+    if COUNT:  # after the stores: y and the mask are no longer held
+        slot = count_ptr + (pid % COUNT_SLOTS) * 3
+        add_flip_counts(
+            rows, hits, n_e, n_f, n_zeroed, full, count_ptr, slot, HAS_FLIPS, HAS_ZERO,
+            COUNT_SLOTS, SINGLES,
+        )  # fmt: skip
 
 
 @triton.jit
