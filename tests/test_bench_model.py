@@ -175,12 +175,13 @@ def test_kernel_resources_captures_the_launches_the_layers_make():
     assert constexprs[index["BM"]] == config["BM"] and signature["BM"] == "constexpr"
     _, args, config = rows["LoRA forward: merge + flip W, flip x (+ x mask)"]()
     assert config["WITH_X"] and config["X_MASK"] and not config["WANT_MASK"]
-    # a table without dense fields compiles the flip kernel without the dense path
-    from peft_bitflip.kernels.sampling import FLIPS_SPARSE_ONLY
+    # a table without dense fields compiles the flip kernel without the dense path, one with
+    # two dense fields without the gap sampling
+    from peft_bitflip.kernels.sampling import FLIPS_DENSE_ONLY, FLIPS_SPARSE_ONLY
 
     assert config["HAS_FLIPS"] == config["X_FLIPS"] == FLIPS_SPARSE_ONLY
     assert rows["flip x, p = 2^-16 (sparse fields only)"]()[2]["HAS_FLIPS"] == FLIPS_SPARSE_ONLY
-    assert rows["flip x, p = 2^-4 (dense fields)"]()[2]["HAS_FLIPS"] is True
+    assert rows["flip x, p = 2^-4 (dense fields)"]()[2]["HAS_FLIPS"] == FLIPS_DENSE_ONLY
     # stuck input lanes: a constexpr, off in the launches without them
     assert rows["flip x with stuck input lanes, p = 2^-16"]()[2]["HAS_LANES"] is True
     assert rows["flip x, p = 2^-16 (sparse fields only)"]()[2]["HAS_LANES"] is False
