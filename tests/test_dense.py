@@ -211,10 +211,12 @@ def test_in_place_dense_launch_equals_the_flip(needs_interpreter, p_exp, p_frac)
     """In place (``out=x``) a launch with a dense-only table stores every group, a mixed one
     only the groups that changed: both leave x equal to the out-of-place flip, bit for bit."""
     from peft_bitflip.kernels import triton_bitflip
+    from peft_bitflip.kernels.sampling import FLIPS_DENSE_ONLY, flips_mode
 
     dtype = torch.bfloat16
     x = torch.randn(130 * group_size(dtype) + 3, dtype=dtype) * 4
     table = flip_table(p_exp, p_frac, dtype, "cpu")
+    assert (flips_mode(table, True) == FLIPS_DENSE_ONLY) == (min(p_exp, p_frac) > 0.01)
     call = torch.tensor(2)
     for t in (None, 3.0):
         want = triton_bitflip.launch(x, table, call, *KEY, t, True)

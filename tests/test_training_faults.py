@@ -349,7 +349,11 @@ def test_counted_flip_kernel_equals_flip_then_count(
     block, _ = triton_bitflip._launch_config(
         dtype, True, 0, False, threshold is not None, True, None, None, count=True
     )
-    if p > 2**-10:  # the dense launch: full blocks and a partial one
+    if p > 2**-10:  # the dense launch (dense-only, or mixed): full blocks and a partial one
+        from peft_bitflip.kernels.sampling import FLIPS_DENSE_ONLY, flip_table, flips_mode
+
+        mode = flips_mode(flip_table(p_exp, p_frac, dtype, "cpu"), True)
+        assert mode == (FLIPS_DENSE_ONLY if p_exp == p_frac else True)
         dense_block, _ = triton_bitflip._launch_config(
             dtype, True, 0, False, threshold is not None, True, None, None, dense=True, count=True
         )

@@ -331,6 +331,14 @@ def _set_bits(word):
 
 
 @triton.jit
+def _dense_words(table_ptr, N_E: tl.constexpr, N_F: tl.constexpr):
+    """P of the exp and frac field (uint64 scalars; 0: sparse), the flip table's last words."""
+    p_e = tl.load(table_ptr + (N_E + N_F)).to(tl.uint64, bitcast=True)
+    p_f = tl.load(table_ptr + (N_E + N_F + 1)).to(tl.uint64, bitcast=True)
+    return p_e, p_f
+
+
+@triton.jit
 def flip_group_bits(
     bits,
     rows,
@@ -366,8 +374,7 @@ def flip_group_bits(
     flipped (nonzero does not promise a flip: a dense field always reads as a hit); ``n_e`` /
     ``n_f`` each group's flipped sign/exponent and mantissa bits [R] (out-of-bounds elements
     included; unused counts cost nothing)."""
-    p_e = tl.load(table_ptr + (N_E + N_F)).to(tl.uint64, bitcast=True)
-    p_f = tl.load(table_ptr + (N_E + N_F + 1)).to(tl.uint64, bitcast=True)
+    p_e, p_f = _dense_words(table_ptr, N_E, N_F)
     hits = ((p_e | p_f) != 0).to(tl.int32)
     n_e = (rows * 0).to(tl.int32)
     n_f = n_e
@@ -466,7 +473,8 @@ def flip_block_bits(
 ):
     """The flips of :func:`flip_and_zero` without its zero-out: (y, hits, n_e, n_f).
     ``hits``: the number of the block's groups holding a flip with a sparse-only table, else
-    0 when no bit of the block flipped (an int32 scalar, or the constant 0 without flips).
+    0 when no bit of the block flipped (an int32 scalar, or the constant 0 without flips;
+    nonzero does not promise a flip: a dense field always reads as a hit).
     ``n_e`` / ``n_f``: each group's flipped sign/exponent and mantissa bits [R] (out-of-bounds
     elements included; zeros without flips)."""
     UINT: tl.constexpr = tl.uint16 if ELEM_BITS == 16 else tl.uint32
@@ -483,8 +491,7 @@ def flip_block_bits(
         )  # fmt: skip
     elif HAS_FLIPS == DENSE_ONLY:  # the host knows both fields are dense: no gap sampling
         call = tl.load(call_ptr).to(tl.uint32)
-        p_e = tl.load(table_ptr + (N_E + N_F)).to(tl.uint64, bitcast=True)
-        p_f = tl.load(table_ptr + (N_E + N_F + 1)).to(tl.uint64, bitcast=True)
+        p_e, p_f = _dense_words(table_ptr, N_E, N_F)
         flips, n_e, n_f = _dense_flips(
             rows, cols, call, k0, k1, p_e, p_f, ELEM_BITS, N_FRAC, N_ROUNDS
         )  # fmt: skip
