@@ -685,6 +685,33 @@ def test_cuda_counted_flip_in_place_matches_cpu(dtype):
 
 @cuda
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_counted_zero_out_on_the_bits_matches_cpu(dtype):
+    """The counted launch's zero-out on the bit patterns (``zero_out_bits``) keeps what the
+    float comparison keeps on the GPU too: every 16-bit pattern (float32: patterns next to
+    each threshold, NaN, Inf, random ones), thresholds at the dtypes' edges, at a dense rate
+    (its full blocks and a partial last one) and without flips."""
+    from bitstats import EDGE_THRESHOLDS, edge_values
+
+    from peft_bitflip.kernels.op import new_flip_counts
+    from peft_bitflip.spec import FlipSpec
+    from peft_bitflip.stats import apply_flip_spec_counted
+
+    values = edge_values(dtype)[1:]  # not a whole number of blocks
+    for t in EDGE_THRESHOLDS:
+        for p in (0.0, 0.05):
+            got = {}
+            for device in ("cuda", "cpu"):
+                x = values.to(device)
+                counts = new_flip_counts(device)
+                y = apply_flip_spec_counted(x, FlipSpec(p, p, t), (1, 2), 9, counts)
+                got[device] = (y.cpu(), counts.sum(0).cpu())
+            assert torch.equal(_bits(got["cuda"][0]), _bits(got["cpu"][0])), (dtype, t, p)
+            assert torch.equal(got["cuda"][1], got["cpu"][1]), (dtype, t, p)
+            assert got["cpu"][1][2] > 0
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_flip_count_kernel_matches_the_torch_count(dtype):
     """The callback's count kernel (``stats._add_counts``: one Triton pass with the hardware
     population count on CUDA) gives the torch ops' [sign/exponent flips, mantissa flips,

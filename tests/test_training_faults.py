@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from bitstats import assert_binomial, flipped_bits, group_counts, per_bit_counts
+from bitstats import INT_VIEW, assert_binomial, flipped_bits, group_counts, per_bit_counts
 from torch import nn
 
 from peft_bitflip.spec import FlipSpec
@@ -383,6 +383,42 @@ def test_counted_flip_kernel_equals_flip_then_count(
     assert torch.equal(counts.sum(0), 2 * want_counts)  # added to, not overwritten
     with pytest.raises(ValueError, match=r"counts must be .* of shape \(64, 3\)"):
         apply_flip_spec_counted(x, spec, (5, 6), 7, torch.zeros(3, dtype=torch.int64))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # 3e38 -> float16 Inf
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_counted_zero_out_on_the_bits_equals_the_float_comparison(
+    needs_interpreter, monkeypatch, dtype
+):
+    """The counted launch zeroes on the bit patterns (``zero_out_bits``: two 16-bit values per
+    word, no float comparison): for every 16-bit pattern (float32: patterns next to each
+    threshold, NaN, Inf, subnormals, random ones) and thresholds at the dtypes' edges it keeps
+    exactly what ``|y| < threshold`` in float32 keeps and counts what it zeroes, with a
+    partial last block too, in place or not."""
+    from bitstats import EDGE_THRESHOLDS, edge_values
+
+    from peft_bitflip.kernels.op import new_flip_counts
+    from peft_bitflip.kernels.reference import keep_mask, zero_out
+    from peft_bitflip.stats import apply_flip_spec_counted
+
+    monkeypatch.setenv("PEFT_BITFLIP_CPU_BACKEND", "triton")
+    values, bits = edge_values(dtype), 8 * dtype.itemsize
+    seen = set()
+    for t in EDGE_THRESHOLDS:
+        for x in (values, values[1:]):  # a whole number of blocks, then a partial last block
+            want = zero_out(x, t)
+            zeroed = int((~keep_mask(x, t)).sum())
+            seen.add((zeroed == 0, zeroed == x.numel()))
+            counts = new_flip_counts("cpu")
+            got = apply_flip_spec_counted(x, FlipSpec(zero_out_threshold=t), (1, 2), 0, counts)
+            assert torch.equal(got.view(INT_VIEW[bits]), want.view(INT_VIEW[bits])), t
+            assert counts.sum(0).tolist() == [0, 0, zeroed], t
+            inplace = x.clone()
+            apply_flip_spec_counted(
+                inplace, FlipSpec(zero_out_threshold=t), (1, 2), 0, counts, out=inplace
+            )
+            assert torch.equal(inplace.view(INT_VIEW[bits]), want.view(INT_VIEW[bits])), t
+    assert seen >= {(False, True), (False, False)}  # all zeroed, some zeroed
 
 
 def test_sites_on_the_triton_backend_equal_the_cpu_path(needs_interpreter, monkeypatch):

@@ -549,9 +549,9 @@ def flip_and_zero(
     return y, keep
 
 
-# the PTX population count on NVIDIA GPUs (one instruction; the SWAR fallback is ~12 integer
-# ops per element, which made the counted flip compute-bound); the interpreter and ROCm take
-# the SWAR form
+# inline PTX on NVIDIA GPUs: the population count (one instruction; the SWAR fallback is ~12
+# integer ops per element, which made the counted flip compute-bound) and _kept_mask32; the
+# interpreter and ROCm take the plain Triton forms
 HW_POPCOUNT = (
     os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
     and getattr(torch.version, "hip", None) is None
@@ -571,6 +571,67 @@ def popcount32(v, HW: tl.constexpr = HW_POPCOUNT):
     v = v + (v >> 8)
     v = v + (v >> 16)
     return v & 0x3F
+
+
+@triton.jit
+def _kept_mask32(bits, t, HW: tl.constexpr = HW_POPCOUNT):
+    """-1 (every bit set) where ``(bits & 0x7FFFFFFF) < t`` (int32 tensor; ``t`` a scalar in
+    [0, 2^31)), else 0: the sign of the difference.  On NVIDIA GPUs as PTX: from Triton ops
+    LLVM turns the shift back into a comparison, and ptxas then keeps a predicate per element,
+    saved to registers and back (SASS: 2200 instructions for the counted dense launch instead
+    of 2088)."""
+    if HW:
+        return tl.inline_asm_elementwise(
+            "{ .reg .s32 d; and.b32 d, $1, 0x7FFFFFFF; sub.s32 d, d, $2; shr.s32 $0, d, 31; }",
+            "=r,r,r", [bits, t + tl.zeros_like(bits)], dtype=tl.int32, is_pure=True, pack=1,
+        )  # fmt: skip
+    return ((bits & 0x7FFFFFFF) - t) >> 31
+
+
+@triton.jit
+def zero_out_bits(y, threshold, inb, full):
+    """The zero-out of :func:`flip_and_zero` (``|y| >= threshold``, NaN, Inf -> 0) for the
+    counted launch, without a predicate per element: returns (y, zeroed in-bounds elements per
+    group [R]).  ``full``: no element of the block is out of bounds (then ``inb`` is not read).
+
+    16-bit values, two to a 32-bit word: non-negative floats order as their bit patterns and
+    NaN / Inf patterns lie above every finite one, so ``|y| < threshold`` is ``(bits & 0x7FFF)
+    < T`` with T the smallest pattern of y's dtype whose value is >= threshold; a per-lane add
+    carries that comparison into each lane's top bit.  float32: the same comparison with the
+    threshold's own bits, as the sign of a difference (:func:`_kept_mask32`)."""
+    R: tl.constexpr = y.shape[0]
+    G: tl.constexpr = y.shape[1]
+    threshold = tl.zeros((), tl.float32) + threshold  # a float32 (the interpreter: a float)
+    t = threshold.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # -0.0 as +0.0
+    if y.dtype.primitive_bitwidth == 16:
+        if y.dtype == tl.bfloat16:  # the smallest bf16 pattern >= t: round t's bits up
+            t16 = (t + 0xFFFF) >> 16
+        else:  # float16: the nearest pattern, one up when it lies below the threshold
+            magnitude = t.to(tl.float32, bitcast=True)
+            h = magnitude.to(tl.float16)
+            t16 = h.to(tl.int16, bitcast=True).to(tl.int32)
+            t16 = t16 + (h.to(tl.float32) < magnitude).to(tl.int32)
+        halves = y.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        lo, hi = tl.split(tl.reshape(halves, [R, G // 2, 2]))
+        word = lo | (hi << 16)
+        # lane top bit set <=> |lane| >= t16 (a lane <= 0x7FFF plus <= 0x8000: no carry out)
+        flag = (((word & 0x7FFF7FFF) + (0x8000 - t16) * 0x10001) >> 15) & 0x10001
+        word = word & ~(flag * 0xFFFF)
+        if not full:
+            in_lo, in_hi = tl.split(tl.reshape(inb.to(tl.int32), [R, G // 2, 2]))
+            flag = flag & (in_lo | (in_hi << 16))
+        lanes = tl.sum(flag, axis=1)
+        n_zeroed = (lanes & 0xFFFF) + (lanes >> 16)
+        halves = tl.reshape(tl.join(word & 0xFFFF, word >> 16), [R, G])
+        y = halves.to(tl.int16).to(y.dtype, bitcast=True)
+    else:
+        bits = y.to(tl.int32, bitcast=True)
+        kept = _kept_mask32(bits, t)  # -1 where |y| < threshold, else 0
+        y = (bits & kept).to(y.dtype, bitcast=True)
+        n_zeroed = tl.sum(kept, axis=1) + G
+        if not full:
+            n_zeroed = tl.sum(tl.where(inb, kept + 1, 0), axis=1)
+    return y, n_zeroed
 
 
 @triton.jit
@@ -622,20 +683,17 @@ def _add_zeroed(n_zeroed, slot):
 
 @triton.jit
 def _add_block_counts(n_exp, n_frac, n_zeroed, slot, HAS_ZERO: tl.constexpr):
-    """Adds a block's per-group counts [R] (<= 128, 128, 8 each; the zeroed only with
-    HAS_ZERO) to its row ``slot[0:3]``: packed into one int64 per group (21 bits each: exact
-    for up to 2^14 groups per block), summed in one reduction, then one atomic add per count."""
-    tl.static_assert(n_exp.shape[0] < 16384, "the block counts are packed in 21 bits")
-    packed = n_exp.to(tl.int64) | (n_frac.to(tl.int64) << 21)
-    if HAS_ZERO:
-        packed = packed | (n_zeroed.to(tl.int64) << 42)
-    total = tl.sum(packed, axis=0)
+    """Adds a block's per-group counts [R] (<= 92 flips a field, 8 zeroed; the zeroed only
+    with HAS_ZERO) to its row ``slot[0:3]``: the flips packed into one int32 per group (16
+    bits each: exact for up to 712 groups per block), summed in one reduction, the zeroed in
+    another, then one atomic add per count."""
+    tl.static_assert(n_exp.shape[0] <= 512, "the block counts are packed in 16 bits")
+    total = tl.sum(n_exp | (n_frac << 16), axis=0)
     if total != 0:
-        field = (1 << 21) - 1
-        tl.atomic_add(slot, total & field, sem="relaxed")
-        tl.atomic_add(slot + 1, (total >> 21) & field, sem="relaxed")
-        if HAS_ZERO:
-            tl.atomic_add(slot + 2, total >> 42, sem="relaxed")
+        tl.atomic_add(slot, (total & 0xFFFF).to(tl.int64), sem="relaxed")
+        tl.atomic_add(slot + 1, ((total >> 16) & 0xFFFF).to(tl.int64), sem="relaxed")
+    if HAS_ZERO:
+        _add_zeroed(n_zeroed, slot)
 
 
 @triton.jit
@@ -765,12 +823,11 @@ def _flip_block(
         if HAS_FLIPS:
             if not full:  # the sampling's counts include out-of-bounds elements: count bits
                 n_e, n_f = _differing_bits(x, y, inb, SINT, N_FRAC)
-        keep = tl.full(y.shape, 1, tl.int1)
+        tl.static_assert((GRAD_MODE == 0) and not WRITE_MASK, "a counted launch has no masks")
+        keep = tl.full(y.shape, 1, tl.int1)  # not read
         n_zeroed = rows.to(tl.int32) * 0
         if HAS_ZERO:
-            keep = tl.abs(y.to(tl.float32)) < threshold  # as flip_and_zero: NaN, Inf -> 0
-            y = tl.where(keep, y, 0)
-            n_zeroed = tl.sum((inb & (keep == 0)).to(tl.int32), axis=1)
+            y, n_zeroed = zero_out_bits(y, threshold, inb, full)
     else:
         y, keep = flip_and_zero(
             x, rows, cols, call_ptr, k0, k1, table_ptr, threshold, HAS_FLIPS, HAS_ZERO,
@@ -780,9 +837,7 @@ def _flip_block(
         tl.store(out_ptr + offs, y, mask=inb)
     elif WRITE_Y == 2:  # _Y_CHANGED, in place: the groups whose bits changed (small p: few)
         if COUNT and not HAS_LANES and not HAS_STUCK:  # flipped or zeroed: the counts tell
-            changed = (n_e | n_f) != 0
-            if HAS_ZERO:
-                changed = changed | (tl.min(keep.to(tl.int32), axis=1) == 0)
+            changed = (n_e | n_f | n_zeroed) != 0
         else:
             diff = (y.to(SINT, bitcast=True) != x_in.to(SINT, bitcast=True)).to(tl.int32)
             changed = tl.max(diff, axis=1) != 0
