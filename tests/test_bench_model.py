@@ -142,7 +142,8 @@ def test_kernel_resources_compiles_the_launches_for_hopper():
     for cells in body:
         warps, registers, stack, shared = (int(c) for c in cells[2:6])
         assert warps > 0 and 0 < registers <= 255 and stack >= 0 and shared >= 0
-        stores, wide = (int(v) for v in cells[6].replace("(", " ").replace(")", " ").split())
+        assert int(cells[6]) > 0  # SASS instructions
+        stores, wide = (int(v) for v in cells[7].replace("(", " ").replace(")", " ").split())
         assert 0 <= wide <= stores
         if "merge" in cells[0] or "paired" in cells[0] or "flip x" in cells[0]:
             assert wide >= 1, cells

@@ -76,8 +76,9 @@ def specialisation(kernel, args, config) -> tuple[dict, dict, dict]:
 
 def resources(kernel, args, config, arch: int) -> dict:
     """Compile ``kernel`` for these arguments and constexprs; its registers, stack frame and
-    shared memory (bytes) as the cubin reports them, and its global-store instructions in the
-    PTX (a static count, and how many of them store 16 bytes or more: ``.v4`` / ``.v8``)."""
+    shared memory (bytes) as the cubin reports them, its SASS instructions (a static count of
+    the whole program, every branch included) and its global-store instructions in the PTX (a
+    static count, and how many of them store 16 bytes or more: ``.v4`` / ``.v8``)."""
     options = {k: config[k] for k in ("num_warps", "num_stages") if k in config}
     signature, constexprs, attrs = specialisation(kernel, args, config)
     compiled = triton.compile(
@@ -89,16 +90,20 @@ def resources(kernel, args, config, arch: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        report = subprocess.run(
-            [os.path.join(tools, "cuobjdump"), "--dump-resource-usage", f.name],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        report, sass = (
+            subprocess.run(
+                [os.path.join(tools, "cuobjdump"), what, f.name],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            for what in ("--dump-resource-usage", "-sass")
+        )
     line = next(line for line in report.splitlines() if "REG:" in line)
     fields = dict(item.split(":") for item in line.split() if ":" in item)
     stores = re.findall(r"\bst\.global[.\w]*", compiled.asm["ptx"])
     return {
+        "instructions": len(re.findall(r"/\*[0-9a-f]{4}\*/\s+\S", sass)),
         "stores": len(stores),
         "wide_stores": sum(".v4" in st or ".v8" in st for st in stores),
         "registers": int(fields["REG"]),
@@ -219,9 +224,9 @@ def main():
     print(f"Triton {triton.__version__}, sm_{args.arch}")
     print(
         "| launch | merge tile | warps | registers | stack bytes | shared bytes "
-        "| PTX global stores (16-byte) |"
+        "| SASS instructions | PTX global stores (16-byte) |"
     )
-    print("|---|---|---:|---:|---:|---:|---|")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
     shipped = triton_lora.MERGE_BM, triton_lora.MERGE_BN
     try:
         for name, make in launches().items():
@@ -233,7 +238,7 @@ def main():
                 tile = "-" if bm is None else f"{bm}x{bn}"
                 print(
                     f"| {name} | {tile} | {r['warps']} | {r['registers']} | {r['stack']} | "
-                    f"{r['shared']} | {r['stores']} ({r['wide_stores']}) |",
+                    f"{r['shared']} | {r['instructions']} | {r['stores']} ({r['wide_stores']}) |",
                     flush=True,
                 )
     finally:
